@@ -1,0 +1,214 @@
+"""Default experiment configuration and `validate(cfg)`.
+
+Config files under `configs/` start from `pretrain_defaults()` (or
+`finetune_defaults()`), change what they need and return the result; absl's
+`config_flags` loads them locked, so an override naming a field that does not
+exist fails with a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from jaxfm.models.config import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, preset
+
+
+class ConfigError(ValueError):
+  """A configuration value is out of range or inconsistent with another field."""
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """The `model` section for a named size preset (see `jaxfm.models.PRESETS`)."""
+  fields = dataclasses.asdict(preset(name, **overrides))
+  # ConfigDict needs a concrete type for fields that may be None.
+  fields["embedding_size"] = fields["embedding_size"] or 0
+  return ml_collections.ConfigDict(fields)
+
+
+def pretrain_defaults() -> ml_collections.ConfigDict:
+  """Every pretraining field with its default; config files override a few."""
+  cfg = ml_collections.ConfigDict()
+  cfg.model = model_config("tiny")
+  cfg.init_from = ""  # '' | a jaxfm workdir/checkpoint dir | 'hf:/path/to/folder'
+
+  cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  cfg.data = ml_collections.ConfigDict()
+  cfg.data.train_files = ""  # '' = the embedded default corpus; else comma-separated globs
+  cfg.data.format = "text"  # text | jsonl | tfds
+  cfg.data.text_field = "text"  # JSONL field holding the document text
+  cfg.data.documents = "blank_line"  # blank_line | line: how documents are separated in text
+  cfg.data.tfds_name = ""  # e.g. 'wikipedia/20230601.en' with format=tfds
+  cfg.data.tfds_data_dir = ""
+  cfg.data.on_decode_error = "error"  # error | skip | replace
+  cfg.data.eval_fraction = 0.02  # share of documents held out for evaluation
+  cfg.data.tokenizer = ""  # '' = train a WordPiece vocab on the corpus; else vocab.txt/tokenizer.json
+  cfg.data.vocab_size = 8192  # only when training a tokenizer
+  cfg.data.lowercase = True
+  cfg.data.max_seq_length = 128
+  cfg.data.max_predictions_per_seq = 20
+  cfg.data.mask_prob = 0.15
+  cfg.data.whole_word_masking = False
+  cfg.data.worker_count = 1  # background loader processes (0 = in the main process)
+  cfg.data.seed = 0
+
+  cfg.optim = ml_collections.ConfigDict()
+  cfg.optim.name = "adamw"  # adamw | lamb
+  cfg.optim.peak_learning_rate = 1e-3
+  cfg.optim.warmup_steps = 100
+  cfg.optim.decay = "linear"  # linear | cosine | constant
+  cfg.optim.end_learning_rate_factor = 0.0
+  cfg.optim.weight_decay = 0.01
+  cfg.optim.b1 = 0.9
+  cfg.optim.b2 = 0.999
+  cfg.optim.eps = 1e-6
+  cfg.optim.clip_norm = 1.0  # 0 disables global-norm clipping
+
+  cfg.train = ml_collections.ConfigDict()
+  cfg.train.steps = 1000
+  cfg.train.batch_size = 32  # global, across all hosts and accumulation micro-steps
+  cfg.train.grad_accum_steps = 1
+  cfg.train.seed = 0
+  cfg.train.log_every = 50
+  cfg.train.eval_every = 500
+  cfg.train.eval_batches = 10
+  cfg.train.checkpoint_every = 500
+  cfg.train.checkpoint_every_seconds = 0  # 0 disables the wall-clock interval
+  cfg.train.keep_checkpoints = 3
+  cfg.train.skip_nonfinite = True  # skip updates whose gradients are not finite
+  cfg.train.max_consecutive_nonfinite = 10
+  cfg.train.progress_bar = True
+  cfg.train.wandb_project = ""  # '' disables Weights & Biases
+  return cfg
+
+
+def _fail(field: str, value, why: str) -> None:
+  raise ConfigError(f"{field}={value!r} {why}")
+
+
+def _positive(cfg: ml_collections.ConfigDict, *fields: str) -> None:
+  for field in fields:
+    value = _get(cfg, field)
+    if not value > 0:
+      _fail(field, value, "must be > 0")
+
+
+def _get(cfg: ml_collections.ConfigDict, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _one_of(cfg: ml_collections.ConfigDict, field: str, choices) -> None:
+  value = _get(cfg, field)
+  if value not in choices:
+    _fail(field, value, f"must be one of {', '.join(map(str, choices))}")
+
+
+def validate_model(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the `model` section (shared by pretraining and fine-tuning)."""
+  m = cfg.model
+  _positive(cfg, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+            "model.intermediate_size", "model.max_position_embeddings", "model.type_vocab_size",
+            "model.layer_norm_eps", "model.initializer_range")
+  if m.hidden_size % m.num_heads:
+    raise ConfigError(f"model.num_heads={m.num_heads} does not divide "
+                      f"model.hidden_size={m.hidden_size}")
+  if m.embedding_size < 0:
+    _fail("model.embedding_size", m.embedding_size, "must be >= 0 (0 = hidden_size)")
+  for field in ("model.hidden_dropout", "model.attention_dropout"):
+    if not 0.0 <= _get(cfg, field) < 1.0:
+      _fail(field, _get(cfg, field), "must be in [0, 1)")
+  _one_of(cfg, "model.hidden_act", ACTIVATIONS)
+  _one_of(cfg, "model.dtype", COMPUTE_DTYPES)
+  _one_of(cfg, "model.remat_policy", REMAT_POLICIES)
+
+
+def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
+  sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+  for name, size in zip(("data", "fsdp", "tensor"), sizes):
+    if size == 0 or size < -1:
+      _fail(f"mesh.{name}", size, "must be a positive size or -1 (fill from the device count)")
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"mesh={sizes}: at most one of mesh.data/fsdp/tensor may be -1")
+  if cfg.mesh.tensor > 1 and cfg.model.num_heads % cfg.mesh.tensor:
+    raise ConfigError(f"mesh.tensor={cfg.mesh.tensor} does not divide "
+                      f"model.num_heads={cfg.model.num_heads}")
+
+
+def validate_optim(cfg: ml_collections.ConfigDict) -> None:
+  _one_of(cfg, "optim.name", ("adamw", "lamb"))
+  _one_of(cfg, "optim.decay", ("linear", "cosine", "constant"))
+  _positive(cfg, "optim.peak_learning_rate", "optim.eps")
+  for field in ("optim.b1", "optim.b2"):
+    if not 0.0 <= _get(cfg, field) < 1.0:
+      _fail(field, _get(cfg, field), "must be in [0, 1)")
+  for field in ("optim.weight_decay", "optim.clip_norm", "optim.warmup_steps",
+                "optim.end_learning_rate_factor"):
+    if _get(cfg, field) < 0:
+      _fail(field, _get(cfg, field), "must be >= 0")
+
+
+def validate_train(cfg: ml_collections.ConfigDict) -> None:
+  t = cfg.train
+  _positive(cfg, "train.steps", "train.batch_size", "train.grad_accum_steps", "train.log_every",
+            "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+            "train.max_consecutive_nonfinite")
+  if t.eval_batches < 0:
+    _fail("train.eval_batches", t.eval_batches, "must be >= 0")
+  if t.checkpoint_every_seconds < 0:
+    _fail("train.checkpoint_every_seconds", t.checkpoint_every_seconds, "must be >= 0")
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} does not divide "
+                      f"train.batch_size={t.batch_size}")
+  if cfg.optim.warmup_steps > t.steps:
+    raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds "
+                      f"train.steps={t.steps}")
+
+
+def validate_pretrain_data(cfg: ml_collections.ConfigDict) -> None:
+  d = cfg.data
+  _one_of(cfg, "data.format", ("text", "jsonl", "tfds"))
+  _one_of(cfg, "data.documents", ("blank_line", "line"))
+  _one_of(cfg, "data.on_decode_error", ("error", "skip", "replace"))
+  _positive(cfg, "data.max_seq_length", "data.max_predictions_per_seq", "data.vocab_size")
+  if d.format == "tfds" and not d.tfds_name:
+    raise ConfigError("data.format='tfds' needs data.tfds_name (e.g. 'wikipedia/20230601.en')")
+  if d.max_seq_length > cfg.model.max_position_embeddings:
+    raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds "
+                      f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+  if d.max_seq_length < 8:
+    _fail("data.max_seq_length", d.max_seq_length, "must be >= 8")
+  if not 0.0 < d.mask_prob < 1.0:
+    _fail("data.mask_prob", d.mask_prob, "must be in (0, 1)")
+  if d.max_predictions_per_seq > d.max_seq_length:
+    raise ConfigError(f"data.max_predictions_per_seq={d.max_predictions_per_seq} exceeds "
+                      f"data.max_seq_length={d.max_seq_length}")
+  if not 0.0 <= d.eval_fraction < 1.0:
+    _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+  if d.worker_count < 0:
+    _fail("data.worker_count", d.worker_count, "must be >= 0")
+  if not d.tokenizer and d.vocab_size < 128:
+    _fail("data.vocab_size", d.vocab_size, "must be >= 128 to train a tokenizer")
+  if d.tokenizer and cfg.model.vocab_size < 1:
+    _fail("model.vocab_size", cfg.model.vocab_size, "must be >= 1")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` naming the dotted field and bad value; does no device work."""
+  validate_model(cfg)
+  validate_mesh(cfg)
+  validate_optim(cfg)
+  validate_train(cfg)
+  if "max_seq_length" in cfg.data:
+    validate_pretrain_data(cfg)
+
+
+def accumulation_micro_batch(cfg: ml_collections.ConfigDict) -> int:
+  """Examples per micro-step (global)."""
+  return cfg.train.batch_size // cfg.train.grad_accum_steps
+
+

@@ -1,0 +1,203 @@
+"""The BERT encoder as pure Flax linen modules.
+
+Parameters carry logical axis names only (see `jaxfm.sharding` for the rules
+that map them onto a mesh); activations are constrained with logical names
+too, which is a no-op outside a mesh context. Parameters are float32; the
+compute dtype comes from the config; LayerNorm statistics, softmax and logits
+used by losses are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxfm.models.config import BertConfig
+
+Array = jax.Array
+
+# Logical axis names used by parameters.
+VOCAB, EMBED, EMBED_OUT, HEADS, KV, MLP, LAYERS, CLASSES = (
+    "vocab", "embed", "embed_out", "heads", "kv", "mlp", "layers", "classes")
+# Logical axis names used by activations.
+ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP = (
+    "act_batch", "act_length", "act_embed", "act_heads", "act_mlp")
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  """HF naming: 'gelu' is the exact erf form BERT uses, 'gelu_new' the tanh one."""
+  return {
+      "gelu": functools.partial(nn.gelu, approximate=False),
+      "gelu_new": functools.partial(nn.gelu, approximate=True),
+      "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+      "relu": nn.relu,
+  }[name]
+
+
+def _normal(config: BertConfig, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
+
+
+def _zeros(names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def dense(config: BertConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
+  """A float32-parameter Dense layer computing in the config's dtype."""
+  return nn.Dense(features, dtype=config.dtype, param_dtype=jnp.float32,
+                  kernel_init=_normal(config, names), bias_init=_zeros(names[1:]), name=name)
+
+
+def layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+  # Flax computes LayerNorm mean/variance in at least float32 whatever the input dtype.
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.dtype, param_dtype=jnp.float32,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,)),
+                      bias_init=_zeros((EMBED,)), name=name)
+
+
+class Embeddings(nn.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout (+ ELECTRA projection)."""
+
+  config: BertConfig
+
+  def setup(self):
+    cfg = self.config
+    embed = functools.partial(nn.Embed, features=cfg.embedding_dim, dtype=cfg.dtype,
+                              param_dtype=jnp.float32)
+    self.word_embeddings = embed(cfg.vocab_size, embedding_init=_normal(cfg, (VOCAB, EMBED)))
+    self.position_embeddings = embed(cfg.max_position_embeddings,
+                                     embedding_init=_normal(cfg, (None, EMBED)))
+    self.token_type_embeddings = embed(cfg.type_vocab_size, embedding_init=_normal(cfg, (None, EMBED)))
+    self.layer_norm = layer_norm(cfg, "layer_norm")
+    self.dropout = nn.Dropout(cfg.hidden_dropout)
+    if cfg.embedding_dim != cfg.hidden_size:
+      self.projection = dense(cfg, cfg.hidden_size, (EMBED_OUT, EMBED), "projection")
+
+  def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
+    # input_ids, token_type_ids: [batch, length] -> [batch, length, hidden]
+    length = input_ids.shape[1]
+    x = (self.word_embeddings(input_ids)
+         + self.position_embeddings(jnp.arange(length))[None]
+         + self.token_type_embeddings(token_type_ids))
+    x = self.dropout(self.layer_norm(x), deterministic=deterministic)
+    if self.config.embedding_dim != self.config.hidden_size:
+      x = self.projection(x)
+    return x
+
+  def attend(self, x: Array) -> Array:
+    """Logits against the (tied) word-embedding table: [..., embed] -> [..., vocab]."""
+    return self.word_embeddings.attend(x)
+
+
+class SelfAttention(nn.Module):
+  """Bidirectional multi-head self-attention with a fused QKV projection."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    # x: [batch, length, hidden]; mask: [batch, 1, 1, length] bool, True = attend.
+    cfg = self.config
+    param = functools.partial(self.param, dtype=jnp.float32)
+    qkv_kernel = param("qkv_kernel", _normal(cfg, (EMBED, None, HEADS, KV)),
+                       (cfg.hidden_size, 3, cfg.num_heads, cfg.head_dim))
+    qkv_bias = param("qkv_bias", _zeros((None, HEADS, KV)), (3, cfg.num_heads, cfg.head_dim))
+    qkv = jnp.einsum("bte,ecnh->btcnh", x, qkv_kernel.astype(cfg.dtype)) + qkv_bias.astype(cfg.dtype)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, length, heads, head_dim]
+    q = nn.with_logical_constraint(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
+    if deterministic or cfg.attention_dropout == 0.0:
+      # Fused kernels on TPU/GPU; XLA reference on CPU. Softmax runs in float32 inside.
+      context = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:
+      # Dropout on the attention probabilities needs them materialised.
+      logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32)
+      logits = jnp.where(mask, logits * cfg.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
+      probs = nn.Dropout(cfg.attention_dropout)(jax.nn.softmax(logits, axis=-1),
+                                                deterministic=False)
+      context = jnp.einsum("bnqk,bknh->bqnh", probs.astype(cfg.dtype), v)
+    out_kernel = param("out_kernel", _normal(cfg, (HEADS, KV, EMBED)),
+                       (cfg.num_heads, cfg.head_dim, cfg.hidden_size))
+    out_bias = param("out_bias", _zeros((EMBED,)), (cfg.hidden_size,))
+    return (jnp.einsum("btnh,nhe->bte", context, out_kernel.astype(cfg.dtype))
+            + out_bias.astype(cfg.dtype))  # [batch, length, hidden]
+
+
+class TransformerLayer(nn.Module):
+  """Post-LN transformer block: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> tuple[Array, None]:
+    cfg = self.config
+    drop = nn.Dropout(cfg.hidden_dropout)
+    attended = SelfAttention(cfg, name="attention")(x, mask, deterministic)
+    x = layer_norm(cfg, "attention_norm")(x + drop(attended, deterministic=deterministic))
+    h = dense(cfg, cfg.intermediate_size, (EMBED, MLP), "intermediate")(x)
+    h = nn.with_logical_constraint(activation(cfg.hidden_act)(h), (ACT_BATCH, ACT_LENGTH, ACT_MLP))
+    h = dense(cfg, cfg.hidden_size, (MLP, EMBED), "output")(h)
+    x = layer_norm(cfg, "output_norm")(x + drop(h, deterministic=deterministic))
+    x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+    return x, None  # (carry, per-layer output) so the same module works under nn.scan
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _layer_class(config: BertConfig) -> type[nn.Module]:
+  if config.remat_policy == "none":
+    return TransformerLayer
+  return nn.remat(TransformerLayer, policy=_REMAT_POLICIES[config.remat_policy],
+                  prevent_cse=not config.scan_layers, static_argnums=(3,))
+
+
+class BertEncoder(nn.Module):
+  """Embeddings + transformer stack (+ pooler, created only when `pool` is used).
+
+  With `scan_layers` the layers are one `nn.scan` whose parameters are stacked
+  along a leading `layers` axis (fast compiles for deep models); otherwise
+  they are `layer_0 ... layer_{L-1}`. `jaxfm.models.layout` converts between the two.
+  """
+
+  config: BertConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embeddings = Embeddings(cfg)
+    layer = _layer_class(cfg)
+    if cfg.scan_layers:
+      self.layers = nn.scan(layer, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: LAYERS})(cfg)
+    else:
+      self.layers = [layer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.pooler = dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), "pooler")
+
+  def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
+               deterministic: bool = True) -> Array:
+    """[batch, length] ids, types and 1/0 mask -> [batch, length, hidden] states."""
+    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+    mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1(heads), 1(query), key]
+    if self.config.scan_layers:
+      x, _ = self.layers(x, mask, deterministic)
+    else:
+      for layer in self.layers:
+        x, _ = layer(x, mask, deterministic)
+    return x
+
+  def pool(self, hidden: Array) -> Array:
+    """BERT pooler: tanh(dense(first token)). [batch, length, hidden] -> [batch, hidden]."""
+    return jnp.tanh(self.pooler(hidden[:, 0]))
+
+  def attend(self, x: Array) -> Array:
+    return self.embeddings.attend(x)
