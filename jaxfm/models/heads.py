@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,8 +15,24 @@ from jaxfm.models.encoder import (ACT_BATCH, ACT_LENGTH, CLASSES, EMBED, EMBED_O
 Array = jax.Array
 
 
+class MlmHead(nn.Module):
+  """BERT's MLM head: dense + activation + LayerNorm, then the tied decoder plus a bias."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array, attend: Callable[[Array], Array]) -> Array:
+    # hidden: [batch, positions, hidden] -> logits [batch, positions, vocab] (float32)
+    cfg = self.config
+    x = dense(cfg, cfg.embedding_dim, (EMBED, EMBED_OUT), "transform")(hidden)
+    x = layer_norm(cfg, "transform_norm")(activation(cfg.hidden_act)(x))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (VOCAB,)),
+                      (cfg.vocab_size,), jnp.float32)
+    return attend(x).astype(jnp.float32) + bias
+
+
 class BertForMaskedLM(nn.Module):
-  """Encoder + MLM head whose decoder is tied to the word embeddings (plus a bias).
+  """Encoder + MLM head whose decoder is tied to the word embeddings.
 
   With `masked_positions` ([batch, predictions] int) the head runs only at those
   positions, which is what pretraining needs and is far cheaper at small sizes.
@@ -25,17 +43,11 @@ class BertForMaskedLM(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
                masked_positions: Array | None = None, deterministic: bool = True) -> Array:
-    cfg = self.config
-    encoder = BertEncoder(cfg, name="encoder")
+    encoder = BertEncoder(self.config, name="encoder")
     hidden = encoder(input_ids, token_type_ids, attention_mask, deterministic)
     if masked_positions is not None:
       hidden = jnp.take_along_axis(hidden, masked_positions[..., None], axis=1)  # [b, p, hidden]
-    x = dense(cfg, cfg.embedding_dim, (EMBED, EMBED_OUT), "transform")(hidden)
-    x = layer_norm(cfg, "transform_norm")(activation(cfg.hidden_act)(x))
-    logits = encoder.attend(x)  # [batch, positions, vocab]
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (VOCAB,)),
-                      (cfg.vocab_size,), jnp.float32)
-    return logits.astype(jnp.float32) + bias
+    return MlmHead(self.config, name="mlm_head")(hidden, encoder.attend)
 
 
 class BertForSequenceClassification(nn.Module):
