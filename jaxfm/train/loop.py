@@ -1,0 +1,259 @@
+"""The one training loop: pretraining and every fine-tuning task run through `train`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import time
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from jax.experimental import multihost_utils
+
+from jaxfm import sharding
+from jaxfm.train import checkpoint, optim
+from jaxfm.train.flops import peak_flops_per_device
+from jaxfm.train.state import TrainState, create_train_state
+from jaxfm.train.step import LossFn, Sums, make_eval_step, make_train_step
+from jaxfm.train.writer import MetricWriter, log_line
+
+LocalBatch = dict[str, np.ndarray]
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with non-finite loss or gradients."""
+
+
+class StatefulIterator(Protocol):
+  def __next__(self) -> LocalBatch: ...
+  def get_state(self) -> Any: ...
+  def set_state(self, state: Any) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the loop needs from a task (MLM, classification, NER, QA).
+
+  Attributes:
+    model: the Flax module.
+    init_inputs: example positional inputs for `model.init` (any batch size).
+    loss_fn: see `jaxfm.train.step`.
+    summarize: turns summed eval `Sums` into reported metrics.
+    flops_per_token: training FLOPs per input token (`jaxfm.train.flops`).
+    tokens_per_example: sequence length, for tokens/s.
+  """
+
+  model: nn.Module
+  init_inputs: tuple[np.ndarray, ...]
+  loss_fn: LossFn
+  summarize: Callable[[dict[str, float]], dict[str, float]]
+  flops_per_token: float
+  tokens_per_example: int
+
+  def init_params(self, rng: jax.Array) -> Any:
+    return self.model.init(rng, *self.init_inputs)["params"]
+
+
+class _StopSignal:
+  """Turns SIGTERM into a request to save at the next step boundary and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+
+  @contextlib.contextmanager
+  def installed(self) -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, self._handle)
+    try:
+      yield
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving at the next step boundary, then exiting")
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """All hosts agree: JAX's preemption sync point across processes, the local flag alone."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step) or self.requested
+    return self.requested
+
+
+def _mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+
+
+def _summed(metrics: list[Sums]) -> dict[str, float]:
+  host = jax.device_get(metrics)
+  return {k: float(np.sum([m[k] for m in host])) for k in host[0]}
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  train: dict[str, float]
+  eval: dict[str, float]
+  preempted: bool
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: StatefulIterator,
+          eval_batches: Callable[[], Iterable[LocalBatch]], meta: dict[str, Any],
+          initial_params: Any | None = None) -> TrainResult:
+  """Restores or initialises, trains to `cfg.train.steps`, evaluates and checkpoints.
+
+  Args:
+    cfg: a validated experiment config.
+    workdir: checkpoints, TensorBoard events and metrics.jsonl go here.
+    task: model, loss and metric summary.
+    train_iter: this host's batches (per-host batch size), with loader state.
+    eval_batches: returns a fresh pass over this host's eval batches.
+    meta: JSON-able run metadata stored with every checkpoint (config, counters...).
+    initial_params: weights to start from instead of a random init (fine-tuning);
+      ignored when the workdir already holds a checkpoint.
+  """
+  t = cfg.train
+  mesh = _mesh(cfg)
+  schedule = optim.learning_rate_schedule(cfg.optim, t.steps)
+  tx = optim.make_optimizer(cfg.optim, t.steps)
+  seed_key = jax.random.key(t.seed)
+
+  def init_state(rng: jax.Array) -> TrainState:
+    return create_train_state(task.init_params(rng), tx, t.seed)
+
+  boxed = jax.eval_shape(init_state, seed_key)
+  state_shardings = sharding.unbox(sharding.logical_shardings(boxed, mesh))
+  abstract = checkpoint.abstract_like(sharding.unbox(boxed), state_shardings)
+  manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
+  restored = checkpoint.restore_latest(manager, abstract)
+  if restored is not None:
+    state = restored.state
+    train_iter.set_state(restored.data)
+    logging.info("resumed from step %d of %s", restored.step, manager.directory)
+  elif initial_params is not None:
+    params = jax.device_put(initial_params, state_shardings.params)
+    state = jax.jit(lambda p: create_train_state(p, tx, t.seed),
+                    out_shardings=state_shardings)(params)
+  else:
+    state = jax.jit(lambda r: sharding.unbox(init_state(r)), out_shardings=state_shardings)(seed_key)
+  start = int(jax.device_get(state.step))
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      make_train_step(task.loss_fn, tx, schedule, t.grad_accum_steps, t.skip_nonfinite),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(task.loss_fn),
+                      in_shardings=(state_shardings.params, batch_sharding),
+                      out_shardings=replicated)
+
+  writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict())
+  stop = _StopSignal()
+  tokens_per_step = t.batch_size * task.tokens_per_example
+  peak = peak_flops_per_device(jax.devices()[0].device_kind)
+
+  def evaluate(params: Any) -> dict[str, float]:
+    sums = [eval_step(params, sharding.global_batch(b, mesh)) for b in eval_batches()]
+    return task.summarize(_summed(sums)) if sums else {}
+
+  def save(step: int, force: bool = False) -> None:
+    checkpoint.save(manager, step, state, train_iter.get_state(), meta, force=force)
+
+  train_metrics: dict[str, float] = {}
+  eval_metrics: dict[str, float] = {}
+  preempted = False
+  with sharding.activation_sharding(mesh), stop.installed(), tqdm.tqdm(
+      total=t.steps, initial=start, unit="step", dynamic_ncols=True,
+      disable=not (t.progress_bar and jax.process_index() == 0)) as bar:
+    first = sharding.global_batch(next(train_iter), mesh)
+    compile_start = time.perf_counter()
+    compiled = train_step.lower(state, first).compile()
+    compile_s = time.perf_counter() - compile_start
+    log_line(start, {"compile_s": compile_s}, "compile")
+    if start == 0 and t.eval_batches:
+      eval_metrics = evaluate(state.params)
+      writer.write(0, eval_metrics, "eval")
+      log_line(0, eval_metrics, "eval")
+    pending: list[Sums] = []
+    interval_start, interval_steps = time.perf_counter(), 0
+    last_save_time = time.monotonic()
+    batch = first
+    for step in range(start, t.steps):
+      if batch is None:
+        batch = sharding.global_batch(next(train_iter), mesh)
+      state, metrics = compiled(state, batch)
+      batch = None
+      pending.append(metrics)
+      interval_steps += 1
+      done = step + 1
+      bar.update(1)
+      if done % t.log_every == 0 or done == t.steps:
+        sums = _summed(pending)
+        elapsed = time.perf_counter() - interval_start
+        tokens_per_s = interval_steps * tokens_per_step / elapsed
+        train_metrics = {
+            **task.summarize(sums),
+            "grad_norm": sums["grad_norm"] / interval_steps,
+            "learning_rate": float(jax.device_get(schedule(step))),
+            "nonfinite_steps": interval_steps - sums["finite"],
+            "skipped_steps_total": float(jax.device_get(state.skipped_steps)),
+            "tokens_per_s": tokens_per_s,
+            "compile_s": compile_s,
+        }
+        if peak:
+          train_metrics["mfu"] = tokens_per_s * task.flops_per_token / (peak * jax.device_count())
+        writer.write(done, train_metrics, "train")
+        bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if not bar.disable and done % (t.log_every * 10) == 0:
+          log_line(done, train_metrics, "train")
+        streak = int(jax.device_get(state.consecutive_nonfinite))
+        if streak >= t.max_consecutive_nonfinite:
+          manager.wait_until_finished()
+          raise NonFiniteError(
+              f"{streak} consecutive steps up to step {done} had non-finite loss or gradients "
+              f"(train.skip_nonfinite={t.skip_nonfinite}); stopping. The last good checkpoint "
+              f"is step {manager.latest_step()} in {manager.directory}.")
+        pending, interval_start, interval_steps = [], time.perf_counter(), 0
+        if t.checkpoint_every_seconds and done < t.steps:
+          overdue = time.monotonic() - last_save_time >= t.checkpoint_every_seconds
+          if multihost_utils.broadcast_one_to_all(np.asarray(overdue)):
+            save(done, force=True)
+            last_save_time = time.monotonic()
+      if t.eval_batches and (done % t.eval_every == 0 or done == t.steps):
+        eval_metrics = evaluate(state.params)
+        writer.write(done, eval_metrics, "eval")
+        log_line(done, eval_metrics, "eval")
+      if done % t.checkpoint_every == 0 or done == t.steps:
+        save(done)
+        last_save_time = time.monotonic()
+      if stop.should_stop(done):
+        if manager.latest_step() != done:
+          save(done, force=True)
+        preempted = True
+        break
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  if train_metrics:
+    log_line(int(jax.device_get(state.step)), train_metrics, "train")
+  return TrainResult(step=int(jax.device_get(state.step)), train=train_metrics,
+                     eval=eval_metrics, preempted=preempted)
+
+
+def mlm_summary(sums: dict[str, float]) -> dict[str, float]:
+  """Loss and accuracy per masked token."""
+  weight = max(sums["weight"], 1.0)
+  return {"loss": sums["loss_sum"] / weight, "accuracy": sums["correct"] / weight}
+
+
+def masked_lm_init_inputs(seq_len: int, predictions: int) -> tuple[np.ndarray, ...]:
+  ids = np.zeros((1, seq_len), np.int32)
+  return ids, ids, np.ones_like(ids), np.zeros((1, predictions), np.int32)
+
+

@@ -1,0 +1,90 @@
+"""Pure train and eval steps, built from a task's loss function.
+
+A loss function maps `(params, batch, dropout_rng | None)` to
+`(loss_sum, sums)` where `sums` is a dict of per-batch sums that must include
+`loss_sum` and `weight` (the number of weighted targets). Steps divide by the
+total weight of the *whole* batch, so gradient accumulation computes the same
+update as one big batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxfm.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Sums = dict[str, jax.Array]
+LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, Sums]]
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def _split_micro_batches(batch: Batch, count: int) -> Batch:
+  """[batch, ...] -> [count, batch // count, ...], keeping each device's rows local."""
+  def split(x):
+    micro = x.reshape(x.shape[0] // count, count, *x.shape[1:])
+    return jnp.moveaxis(micro, 1, 0)
+  return jax.tree.map(split, batch)
+
+
+def _tree_where(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int = 1,
+                    skip_nonfinite: bool = True) -> StepFn:
+  """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def micro_step(params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Sums]:
+    (_, sums), grads = grad_fn(params, batch, rng)
+    return grads, sums
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if grad_accum_steps == 1:
+      grads, sums = micro_step(state.params, batch, rng)
+    else:
+      micro_batches = _split_micro_batches(batch, grad_accum_steps)
+      first = jax.tree.map(lambda x: x[0], micro_batches)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           jax.eval_shape(micro_step, state.params, first, rng))
+
+      def accumulate(carry, xs):
+        index, micro = xs
+        out = micro_step(state.params, micro, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, out), None
+
+      (grads, sums), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss_sum"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if skip_nonfinite:
+      params = _tree_where(finite, params, state.params)
+      opt_state = _tree_where(finite, opt_state, state.opt_state)
+    nonfinite = (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        skipped_steps=state.skipped_steps + nonfinite * int(skip_nonfinite),
+        consecutive_nonfinite=(state.consecutive_nonfinite + 1) * nonfinite)
+    metrics = {k: v for k, v in sums.items()}
+    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step), finite=finite)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(loss_fn: LossFn) -> Callable[[Any, Batch], Sums]:
+  """Returns `eval_step(params, batch) -> sums` (deterministic: no dropout)."""
+  def eval_step(params: Any, batch: Batch) -> Sums:
+    return loss_fn(params, batch, None)[1]
+  return eval_step
