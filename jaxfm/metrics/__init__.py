@@ -1,0 +1,1 @@
+"""Evaluation metrics for fine-tuning tasks, in numpy: classification, NER and SQuAD."""
