@@ -28,7 +28,8 @@ class RowError(ValueError):
 class RowPolicy:
   """Turns bad rows into errors naming where they are, or (on_error="skip") counts them.
 
-  Usage: `with rows.at(f"{path}:{line}"): examples.append(parse(line))`, then `rows.done()`.
+  Usage: `with policy.at(f"{path}:{line}"): examples.append(parse(line))`, then
+  `policy.done()`.
   """
 
   def __init__(self, source: str, on_error: str = "raise"):

@@ -86,7 +86,7 @@ def _table(path: str, fmt: str, fields: Sequence[Field],
   """The data rows of a TSV/CSV file and their decoder (the first row fixes the column count)."""
   rows = _table_rows(path, fmt)
   first = next(rows, None)
-  if first is None:
+  if first is None:  # an empty file: no rows to decode
     return iter(()), dict
   columns = len(first[1])
   if has_header:

@@ -48,10 +48,12 @@ def to_iob2(tags: Sequence[str], scheme: str) -> list[str]:
   return out
 
 
-def _check_tag(tag: str, scheme: str) -> None:
-  if not (tag == "O" or (len(tag) > 2 and tag[0] in SCHEMES[scheme] and tag[1] == "-")):
-    raise RowError(f"tag {tag!r} is not O or {'/'.join(SCHEMES[scheme].replace('O', ''))}- "
-                   f"plus a type ({scheme})")
+def _check_tag(tag: str, scheme: str, where: str) -> None:
+  """Raises a RowError at `where` unless `tag` is O or an allowed prefix of `scheme` + type."""
+  prefixes = SCHEMES[scheme].replace("O", "")
+  if not (tag == "O" or (len(tag) > 2 and tag[0] in prefixes and tag[1] == "-")):
+    raise RowError(f"tag {tag!r} is not O or {'/'.join(prefixes)}- plus a type ({scheme})",
+                   where)
 
 
 def read_conll(path: str, *, tag_column: int = -1, scheme: str = "iob2",
@@ -95,10 +97,7 @@ def read_conll(path: str, *, tag_column: int = -1, scheme: str = "iob2",
         where = f"{path}:{line_number}"
         if len(columns) != width:
           raise RowError(f"{len(columns)} columns, expected {width}", where)
-        try:
-          _check_tag(columns[tag_column], scheme)
-        except RowError as error:
-          raise RowError(str(error), where) from None
+        _check_tag(columns[tag_column], scheme, where)
       tags = to_iob2([columns[tag_column] for _, columns in sentence], scheme)
       if label_names is not None:
         for (line_number, _), tag in zip(sentence, tags):

@@ -203,11 +203,15 @@ def postprocess(examples: Sequence[QAExample], features: dict[str, np.ndarray],
     context = np.flatnonzero(offsets[:, 0] >= 0)
     starts = context[np.argsort(-start_logits[i, context], kind="stable")[:n_best_size]]
     ends = context[np.argsort(-end_logits[i, context], kind="stable")[:n_best_size]]
-    for s in starts[features["max_context"][i, starts]]:
-      for t in ends[(ends >= s) & (ends - s < max_answer_length)]:
-        score = float(start_logits[i, s] + end_logits[i, t])
-        if best[e] is None or score > best[e][0]:
-          best[e] = (score, examples[e].context[offsets[s, 0]:offsets[t, 1]])
+    starts = starts[features["max_context"][i, starts]]
+    valid = (ends >= starts[:, None]) & (ends - starts[:, None] < max_answer_length)
+    if not valid.any():
+      continue
+    scores = np.where(valid, start_logits[i, starts, None] + end_logits[i, ends], -np.inf)
+    s, t = np.unravel_index(np.argmax(scores), scores.shape)  # [starts, ends]
+    if best[e] is None or scores[s, t] > best[e][0]:
+      text = examples[e].context[offsets[starts[s], 0]:offsets[ends[t], 1]]
+      best[e] = (float(scores[s, t]), text)
   predictions = {}
   for e, example in enumerate(examples):
     no_answer = best[e] is None or (version_2 and
