@@ -1,0 +1,185 @@
+"""build_pretraining_data and the grain train/eval iterators."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from jaxfm.config import pretrain_defaults
+from jaxfm.data import loader
+from jaxfm.data.pretraining import mask_batch
+
+T = 32
+P = 5
+
+
+def _data_cfg(train_files: str, **overrides):
+  cfg = pretrain_defaults().data
+  cfg.update(dict(train_files=train_files, vocab_size=300, max_seq_length=T,
+                  max_predictions_per_seq=P, eval_fraction=0.1, seed=3))
+  cfg.update(overrides)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A random-word corpus: (glob, number of lines)."""
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9)))
+           for _ in range(400)]
+  docs = ["\n".join(" ".join(rng.choice(words, size=rng.integers(3, 25)))
+                    for _ in range(rng.integers(1, 8))) for _ in range(150)]
+  folder = tmp_path_factory.mktemp("corpus")
+  text = "\n\n".join(docs) + "\n"
+  (folder / "docs.txt").write_text(text)
+  return str(folder / "*.txt"), text.count("\n")
+
+
+@pytest.fixture(scope="module")
+def data(corpus, tmp_path_factory):
+  return loader.build_pretraining_data(_data_cfg(corpus[0]),
+                                       str(tmp_path_factory.mktemp("run") / "tokenizer"),
+                                       max_position_embeddings=64)
+
+
+def _originals(batch) -> np.ndarray:
+  """int32 [B, T]: the unmasked examples behind a batch."""
+  tokens = batch["input_ids"].copy()
+  for row, positions, ids, weights in zip(tokens, batch["masked_positions"], batch["masked_ids"],
+                                          batch["masked_weights"]):
+    row[positions[weights > 0]] = ids[weights > 0]
+  return tokens
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_build_counters_and_splits(data, corpus):
+  c = data.counters
+  assert sum(c[f"corpus/{k}"] for k in loader.CorpusCounters.LINE_FATES) == corpus[1]
+  assert c["corpus/documents"] == 150 == c["train/documents"] + c["eval/documents"]
+  assert 0 < c["eval/documents"] < 40
+  assert c["train/examples"] == len(data.train) and c["eval/examples"] == len(data.eval)
+  assert c["tokenizer/vocab_size"] == data.tokenizer.vocab_size <= 300
+  assert data.train.tokens.dtype == np.int32 and data.train.tokens.shape[1] == T
+  assert all(isinstance(v, int) for v in c.values())
+  json.dumps(c)
+
+
+def test_saved_tokenizer_is_reused(corpus, tmp_path, monkeypatch):
+  folder = str(tmp_path / "tok")
+  first = loader.build_pretraining_data(_data_cfg(corpus[0]), folder, max_position_embeddings=T)
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("retrained although the run folder holds a tokenizer")
+
+  monkeypatch.setattr(loader, "train_tokenizer", no_training)
+  again = loader.build_pretraining_data(_data_cfg(corpus[0]), folder, max_position_embeddings=T)
+  np.testing.assert_array_equal(first.train.tokens, again.train.tokens)
+  configured = loader.build_pretraining_data(_data_cfg(corpus[0], tokenizer=folder), None,
+                                             max_position_embeddings=T)
+  np.testing.assert_array_equal(first.eval.tokens, configured.eval.tokens)
+  with pytest.raises(ValueError, match="max_position_embeddings=16"):
+    loader.build_pretraining_data(_data_cfg(corpus[0]), folder, max_position_embeddings=16)
+
+
+def test_batch_layout(data):
+  batch = next(data.train_iterator(8, shard_index=0, shard_count=1))
+  assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
+      "input_ids": (np.int32, (8, T)), "token_type_ids": (np.int32, (8, T)),
+      "attention_mask": (np.int32, (8, T)), "masked_positions": (np.int32, (8, P)),
+      "masked_ids": (np.int32, (8, P)), "masked_weights": (np.float32, (8, P))}
+
+
+def test_state_round_trip(data):
+  it = data.train_iterator(8, shard_index=0, shard_count=1)
+  for _ in range(5):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["batches_consumed"] == 5
+  want = [next(it) for _ in range(4)]
+  restored = data.train_iterator(8, shard_index=0, shard_count=1)
+  restored.set_state(state)
+  _assert_same([next(restored) for _ in range(4)], want)
+  with pytest.raises(ValueError, match="batch_size"):
+    data.train_iterator(4, shard_index=0, shard_count=1).set_state(state)
+
+
+def test_state_round_trip_with_a_worker_process(data):
+  reference = data.train_iterator(8, shard_index=1, shard_count=2)
+  want = [next(reference) for _ in range(7)]
+  it = data.train_iterator(8, shard_index=1, shard_count=2, worker_count=1)
+  try:
+    _assert_same([next(it) for _ in range(3)], want[:3])
+    state = it.get_state()
+  finally:
+    it.close()
+  restored = data.train_iterator(8, shard_index=1, shard_count=2, worker_count=1)
+  try:
+    restored.set_state(state)
+    _assert_same([next(restored) for _ in range(4)], want[3:])
+  finally:
+    restored.close()
+
+
+def test_shards_cover_every_example_once_per_epoch(data):
+  n, batch_size, shards = len(data.train), 4, 2
+  row_ids = {row.tobytes(): i for i, row in enumerate(data.train.tokens)}
+  assert len(row_ids) == n  # rows are distinct, so a row identifies its example
+  seen = {}  # global position -> (example index, input_ids)
+  for shard in range(shards):
+    it = data.train_iterator(batch_size, shard_index=shard, shard_count=shards)
+    for j in range(-(-2 * n // (batch_size * shards)) + 1):
+      batch = next(it)
+      for i, row in enumerate(_originals(batch)):
+        seen[(j * batch_size + i) * shards + shard] = (row_ids[row.tobytes()], batch["input_ids"][i])
+  epochs = [[seen[p][0] for p in range(e * n, (e + 1) * n)] for e in (0, 1)]
+  for order in epochs:
+    assert sorted(order) == list(range(n))
+  assert epochs[0] != epochs[1]  # reshuffled every epoch
+  masks = {e: {seen[p][0]: seen[p][1] for p in range(e * n, (e + 1) * n)} for e in (0, 1)}
+  differ = np.mean([(masks[0][i] != masks[1][i]).any() for i in range(n)])
+  assert differ > 0.9  # new masks every epoch
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_eval_batches(data, shards):
+  batch_size = 4
+  count = data.num_eval_batches(batch_size, shards)
+  assert count == -(-(-(-len(data.eval) // shards)) // batch_size)
+  found = []
+  for shard in range(shards):
+    batches = list(data.eval_batches(batch_size, shard_index=shard, shard_count=shards))
+    assert len(batches) == count
+    _assert_same(batches, list(data.eval_batches(batch_size, shard_index=shard,
+                                                 shard_count=shards)))
+    for batch in batches:
+      real = batch["masked_weights"].sum(axis=1) > 0
+      assert (batch["attention_mask"][~real].sum(axis=1) == 2).all()
+      found.extend(_originals(batch)[real].tolist())
+  assert sorted(found) == sorted(data.eval.tokens.tolist())
+  fixed = mask_batch(data.eval.tokens, data.eval.lengths, data.eval.b_starts, data.masking,
+                     seed=data.seed, epochs=np.zeros(len(data.eval), int),
+                     indices=np.arange(len(data.eval)))
+  first = next(data.eval_batches(len(data.eval), shard_index=0, shard_count=1))
+  _assert_same([first], [fixed])
+
+
+def test_default_corpus_end_to_end(tmp_path):
+  cfg = pretrain_defaults().data
+  start = time.perf_counter()
+  data = loader.build_pretraining_data(cfg, str(tmp_path / "tok"), max_position_embeddings=512)
+  elapsed = time.perf_counter() - start
+  assert elapsed < 60, elapsed
+  c = data.counters
+  assert c["corpus/text_lines"] == sum(c[f"corpus/{k}"] for k in loader.CorpusCounters.LINE_FATES)
+  assert c["tokenizer/vocab_size"] == 8192 and len(data.train) > 2000 and len(data.eval) > 0
+  assert c["train/pad_tokens"] < 0.15 * len(data.train) * 128  # packing leaves little padding
+  batch = next(data.train_iterator(32, shard_index=0, shard_count=1))
+  assert batch["input_ids"].shape == (32, 128)
