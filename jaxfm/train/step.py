@@ -64,7 +64,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
           accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss_sum"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
