@@ -107,8 +107,24 @@ def test_state_round_trip(data):
   restored = data.train_iterator(8, shard_index=0, shard_count=1)
   restored.set_state(state)
   _assert_same([next(restored) for _ in range(4)], want)
-  with pytest.raises(ValueError, match="batch_size"):
+  with pytest.raises(ValueError, match="global_batch_size"):
     data.train_iterator(4, shard_index=0, shard_count=1).set_state(state)
+  with pytest.raises(ValueError, match="seed"):
+    data.train_iterator(8, seed=9, shard_index=0, shard_count=1).set_state(state)
+
+
+def test_state_restores_onto_another_host_count(data):
+  one_host = data.train_iterator(8, shard_index=0, shard_count=1)
+  for _ in range(3):
+    next(one_host)
+  state = one_host.get_state()
+  want = [next(one_host) for _ in range(2)]
+  for shard in range(2):  # the same global batches, split over two hosts
+    host = data.train_iterator(4, shard_index=shard, shard_count=2)
+    host.set_state(state)
+    for batch, whole in zip([next(host) for _ in range(2)], want):
+      for k in batch:
+        np.testing.assert_array_equal(batch[k], whole[k][shard::2])
 
 
 def test_state_round_trip_with_a_worker_process(data):
@@ -138,7 +154,8 @@ def test_shards_cover_every_example_once_per_epoch(data):
     for j in range(-(-2 * n // (batch_size * shards)) + 1):
       batch = next(it)
       for i, row in enumerate(_originals(batch)):
-        seen[(j * batch_size + i) * shards + shard] = (row_ids[row.tobytes()], batch["input_ids"][i])
+        position = (j * batch_size + i) * shards + shard
+        seen[position] = (row_ids[row.tobytes()], batch["input_ids"][i])
   epochs = [[seen[p][0] for p in range(e * n, (e + 1) * n)] for e in (0, 1)]
   for order in epochs:
     assert sorted(order) == list(range(n))

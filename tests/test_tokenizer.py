@@ -30,8 +30,7 @@ def test_special_tokens_and_word_starts(uncased):
   assert [uncased.special_ids.pad, uncased.special_ids.unk, uncased.special_ids.cls,
           uncased.special_ids.sep, uncased.special_ids.mask] == [0, 1, 2, 3, 4]
   assert uncased.vocab_size <= 300
-  vocab = uncased._tokenizer.get_vocab()  # pylint: disable=protected-access
-  for token, index in vocab.items():
+  for token, index in uncased.vocab.items():
     assert uncased.word_start[index] == (not token.startswith("##") or token == "##")
   ids = uncased.encode_batch(["jumping foxes", ""])
   assert ids[1] == [] and not set(ids[0]) & set(range(len(SPECIAL_TOKENS)))
@@ -55,7 +54,7 @@ def test_training_is_deterministic():
   first = train_tokenizer(_TEXTS, vocab_size=300)
   for _ in range(2):
     again = train_tokenizer(_TEXTS, vocab_size=300)
-    assert again._tokenizer.to_str() == first._tokenizer.to_str()  # pylint: disable=protected-access
+    assert again.to_json() == first.to_json()
 
 
 def test_save_and_load_round_trip(uncased, tmp_path):

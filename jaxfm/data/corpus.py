@@ -33,7 +33,10 @@ class CorpusError(ValueError):
 
 @dataclasses.dataclass
 class CorpusCounters:
-  """What happened to the input. Each line lands in exactly one of `LINE_FATES`."""
+  """What happened to the input. Each line lands in exactly one of `LINE_FATES`.
+
+  A tfds record counts as one line, and so does a paragraph of the default corpus.
+  """
   LINE_FATES: ClassVar[tuple[str, ...]] = (
       "text_lines", "blank_lines", "decode_errors_skipped", "decode_errors_replaced",
       "bad_records_skipped", "empty_records")
@@ -49,6 +52,9 @@ class CorpusCounters:
   nul_bytes_removed: int = 0
   boms_removed: int = 0
   long_lines_split: int = 0  # lines longer than MAX_SEGMENT_CHARS, split into segments
+
+  def count(self, fate: str) -> None:
+    setattr(self, fate, getattr(self, fate) + 1)
 
   def lines_total(self) -> int:
     return sum(getattr(self, name) for name in self.LINE_FATES)
@@ -112,7 +118,8 @@ def expand_globs(patterns: str) -> list[epath.Path]:
     else:
       base = epath.Path("/".join(parts[:first]) or ".")
       rest = "/".join(parts[first:])
-      matches = sorted((p for p in base.glob(rest) if p.is_file()), key=str) if base.exists() else []
+      found = base.glob(rest) if base.exists() else []
+      matches = sorted((p for p in found if p.is_file()), key=str)
     if not matches:
       raise CorpusError(f"data.train_files: {pattern!r} matches no file")
     files.update((str(p), p) for p in matches)
@@ -129,7 +136,7 @@ def _open(path: epath.Path) -> Iterator[BinaryIO]:
       yield raw
 
 
-def _decode(raw: bytes, where: str, policy: str) -> tuple[str | None, str]:
+def _decode(raw: bytes, path: epath.Path, lineno: int, policy: str) -> tuple[str | None, str]:
   """(text or None if skipped, line fate for a non-blank line)."""
   try:
     return raw.decode("utf-8"), "text_lines"
@@ -138,13 +145,13 @@ def _decode(raw: bytes, where: str, policy: str) -> tuple[str | None, str]:
       return None, "decode_errors_skipped"
     if policy == "replace":
       return raw.decode("utf-8", errors="replace"), "decode_errors_replaced"
-    raise CorpusError(f"{where}: invalid UTF-8 at byte {e.start} of the line; set "
+    raise CorpusError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line; set "
                       "data.on_decode_error=skip or replace to tolerate it") from e
 
 
 def _lines(path: epath.Path, spec: CorpusSpec,
-           counters: CorpusCounters) -> Iterator[tuple[str, str | None, str]]:
-  """(file:line, text or None, fate) per line; NUL bytes, BOM and CR removed."""
+           counters: CorpusCounters) -> Iterator[tuple[int, str | None, str]]:
+  """(line number, text or None, fate) per line; NUL bytes, BOM and CR removed."""
   lineno = 0
   try:
     with _open(path) as f:
@@ -153,14 +160,13 @@ def _lines(path: epath.Path, spec: CorpusSpec,
         if b"\x00" in raw:
           counters.nul_bytes_removed += raw.count(b"\x00")
           raw = raw.replace(b"\x00", b"")
-        where = f"{path}:{lineno}"
-        text, fate = _decode(raw, where, spec.on_decode_error)
+        text, fate = _decode(raw, path, lineno, spec.on_decode_error)
         if lineno == 1 and text and text.startswith(_BOM):
           counters.boms_removed += 1
           text = text[1:]
         if text is not None and not text.strip():
           text, fate = None, "blank_lines"
-        yield where, text, fate
+        yield lineno, text, fate
   except (EOFError, gzip.BadGzipFile, zlib.error) as e:
     raise CorpusError(f"{path}: truncated or corrupt gzip data after line {lineno} ({e})") from e
 
@@ -169,7 +175,7 @@ def _text_documents(path: epath.Path, spec: CorpusSpec,
                     counters: CorpusCounters) -> Iterator[Document]:
   doc: Document = []
   for _, text, fate in _lines(path, spec, counters):
-    setattr(counters, fate, getattr(counters, fate) + 1)
+    counters.count(fate)
     if fate == "blank_lines" and spec.documents == "blank_line" and doc:
       yield doc
       doc = []
@@ -199,16 +205,16 @@ def _jsonl_record(where: str, line: str, spec: CorpusSpec) -> str | None:
 
 def _jsonl_documents(path: epath.Path, spec: CorpusSpec,
                      counters: CorpusCounters) -> Iterator[Document]:
-  for where, line, fate in _lines(path, spec, counters):
+  for lineno, line, fate in _lines(path, spec, counters):
     doc: Document = []
     if line is not None:
-      text = _jsonl_record(where, line, spec)
+      text = _jsonl_record(f"{path}:{lineno}", line, spec)
       if text is None:
         fate = "bad_records_skipped"
       else:
         doc = _segments(text, counters)
         fate = fate if doc else "empty_records"
-    setattr(counters, fate, getattr(counters, fate) + 1)
+    counters.count(fate)
     if doc:
       yield doc
 
@@ -224,7 +230,7 @@ def _tfds_documents(spec: CorpusSpec, counters: CorpusCounters) -> Iterator[Docu
     raise CorpusError(
         f"data.tfds_name={spec.tfds_name!r}: cannot open split {spec.tfds_split!r} in "
         f"data_dir={spec.tfds_data_dir or '(tfds default)'}: {type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''} Prepare it first, e.g. "
+        f"{(str(e).splitlines() or [''])[0]} Prepare it first, e.g. "
         f"`tfds build {spec.tfds_name} --file_format=array_record "
         f"--data_dir={spec.tfds_data_dir or '...'}`") from e
   counters.files += 1
@@ -232,12 +238,10 @@ def _tfds_documents(spec: CorpusSpec, counters: CorpusCounters) -> Iterator[Docu
     text = source[i][spec.text_field]
     text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
     doc = _segments(text, counters)
+    counters.count("text_lines" if doc else "empty_records")
     if doc:
-      counters.text_lines += 1
       counters.documents += 1
       yield doc
-    else:
-      counters.empty_records += 1
 
 
 def read_documents(spec: CorpusSpec, counters: CorpusCounters) -> Iterator[Document]:

@@ -121,8 +121,10 @@ def _collect() -> list[Document]:
 @functools.cache
 def default_documents() -> tuple[Document, ...]:
   """The default corpus as documents (lists of paragraph segments); cached per process."""
-  result = subprocess.run([sys.executable, "-I", os.path.abspath(__file__)], check=True,
+  result = subprocess.run([sys.executable, "-I", os.path.abspath(__file__)], check=False,
                           capture_output=True, text=True, encoding="utf-8")
+  if result.returncode:
+    raise RuntimeError(f"building the default corpus failed:\n{result.stderr[-2000:]}")
   return tuple(json.loads(result.stdout))
 
 

@@ -7,10 +7,10 @@ tokenizer, packs both splits once into numpy stores, and hands out per-host iter
   the training examples. Host `s` of `n` takes global positions `s, s + n, ...`, so the
   hosts together see every example exactly once per epoch. Each example is masked with
   (seed, epoch, example index), so every epoch draws new masks and a resume replays them;
-  the order of each epoch is a permutation seeded with (seed, epoch).
-  Its state is the number of batches consumed, plus a fingerprint that must match on
-  restore; since the pipeline is random-access up to the batch, restoring needs no replay
-  and works with any `worker_count`.
+  the order of each epoch is a permutation seeded with (seed, epoch). Its state is the
+  number of batches consumed plus a fingerprint (data, seed, global batch size) checked on
+  restore; it is the same on every host, and since the pipeline is random-access, restoring
+  replays nothing and works with any `worker_count` or host count.
 * `eval_batches`: one deterministic pass over this host's share of the eval examples with
   epoch-0 masks; every host yields the same number of batches, the last ones filled with
   zero-weight padding examples.
@@ -94,7 +94,14 @@ def train_batches(store: ExampleStore, masking: Masking, *, batch_size: int, see
 
 
 class TrainIterator(Iterator[Batch]):
-  """Yields training batches; `get_state`/`set_state` checkpoint it as a JSON-able dict."""
+  """Yields training batches; `get_state`/`set_state` checkpoint it as a JSON-able dict.
+
+  The state is the same on every host (all hosts consume batches in lockstep), so saving
+  it once is enough: with Orbax, `ocp.args.Composite(..., data=ocp.args.JsonSave(
+  it.get_state()))`, then `it.set_state(restored.data)` after `ocp.args.JsonRestore()`.
+  Batch j always covers global positions [j * G, (j + 1) * G) for the global batch G, so a
+  state restores onto any host count and per-host batch size with the same G.
+  """
 
   def __init__(self, batches: grain.MapDataset, *, worker_count: int,
                fingerprint: dict[str, int]):
@@ -125,7 +132,7 @@ class TrainIterator(Iterator[Batch]):
     """Continues after `state["batches_consumed"]` batches.
 
     Raises:
-      ValueError: if the state comes from different data, batch size, seed or sharding.
+      ValueError: if the state comes from other data, seed or global batch size.
     """
     mismatched = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k) != v}
     if mismatched:
@@ -169,17 +176,20 @@ class PretrainingData:
                             shard_index=shard_index, shard_count=shard_count)
     fingerprint = {
         "num_examples": len(self.train),
-        "examples_crc32": zlib.crc32(self.train.tokens.tobytes()),
-        "batch_size": batch_size_per_host,
+        "examples_crc32": self._train_crc32,
         "seed": seed,
-        "shard_index": shard_index,
-        "shard_count": shard_count,
+        "global_batch_size": batch_size_per_host * shard_count,
     }
     return TrainIterator(batches, worker_count=worker_count, fingerprint=fingerprint)
 
+  @functools.cached_property
+  def _train_crc32(self) -> int:
+    """Identifies the training examples in iterator states."""
+    return zlib.crc32(self.train.tokens.tobytes())
+
   def num_eval_batches(self, batch_size_per_host: int, shard_count: int | None = None) -> int:
     """Batches `eval_batches` yields on every host."""
-    _, shard_count = _shard(0, shard_count)
+    shard_count = jax.process_count() if shard_count is None else shard_count
     per_host = -(-len(self.eval) // shard_count)
     return -(-per_host // batch_size_per_host)
 

@@ -13,11 +13,38 @@ draws new masks, and a resumed run replays exactly the masks it would have drawn
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from jaxfm.data.tokenizer import SpecialIds, WordPieceTokenizer
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's stream increment
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a bijective uint64 hash with full avalanche."""
+  with np.errstate(over="ignore"):  # uint64 products wrap on purpose
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def _example_keys(seed: int, epochs: np.ndarray, indices: np.ndarray) -> np.ndarray:
+  """uint64 [B]: one random key per (seed, epoch, example index)."""
+  key = _mix(np.full(len(indices), seed % 2**64, np.uint64) + _GOLDEN)
+  key = _mix(key ^ np.asarray(epochs).astype(np.uint64))
+  return _mix(key ^ np.asarray(indices).astype(np.uint64))
+
+
+def _uniform(keys: np.ndarray, stream: int, length: int) -> np.ndarray:
+  """float64 [B, length] in [0, 1): counter-based draws of each key's `stream`."""
+  with np.errstate(over="ignore"):
+    counters = (np.arange(length, dtype=np.uint64) + np.uint64(stream * length + 1)) * _GOLDEN
+    bits = _mix(keys[:, None] + counters[None, :])  # [B, length]
+  return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -73,8 +100,9 @@ def pack_documents(docs: Sequence[Sequence[Sequence[int]]], special: SpecialIds,
     stats: updated in place.
   """
   budget = max_seq_length - 3  # room for [CLS], [SEP], [SEP]
-  seg_lens = np.fromiter((len(s) for d in docs for s in d), np.int64)  # [segments]
-  flat = np.fromiter((t for d in docs for s in d for t in s), np.int32,
+  segments = list(itertools.chain.from_iterable(docs))
+  seg_lens = np.fromiter(map(len, segments), np.int64, count=len(segments))  # [segments]
+  flat = np.fromiter(itertools.chain.from_iterable(segments), np.int32,
                      count=int(seg_lens.sum()))  # [tokens] all documents back to back
   seg_ends = np.cumsum(seg_lens)  # [segments] end offset of each segment in `flat`
   doc_lens = np.fromiter((sum(map(len, d)) for d in docs), np.int64, count=len(docs))
@@ -161,7 +189,7 @@ class Masking:
   mask_prob: float
   whole_word: bool
   mask_id: int
-  maskable: np.ndarray  # bool [vocab]: False for [CLS], [SEP], [PAD], [MASK]
+  maskable: np.ndarray  # bool [vocab]: False for the special tokens
   word_start: np.ndarray  # bool [vocab]: False for '##' continuation pieces
   random_ids: np.ndarray  # int32 [R]: what a random replacement draws from (no specials)
 
@@ -169,38 +197,10 @@ class Masking:
   def for_tokenizer(cls, tokenizer: WordPieceTokenizer, *, max_predictions: int,
                     mask_prob: float = 0.15, whole_word: bool = False) -> Masking:
     special = tokenizer.special_ids
-    maskable = np.ones(tokenizer.vocab_size, bool)
-    maskable[[special.cls, special.sep, special.pad, special.mask]] = False
     not_special = np.ones(tokenizer.vocab_size, bool)
     not_special[list(dataclasses.astuple(special))] = False
-    return cls(max_predictions, mask_prob, whole_word, special.mask, maskable,
+    return cls(max_predictions, mask_prob, whole_word, special.mask, not_special,
                tokenizer.word_start, np.flatnonzero(not_special).astype(np.int32))
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's stream increment
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-  """splitmix64's finaliser: a bijective uint64 hash with full avalanche."""
-  with np.errstate(over="ignore"):  # uint64 products wrap on purpose
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  return z ^ (z >> np.uint64(31))
-
-
-def _example_keys(seed: int, epochs: np.ndarray, indices: np.ndarray) -> np.ndarray:
-  """uint64 [B]: one random key per (seed, epoch, example index)."""
-  key = _mix(np.full(len(indices), seed % 2**64, np.uint64) + _GOLDEN)
-  key = _mix(key ^ np.asarray(epochs).astype(np.uint64))
-  return _mix(key ^ np.asarray(indices).astype(np.uint64))
-
-
-def _uniform(keys: np.ndarray, stream: int, length: int) -> np.ndarray:
-  """float64 [B, length] in [0, 1): counter-based draws of each key's `stream`."""
-  counters = (np.arange(length, dtype=np.uint64) + np.uint64(stream * length + 1)) * _GOLDEN
-  with np.errstate(over="ignore"):
-    bits = _mix(keys[:, None] + counters[None, :])  # [B, length]
-  return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def _choose_whole_words(tokens: np.ndarray, candidates: np.ndarray, score: np.ndarray,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
@@ -58,6 +58,15 @@ class WordPieceTokenizer:
       if token.startswith(prefix) and len(token) > len(prefix):
         self.word_start[index] = False
 
+  @property
+  def vocab(self) -> dict[str, int]:
+    """Token string -> id."""
+    return self._tokenizer.get_vocab(with_added_tokens=True)
+
+  def to_json(self) -> str:
+    """The `tokenizer.json` text (the full pipeline: normaliser, pre-tokeniser, vocabulary)."""
+    return self._tokenizer.to_str(pretty=True)
+
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens (encoded in parallel)."""
     encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
@@ -71,15 +80,16 @@ class WordPieceTokenizer:
     return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
   def save(self, folder: str | epath.Path) -> None:
-    """Writes `vocab.txt` and `tokenizer.json`; the latter last and atomically."""
+    """Writes `vocab.txt` and `tokenizer.json`, each atomically (write, then rename)."""
     folder = epath.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = self._tokenizer.get_vocab(with_added_tokens=True)
-    (folder / VOCAB_FILE).write_text("".join(t + "\n" for t in sorted(vocab, key=vocab.get)),
-                                     encoding="utf-8")
-    partial = folder / (TOKENIZER_FILE + ".tmp")
-    partial.write_text(self._tokenizer.to_str(pretty=True), encoding="utf-8")
-    partial.rename(folder / TOKENIZER_FILE)
+    vocab = self.vocab
+    files = {VOCAB_FILE: "".join(t + "\n" for t in sorted(vocab, key=vocab.get)),
+             TOKENIZER_FILE: self.to_json()}
+    for name, text in files.items():  # each file appears whole or not at all
+      partial = folder / (name + ".tmp")
+      partial.write_text(text, encoding="utf-8")
+      partial.rename(folder / name)
 
 
 def _bert_tokenizer(vocab: dict[str, int], lowercase: bool) -> Tokenizer:
@@ -125,16 +135,16 @@ def load_tokenizer(path: str | epath.Path, *, lowercase: bool = True) -> WordPie
   return WordPieceTokenizer(_bert_tokenizer({t: i for i, t in enumerate(tokens)}, lowercase))
 
 
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+               (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
 def _is_word_boundary_char(char: str) -> bool:
   """Punctuation and CJK characters always form a word of their own under BERT rules."""
   code = ord(char)
   return (unicodedata.category(char).startswith("P") or 33 <= code <= 47 or 58 <= code <= 64
           or 91 <= code <= 96 or 123 <= code <= 126
           or any(lo <= code <= hi for lo, hi in _CJK_RANGES))
-
-
-_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-               (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
 
 def _continuation_pieces(texts: Sequence[str], normalizer: normalizers.Normalizer) -> list[str]:
