@@ -6,6 +6,7 @@ folders hold both `vocab.txt` and `tokenizer.json`, which HF `BertTokenizerFast`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import unicodedata
 from collections.abc import Sequence
@@ -147,12 +148,20 @@ def _is_word_boundary_char(char: str) -> bool:
           or any(lo <= code <= hi for lo, hi in _CJK_RANGES))
 
 
-def _continuation_pieces(texts: Sequence[str], normalizer: normalizers.Normalizer) -> list[str]:
-  """Sorted '##c' for every character c that can continue a word in `texts`."""
-  chars: set[str] = set()
+def _continuation_pieces(texts: Sequence[str], normalizer: normalizers.Normalizer,
+                         limit_alphabet: int) -> list[str]:
+  """Sorted '##c' for every character c of the training alphabet that can continue a word.
+
+  The trainer keeps the `limit_alphabet` most frequent characters; ties at the cut are all
+  kept here, since a missing piece would bring back the non-determinism.
+  """
+  counts: collections.Counter[str] = collections.Counter()
   for text in texts:
-    chars.update(normalizer.normalize_str(text))
-  return sorted(_PREFIX + c for c in chars if not c.isspace() and not _is_word_boundary_char(c))
+    counts.update(normalizer.normalize_str(text))
+  frequencies = sorted((n for c, n in counts.items() if not c.isspace()), reverse=True)
+  cut = frequencies[min(limit_alphabet, len(frequencies)) - 1] if frequencies else 0
+  return sorted(_PREFIX + c for c, n in counts.items()
+                if n >= cut and not c.isspace() and not _is_word_boundary_char(c))
 
 
 def train_tokenizer(texts: Sequence[str], *, vocab_size: int, lowercase: bool = True,
@@ -166,7 +175,8 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int, lowercase: bool = 
   `vocab_size` when the corpus has fewer distinct pieces.
   """
   tokenizer = _bert_tokenizer({}, lowercase)
-  reserved = list(SPECIAL_TOKENS) + _continuation_pieces(texts, tokenizer.normalizer)
+  reserved = list(SPECIAL_TOKENS) + _continuation_pieces(texts, tokenizer.normalizer,
+                                                           limit_alphabet)
   trainer = trainers.WordPieceTrainer(
       vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
       special_tokens=reserved, limit_alphabet=limit_alphabet, continuing_subword_prefix=_PREFIX)
