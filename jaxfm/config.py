@@ -207,8 +207,31 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     validate_pretrain_data(cfg)
 
 
-def accumulation_micro_batch(cfg: ml_collections.ConfigDict) -> int:
-  """Examples per micro-step (global)."""
-  return cfg.train.batch_size // cfg.train.grad_accum_steps
 
 
+
+
+# Fields a resumed run may change without --allow_config_change: they don't alter the math.
+RESUMABLE_CHANGES = (
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
+    "train.progress_bar", "train.wandb_project", "data.worker_count",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """Lines `field: saved -> current` for changed fields that a resume must not silently accept."""
+  old, new = _flatten(saved), _flatten(current)
+  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+          for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]

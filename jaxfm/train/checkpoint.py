@@ -102,3 +102,22 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 def read_json(path: epath.Path) -> Any:
   return json.loads(path.read_text())
+
+
+def load_params(workdir: str) -> tuple[Any, Any, str | None]:
+  """(BertConfig, params as numpy, tokenizer dir | None) of a workdir's newest checkpoint."""
+  from jaxfm.models.config import BertConfig  # pylint: disable=g-import-not-at-top
+  root = epath.Path(workdir)
+  config_file = root / "config.json"
+  if not config_file.exists():
+    raise CheckpointError(f"{workdir} is not a jaxfm workdir: {config_file} is missing")
+  model = dict(read_json(config_file)["config"]["model"])
+  model["embedding_size"] = model.get("embedding_size") or None
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA, META))
+  step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(f"{workdir} holds no checkpoint")
+  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))
+  params = jax.tree.map(lambda x: jax.device_get(x), restored[STATE]["params"])
+  tokenizer = root / "tokenizer"
+  return BertConfig.from_mapping(model), params, str(tokenizer) if tokenizer.exists() else None

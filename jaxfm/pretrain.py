@@ -1,0 +1,92 @@
+r"""MLM pretraining.
+
+  python -m jaxfm.pretrain --config=configs/pretrain/bert_tiny_cpu.py --workdir=runs/tiny \
+      [--config.train.steps=100 ...]
+
+Running the same command again in the same workdir resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import jax
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from jaxfm import config as config_lib
+from jaxfm.data import loader
+from jaxfm.models import BertForMaskedLM
+from jaxfm.train import checkpoint, loop, losses, run_setup
+from jaxfm.train.flops import mlm_flops_per_token
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and the run's tokenizer.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume even though the config differs from the saved one.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def pretrain(cfg, workdir: str, allow_config_change: bool = False) -> loop.TrainResult:
+  """Builds data, model and task from `cfg` and runs the loop."""
+  config_lib.validate(cfg)
+  run_setup.prepare_workdir(workdir, cfg, allow_config_change)
+  data = loader.build_pretraining_data(cfg.data, str(epath.Path(workdir) / "tokenizer"),
+                                       max_position_embeddings=cfg.model.max_position_embeddings)
+  with cfg.unlocked():
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+  model_config = run_setup.model_config(cfg)
+  model = BertForMaskedLM(model_config)
+  seq, preds = cfg.data.max_seq_length, cfg.data.max_predictions_per_seq
+  task = loop.Task(model=model, init_inputs=loop.masked_lm_init_inputs(seq, preds),
+                   loss_fn=losses.mlm_loss(model), summarize=loop.mlm_summary,
+                   flops_per_token=mlm_flops_per_token(model_config, seq, preds),
+                   tokens_per_example=seq)
+  per_host = run_setup.per_host_batch_size(cfg)
+  train_iter = data.train_iterator(per_host, seed=cfg.data.seed, worker_count=cfg.data.worker_count)
+  eval_batches = lambda: itertools.islice(data.eval_batches(per_host), cfg.train.eval_batches)
+  meta = {"config": cfg.to_dict(), "data_counters": data.counters}
+  try:
+    return loop.train(cfg, workdir, task, train_iter, eval_batches, meta,
+                      initial_params=(run_setup.load_initial_params(cfg.init_from, model_config,
+                                                                    "mlm")
+                                      if cfg.init_from else None))
+  finally:
+    train_iter.close()
+
+
+def _report(workdir: str, result: loop.TrainResult) -> None:
+  """Prints held-out MLM loss/accuracy at the first and last evaluation."""
+  evals = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").open()
+           if '"split": "eval"' in line]
+  if not evals or jax.process_index() != 0:
+    return
+  first, last = evals[0], evals[-1]
+  print(f"held-out MLM: step {first['step']}: loss {first['loss']:.3f} accuracy "
+        f"{first['accuracy']:.3f}  ->  step {last['step']}: loss {last['loss']:.3f} accuracy "
+        f"{last['accuracy']:.3f}" + ("  (preempted; rerun to resume)" if result.preempted else ""))
+
+
+def main(argv):
+  del argv
+  run_setup.initialize_runtime()
+  try:
+    result = pretrain(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
+  except (config_lib.ConfigError, run_setup.WorkdirError, checkpoint.CheckpointError,
+          loop.NonFiniteError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  _report(_WORKDIR.value, result)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,113 @@
+"""What every entry point does before training: runtime init, workdir checks, config resolution."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import uuid
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from jaxfm import config as config_lib
+from jaxfm.models import BertConfig, stack_layers, unstack_layers
+from jaxfm.train import checkpoint
+
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tokenizers")
+
+
+class WorkdirError(RuntimeError):
+  """The workdir is unusable, or holds a run with a different config."""
+
+
+def initialize_runtime() -> None:
+  """Starts JAX's multi-controller runtime when the environment describes several processes.
+
+  On a Cloud TPU VM slice JAX finds the coordinator itself; elsewhere set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+        initialization_timeout=int(os.environ.get("JAX_INIT_TIMEOUT_S", "300")))
+  if jax.process_index() == 0:
+    logging.info("JAX %s: %d process(es), %d devices (%s)", jax.__version__, jax.process_count(),
+                 jax.device_count(), jax.devices()[0].device_kind)
+
+
+def _versions() -> dict[str, str]:
+  out = {}
+  for name in _VERSIONED:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = "absent"
+  return out
+
+
+def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict, allow_config_change: bool) -> None:
+  """Creates the workdir, proves it writable, and guards a resume against a changed config.
+
+  The resolved config and package versions are written to `workdir/config.json`.
+  """
+  root = epath.Path(workdir)
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".write-probe-{uuid.uuid4().hex}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable: {e}") from e
+  saved_file = root / "config.json"
+  current = cfg.to_dict()
+  if saved_file.exists():
+    saved = json.loads(saved_file.read_text())["config"]
+    saved.get("model", {}).pop("vocab_size", None)  # resolved from the tokenizer at run time
+    compare = json.loads(json.dumps(current))
+    compare.get("model", {}).pop("vocab_size", None)
+    changes = config_lib.config_changes(saved, compare)
+    if changes and not allow_config_change:
+      raise WorkdirError(f"{workdir} holds a run with a different config; pass "
+                         "--allow_config_change to resume anyway, or use a new workdir:\n  "
+                         + "\n  ".join(changes))
+  if jax.process_index() == 0:
+    tmp = root / "config.json.tmp"
+    tmp.write_text(json.dumps({"config": current, "versions": _versions()}, indent=2))
+    tmp.rename(saved_file)
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> BertConfig:
+  return BertConfig.from_mapping({**cfg.model, "embedding_size": cfg.model.embedding_size or None})
+
+
+def per_host_batch_size(cfg: ml_collections.ConfigDict) -> int:
+  if cfg.train.batch_size % jax.process_count():
+    raise config_lib.ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                                 f"the {jax.process_count()} processes")
+  return cfg.train.batch_size // jax.process_count()
+
+
+def load_initial_params(init_from: str, config: BertConfig, task: str) -> Any:
+  """Weights from 'hf:DIR', a jaxfm model dir or a jaxfm workdir, in `config`'s layout."""
+  from jaxfm import interop  # pylint: disable=g-import-not-at-top
+  if init_from.startswith("hf:"):
+    result = interop.import_hf(init_from[3:], task=task, init_missing_head=True,
+                               scan_layers=config.scan_layers)
+    logging.info("init_from %s: initialised %s", init_from, result.initialised or "nothing")
+    source_config, params = result.config, result.params
+  elif (epath.Path(init_from) / "model_config.json").exists():
+    source_config, params, _ = interop.load_model_dir(init_from)
+  else:
+    source_config, params, _ = checkpoint.load_params(init_from)
+  for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+    if getattr(source_config, field) != getattr(config, field):
+      raise config_lib.ConfigError(
+          f"init_from={init_from}: its {field}={getattr(source_config, field)} differs from "
+          f"model.{field}={getattr(config, field)}")
+  return stack_layers(params) if config.scan_layers else unstack_layers(params)
