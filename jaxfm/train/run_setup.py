@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging as logging_std
 import os
 import uuid
 from typing import Any
@@ -24,12 +25,23 @@ class WorkdirError(RuntimeError):
   """The workdir is unusable, or holds a run with a different config."""
 
 
+class _LibraryChatterFilter(logging_std.Filter):
+  """Drops INFO records from Orbax/grain/absl internals so the console shows the run itself."""
+
+  _QUIET = ("/orbax/", "/grain/", "/jax/_src/")
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or not any(
+        part in record.pathname for part in self._QUIET)
+
+
 def initialize_runtime() -> None:
-  """Starts JAX's multi-controller runtime when the environment describes several processes.
+  """Quiets library chatter; starts JAX's multi-controller runtime when asked to.
 
   On a Cloud TPU VM slice JAX finds the coordinator itself; elsewhere set
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
   """
+  logging.get_absl_handler().addFilter(_LibraryChatterFilter())
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
