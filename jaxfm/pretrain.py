@@ -39,6 +39,7 @@ def pretrain(cfg, workdir: str, allow_config_change: bool = False) -> loop.Train
                                        max_position_embeddings=cfg.model.max_position_embeddings)
   with cfg.unlocked():
     cfg.model.vocab_size = data.tokenizer.vocab_size
+  run_setup.write_resolved_config(workdir, cfg)
   model_config = run_setup.model_config(cfg)
   model = BertForMaskedLM(model_config)
   seq, preds = cfg.data.max_seq_length, cfg.data.max_predictions_per_seq

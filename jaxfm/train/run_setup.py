@@ -64,10 +64,7 @@ def _versions() -> dict[str, str]:
 
 
 def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict, allow_config_change: bool) -> None:
-  """Creates the workdir, proves it writable, and guards a resume against a changed config.
-
-  The resolved config and package versions are written to `workdir/config.json`.
-  """
+  """Creates the workdir, proves it writable, and guards a resume against a changed config."""
   root = epath.Path(workdir)
   try:
     root.mkdir(parents=True, exist_ok=True)
@@ -88,10 +85,15 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict, allow_config_c
       raise WorkdirError(f"{workdir} holds a run with a different config; pass "
                          "--allow_config_change to resume anyway, or use a new workdir:\n  "
                          + "\n  ".join(changes))
+
+
+def write_resolved_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+  """Writes the resolved config and package versions to `workdir/config.json` (process 0)."""
   if jax.process_index() == 0:
+    root = epath.Path(workdir)
     tmp = root / "config.json.tmp"
-    tmp.write_text(json.dumps({"config": current, "versions": _versions()}, indent=2))
-    tmp.rename(saved_file)
+    tmp.write_text(json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2))
+    tmp.replace(root / "config.json")
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> BertConfig:

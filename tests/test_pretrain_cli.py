@@ -1,0 +1,78 @@
+"""`python -m jaxfm.pretrain` end to end: run, resume, config guards, export of the workdir to HF."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config=configs/pretrain/bert_tiny_cpu.py", "--config.train.steps=6",
+         "--config.train.eval_every=6", "--config.train.eval_batches=2",
+         "--config.train.checkpoint_every=3", "--config.train.batch_size=8",
+         "--config.train.progress_bar=false", "--config.data.vocab_size=512",
+         "--config.data.max_seq_length=64", "--config.model.num_layers=1",
+         "--config.optim.warmup_steps=1"]
+
+
+def _run(*args, check=True):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  if check and proc.returncode:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("pretrain")
+  proc = _run("jaxfm.pretrain", *SMALL, f"--workdir={path}")
+  assert "held-out MLM: step 0:" in proc.stdout and "step 6:" in proc.stdout
+  return path
+
+
+def test_run_writes_checkpoints_metrics_config(workdir):
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["config"]["model"]["vocab_size"] <= 512 and "jax" in saved["versions"]
+  steps = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert 6 in steps and list((workdir / "tensorboard").iterdir())
+
+
+def test_rerun_resumes_and_more_steps_continue(workdir):
+  proc = _run("jaxfm.pretrain", *SMALL, "--config.train.steps=8", f"--workdir={workdir}")
+  assert "resumed from step 6" in proc.stderr
+  assert "step 8:" in proc.stdout
+
+
+def test_changed_config_is_refused_with_a_diff(workdir):
+  proc = _run("jaxfm.pretrain", *SMALL, "--config.optim.peak_learning_rate=0.5",
+              f"--workdir={workdir}", check=False)
+  assert proc.returncode == 1
+  assert "optim.peak_learning_rate: 0.002 -> 0.5" in proc.stderr
+
+
+def test_override_typo_and_bad_value_fail_before_device_work(tmp_path):
+  proc = _run("jaxfm.pretrain", *SMALL, "--config.train.stepz=3", f"--workdir={tmp_path}",
+              check=False)
+  assert proc.returncode != 0 and "steps" in proc.stderr and "stepz" in proc.stderr
+  proc = _run("jaxfm.pretrain", *SMALL, "--config.model.num_heads=5", f"--workdir={tmp_path}",
+              check=False)
+  assert proc.returncode == 1
+  assert "model.num_heads=5 does not divide model.hidden_size=128" in proc.stderr
+
+
+def test_workdir_exports_to_hugging_face(workdir, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  out = tmp_path / "hf"
+  _run("jaxfm.convert", "--to_hf", f"--from={workdir}", f"--out={out}")
+  model, info = transformers.BertForMaskedLM.from_pretrained(str(out), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  ids = torch.tensor([[2, 10, 11, 12, 3]])
+  logits = model(input_ids=ids).logits.detach().numpy()
+  assert logits.shape[-1] == json.loads((workdir / "config.json").read_text())[
+      "config"]["model"]["vocab_size"] and np.isfinite(logits).all()
