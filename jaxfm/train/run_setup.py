@@ -43,6 +43,9 @@ def initialize_runtime() -> None:
   """
   logging.get_absl_handler().addFilter(_LibraryChatterFilter())
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      # Cross-process collectives on CPU (local multi-host testing) need gloo.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
