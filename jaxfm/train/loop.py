@@ -61,13 +61,22 @@ class Task:
 
 
 class _StopSignal:
-  """Turns SIGTERM into a request to save at the next step boundary and exit cleanly."""
+  """Turns SIGTERM into a request to save at the next step boundary and exit cleanly.
+
+  With several processes, JAX's own preemption notifier (started by
+  `jax.distributed.initialize`) catches SIGTERM and `reached_preemption_sync_point`
+  makes every host stop at the same step; a Python handler would hide the signal
+  from it and let hosts disagree, so none is installed then.
+  """
 
   def __init__(self):
     self.requested = False
 
   @contextlib.contextmanager
   def installed(self) -> Iterator[None]:
+    if jax.process_count() > 1:
+      yield
+      return
     previous = signal.signal(signal.SIGTERM, self._handle)
     try:
       yield
@@ -79,9 +88,8 @@ class _StopSignal:
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
-    """All hosts agree: JAX's preemption sync point across processes, the local flag alone."""
     if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step) or self.requested
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
 
