@@ -22,6 +22,7 @@ REMOTE_DIR=${REMOTE_DIR:-jaxfm}                      # project dir on the worker
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}               # jaxfm needs >=3.11; TPU VM images ship 3.10
 VENV=${VENV:-venv-jaxfm}                             # venv on the workers, relative to $HOME
 JAX_VERSION=${JAX_VERSION:-}                         # e.g. 0.10.2: pip install 'jax[tpu]==X' after jaxfm
+EXTRA_PIP=${EXTRA_PIP:-gcsfs}                        # gs:// via etils epath needs gcsfs without TF
 RUN_NAME=${RUN_NAME:-run}                            # log file stem: logs/$RUN_NAME-worker-N.log
 MAX_ATTEMPTS=${MAX_ATTEMPTS:-20}
 SLEEP_S=${SLEEP_S:-60}
@@ -35,7 +36,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 usage() {
   sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   echo "Variables: TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION SPOT QUEUED REPO_URL" \
-       "REPO_REF JAX_VERSION RUN_NAME MAX_ATTEMPTS SLEEP_S DRY_RUN (see the top of this file)" >&2
+       "REPO_REF JAX_VERSION EXTRA_PIP RUN_NAME MAX_ATTEMPTS SLEEP_S DRY_RUN (see the top of this file)" >&2
   exit 2
 }
 
@@ -139,7 +140,7 @@ install_project() {
   [[ -n $JAX_VERSION ]] && pin=" && uv pip install --python ~/$VENV 'jax[tpu]==$JAX_VERSION'"
   copy_project && ssh_all "set -e; python3 -m pip install --user -q -U uv; export PATH=\$HOME/.local/bin:\$PATH; \
 uv venv --allow-existing --python $PYTHON_VERSION ~/$VENV; \
-cd ~/$REMOTE_DIR && uv pip install --python ~/$VENV -e '.[tpu]'$pin; \
+cd ~/$REMOTE_DIR && uv pip install --python ~/$VENV -e '.[tpu]' $EXTRA_PIP$pin; \
 ~/$VENV/bin/python -c 'import jax, jaxfm; print(\"jax\", jax.__version__)'"
 }
 
@@ -147,7 +148,7 @@ run_cmd() {   # run_cmd CMD...: same command on every worker, exit status of the
   local cmd="" a
   for a in "$@"; do cmd+="$(quote "$a") "; done
   ssh_all "set -o pipefail; source ~/$VENV/bin/activate; cd ~/$REMOTE_DIR && mkdir -p logs; \
-W=\$(curl -sf -H Metadata-Flavor:Google $WORKER_ID_URL || hostname); \
+W=\$(curl -sf -m 5 -H Metadata-Flavor:Google $WORKER_ID_URL || hostname); \
 { $cmd; } 2>&1 | tee -a logs/$RUN_NAME-worker-\$W.log"
 }
 
