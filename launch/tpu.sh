@@ -147,7 +147,8 @@ cd ~/$REMOTE_DIR && uv pip install --python ~/$VENV -e '.[tpu]' $EXTRA_PIP$pin; 
 run_cmd() {   # run_cmd CMD...: same command on every worker, exit status of the command
   local cmd="" a
   for a in "$@"; do cmd+="$(quote "$a") "; done
-  ssh_all "set -o pipefail; source ~/$VENV/bin/activate; cd ~/$REMOTE_DIR && mkdir -p logs; \
+  # JAXFM_DISTRIBUTED=1: jaxfm calls jax.distributed.initialize() (TPU auto-detection) on every worker.
+  ssh_all "set -o pipefail; source ~/$VENV/bin/activate; export JAXFM_DISTRIBUTED=1; cd ~/$REMOTE_DIR && mkdir -p logs; \
 W=\$(curl -sf -m 5 -H Metadata-Flavor:Google $WORKER_ID_URL || hostname); \
 { $cmd; } 2>&1 | tee -a logs/$RUN_NAME-worker-\$W.log"
 }

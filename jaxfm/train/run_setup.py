@@ -38,8 +38,9 @@ class _LibraryChatterFilter(logging_std.Filter):
 def initialize_runtime() -> None:
   """Quiets library chatter; starts JAX's multi-controller runtime when asked to.
 
-  On a Cloud TPU VM slice JAX finds the coordinator itself; elsewhere set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  On a Cloud TPU VM slice set JAXFM_DISTRIBUTED=1 (launch/tpu.sh does) and JAX
+  finds the coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (optionally JAX_INIT_TIMEOUT_S).
   """
   logging.get_absl_handler().addFilter(_LibraryChatterFilter())
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
@@ -50,6 +51,9 @@ def initialize_runtime() -> None:
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
         process_id=int(os.environ["JAX_PROCESS_ID"]),
+        initialization_timeout=int(os.environ.get("JAX_INIT_TIMEOUT_S", "300")))
+  elif os.environ.get("JAXFM_DISTRIBUTED") == "1":
+    jax.distributed.initialize(
         initialization_timeout=int(os.environ.get("JAX_INIT_TIMEOUT_S", "300")))
   if jax.process_index() == 0:
     logging.info("JAX %s: %d process(es), %d devices (%s)", jax.__version__, jax.process_count(),
