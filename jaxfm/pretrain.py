@@ -19,9 +19,7 @@ from ml_collections import config_flags
 
 from jaxfm import config as config_lib
 from jaxfm.data import loader
-from jaxfm.models import BertForMaskedLM
-from jaxfm.train import checkpoint, loop, losses, run_setup
-from jaxfm.train.flops import mlm_flops_per_token
+from jaxfm.train import checkpoint, loop, run_setup, tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -41,12 +39,7 @@ def pretrain(cfg, workdir: str, allow_config_change: bool = False) -> loop.Train
     cfg.model.vocab_size = data.tokenizer.vocab_size
   run_setup.write_resolved_config(workdir, cfg)
   model_config = run_setup.model_config(cfg)
-  model = BertForMaskedLM(model_config)
-  seq, preds = cfg.data.max_seq_length, cfg.data.max_predictions_per_seq
-  task = loop.Task(model=model, init_inputs=loop.masked_lm_init_inputs(seq, preds),
-                   loss_fn=losses.mlm_loss(model), summarize=loop.mlm_summary,
-                   flops_per_token=mlm_flops_per_token(model_config, seq, preds),
-                   tokens_per_example=seq)
+  task = tasks.mlm_task(model_config, cfg.data.max_seq_length, cfg.data.max_predictions_per_seq)
   per_host = run_setup.per_host_batch_size(cfg)
   train_iter = data.train_iterator(per_host, seed=cfg.data.seed, worker_count=cfg.data.worker_count)
   eval_batches = lambda: itertools.islice(data.eval_batches(per_host), cfg.train.eval_batches)

@@ -3,9 +3,8 @@
 import numpy as np
 
 from jaxfm.config import pretrain_defaults
-from jaxfm.models import BertForMaskedLM, BertConfig
-from jaxfm.train import losses, loop
-from jaxfm.train.flops import mlm_flops_per_token
+from jaxfm.models import BertConfig
+from jaxfm.train import loop, tasks
 
 SEQ, PREDS, VOCAB = 16, 4, 128
 
@@ -51,10 +50,7 @@ def tiny_config(**train):
 
 def mlm_task(cfg):
   config = BertConfig.from_mapping({**cfg.model, "embedding_size": cfg.model.embedding_size or None})
-  model = BertForMaskedLM(config)
-  return loop.Task(model=model, init_inputs=loop.masked_lm_init_inputs(SEQ, PREDS),
-                   loss_fn=losses.mlm_loss(model), summarize=loop.mlm_summary,
-                   flops_per_token=mlm_flops_per_token(config, SEQ, PREDS), tokens_per_example=SEQ)
+  return tasks.mlm_task(config, SEQ, PREDS)
 
 
 def run(cfg, workdir, seed=0):

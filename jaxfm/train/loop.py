@@ -6,12 +6,13 @@ import contextlib
 import dataclasses
 import signal
 import time
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
@@ -47,6 +48,7 @@ class Task:
     summarize: turns summed eval `Sums` into reported metrics.
     flops_per_token: training FLOPs per input token (`jaxfm.train.flops`).
     tokens_per_example: sequence length, for tokens/s.
+    batch_spec: per-example (shape, dtype) of each batch field, for ahead-of-time compiles.
   """
 
   model: nn.Module
@@ -55,6 +57,7 @@ class Task:
   summarize: Callable[[dict[str, float]], dict[str, float]]
   flops_per_token: float
   tokens_per_example: int
+  batch_spec: dict[str, tuple[tuple[int, ...], str]]
 
   def init_params(self, rng: jax.Array) -> Any:
     return self.model.init(rng, *self.init_inputs)["params"]
@@ -93,8 +96,61 @@ class _StopSignal:
     return self.requested
 
 
-def _mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+def make_mesh(cfg: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The config's (data, fsdp, tensor) mesh over `devices` (default: all)."""
+  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted pure functions of a run and the shardings they were built with.
+
+  `train_step(state, batch) -> (state, metrics)` donates the state;
+  `eval_step(params, batch) -> sums`. Neither is compiled yet: `.lower(...)`
+  them with real or abstract (`abstract_state`, `abstract_batch`) arguments.
+  """
+
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init_state: Callable[[jax.Array], TrainState]  # seed key -> unboxed state (not jitted)
+  state_shardings: TrainState
+  abstract_state: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Any
+  eval_step: Any
+
+  def abstract_batch(self, task: Task, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global batch of `batch_size` examples as ShapeDtypeStructs with the batch sharding."""
+    return {k: jax.ShapeDtypeStruct((batch_size, *shape), np.dtype(dtype),
+                                    sharding=self.batch_sharding)
+            for k, (shape, dtype) in task.batch_spec.items()}
+
+
+def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh) -> Steps:
+  """Optimiser, state shardings and jitted train/eval steps for `task` on `mesh`."""
+  t = cfg.train
+  schedule = optim.learning_rate_schedule(cfg.optim, t.steps)
+  tx = optim.make_optimizer(cfg.optim, t.steps)
+
+  def init_state(rng: jax.Array) -> TrainState:
+    return create_train_state(task.init_params(rng), tx, t.seed)
+
+  boxed = jax.eval_shape(init_state, jax.random.key(t.seed))
+  state_shardings = sharding.unbox(sharding.logical_shardings(boxed, mesh))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      make_train_step(task.loss_fn, tx, schedule, t.grad_accum_steps, t.skip_nonfinite),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(task.loss_fn),
+                      in_shardings=(state_shardings.params, batch_sharding),
+                      out_shardings=replicated)
+  return Steps(tx=tx, schedule=schedule, init_state=lambda r: sharding.unbox(init_state(r)),
+               state_shardings=state_shardings,
+               abstract_state=checkpoint.abstract_like(sharding.unbox(boxed), state_shardings),
+               batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)
 
 
 def _summed(metrics: list[Sums]) -> dict[str, float]:
@@ -126,19 +182,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
       ignored when the workdir already holds a checkpoint.
   """
   t = cfg.train
-  mesh = _mesh(cfg)
-  schedule = optim.learning_rate_schedule(cfg.optim, t.steps)
-  tx = optim.make_optimizer(cfg.optim, t.steps)
-  seed_key = jax.random.key(t.seed)
-
-  def init_state(rng: jax.Array) -> TrainState:
-    return create_train_state(task.init_params(rng), tx, t.seed)
-
-  boxed = jax.eval_shape(init_state, seed_key)
-  state_shardings = sharding.unbox(sharding.logical_shardings(boxed, mesh))
-  abstract = checkpoint.abstract_like(sharding.unbox(boxed), state_shardings)
+  mesh = make_mesh(cfg)
+  steps = build_steps(cfg, task, mesh)
+  tx, schedule, state_shardings = steps.tx, steps.schedule, steps.state_shardings
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
-  restored = checkpoint.restore_latest(manager, abstract)
+  restored = checkpoint.restore_latest(manager, steps.abstract_state)
   if restored is not None:
     state = restored.state
     train_iter.set_state(restored.data)
@@ -148,18 +196,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     state = jax.jit(lambda p: create_train_state(p, tx, t.seed),
                     out_shardings=state_shardings)(params)
   else:
-    state = jax.jit(lambda r: sharding.unbox(init_state(r)), out_shardings=state_shardings)(seed_key)
+    state = jax.jit(steps.init_state, out_shardings=state_shardings)(jax.random.key(t.seed))
   start = int(jax.device_get(state.step))
-
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-      make_train_step(task.loss_fn, tx, schedule, t.grad_accum_steps, t.skip_nonfinite),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-      donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task.loss_fn),
-                      in_shardings=(state_shardings.params, batch_sharding),
-                      out_shardings=replicated)
+  train_step, eval_step = steps.train_step, steps.eval_step
 
   writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict())
   stop = _StopSignal()
@@ -252,16 +291,3 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     log_line(int(jax.device_get(state.step)), train_metrics, "train")
   return TrainResult(step=int(jax.device_get(state.step)), train=train_metrics,
                      eval=eval_metrics, preempted=preempted)
-
-
-def mlm_summary(sums: dict[str, float]) -> dict[str, float]:
-  """Loss and accuracy per masked token."""
-  weight = max(sums["weight"], 1.0)
-  return {"loss": sums["loss_sum"] / weight, "accuracy": sums["correct"] / weight}
-
-
-def masked_lm_init_inputs(seq_len: int, predictions: int) -> tuple[np.ndarray, ...]:
-  ids = np.zeros((1, seq_len), np.int32)
-  return ids, ids, np.ones_like(ids), np.zeros((1, predictions), np.int32)
-
-
