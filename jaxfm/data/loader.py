@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grain
 import jax
@@ -63,34 +63,66 @@ def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class _TakeRows:
+  """(epochs [B], example indices [B]) -> those rows of fixed-shape feature arrays."""
+  features: dict[str, np.ndarray]
+
+  def __call__(self, epochs: np.ndarray, indices: np.ndarray) -> Batch:
+    del epochs  # task features do not change between epochs
+    return {k: v[indices] for k, v in self.features.items()}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class _ShardBatch:
-  """Batch number -> this shard's masked batch; picklable for worker processes.
+  """Batch number -> this shard's batch; picklable for worker processes.
 
   Batch j of shard s holds global positions (j * B + i) * shard_count + s, i < B; position p
-  is example `order(epoch)[p % n]` of epoch p // n.
+  is example `order(epoch)[p % n]` of epoch p // n, fetched by `fetch(epochs, indices)`.
   """
-  mask: _MaskBatch
+  fetch: Callable[[np.ndarray, np.ndarray], Batch]
+  num_examples: int
+  seed: int
   batch_size: int
   shard_index: int
   shard_count: int
 
   def __call__(self, batch_number: int) -> Batch:
-    n = len(self.mask.store)
+    n = self.num_examples
     rows = batch_number * self.batch_size + np.arange(self.batch_size)  # [B]
     epochs, offsets = np.divmod(rows * self.shard_count + self.shard_index, n)  # [B], [B]
     indices = np.empty_like(offsets)
     for epoch in np.unique(epochs):
       here = epochs == epoch
-      indices[here] = _epoch_order(n, self.mask.seed, int(epoch))[offsets[here]]
-    return self.mask(epochs, indices)
+      indices[here] = _epoch_order(n, self.seed, int(epoch))[offsets[here]]
+    return self.fetch(epochs, indices)
 
 
 def train_batches(store: ExampleStore, masking: Masking, *, batch_size: int, seed: int,
                   shard_index: int, shard_count: int) -> grain.MapDataset:
   """The endless, random-access sequence of this shard's masked training batches."""
-  shard_batch = _ShardBatch(_MaskBatch(store, masking, seed), batch_size, shard_index,
-                            shard_count)
+  shard_batch = _ShardBatch(_MaskBatch(store, masking, seed), len(store), seed, batch_size,
+                            shard_index, shard_count)
   return grain.MapDataset.range(sys.maxsize).map(shard_batch)
+
+
+def feature_train_iterator(features: dict[str, np.ndarray], batch_size_per_host: int, *,
+                           seed: int, shard_index: int | None = None,
+                           shard_count: int | None = None) -> "TrainIterator":
+  """Endless, per-epoch reshuffled batches of fixed-shape task features, sharded by host.
+
+  The same global order and checkpointable state as pretraining's `train_iterator`.
+  """
+  shard_index, shard_count = _shard(shard_index, shard_count)
+  num_examples = len(next(iter(features.values())))
+  batches = grain.MapDataset.range(sys.maxsize).map(_ShardBatch(
+      _TakeRows(features), num_examples, seed, batch_size_per_host, shard_index, shard_count))
+  fingerprint = {
+      "num_examples": num_examples,
+      "examples_crc32": zlib.crc32(b"".join(v.tobytes() for _, v in sorted(features.items()))),
+      "seed": seed,
+      "global_batch_size": batch_size_per_host * shard_count,
+  }
+  return TrainIterator(batches, worker_count=0, fingerprint=fingerprint)
 
 
 class TrainIterator(Iterator[Batch]):

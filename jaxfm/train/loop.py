@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from jaxfm import sharding
 from jaxfm.train import checkpoint, optim
+from jaxfm.train.best import BestCheckpoint
 from jaxfm.train.flops import peak_flops_per_device
 from jaxfm.train.state import TrainState, create_train_state
 from jaxfm.train.step import LossFn, Sums, make_eval_step, make_train_step
@@ -49,6 +50,9 @@ class Task:
     flops_per_token: training FLOPs per input token (`jaxfm.train.flops`).
     tokens_per_example: sequence length, for tokens/s.
     batch_spec: per-example (shape, dtype) of each batch field, for ahead-of-time compiles.
+    predict_fn: `(params, batch) -> outputs` per example, including the batch's
+      `feature_index` [b] (-1 marks padding); None when `summarize` is all there is.
+    score: metrics from all eval outputs, in feature order (see `gather_outputs`).
   """
 
   model: nn.Module
@@ -58,6 +62,8 @@ class Task:
   flops_per_token: float
   tokens_per_example: int
   batch_spec: dict[str, tuple[tuple[int, ...], str]]
+  predict_fn: Callable[[Any, Any], dict[str, jax.Array]] | None = None
+  score: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None
 
   def init_params(self, rng: jax.Array) -> Any:
     return self.model.init(rng, *self.init_inputs)["params"]
@@ -107,7 +113,8 @@ class Steps:
   """The jitted pure functions of a run and the shardings they were built with.
 
   `train_step(state, batch) -> (state, metrics)` donates the state;
-  `eval_step(params, batch) -> sums`. Neither is compiled yet: `.lower(...)`
+  `eval_step(params, batch) -> sums`; `predict_step(params, batch) -> outputs`
+  (replicated; None without a `predict_fn`). None is compiled yet: `.lower(...)`
   them with real or abstract (`abstract_state`, `abstract_batch`) arguments.
   """
 
@@ -119,6 +126,7 @@ class Steps:
   batch_sharding: jax.sharding.NamedSharding
   train_step: Any
   eval_step: Any
+  predict_step: Any
 
   def abstract_batch(self, task: Task, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """A global batch of `batch_size` examples as ShapeDtypeStructs with the batch sharding."""
@@ -147,10 +155,40 @@ def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.M
   eval_step = jax.jit(make_eval_step(task.loss_fn),
                       in_shardings=(state_shardings.params, batch_sharding),
                       out_shardings=replicated)
+  predict_step = None if task.predict_fn is None else jax.jit(
+      task.predict_fn, in_shardings=(state_shardings.params, batch_sharding),
+      out_shardings=replicated)
   return Steps(tx=tx, schedule=schedule, init_state=lambda r: sharding.unbox(init_state(r)),
                state_shardings=state_shardings,
                abstract_state=checkpoint.abstract_like(sharding.unbox(boxed), state_shardings),
-               batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)
+               batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step,
+               predict_step=predict_step)
+
+
+def gather_outputs(outputs: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
+  """Per-batch predict outputs -> numpy arrays of the real rows, sorted by `feature_index`."""
+  host = jax.device_get(outputs)
+  merged = {k: np.concatenate([o[k] for o in host]) for k in host[0]}
+  keep = np.flatnonzero(merged["feature_index"] >= 0)
+  keep = keep[np.argsort(merged["feature_index"][keep], kind="stable")]
+  return {k: v[keep] for k, v in merged.items()}
+
+
+def evaluate(task: Task, steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
+             mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Loss summary (and the task's scores) over one pass of this host's eval batches."""
+  sums, outputs = [], []
+  for local in local_batches:
+    batch = sharding.global_batch(local, mesh)
+    sums.append(steps.eval_step(params, batch))
+    if steps.predict_step is not None:
+      outputs.append(steps.predict_step(params, batch))
+  if not sums:
+    return {}
+  metrics = task.summarize(_summed(sums))
+  if outputs and task.score is not None:
+    metrics.update(task.score(gather_outputs(outputs)))
+  return metrics
 
 
 def _summed(metrics: list[Sums]) -> dict[str, float]:
@@ -168,7 +206,8 @@ class TrainResult:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: StatefulIterator,
           eval_batches: Callable[[], Iterable[LocalBatch]], meta: dict[str, Any],
-          initial_params: Any | None = None) -> TrainResult:
+          initial_params: Any | None = None,
+          best: BestCheckpoint | None = None) -> TrainResult:
   """Restores or initialises, trains to `cfg.train.steps`, evaluates and checkpoints.
 
   Args:
@@ -180,6 +219,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     meta: JSON-able run metadata stored with every checkpoint (config, counters...).
     initial_params: weights to start from instead of a random init (fine-tuning);
       ignored when the workdir already holds a checkpoint.
+    best: keeps the best evaluation's params and stops early (fine-tuning).
   """
   t = cfg.train
   mesh = make_mesh(cfg)
@@ -198,16 +238,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   else:
     state = jax.jit(steps.init_state, out_shardings=state_shardings)(jax.random.key(t.seed))
   start = int(jax.device_get(state.step))
-  train_step, eval_step = steps.train_step, steps.eval_step
+  if start >= t.steps or (best is not None and best.should_stop(start)):
+    logging.info("step %d: training is already complete in %s", start, workdir)
+    manager.close()
+    return TrainResult(step=start, train={}, eval={}, preempted=False)
+  train_step = steps.train_step
 
   writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict())
   stop = _StopSignal()
   tokens_per_step = t.batch_size * task.tokens_per_example
   peak = peak_flops_per_device(jax.devices()[0].device_kind)
 
-  def evaluate(params: Any) -> dict[str, float]:
-    sums = [eval_step(params, sharding.global_batch(b, mesh)) for b in eval_batches()]
-    return task.summarize(_summed(sums)) if sums else {}
+  def run_eval(params: Any) -> dict[str, float]:
+    return evaluate(task, steps, params, eval_batches(), mesh)
 
   def save(step: int, force: bool = False) -> None:
     checkpoint.save(manager, step, state, train_iter.get_state(), meta, force=force)
@@ -224,7 +267,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     compile_s = time.perf_counter() - compile_start
     log_line(start, {"compile_s": compile_s}, "compile")
     if start == 0 and t.eval_batches:
-      eval_metrics = evaluate(state.params)
+      eval_metrics = run_eval(state.params)
       writer.write(0, eval_metrics, "eval")
       log_line(0, eval_metrics, "eval")
     pending: list[Sums] = []
@@ -272,10 +315,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
           if multihost_utils.broadcast_one_to_all(np.asarray(overdue)):
             save(done, force=True)
             last_save_time = time.monotonic()
-      if t.eval_batches and (done % t.eval_every == 0 or done == t.steps):
-        eval_metrics = evaluate(state.params)
+      evaluated = t.eval_batches and (done % t.eval_every == 0 or done == t.steps)
+      if evaluated:
+        eval_metrics = run_eval(state.params)
         writer.write(done, eval_metrics, "eval")
         log_line(done, eval_metrics, "eval")
+        if best is not None:
+          best.update(done, state.params, eval_metrics)
+      stopped_early = bool(evaluated) and best is not None and best.should_stop(done)
+      if stopped_early:
+        logging.info("early stopping at step %d: no better %s than step %d for %d evaluations",
+                     done, best.metric, best.best_step(), best.patience)
+        if manager.latest_step() != done:
+          save(done, force=True)
+        break
       if done % t.checkpoint_every == 0 or done == t.steps:
         save(done)
         last_save_time = time.monotonic()

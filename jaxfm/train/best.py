@@ -1,0 +1,74 @@
+"""The best checkpoint by an eval metric (Orbax `best_fn`), beside the latest, and early stopping.
+
+`WORKDIR/best/<step>/` holds the params of the best evaluation so far (Orbax keeps one,
+chosen by `best_fn`); `evaluate`/`predict` read it. Early stopping needs no state of its own:
+the evaluations since the best are `(step - best_step) / eval_every`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+PARAMS, METRICS = "params", "metrics"
+
+
+class BestMetricError(KeyError):
+  """The chosen metric is not among the evaluation's metrics."""
+
+
+def best_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "best"
+
+
+class BestCheckpoint:
+  """Saves params at each evaluation; Orbax keeps the best by `metric` (`mode` max or min)."""
+
+  def __init__(self, workdir: str, metric: str, mode: str, patience: int, eval_every: int):
+    self.metric, self.patience, self.eval_every = metric, patience, eval_every
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode=mode, create=True)
+    self.manager = ocp.CheckpointManager(best_dir(workdir), options=options,
+                                         item_names=(PARAMS, METRICS))
+
+  def update(self, step: int, params: Any, metrics: dict[str, float]) -> None:
+    """Offers the params evaluated at `step`; Orbax keeps them if they are the best."""
+    if self.metric not in metrics:
+      raise BestMetricError(f"train.best_metric={self.metric!r} is not an eval metric; choose "
+                            f"one of {sorted(metrics)}")
+    value = float(metrics[self.metric])
+    if not math.isfinite(value):
+      return  # a NaN score never becomes the best
+    self.manager.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params), METRICS: ocp.args.JsonSave(metrics)}),
+        metrics={self.metric: value}, force=True)
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def should_stop(self, step: int) -> bool:
+    """True once `patience` evaluations in a row have not improved on the best."""
+    best = self.best_step()
+    return bool(self.patience) and best is not None and (
+        step - best >= self.patience * self.eval_every)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_best(workdir: str, abstract_params: Any) -> tuple[int, Any, dict[str, float]] | None:
+  """(step, params, metrics) of the best checkpoint in `workdir`, or None if it has none."""
+  if not best_dir(workdir).exists():
+    return None
+  manager = ocp.CheckpointManager(best_dir(workdir), item_names=(PARAMS, METRICS))
+  step = manager.best_step() or manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      PARAMS: ocp.args.StandardRestore(abstract_params), METRICS: ocp.args.JsonRestore()}))
+  manager.close()
+  return step, restored[PARAMS], restored[METRICS]
