@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.step` (train step vs the PyTorch peer), `benchmarks.matmul`."""

@@ -1,0 +1,135 @@
+"""What the step harness's children share: the case, its batch, the timing loop, matmul rates.
+
+Deliberately imports neither JAX nor torch, so that each child pays only for its own stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+VOCAB_SIZE = 30522
+MASK_PROB = 0.15
+NUM_LABELS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One measurement: an implementation timing one model/task/shape.
+
+  `arch` holds the BERT shape (num_layers, hidden_size, num_heads, intermediate_size);
+  `scan_layers` and `remat` apply to jaxfm only, `threads` (0 = library default) to torch only.
+  """
+
+  impl: str
+  model: str
+  task: str
+  seq: int
+  batch: int
+  arch: dict[str, int]
+  dtype: str = "float32"
+  steps: int = 10
+  warmup: int = 2
+  scan_layers: bool = False
+  remat: str = "none"
+  threads: int = 0
+  compilation_cache: str = ""
+  seed: int = 0
+
+  @property
+  def predictions(self) -> int:
+    """Predicted (masked) positions per sequence: 15% of the tokens, rounded up (20 at 128)."""
+    return math.ceil(MASK_PROB * self.seq)
+
+  @property
+  def max_positions(self) -> int:
+    return max(512, self.seq)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self))
+
+  @classmethod
+  def from_json(cls, text: str) -> "Case":
+    return cls(**json.loads(text))
+
+
+def synthetic_batch(case: Case) -> dict[str, np.ndarray]:
+  """A full-length batch (no padding) with `predictions` distinct masked positions per row.
+
+  MLM fields follow `jaxfm.data.loader`; `labels` [batch] is the classification target.
+  """
+  rng = np.random.default_rng(case.seed)
+  shape = (case.batch, case.seq)
+  positions = np.sort(np.argsort(rng.random(shape), axis=1)[:, :case.predictions], axis=1)
+  return {
+      "input_ids": rng.integers(0, VOCAB_SIZE, shape, dtype=np.int32),
+      "token_type_ids": np.zeros(shape, np.int32),
+      "attention_mask": np.ones(shape, np.int32),
+      "masked_positions": positions.astype(np.int32),
+      "masked_ids": rng.integers(0, VOCAB_SIZE, positions.shape, dtype=np.int32),
+      "masked_weights": np.ones(positions.shape, np.float32),
+      "labels": rng.integers(0, NUM_LABELS, case.batch, dtype=np.int32),
+  }
+
+
+def peak_rss_mib() -> float:
+  """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(step: Callable[[], None], steps: int, warmup: int) -> dict[str, Any]:
+  """Times the first call, runs `warmup` more untimed, then times `steps` calls one by one.
+
+  `step` must return only once its work has finished (block on the device).
+  """
+  start = time.perf_counter()
+  step()
+  first = time.perf_counter() - start
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return {"first_step_s": first, "step_s": statistics.median(times),
+          "step_s_min": min(times), "step_s_max": max(times), "steps": steps}
+
+
+def _best_rate(call: Callable[[], None], flops: float, reps: int) -> float:
+  call()
+  best = float("inf")
+  for _ in range(reps):
+    start = time.perf_counter()
+    call()
+    best = min(best, time.perf_counter() - start)
+  return flops / best
+
+
+def jax_matmul_flops(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> float:
+  """Best FLOP/s of a jitted [m, k] @ [k, n] on JAX's default device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+  b = jax.random.normal(jax.random.key(1), (k, n), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  return _best_rate(lambda: matmul(a, b).block_until_ready(), 2.0 * m * k * n, reps)
+
+
+def torch_matmul_flops(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> float:
+  """Best FLOP/s of torch.matmul on the CPU with torch's default intra-op threads."""
+  import torch  # pylint: disable=g-import-not-at-top
+  a = torch.randn(m, k, dtype=getattr(torch, dtype))
+  b = torch.randn(k, n, dtype=getattr(torch, dtype))
+  return _best_rate(lambda: torch.matmul(a, b), 2.0 * m * k * n, reps)
+
+
+def ceiling_size(platform: str) -> int:
+  """Side of the square ceiling matmul: large enough to saturate the device."""
+  return 2048 if platform == "cpu" else 8192

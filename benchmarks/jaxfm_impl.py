@@ -1,0 +1,67 @@
+"""The jaxfm side: the real jitted train step of `jaxfm.train.loop.build_steps`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from benchmarks.common import NUM_LABELS, Case
+from jaxfm import sharding
+from jaxfm.config import pretrain_defaults
+from jaxfm.models import BertConfig, BertForSequenceClassification
+from jaxfm.train import loop, losses, tasks
+from jaxfm.train.flops import encoder_flops_per_token
+
+def model_config(case: Case) -> BertConfig:
+  return BertConfig(**case.arch, max_position_embeddings=case.max_positions, dtype=case.dtype,
+                    scan_layers=case.scan_layers, remat_policy=case.remat)
+
+
+def classification_task(config: BertConfig, seq_len: int) -> loop.Task:
+  """Sequence classification (pooler + linear layer) with `losses.classification_loss`."""
+  model = BertForSequenceClassification(config, NUM_LABELS)
+  ids = np.zeros((1, seq_len), np.int32)
+  return loop.Task(model=model, init_inputs=(ids, ids, np.ones_like(ids)),
+                   loss_fn=losses.classification_loss(model), summarize=tasks.mlm_summary,
+                   flops_per_token=encoder_flops_per_token(config, seq_len),
+                   tokens_per_example=seq_len,
+                   batch_spec={"input_ids": ((seq_len,), "int32"),
+                               "token_type_ids": ((seq_len,), "int32"),
+                               "attention_mask": ((seq_len,), "int32"), "labels": ((), "int32")})
+
+
+def measure(case: Case, batch: dict[str, np.ndarray],
+            timer: Callable[[Callable[[], None]], dict[str, Any]]) -> dict[str, Any]:
+  """Compiles the train step ahead of time, then times it on `batch` (reused every step)."""
+  if case.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", case.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  config = model_config(case)
+  if case.task == "mlm":
+    task = tasks.mlm_task(config, case.seq, case.predictions)
+  else:
+    task = classification_task(config, case.seq)
+  cfg = pretrain_defaults()
+  cfg.train.batch_size = case.batch
+  cfg.train.steps = 1_000_000  # the schedule only; no run is this long
+  mesh = loop.make_mesh(cfg)
+  steps = loop.build_steps(cfg, task, mesh)
+  state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(jax.random.key(0))
+  device_batch = sharding.global_batch({k: batch[k] for k in task.batch_spec}, mesh)
+  with sharding.activation_sharding(mesh):
+    start = time.perf_counter()
+    compiled = steps.train_step.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
+
+    def step() -> None:
+      nonlocal state
+      state, metrics = compiled(state, device_batch)
+      jax.block_until_ready(metrics)
+
+    timings = timer(step)
+  device = jax.devices()[0]
+  return {**timings, "compile_s": compile_s, "device": device.device_kind,
+          "devices": jax.device_count()}

@@ -1,0 +1,179 @@
+"""Train-step throughput of jaxfm beside transformers' PyTorch BERT, interleaved in one run.
+
+  python -m benchmarks.step --model=mini --task=mlm --seq=128 --batch=32 [--impl=jaxfm|torch]
+      [--steps=10] [--rounds=2] [--dtype=bfloat16] [--json]
+
+Each measurement runs in its own child process (clean compile caches; its own peak RSS). Without
+`--impl` every round runs jaxfm then torch (A B A B ...) and the table gives the per-pair
+jaxfm/torch tokens/s ratio. First a JAX child measures the matmul ceiling (best of
+`--matmul_reps` square matmuls in `--dtype`) that MFU is reported against.
+
+FLOPs per token (`jaxfm.train.flops`) are what each implementation computes: jaxfm runs the MLM
+head at the masked positions only, the HF model at every position (its loss ignores the rest).
+With `--json`, stdout holds one JSON line per measurement and the table goes to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+from benchmarks import common
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+IMPLS = ("jaxfm", "torch")
+_MODEL = flags.DEFINE_string("model", "tiny", "BERT size preset: tiny, mini, small, base, large.")
+_TASK = flags.DEFINE_enum("task", "mlm", ["mlm", "cls"], "MLM pretraining or classification.")
+_SEQ = flags.DEFINE_integer("seq", 128, "Sequence length.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Global batch size (sequences per step).")
+_IMPL = flags.DEFINE_enum("impl", None, list(IMPLS), "One implementation (default: both).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per measurement (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the first one.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Rounds of (jaxfm, torch) measurements.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype (bfloat16 on GPU/TPU); params stay float32.")
+_LAYERS = flags.DEFINE_integer("layers", 0, "Override the preset's depth (0 = keep).")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "jaxfm: nn.scan over layers.")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"],
+                           "jaxfm: rematerialisation policy.")
+_XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "jaxfm: appended to XLA_FLAGS.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "jaxfm on CPU: fake host devices (0 = default).")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "jaxfm: persistent compilation cache dir.")
+_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0 = default).")
+_MATMUL_REPS = flags.DEFINE_integer("matmul_reps", 10, "Timed calls of the ceiling matmul.")
+_JSON = flags.DEFINE_bool("json", False, "One JSON line per measurement on stdout.")
+_CHILD = flags.DEFINE_string("child", "", "Internal: run one measurement (a Case as JSON).")
+_CEILING_CHILD = flags.DEFINE_bool("ceiling_child", False, "Internal: measure the ceiling.")
+
+
+def _jax_env() -> dict[str, str]:
+  xla = [os.environ.get("XLA_FLAGS", ""), _XLA_FLAGS.value]
+  if _DEVICES.value:
+    xla.append(f"--xla_force_host_platform_device_count={_DEVICES.value}")
+  return {**os.environ, "XLA_FLAGS": " ".join(f for f in xla if f)}
+
+
+def _run_child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.step", *args], cwd=_ROOT, env=env,
+                        capture_output=True, text=True, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"child {args} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+  return json.loads(lines[-1])
+
+
+def flops_per_token(case: common.Case) -> float:
+  """Training FLOPs per token that `case.impl` performs (see the module docstring)."""
+  from jaxfm.models import BertConfig  # pylint: disable=g-import-not-at-top
+  from jaxfm.train import flops  # pylint: disable=g-import-not-at-top
+  config = BertConfig(**case.arch, vocab_size=common.VOCAB_SIZE)
+  if case.task == "cls":
+    return flops.encoder_flops_per_token(config, case.seq)
+  predicted = case.predictions if case.impl == "jaxfm" else case.seq
+  return flops.mlm_flops_per_token(config, case.seq, predicted)
+
+
+def measure(case: common.Case, ceiling: dict[str, Any], round_index: int) -> dict[str, Any]:
+  """Runs `case` in a child and returns its record with tokens/s, FLOPs and MFU."""
+  env = _jax_env() if case.impl == "jaxfm" else dict(os.environ)
+  result = _run_child([f"--child={case.to_json()}"], env)
+  tokens_per_s = case.batch * case.seq / result["step_s"]
+  fpt = flops_per_token(case)
+  chips = 1 if ceiling["platform"] == "cpu" else result["devices"]
+  record = {
+      "impl": case.impl, "model": case.model, "task": case.task, "seq": case.seq,
+      "batch": case.batch, "tokens_per_s": tokens_per_s, "step_s": result.pop("step_s"),
+      "compile_s": result.pop("compile_s"), "peak_rss_mib": result.pop("peak_rss_mib"),
+      "mfu": tokens_per_s * fpt / (ceiling["matmul_flops"] * chips),
+      "first_step_s": result.pop("first_step_s"), "flops_per_token": fpt,
+      "matmul_ceiling_flops": ceiling["matmul_flops"], "dtype": case.dtype, "round": round_index,
+      "num_layers": case.arch["num_layers"],
+  }
+  if case.task == "mlm":
+    record["predictions_per_seq"] = case.predictions if case.impl == "jaxfm" else case.seq
+  if case.impl == "jaxfm":
+    record.update(scan_layers=case.scan_layers, remat=case.remat,
+                  xla_flags=env["XLA_FLAGS"], compilation_cache=case.compilation_cache)
+  return {**record, **result}
+
+
+def _table(records: list[dict[str, Any]], ceiling: dict[str, Any]) -> str:
+  head = (f"{'impl':6} {'round':>5} {'tokens/s':>9} {'step s':>7} {'compile s':>9} "
+          f"{'first s':>7} {'RSS MiB':>8} {'MFU':>6}")
+  rows = [f"matmul ceiling ({ceiling['dtype']}, {ceiling['platform']}, JAX, "
+          f"n={ceiling['n']}): {ceiling['matmul_flops'] / 1e9:,.1f} GFLOP/s", head]
+  rows += [f"{r['impl']:6} {r['round']:5d} {r['tokens_per_s']:9,.0f} {r['step_s']:7.3f} "
+           f"{r['compile_s']:9.2f} {r['first_step_s']:7.2f} {r['peak_rss_mib']:8,.0f} "
+           f"{r['mfu']:6.1%}" for r in records]
+  pairs = [(a, b) for a, b in zip(records[::2], records[1::2])
+           if (a["impl"], b["impl"]) == IMPLS]
+  for name, key in (("tokens/s", "tokens_per_s"), ("peak RSS", "peak_rss_mib")):
+    if pairs:
+      ratios = [a[key] / b[key] for a, b in pairs]
+      rows.append(f"jaxfm/torch {name} per pair: median {statistics.median(ratios):.2f} "
+                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {len(ratios)} pairs)")
+  return "\n".join(rows)
+
+
+def _child_main() -> None:
+  if _CEILING_CHILD.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    platform = jax.devices()[0].platform
+    n = common.ceiling_size(platform)
+    rate = common.jax_matmul_flops(n, n, n, _DTYPE.value, _MATMUL_REPS.value)
+    result = dict(matmul_flops=rate,
+                  n=n, platform=platform, dtype=_DTYPE.value)
+  else:
+    case = common.Case.from_json(_CHILD.value)
+    if case.impl == "jaxfm":
+      from benchmarks import jaxfm_impl as impl  # pylint: disable=g-import-not-at-top
+    else:
+      from benchmarks import torch_impl as impl  # pylint: disable=g-import-not-at-top
+    timer = functools.partial(common.time_steps, steps=case.steps, warmup=case.warmup)
+    result = impl.measure(case, common.synthetic_batch(case), timer)
+    result["peak_rss_mib"] = common.peak_rss_mib()
+  print(json.dumps(result), flush=True)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  if _CHILD.value or _CEILING_CHILD.value:
+    _child_main()
+    return
+  from jaxfm.models import preset  # pylint: disable=g-import-not-at-top
+  config = preset(_MODEL.value)
+  arch = {k: getattr(config, k)
+          for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")}
+  if _LAYERS.value:
+    arch["num_layers"] = _LAYERS.value
+  base = common.Case(impl="", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
+                     batch=_BATCH.value, arch=arch, dtype=_DTYPE.value, steps=_STEPS.value,
+                     warmup=_WARMUP.value, scan_layers=_SCAN.value, remat=_REMAT.value,
+                     threads=_THREADS.value, compilation_cache=_CACHE.value)
+  ceiling = _run_child(["--ceiling_child", f"--dtype={_DTYPE.value}",
+                        f"--matmul_reps={_MATMUL_REPS.value}"], _jax_env())
+  impls = [_IMPL.value] if _IMPL.value else list(IMPLS)
+  records = []
+  for round_index in range(_ROUNDS.value):
+    for impl in impls:
+      record = measure(dataclasses.replace(base, impl=impl), ceiling, round_index)
+      records.append(record)
+      if _JSON.value:
+        print(json.dumps(record), flush=True)
+  title = (f"{_MODEL.value} {_TASK.value} seq {_SEQ.value} batch {_BATCH.value} "
+           f"({arch['num_layers']} layers, {_DTYPE.value})")
+  print(f"{title}\n{_table(records, ceiling)}", file=sys.stderr if _JSON.value else sys.stdout)
+
+
+if __name__ == "__main__":
+  app.run(main)
