@@ -63,7 +63,7 @@ class Case:
 def synthetic_batch(case: Case) -> dict[str, np.ndarray]:
   """A full-length batch (no padding) with `predictions` distinct masked positions per row.
 
-  MLM fields follow `jaxfm.data.loader`; `labels` [batch] is the classification target.
+  MLM fields follow `jaxfm.data.loader`; `labels` and `weights` [batch] are classification's.
   """
   rng = np.random.default_rng(case.seed)
   shape = (case.batch, case.seq)
@@ -76,6 +76,7 @@ def synthetic_batch(case: Case) -> dict[str, np.ndarray]:
       "masked_ids": rng.integers(0, VOCAB_SIZE, positions.shape, dtype=np.int32),
       "masked_weights": np.ones(positions.shape, np.float32),
       "labels": rng.integers(0, NUM_LABELS, case.batch, dtype=np.int32),
+      "weights": np.ones(case.batch, np.float32),
   }
 
 

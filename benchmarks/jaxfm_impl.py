@@ -30,7 +30,8 @@ def classification_task(config: BertConfig, seq_len: int) -> loop.Task:
                    tokens_per_example=seq_len,
                    batch_spec={"input_ids": ((seq_len,), "int32"),
                                "token_type_ids": ((seq_len,), "int32"),
-                               "attention_mask": ((seq_len,), "int32"), "labels": ((), "int32")})
+                               "attention_mask": ((seq_len,), "int32"), "labels": ((), "int32"),
+                               "weights": ((), "float32")})
 
 
 def measure(case: Case, batch: dict[str, np.ndarray],

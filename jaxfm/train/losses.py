@@ -105,20 +105,3 @@ def predict_outputs(model: nn.Module, names: tuple[str, ...]) -> Callable[[Any, 
     out = out if isinstance(out, tuple) else (out,)
     return {"feature_index": batch["feature_index"], **dict(zip(names, out, strict=True))}
   return predict
-
-
-def classification_loss(model: nn.Module) -> LossFn:
-  """Softmax cross-entropy of a sequence classifier against integer `labels`, one per example.
-
-  Batch: input_ids, token_type_ids, attention_mask int32 [b, t]; labels int32 [b].
-  Every example weighs 1, so `weight` is the batch size.
-  """
-  def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
-    logits = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                         batch["attention_mask"], **_apply_kwargs(rng))  # [b, classes] float32
-    labels = batch["labels"]
-    loss_sum = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    correct = jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.float32(labels.shape[0]),
-                      "correct": correct}
-  return loss_fn
