@@ -1,0 +1,293 @@
+r"""Will it fit: compiles the real train and eval steps for a Cloud TPU slice, on a CPU machine.
+
+  python -m jaxfm.aot --config=configs/pretrain/bert_base.py --topology=v5e:2x4 \
+      [--config.train.batch_size=512] [--json]
+
+Needs libtpu (the `[tpu]` extra, or `make aot-check`) but no TPU: the devices are compile-only
+ones from `jax.experimental.topologies.get_topology_desc`. Prints per-device memory against the
+chip's HBM, FITS / DOES NOT FIT, the compiled and model FLOPs, and the step time and tokens/s
+implied at 50% MFU. Exit status: 0 fits, 1 does not fit, 2 a bad flag or config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxfm import config as config_lib
+from jaxfm import sharding
+from jaxfm.train import flops, loop, run_setup, tasks
+
+GiB = 2**30
+MFU = 0.5
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file.",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU slice, e.g. v5e:2x4, v4:2x2x2.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.")
+flags.mark_flags_as_required(["config", "topology"])
+
+
+class AotError(ValueError):
+  """A flag or config the check cannot use; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU generation as the check sees it (Cloud TPU docs; one JAX device per chip).
+
+  Attributes:
+    hbm_bytes: HBM per chip.
+    host_chips: chips per host (x, y, z) of the VM type that multi-host slices use.
+    chip_config: libtpu's chip config; "megacore" fuses a chip's two TensorCores.
+  """
+
+  hbm_bytes: int
+  host_chips: tuple[int, int, int]
+  chip_config: str = "default"
+
+
+CHIPS = {
+    "v4": Chip(32 * GiB, (2, 2, 1), "megacore"),
+    "v5e": Chip(16 * GiB, (2, 4, 1)),
+    "v5p": Chip(95 * GiB, (2, 2, 1), "megacore"),
+    "v6e": Chip(32 * GiB, (2, 4, 1)),
+}
+
+
+def parse_topology(name: str) -> tuple[Chip, tuple[int, int, int]]:
+  """'v5e:2x4' -> (the v5e Chip, (2, 4, 1)); AotError naming --topology otherwise."""
+  match = re.fullmatch(r"(v\w+?):(\d+(?:x\d+){1,2})", name)
+  if not match:
+    raise AotError(f"--topology={name!r}: expected GENERATION:AxB[xC], e.g. v5e:2x4 or v4:2x2x2")
+  kind, dims = match.group(1), tuple(int(d) for d in match.group(2).split("x"))
+  if kind not in CHIPS:
+    raise AotError(f"--topology={name!r}: unknown TPU generation {kind!r}; "
+                   f"choose one of {', '.join(CHIPS)}")
+  if 0 in dims:
+    raise AotError(f"--topology={name!r}: every dimension must be >= 1")
+  return CHIPS[kind], (*dims, 1)[:3]
+
+
+def tpu_devices(name: str) -> tuple[list[jax.Device], Chip]:
+  """Compile-only devices of the slice `name` (needs libtpu, not a TPU)."""
+  chip, dims = parse_topology(name)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    desc = topologies.get_topology_desc(
+        topology_name=name, platform="tpu", chip_config_name=chip.chip_config,
+        chips_per_host_bounds=tuple(min(h, d) for h, d in zip(chip.host_chips, dims)))
+  except jax.errors.JaxRuntimeError as e:
+    raise AotError(f"--topology={name!r}: libtpu rejects it: {e}") from e
+  except RuntimeError as e:
+    raise AotError(f"--topology needs libtpu, which is not installed: pip install -e '.[tpu]' "
+                   f"(or run `make aot-check`) ({e})") from e
+  return list(desc.devices), chip
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+  """Per-device bytes from XLA's memory analysis of one compiled step."""
+
+  arguments: int
+  outputs: int
+  aliased: int  # outputs written into donated arguments: counted once
+  temporaries: int
+  generated_code: int
+
+  @property
+  def total(self) -> int:
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """One compiled step; `memory` is None when XLA ran out of device memory compiling it."""
+
+  memory: StepMemory | None
+  flops_per_device: float | None  # XLA's cost analysis; a scan's body is counted once
+  compile_s: float
+  error: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """What the check found for one config on one set of devices."""
+
+  device_kind: str
+  devices: int
+  hosts: int
+  mesh: dict[str, int]
+  batch_size: int
+  seq_len: int
+  params: int
+  hbm_bytes: int
+  scan_layers: bool
+  train: CompiledStep
+  eval: CompiledStep
+  model_flops_per_step: float
+  peak_flops: float | None
+
+  @property
+  def peak_bytes(self) -> int | None:
+    """The larger of the train step and the eval step with the optimizer state still resident."""
+    train, evaluation = self.train.memory, self.eval.memory
+    if train is None or evaluation is None:
+      return None
+    return max(train.total, evaluation.total + train.arguments - evaluation.arguments)
+
+  @property
+  def fits(self) -> bool:
+    return self.peak_bytes is not None and self.peak_bytes <= self.hbm_bytes
+
+  @property
+  def step_s(self) -> float | None:
+    """Step time at `MFU` of the chips' peak, from the model FLOPs (`jaxfm.train.flops`)."""
+    if not self.peak_flops:
+      return None
+    return self.model_flops_per_step / (MFU * self.peak_flops * self.devices)
+
+  @property
+  def tokens_per_s(self) -> float | None:
+    step_s = self.step_s
+    return None if step_s is None else self.batch_size * self.seq_len / step_s
+
+  def to_json(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    for step in ("train", "eval"):
+      memory = getattr(self, step).memory
+      if memory is not None:
+        out[step]["memory"]["total"] = memory.total
+    out.update(peak_bytes=self.peak_bytes, fits=self.fits, mfu=MFU, step_s=self.step_s,
+               tokens_per_s=self.tokens_per_s)
+    return out
+
+
+def resolve_vocab(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy whose model.vocab_size is data.vocab_size when the run would train its tokenizer."""
+  cfg = cfg.copy_and_resolve_references()
+  if not cfg.data.tokenizer:
+    cfg.model.vocab_size = cfg.data.vocab_size
+  return cfg
+
+
+def _mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
+  shape = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  try:
+    mesh = loop.make_mesh(cfg, devices)
+  except ValueError as e:
+    raise AotError(f"mesh.data/fsdp/tensor={shape} does not match the {len(devices)} devices of "
+                   f"the topology ({e}); change --config.mesh.* or --topology") from e
+  try:
+    sharding.local_batch_size(cfg.train.batch_size, mesh)
+  except ValueError as e:
+    raise AotError(f"train.batch_size={cfg.train.batch_size}: {e}") from e
+  return mesh
+
+
+def _compile(step: Any, *args: Any) -> CompiledStep:
+  start = time.perf_counter()
+  try:
+    compiled = step.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return CompiledStep(None, None, time.perf_counter() - start, str(e).strip().splitlines()[0])
+  seconds = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  memory = StepMemory(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+                      aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
+                      generated_code=stats.generated_code_size_in_bytes)
+  return CompiledStep(memory, float(compiled.cost_analysis().get("flops", 0.0)), seconds)
+
+
+def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device],
+          hbm_bytes: int) -> Report:
+  """Compiles `cfg`'s MLM train and eval steps over `devices` (any platform) against `hbm_bytes`."""
+  cfg = resolve_vocab(cfg)
+  config_lib.validate(cfg)
+  mesh = _mesh(cfg, devices)
+  seq_len = cfg.data.max_seq_length
+  task = tasks.mlm_task(run_setup.model_config(cfg), seq_len, cfg.data.max_predictions_per_seq)
+  steps = loop.build_steps(cfg, task, mesh)
+  batch = steps.abstract_batch(task, cfg.train.batch_size)
+  with sharding.activation_sharding(mesh):
+    train = _compile(steps.train_step, steps.abstract_state, batch)
+    evaluation = _compile(steps.eval_step, steps.abstract_state.params, batch)
+  return Report(
+      device_kind=devices[0].device_kind, devices=len(devices),
+      hosts=len({d.process_index for d in devices}), mesh=dict(mesh.shape),
+      batch_size=cfg.train.batch_size, seq_len=seq_len,
+      params=sum(math.prod(p.shape) for p in jax.tree.leaves(steps.abstract_state.params)),
+      hbm_bytes=hbm_bytes, scan_layers=cfg.model.scan_layers, train=train, eval=evaluation,
+      model_flops_per_step=task.flops_per_token * cfg.train.batch_size * seq_len,
+      peak_flops=flops.peak_flops_per_device(devices[0].device_kind))
+
+
+def _size(n: int | None) -> str:
+  if n is None:
+    return "n/a"
+  return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def format_report(report: Report, title: str) -> str:
+  """The human-readable table."""
+  r = report
+  lines = [title,
+           f"{r.devices} x {r.device_kind}, {r.hosts} host(s), mesh {r.mesh}; "
+           f"batch {r.batch_size} x seq {r.seq_len}, {r.params / 1e6:.1f}M params",
+           f"{'per-device memory':<20}{'train step':>14}{'eval step':>14}"]
+  rows = ("arguments", "outputs", "aliased", "temporaries", "generated_code", "total")
+  for row in rows:
+    cells = [_size(getattr(s.memory, row)) if s.memory else "OOM" for s in (r.train, r.eval)]
+    lines.append(f"  {row.replace('_', ' '):<18}{cells[0]:>14}{cells[1]:>14}")
+  for name, step in (("train", r.train), ("eval", r.eval)):
+    if step.error:
+      lines.append(f"  {name} step did not compile: {step.error}")
+  verdict = "FITS" if r.fits else "DOES NOT FIT"
+  share = f" ({r.peak_bytes / r.hbm_bytes:.0%} of HBM)" if r.peak_bytes is not None else ""
+  lines.append(f"peak {_size(r.peak_bytes)} of {_size(r.hbm_bytes)} HBM per chip{share}: {verdict}")
+  if r.train.flops_per_device is not None:
+    lines.append(f"compiled FLOPs per train step: {r.train.flops_per_device:.3e} per device, "
+                 f"{r.train.flops_per_device * r.devices:.3e} in all"
+                 + (" (XLA counts the scanned layer stack once: model.scan_layers=True)"
+                    if r.scan_layers else ""))
+  lines.append(f"model FLOPs per train step: {r.model_flops_per_step:.3e} (jaxfm.train.flops)")
+  if r.step_s is not None:
+    lines.append(f"at {MFU:.0%} MFU ({r.peak_flops / 1e12:.0f} TFLOP/s per chip): "
+                 f"{r.step_s * 1e3:.1f} ms per step, {r.tokens_per_s:,.0f} tokens/s")
+  lines.append(f"compile: train {r.train.compile_s:.1f} s, eval {r.eval.compile_s:.1f} s")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")  # the host needs no accelerator for this
+  try:
+    devices, chip = tpu_devices(_TOPOLOGY.value)
+    report = check(_CONFIG.value, devices, chip.hbm_bytes)
+  except (AotError, config_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  if _JSON.value:
+    print(json.dumps({"config": config_file, "topology": _TOPOLOGY.value, **report.to_json()}))
+  else:
+    print(format_report(report, f"{config_file} on {_TOPOLOGY.value}"))
+  sys.exit(0 if report.fits else 1)
+
+
+if __name__ == "__main__":
+  app.run(main)
