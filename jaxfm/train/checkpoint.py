@@ -1,27 +1,39 @@
 """Orbax checkpoints of the train state, loader state and run metadata.
 
 Every host calls the same functions (Orbax coordinates multi-host writes).
-A step that fails to restore is quarantined (renamed `<step>.corrupt`, never
-deleted) and the previous step is tried; if checkpoints exist but none
-restores, we refuse to start rather than silently training from scratch.
+A step that is damaged (a file missing, truncated or unparseable, an empty step
+directory) is quarantined: renamed `<step>.corrupt`, never deleted, never retried,
+with one ERROR line naming the step, the file and the action; the previous step
+is tried. If checkpoints exist but none restores, we refuse to start rather than
+silently training from scratch. Uncommitted temporary directories left by a kill
+are removed when the manager opens the directory, and an asynchronous save that
+fails raises `CheckpointError` at the next save or wait instead of only being logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from typing import Any
+import re
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 STATE, DATA, META = "state", "data", "meta"
+QUARANTINE = ".corrupt"
+# The files a committed step must hold (relative to the step dir), and whether each is JSON.
+_REQUIRED = (("_CHECKPOINT_METADATA", True), (f"{STATE}/_METADATA", True),
+             (f"{STATE}/manifest.ocdbt", False), (f"{DATA}/metadata", True),
+             (f"{META}/metadata", True))
 
 
 class CheckpointError(RuntimeError):
-  """No usable checkpoint where one was expected."""
+  """No usable checkpoint where one was expected, or a checkpoint could not be written."""
 
 
 @dataclasses.dataclass
@@ -36,42 +48,171 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
-def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                         create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=(STATE, DATA, META))
+class Manager(ocp.CheckpointManager):
+  """Orbax's manager, but a failed asynchronous save raises instead of only being logged.
+
+  Orbax logs a failed background commit and carries on (the step never appears); we
+  check after every wait, which Orbax also runs at the start of each save, so the
+  error surfaces within one checkpoint interval and at the final wait.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._unconfirmed: int | None = None
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    started = super().save(step, *args, **kwargs)
+    if started:
+      self._unconfirmed = step
+    return started
+
+  def wait_until_finished(self) -> None:
+    super().wait_until_finished()
+    step, self._unconfirmed = self._unconfirmed, None
+    if step is None:
+      return
+    self.reload()
+    if step not in self.all_steps():
+      raise CheckpointError(
+          f"saving checkpoint step {step} in {self.directory} failed (the cause is logged "
+          f"above); the newest committed step is {self.latest_step()}. Check that the "
+          "directory is writable and has space, then rerun to resume from there.")
+
+
+def make_manager(workdir: str, keep: int, keep_every: int = 0,
+                 async_save: bool = True) -> Manager:
+  """A manager keeping the newest `keep` steps plus every step divisible by `keep_every` (> 0).
+
+  Damaged steps are quarantined first (see `quarantine_damaged`), so neither Orbax
+  nor a restore trips over them.
+  """
+  directory = checkpoint_dir(workdir)
+  if directory.exists():
+    quarantine_damaged(directory)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
+      create=True, cleanup_tmp_directories=True)
+  return Manager(directory, options=options, item_names=(STATE, DATA, META))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
          meta: dict[str, Any], force: bool = False) -> bool:
-  """Starts an (async) save of `step`; returns whether a save was started."""
-  return manager.save(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardSave(state),
-      DATA: ocp.args.JsonSave(data_state),
-      META: ocp.args.JsonSave(meta),
-  }), force=force)
+  """Starts an (async) save of `step`; returns whether a save was started.
+
+  Raises:
+    CheckpointError: this save could not start, or the previous one failed.
+  """
+  try:
+    return manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        DATA: ocp.args.JsonSave(data_state),
+        META: ocp.args.JsonSave(meta),
+    }), force=force)
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - whatever Orbax or the filesystem raised
+    raise CheckpointError(f"saving checkpoint step {step} in {manager.directory} failed: "
+                          f"{type(e).__name__}: {_first_line(e)}") from e
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
-  source = checkpoint_dir(str(manager.directory.parent)) / str(step)
-  target = source.parent / f"{step}.corrupt"
+@contextlib.contextmanager
+def finishing(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """Waits for the last save and closes `manager` on the way out, also when the body raises.
+
+  A save error on the way out replaces a clean exit but not an exception already raised.
+  """
+  try:
+    yield
+  except BaseException:
+    try:
+      manager.close()
+    except Exception as e:  # noqa: BLE001 - the body's exception is the one to report
+      logging.error("%s", e)
+    raise
+  manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).splitlines() or [""])[0][:300]
+
+
+def _steps_on_disk(directory: epath.Path) -> list[epath.Path]:
+  return sorted((p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()),
+                key=lambda p: int(p.name))
+
+
+def _damage(step_dir: epath.Path) -> tuple[str, str] | None:
+  """(file, problem) for the first required file that is missing or unparseable, else None."""
+  if not any(step_dir.iterdir()):
+    return str(step_dir), "the step directory is empty"
+  for name, is_json in _REQUIRED:
+    path = step_dir / name
+    if not path.exists():
+      return str(path), "missing"
+    if is_json:
+      try:
+        json.loads(path.read_text())
+      except (ValueError, UnicodeDecodeError) as e:
+        return str(path), f"not valid JSON ({e})"
+  return None
+
+
+def _damaged_array(step_dir: epath.Path, error: BaseException) -> str:
+  """Where in `step_dir` a failed restore broke: an array of the state, or the step itself."""
+  arrays = re.findall(r"'path': '([^'/][^']*?)/?'", str(error))
+  return f"{step_dir / STATE} (array {arrays[-1]})" if arrays else str(step_dir)
+
+
+def _quarantine(step_dir: epath.Path, file: str, problem: str) -> epath.Path:
+  """Renames a damaged step out of Orbax's sight and logs the one ERROR line about it."""
+  target = step_dir.parent / f"{step_dir.name}{QUARANTINE}"
   suffix = 0
   while target.exists():
     suffix += 1
-    target = source.parent / f"{step}.corrupt{suffix}"
-  if jax.process_index() == 0 and source.exists():
-    source.rename(target)
-  manager.reload()
+    target = step_dir.parent / f"{step_dir.name}{QUARANTINE}{suffix}"
+  if jax.process_index() == 0 and step_dir.exists():
+    step_dir.rename(target)
+  logging.error("checkpoint step %s is damaged: %s: %s; quarantined it as %s (not deleted, "
+                "will not be retried) and falling back to the previous step",
+                step_dir.name, file, problem, target)
   return target
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def quarantine_damaged(directory: epath.Path) -> None:
+  """Quarantines every step directory that lacks a required file or holds garbage metadata."""
+  for step_dir in _steps_on_disk(directory):
+    found = _damage(step_dir)
+    if found:
+      _quarantine(step_dir, *found)
+  _sync("jaxfm-checkpoint-quarantine")
+
+
+def _check_target(abstract_state: Any) -> None:
+  missing = [jax.tree_util.keystr(path) for path, leaf in
+             jax.tree_util.tree_leaves_with_path(abstract_state)
+             if getattr(leaf, "sharding", None) is None]
+  if missing:
+    raise CheckpointError(
+        f"restore target has no sharding for {len(missing)} arrays (e.g. {missing[0]}): pass "
+        "shape/dtype/sharding structs for this mesh, `loop.build_steps(cfg, task, mesh)"
+        ".abstract_state` or `checkpoint.abstract_like(state, state_shardings)`")
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Restored | None:
   """Restores the newest readable step into `abstract_state`'s shapes and shardings.
 
   Returns None when the workdir holds no checkpoint at all.
+
+  Raises:
+    CheckpointError: `abstract_state` lacks shardings, or checkpoints (possibly only
+      quarantined ones) exist but none restores.
   """
-  tried = []
+  _check_target(abstract_state)
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**{
@@ -80,17 +221,18 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Resto
           META: ocp.args.JsonRestore(),
       }))
     except Exception as e:  # noqa: BLE001 - any failure to read a step means it is unusable
-      target = _quarantine(manager, step)
-      logging.error("checkpoint step %d in %s cannot be restored (%s: %s); quarantined it as "
-                    "%s and trying the previous step", step, manager.directory, type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else "", target)
-      tried.append(step)
+      step_dir = manager.directory / str(step)
+      _quarantine(step_dir, _damaged_array(step_dir, e),
+                  f"restore failed with {type(e).__name__}: {_first_line(e)}")
+      _sync(f"jaxfm-checkpoint-restore-{step}")
+      manager.reload()
       continue
     return Restored(step=step, state=restored[STATE], data=restored[DATA], meta=restored[META])
-  if tried:
-    raise CheckpointError(f"none of the checkpoints in {manager.directory} could be restored "
-                          f"(steps {tried}, now quarantined as '<step>.corrupt'); refusing to "
-                          "start from scratch over them. Move them away to start anew.")
+  found = sorted(p.name for p in manager.directory.iterdir()) if manager.directory.exists() else []
+  if any(QUARANTINE in name for name in found):
+    raise CheckpointError(
+        f"{manager.directory} holds checkpoints but none can be restored; refusing to start "
+        f"from scratch over them. Found: {', '.join(found)}. Move them away to start anew.")
   return None
 
 
