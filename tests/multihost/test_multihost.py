@@ -1,0 +1,242 @@
+"""Real multi-process runs of `python -m jaxfm.pretrain`: 2 local CPU processes x 4 fake devices.
+
+The processes join through `jax.distributed` (coordinator on a free loopback port, gloo
+collectives) exactly as on a TPU pod. Every wait is bounded (harness.MAX_WAIT_S) and every
+child process group is killed when a test ends. The runs of a module share a persistent XLA
+compilation cache: relaunches on the same topology load their executables instead of
+compiling them again (the tests' main cost on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import signal
+import sys
+import time
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from jaxfm.config import pretrain_defaults
+from jaxfm.data import loader
+from tests.multihost import harness as h
+
+STEPS = 12
+# The tiny CPU config, shrunk: one layer, short sequences, a 16-example global batch, per-step
+# metrics, and evaluation over the whole (uneven: 293 examples) held-out set at 0 and the end.
+TINY = ["--config=configs/pretrain/bert_tiny_cpu.py", f"--config.train.steps={STEPS}",
+        "--config.train.log_every=1", f"--config.train.eval_every={STEPS}",
+        "--config.train.eval_batches=100", "--config.train.checkpoint_every=3",
+        "--config.train.batch_size=16", "--config.train.progress_bar=false",
+        "--config.data.vocab_size=512", "--config.data.max_seq_length=64",
+        "--config.model.num_layers=1", "--config.optim.warmup_steps=1"]
+# The loader interleaves hosts' rows in the global batch (host s holds positions s, s + n, ...),
+# so each example meets another dropout mask than on one host: compare without dropout.
+NO_DROPOUT = ["--config.model.hidden_dropout=0", "--config.model.attention_dropout=0"]
+
+
+def _train(workdir: pathlib.Path, num_processes: int, devices: int, *extra: str,
+           tokenizer_from: pathlib.Path | None = None) -> None:
+  """One complete run; reuses another run's tokenizer (identical, and saves training it)."""
+  if tokenizer_from is not None:
+    shutil.copytree(tokenizer_from / "tokenizer", workdir / "tokenizer")
+  with h.launched(h.pretrain_argv(workdir, *TINY, *extra), num_processes, devices,
+                  workdir.parent, workdir.name) as group:
+    group.wait()
+
+
+def _losses(workdir: pathlib.Path) -> list[float]:
+  train = h.records(workdir, "train")
+  assert sorted(train) == list(range(1, STEPS + 1)), sorted(train)
+  return [train[s]["loss"] for s in sorted(train)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp("multihost")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(runs) -> Iterator[None]:
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JAX_COMPILATION_CACHE_DIR", str(runs / "xla-cache"))
+    yield
+
+
+@pytest.fixture(scope="module")
+def two_process_run(runs) -> pathlib.Path:
+  """The uninterrupted 2 x 4 reference run (with dropout), checkpoints every 3 steps."""
+  _train(runs / "two", 2, 4)
+  return runs / "two"
+
+
+def test_two_processes_train_like_one_process(runs, two_process_run):
+  two, one = runs / "two-nodrop", runs / "one-nodrop"
+  _train(two, 2, 4, *NO_DROPOUT, tokenizer_from=two_process_run)
+  _train(one, 1, 8, *NO_DROPOUT, tokenizer_from=two_process_run)
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-5)
+  evals = [h.records(w, "eval") for w in (two, one)]
+  assert sorted(evals[0]) == sorted(evals[1]) == [0, STEPS]
+  for step in (0, STEPS):  # the whole uneven eval set, reduced over both hosts
+    for key in ("loss", "accuracy"):
+      np.testing.assert_allclose(evals[0][step][key], evals[1][step][key], rtol=1e-5, atol=1e-6)
+  assert evals[0][STEPS]["loss"] < evals[0][0]["loss"]  # it trained
+
+
+def _examples(batch: dict[str, np.ndarray]) -> list[bytes]:
+  """The unmasked rows behind a batch (a row identifies its example), padding rows dropped."""
+  tokens = batch["input_ids"].copy()
+  real = batch["masked_weights"].sum(axis=1) > 0
+  for row, positions, ids, weights in zip(tokens, batch["masked_positions"], batch["masked_ids"],
+                                          batch["masked_weights"]):
+    row[positions[weights > 0]] = ids[weights > 0]
+  return [row.tobytes() for row in tokens[real]]
+
+
+@pytest.fixture(scope="module")
+def small_data(runs) -> loader.PretrainingData:
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9)))
+           for _ in range(400)]
+  docs = ["\n".join(" ".join(rng.choice(words, size=rng.integers(3, 25)))
+                    for _ in range(rng.integers(1, 8))) for _ in range(120)]
+  (runs / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+  cfg = pretrain_defaults().data
+  cfg.update(dict(train_files=str(runs / "corpus.txt"), vocab_size=200, max_seq_length=32,
+                  max_predictions_per_seq=5, eval_fraction=0.15, seed=1))
+  return loader.build_pretraining_data(cfg, str(runs / "small-tokenizer"),
+                                       max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("hosts,per_host", [(2, 7), (3, 7)])
+def test_hosts_see_every_example_once_per_epoch(small_data, hosts, per_host):
+  data, global_batch = small_data, hosts * per_host
+  n = len(data.train)
+  ids = {row.tobytes(): i for i, row in enumerate(data.train.tokens)}
+  assert len(ids) == n and n % global_batch  # distinct rows, and an uneven last batch
+  iters = [data.train_iterator(per_host, shard_index=s, shard_count=hosts) for s in range(hosts)]
+  # The global batch is the hosts' batches side by side (make_array_from_process_local_data).
+  seen = [[ids[r] for it in iters for r in _examples(next(it))] for _ in range(-(-n // global_batch))]
+  assert all(len(b) == global_batch for b in seen)
+  whole, straddling = [i for b in seen[:-1] for i in b], seen[-1]
+  assert len(set(whole)) == len(whole)  # no duplicate before the epoch's last batch
+  counts = np.bincount(whole + straddling, minlength=n)
+  assert counts.min() == 1  # no gap: every example by the batch that ends the epoch
+  assert (counts == 2).sum() == len(seen) * global_batch - n  # the rest opens epoch 2
+  eval_count = data.num_eval_batches(per_host, hosts)
+  found, padding = [], 0
+  for s in range(hosts):
+    batches = list(data.eval_batches(per_host, shard_index=s, shard_count=hosts))
+    assert len(batches) == eval_count  # every host runs the same collectives: no hang
+    for batch in batches:
+      rows = _examples(batch)
+      found += rows
+      padding += per_host - len(rows)
+  assert sorted(found) == sorted(row.tobytes() for row in data.eval.tokens)  # once each
+  assert padding == hosts * eval_count * per_host - len(data.eval) > 0  # zero-weight padding
+
+
+def _wait_lines(group: h.Group, workdir: pathlib.Path, after: int) -> None:
+  """Waits until process 0 has written a train record past the first `after` lines."""
+  def written() -> bool:
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[after:-1] if path.exists() else []
+    return any('"split": "train"' in line for line in lines)
+  group.wait_for(written, f"a new train step in {workdir / 'metrics.jsonl'}")
+
+
+def _line_count(workdir: pathlib.Path) -> int:
+  path = workdir / "metrics.jsonl"
+  return path.read_text().count("\n") if path.exists() else 0
+
+
+def _resumed_from(group: h.Group) -> int:
+  text = group.logs[0].read_text()
+  marker = "resumed from step "
+  assert marker in text, group.tails()
+  return int(text.split(marker)[-1].split()[0])
+
+
+def _sigterm_one_then_resume(runs: pathlib.Path, reference: pathlib.Path, name: str,
+                             target: int, sigkill_first: bool) -> None:
+  """[SIGKILL both after a checkpoint, relaunch,] SIGTERM process `target`, relaunch to the end.
+
+  Every leg must leave the metrics of the uninterrupted run bitwise unchanged.
+  """
+  workdir = runs / name
+  shutil.copytree(reference / "tokenizer", workdir / "tokenizer")
+  argv = h.pretrain_argv(workdir, *TINY)
+  if sigkill_first:
+    with h.launched(argv, 2, 4, runs, f"{name}-a") as group:
+      group.wait_for(lambda: any(0 < s < STEPS for s in h.committed_steps(workdir)),
+                     "a first checkpoint")
+      group.kill()  # SIGKILL, mid-run: an async save may be half written
+    killed_at = max(h.committed_steps(workdir))
+    assert killed_at < STEPS, "the run ended before the kill: make it longer"
+  with h.launched(argv, 2, 4, runs, f"{name}-b") as group:
+    _wait_lines(group, workdir, after=_line_count(workdir))
+    group.signal(target, signal.SIGTERM)
+    start = time.monotonic()
+    group.wait(timeout_s=30)
+    took = time.monotonic() - start
+    saved = max(h.committed_steps(workdir))
+    if sigkill_first:
+      assert _resumed_from(group) == killed_at
+    assert saved < STEPS, f"the run ended at step {saved} before SIGTERM stopped it"
+    assert "(preempted; rerun to resume)" in group.logs[0].read_text(), group.tails()
+  for process in (0, 1):  # both hosts took part in saving the same step
+    assert (workdir / "checkpoints" / str(saved) / "state" / "array_metadatas"
+            / f"process_{process}").exists()
+  print(f"{name}: SIGTERM to process {target} -> both exited 0 after {took:.1f} s, saved "
+        f"step {saved}", file=sys.stderr)
+  with h.launched(argv, 2, 4, runs, f"{name}-c") as group:
+    group.wait()
+    assert _resumed_from(group) == saved
+  assert _losses(workdir) == _losses(reference)
+  assert h.records(workdir, "eval") == h.records(reference, "eval")
+
+
+def test_sigkill_then_sigterm_resume_exactly(runs, two_process_run):
+  _sigterm_one_then_resume(runs, two_process_run, "chain", target=1, sigkill_first=True)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_coordinator_resumes_exactly(runs, two_process_run):
+  _sigterm_one_then_resume(runs, two_process_run, "term0", target=0, sigkill_first=False)
+
+
+def _restore_report(runs: pathlib.Path, workdir: pathlib.Path, mesh: str) -> dict:
+  out = runs / f"restore-{mesh.replace(',', 'x')}.json"
+  argv = [sys.executable, "-m", "tests.multihost.restore_check", f"--workdir={workdir}",
+          f"--mesh={mesh}", f"--out={out}"]
+  with h.launched(argv, 1, 8, runs, out.stem) as group:
+    group.wait()
+  return json.loads(out.read_text())
+
+
+def test_two_process_checkpoint_restores_on_another_mesh(runs, two_process_run):
+  report = _restore_report(runs, two_process_run, "2,4,1")
+  assert report["step"] == STEPS
+  assert report["mesh_shapes"] == ["{'data': 2, 'fsdp': 4, 'tensor': 1}"]
+  assert report["sharded_leaves"] > 0  # really resharded over fsdp, not only replicated
+  assert report["differ"] == [], report  # bitwise equal to a restore onto one device
+  written = h.records(two_process_run, "eval")[STEPS]  # computed by the 2 processes in memory
+  for key in ("loss", "accuracy"):
+    np.testing.assert_allclose(report["eval"][key], written[key], rtol=1e-5, atol=1e-6)
+
+
+def test_preflight_prints_the_topology_once_and_names_mesh_fields(runs, two_process_run):
+  logs = [(runs / f"two-proc{i}.log").read_text() for i in (0, 1)]
+  assert logs[0].count("topology: 2 process(es), 4 local / 8 global cpu devices, "
+                       "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}") == 1, logs[0][-2000:]
+  assert "topology:" not in logs[1]
+  workdir = runs / "bad-mesh"
+  with h.launched(h.pretrain_argv(workdir, *TINY, "--config.mesh.data=3"), 2, 4, runs,
+                  workdir.name) as group:
+    group.wait(timeout_s=60, codes=[1, 1])
+    for log in group.logs:
+      assert ("error: mesh.data=3, mesh.fsdp=1, mesh.tensor=1 does not match the 8 devices of "
+              "this run (2 process(es) x 4 local)") in log.read_text(), group.tails()
