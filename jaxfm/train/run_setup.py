@@ -15,6 +15,7 @@ from absl import logging
 from etils import epath
 
 from jaxfm import config as config_lib
+from jaxfm import sharding
 from jaxfm.models import BertConfig, stack_layers, unstack_layers
 from jaxfm.train import checkpoint
 
@@ -39,25 +40,59 @@ def initialize_runtime() -> None:
   """Quiets library chatter; starts JAX's multi-controller runtime when asked to.
 
   On a Cloud TPU VM slice set JAXFM_DISTRIBUTED=1 (launch/tpu.sh does) and JAX
-  finds the coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID (optionally JAX_INIT_TIMEOUT_S).
+  finds the coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of
+  process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID. JAX_INIT_TIMEOUT_S (default
+  300) bounds how long a process waits for all the others to join.
+
+  Raises:
+    ValueError: JAX_COORDINATOR_ADDRESS is set without the other two.
   """
   logging.get_absl_handler().addFilter(_LibraryChatterFilter())
+  timeout_s = int(os.environ.get("JAX_INIT_TIMEOUT_S", "300"))
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} is not")
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       # Cross-process collectives on CPU (local multi-host testing) need gloo.
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]),
-        initialization_timeout=int(os.environ.get("JAX_INIT_TIMEOUT_S", "300")))
+        process_id=int(os.environ["JAX_PROCESS_ID"]), initialization_timeout=timeout_s)
   elif os.environ.get("JAXFM_DISTRIBUTED") == "1":
-    jax.distributed.initialize(
-        initialization_timeout=int(os.environ.get("JAX_INIT_TIMEOUT_S", "300")))
+    jax.distributed.initialize(initialization_timeout=timeout_s)
   if jax.process_index() == 0:
     logging.info("JAX %s: %d process(es), %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
+
+
+def preflight(cfg: ml_collections.ConfigDict) -> None:
+  """Checks `cfg.mesh` and the batch against the devices of the run; prints the topology once.
+
+  Call after `initialize_runtime`. Process 0 prints one `topology:` line (processes,
+  local and global devices, the resolved mesh).
+
+  Raises:
+    ConfigError: naming the mesh.* fields when they do not multiply to `jax.device_count()`,
+      or train.batch_size when it does not split over the data-parallel shards.
+  """
+  config_lib.validate_mesh(cfg)
+  shape = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  fields = ", ".join(f"mesh.{name}={size}" for name, size in zip(sharding.MESH_AXES, shape))
+  try:
+    data, fsdp, _ = sharding.resolve_mesh_shape(shape, jax.device_count())
+  except ValueError as e:
+    raise config_lib.ConfigError(
+        f"{fields} does not match the {jax.device_count()} devices of this run "
+        f"({jax.process_count()} process(es) x {jax.local_device_count()} local): {e}") from e
+  if cfg.train.batch_size % (data * fsdp):
+    raise config_lib.ConfigError(
+        f"train.batch_size={cfg.train.batch_size} does not split over the {data * fsdp} "
+        f"data-parallel shards (mesh.data x mesh.fsdp) of {fields}")
+  mesh = sharding.make_mesh(shape)
+  if jax.process_index() == 0:
+    print(f"topology: {sharding.describe(mesh)}", flush=True)
 
 
 def _versions() -> dict[str, str]:
