@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny
 
-.PHONY: setup setup-test run test test-all clean
+.PHONY: setup setup-test run test test-all clean aot-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,22 @@ test: setup-test
 
 test-all: setup-test
 	$(PY) -m pytest -n 2 -m '' tests
+
+# TPU "will it fit": compiles bert_base's real train/eval steps for its slices on this CPU
+# machine (python -m jaxfm.aot). libtpu goes into its own venv so that .venv stays CPU-only.
+VENV_TPU := .venv-tpu
+PY_TPU := JAX_PLATFORMS=cpu $(VENV_TPU)/bin/python
+
+$(VENV_TPU)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_TPU)
+	$(VENV_TPU)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_TPU)/bin/python -m pip install --quiet -e '.[tpu]' pytest
+	touch $@
+
+aot-check: $(VENV_TPU)/.installed
+	$(PY_TPU) -m pytest -q tests/test_aot.py
+	$(PY_TPU) -m jaxfm.aot --config=configs/pretrain/bert_base.py --topology=v5e:2x4
+	$(PY_TPU) -m jaxfm.aot --config=configs/pretrain/bert_base.py --topology=v4:2x2x2
 
 clean:
 	rm -rf $(VENV) runs

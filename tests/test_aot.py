@@ -1,0 +1,191 @@
+"""The TPU "will it fit" check: on the 8 fake CPU devices always, on TPU topologies with libtpu."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from jaxfm import aot
+from tests.train_helpers import SEQ, VOCAB, tiny_config
+
+
+def _libtpu_available() -> bool:
+  try:
+    aot.tpu_devices("v5e:2x2")
+  except aot.AotError:
+    return False
+  return True
+
+
+needs_libtpu = pytest.mark.skipif(not _libtpu_available(),
+                                  reason="libtpu not installed (make aot-check installs it)")
+
+
+def _tiny(**train):
+  cfg = tiny_config(**train)
+  cfg.data.vocab_size = VOCAB  # no tokenizer file: the check takes the vocab from here
+  return cfg
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "jaxfm.aot", *args], capture_output=True,
+                        text=True, timeout=timeout, env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def cpu_report():
+  return aot.check(_tiny(), jax.devices(), hbm_bytes=16 * aot.GiB)
+
+
+def test_check_on_cpu_devices_reports_memory_and_flops(cpu_report):
+  r = cpu_report
+  assert (r.devices, r.hosts, r.mesh) == (8, 1, {"data": 8, "fsdp": 1, "tensor": 1})
+  for step in (r.train, r.eval):
+    assert step.memory.arguments > 0 and step.memory.total > 0 and step.flops_per_device > 0
+    assert step.compile_s > 0
+  # The train step donates its state: outputs land in the arguments' buffers.
+  assert r.train.memory.aliased > 0
+  assert r.train.memory.total < r.train.memory.arguments + r.train.memory.outputs + \
+      r.train.memory.temporaries + r.train.memory.generated_code
+  # Gradients and the optimizer update make a train step dearer than an eval step.
+  assert r.train.flops_per_device > r.eval.flops_per_device
+  assert r.params > 0 and r.model_flops_per_step > 0
+  assert r.step_s is None and r.tokens_per_s is None  # CPU: no peak FLOP/s known
+  assert r.fits and "FITS" in aot.format_report(r, "tiny")
+
+
+def test_train_step_memory_grows_with_the_batch(cpu_report):
+  bigger = aot.check(_tiny(batch_size=64), jax.devices(), hbm_bytes=16 * aot.GiB)
+  assert bigger.train.memory.temporaries > cpu_report.train.memory.temporaries
+  assert bigger.model_flops_per_step == 8 * cpu_report.model_flops_per_step
+
+
+def test_tiny_hbm_does_not_fit(cpu_report):
+  r = dataclasses.replace(cpu_report, hbm_bytes=cpu_report.peak_bytes - 1)
+  assert not r.fits
+  assert "DOES NOT FIT" in aot.format_report(r, "tiny")
+  assert dataclasses.replace(cpu_report, hbm_bytes=cpu_report.peak_bytes).fits
+
+
+def test_peak_counts_the_optimizer_state_resident_during_eval(cpu_report):
+  r = cpu_report
+  big_eval = dataclasses.replace(
+      r.eval, memory=dataclasses.replace(r.eval.memory, temporaries=10 * r.train.memory.total))
+  r = dataclasses.replace(r, eval=big_eval)
+  assert r.peak_bytes == (big_eval.memory.total + r.train.memory.arguments
+                          - big_eval.memory.arguments)
+
+
+def test_failed_compile_is_does_not_fit(cpu_report):
+  oom = aot.CompiledStep(memory=None, flops_per_device=None, compile_s=1.0,
+                         error="RESOURCE_EXHAUSTED: Ran out of memory")
+  r = dataclasses.replace(cpu_report, train=oom)
+  assert r.peak_bytes is None and not r.fits
+  text = aot.format_report(r, "tiny")
+  assert "OOM" in text and "RESOURCE_EXHAUSTED" in text and "DOES NOT FIT" in text
+  json.dumps(r.to_json())
+
+
+def test_step_time_at_half_mfu(cpu_report):
+  r = dataclasses.replace(cpu_report, peak_flops=1e12)
+  assert r.step_s == pytest.approx(r.model_flops_per_step / (0.5 * 1e12 * 8))
+  assert r.tokens_per_s == pytest.approx(8 * SEQ / r.step_s)
+
+
+def test_vocab_comes_from_data_when_the_tokenizer_is_trained():
+  cfg = _tiny()
+  cfg.data.vocab_size = 200
+  assert aot.resolve_vocab(cfg).model.vocab_size == 200
+  cfg.data.tokenizer = "vocab.txt"
+  assert aot.resolve_vocab(cfg).model.vocab_size == VOCAB
+  assert cfg.model.vocab_size == VOCAB  # the caller's config is untouched
+
+
+def test_mesh_that_does_not_match_the_devices_names_the_mesh():
+  cfg = _tiny()
+  cfg.mesh.data, cfg.mesh.fsdp = 3, 1
+  with pytest.raises(aot.AotError, match=r"mesh.data/fsdp/tensor=\(3, 1, 1\).*8 devices"):
+    aot.check(cfg, jax.devices(), hbm_bytes=aot.GiB)
+
+
+def test_batch_not_divisible_by_the_mesh_names_the_batch():
+  with pytest.raises(aot.AotError, match="train.batch_size=12"):
+    aot.check(_tiny(batch_size=12), jax.devices(), hbm_bytes=aot.GiB)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v9x:2x2", "unknown TPU generation 'v9x'; choose one of v4, v5e, v5p, v6e"),
+    ("v5litepod-8", "expected GENERATION:AxB"),
+    ("v5e:0x4", "every dimension must be >= 1"),
+])
+def test_bad_topology_names_the_flag(name, message):
+  with pytest.raises(aot.AotError, match=f"--topology='{name}'"):
+    aot.parse_topology(name)
+  with pytest.raises(aot.AotError, match=message):
+    aot.parse_topology(name)
+
+
+def test_topology_parsing():
+  chip, dims = aot.parse_topology("v4:2x2x2")
+  assert (chip, dims) == (aot.CHIPS["v4"], (2, 2, 2))
+  assert aot.parse_topology("v5e:2x4") == (aot.CHIPS["v5e"], (2, 4, 1))
+
+
+def test_cli_unknown_topology_is_a_clear_error():
+  result = _cli("--config=configs/pretrain/bert_tiny_cpu.py", "--topology=v9x:2x2")
+  assert result.returncode == 2, result.stderr
+  assert "error: --topology='v9x:2x2': unknown TPU generation" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(_libtpu_available(), reason="libtpu is installed")
+def test_cli_without_libtpu_says_how_to_install_it():
+  result = _cli("--config=configs/pretrain/bert_tiny_cpu.py", "--topology=v5e:2x4")
+  assert result.returncode == 2, result.stderr
+  assert "needs libtpu" in result.stderr and "Traceback" not in result.stderr
+
+
+@needs_libtpu
+def test_topologies_have_one_device_per_chip_and_their_hosts():
+  for name, chips, hosts in [("v5e:2x4", 8, 1), ("v5e:4x4", 16, 2), ("v4:2x2x2", 8, 2)]:
+    devices, chip = aot.tpu_devices(name)
+    assert len(devices) == chips and len({d.process_index for d in devices}) == hosts
+    assert chip is aot.CHIPS[name.split(":")[0]]
+
+
+@needs_libtpu
+def test_tpu_check_of_the_tiny_config_fits_and_has_a_step_time():
+  devices, chip = aot.tpu_devices("v5e:2x2")
+  r = aot.check(_tiny(), devices, chip.hbm_bytes)
+  assert r.fits and r.device_kind == "TPU v5 lite" and r.devices == 4
+  assert r.train.memory.total > 0 and r.train.flops_per_device > 0
+  assert r.step_s == pytest.approx(r.model_flops_per_step / (0.5 * 197e12 * 4))
+
+
+@needs_libtpu
+def test_cli_mesh_mismatch_names_the_mesh():
+  result = _cli("--config=configs/pretrain/bert_tiny_cpu.py", "--topology=v5e:2x4",
+                "--config.mesh.data=3")
+  assert result.returncode == 2, result.stderr
+  assert "mesh.data/fsdp/tensor=(3, 1, 1) does not match the 8 devices" in result.stderr
+
+
+@needs_libtpu
+def test_cli_libtpu_rejects_a_layout():
+  result = _cli("--config=configs/pretrain/bert_tiny_cpu.py", "--topology=v5e:3x3")
+  assert result.returncode == 2 and "--topology='v5e:3x3': libtpu rejects it" in result.stderr
+
+
+@needs_libtpu
+def test_cli_oversized_batch_does_not_fit_and_exits_1():
+  result = _cli("--config=configs/pretrain/bert_tiny_cpu.py", "--topology=v5e:2x2",
+                "--config.train.batch_size=65536", "--json")
+  assert result.returncode == 1, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["fits"] is False and report["topology"] == "v5e:2x2"
+  assert report["train"]["memory"] is None or report["peak_bytes"] > report["hbm_bytes"]
