@@ -77,10 +77,76 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   cfg.train.checkpoint_every = 500
   cfg.train.checkpoint_every_seconds = 0  # 0 disables the wall-clock interval
   cfg.train.keep_checkpoints = 3
+  cfg.train.keep_every = 0  # > 0: also keep every step divisible by this forever (0 = off)
   cfg.train.skip_nonfinite = True  # skip updates whose gradients are not finite
   cfg.train.max_consecutive_nonfinite = 10
   cfg.train.progress_bar = True
   cfg.train.wandb_project = ""  # '' disables Weights & Biases
+  return cfg
+
+
+TASK_KINDS = ("classification", "regression", "ner", "qa")
+
+
+def finetune_defaults() -> ml_collections.ConfigDict:
+  """Every fine-tuning field with its default; configs/finetune/*.py override a few.
+
+  With `init_from`, the architecture fields of `model` are replaced by the checkpoint's
+  (dropout, dtype, scan and remat stay as configured). `train.steps`, `train.eval_every`,
+  `train.checkpoint_every`, `train.eval_batches` and `optim.warmup_steps` are resolved from
+  the data (`epochs`, once per epoch, the dev set size, `warmup_ratio`) before validation.
+  """
+  cfg = pretrain_defaults()
+  cfg.task = "classification"  # one of TASK_KINDS
+  cfg.model.hidden_dropout = 0.1
+  cfg.model.attention_dropout = 0.1
+
+  cfg.data = ml_collections.ConfigDict()
+  cfg.data.train_file = ""  # TSV/CSV/JSONL (classification), CoNLL (ner), SQuAD JSON (qa)
+  cfg.data.dev_file = ""
+  cfg.data.test_file = ""
+  cfg.data.tfds_name = ""  # classification from tfds instead of files, e.g. 'glue/sst2'
+  cfg.data.tfds_data_dir = ""
+  cfg.data.train_split = "train"
+  cfg.data.dev_split = "validation"
+  cfg.data.test_split = "test"
+  cfg.data.format = ""  # '' = from the file extension (tsv, csv, jsonl)
+  cfg.data.has_header = True
+  cfg.data.text_fields = "sentence"  # comma-separated: one field, or two for sentence pairs
+  cfg.data.label_field = "label"
+  cfg.data.tag_column = -1  # ner: the CoNLL column holding the tag
+  cfg.data.tag_scheme = "iob2"  # ner: iob2 | iob1 | bioes (normalised to IOB2)
+  cfg.data.all_subwords = False  # ner: label every sub-word, not only the first
+  cfg.data.stride = -1  # ner: tokens shared by windows of a long sentence (-1 = a quarter)
+  cfg.data.doc_stride = 128  # qa
+  cfg.data.max_query_length = 64  # qa
+  cfg.data.max_answer_length = 30  # qa
+  cfg.data.n_best_size = 20  # qa
+  cfg.data.version_2 = False  # qa: SQuAD v2.0 (unanswerable questions)
+  cfg.data.null_score_diff_threshold = 0.0  # qa v2.0
+  cfg.data.max_seq_length = 128
+  cfg.data.tokenizer = ""  # '' = the init_from checkpoint's tokenizer
+  cfg.data.lowercase = True  # for a bare vocab.txt
+  cfg.data.max_train_examples = 0  # 0 = all; else the first N (quick runs)
+  cfg.data.max_eval_examples = 0
+  cfg.data.on_error = "raise"  # raise | skip (counted and logged)
+  cfg.data.seed = 0
+
+  cfg.optim.peak_learning_rate = 3e-5
+  cfg.optim.warmup_steps = 0
+  cfg.optim.warmup_ratio = 0.1  # > 0 overrides warmup_steps: this share of train.steps
+  cfg.optim.layer_decay = 1.0  # < 1: layer-wise learning-rate decay
+  cfg.optim.weight_decay = 0.01
+
+  cfg.train.epochs = 3.0  # > 0: train.steps = epochs over the training examples
+  cfg.train.steps = 1
+  cfg.train.eval_every = 0  # 0 = once per epoch
+  cfg.train.eval_batches = 0  # resolved: the whole dev set (0 without one)
+  cfg.train.checkpoint_every = 0  # 0 = at every evaluation
+  cfg.train.log_every = 10
+  cfg.train.best_metric = ""  # '' = the task's main metric
+  cfg.train.best_mode = "max"  # max | min
+  cfg.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
   return cfg
 
 
@@ -161,6 +227,9 @@ def validate_train(cfg: ml_collections.ConfigDict) -> None:
     _fail("train.eval_batches", t.eval_batches, "must be >= 0")
   if t.checkpoint_every_seconds < 0:
     _fail("train.checkpoint_every_seconds", t.checkpoint_every_seconds, "must be >= 0")
+  if t.keep_every < 0 or t.keep_every % t.checkpoint_every:
+    _fail("train.keep_every", t.keep_every,
+          f"must be 0 or a multiple of train.checkpoint_every={t.checkpoint_every}")
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} does not divide "
                       f"train.batch_size={t.batch_size}")
@@ -197,13 +266,51 @@ def validate_pretrain_data(cfg: ml_collections.ConfigDict) -> None:
     _fail("model.vocab_size", cfg.model.vocab_size, "must be >= 1")
 
 
+def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the fine-tuning fields that do not depend on the data (before reading it)."""
+  d, t = cfg.data, cfg.train
+  _one_of(cfg, "task", TASK_KINDS)
+  _one_of(cfg, "data.on_error", ("raise", "skip"))
+  _one_of(cfg, "data.tag_scheme", ("iob2", "iob1", "bioes"))
+  _one_of(cfg, "train.best_mode", ("max", "min"))
+  if not (d.train_file or d.tfds_name):
+    raise ConfigError("data.train_file is required (or data.tfds_name for a tfds dataset)")
+  if d.tfds_name and cfg.task not in ("classification", "regression"):
+    _fail("data.tfds_name", d.tfds_name, f"is supported for classification only, not "
+          f"task={cfg.task!r}")
+  fields = [f for f in d.text_fields.split(",") if f]
+  if cfg.task in ("classification", "regression") and len(fields) not in (1, 2):
+    _fail("data.text_fields", d.text_fields, "must name one field or two (comma-separated)")
+  if d.max_seq_length < 8:
+    _fail("data.max_seq_length", d.max_seq_length, "must be >= 8")
+  for field in ("data.max_train_examples", "data.max_eval_examples", "train.epochs",
+                "train.eval_every", "train.checkpoint_every", "train.early_stopping_patience",
+                "optim.warmup_ratio"):
+    if _get(cfg, field) < 0:
+      _fail(field, _get(cfg, field), "must be >= 0")
+  if not 0.0 < cfg.optim.layer_decay <= 1.0:
+    _fail("optim.layer_decay", cfg.optim.layer_decay, "must be in (0, 1]")
+  if cfg.optim.warmup_ratio >= 1.0:
+    _fail("optim.warmup_ratio", cfg.optim.warmup_ratio, "must be < 1")
+  if t.early_stopping_patience and not (d.dev_file or d.tfds_name):
+    raise ConfigError("train.early_stopping_patience needs a dev set (data.dev_file)")
+  if cfg.task == "qa":
+    _positive(cfg, "data.doc_stride", "data.max_query_length", "data.max_answer_length",
+              "data.n_best_size")
+    if d.max_query_length + 4 > d.max_seq_length:
+      raise ConfigError(f"data.max_query_length={d.max_query_length} leaves no room for the "
+                        f"context in data.max_seq_length={d.max_seq_length}")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` naming the dotted field and bad value; does no device work."""
   validate_model(cfg)
   validate_mesh(cfg)
   validate_optim(cfg)
   validate_train(cfg)
-  if "max_seq_length" in cfg.data:
+  if "task" in cfg:
+    validate_finetune(cfg)
+  else:
     validate_pretrain_data(cfg)
 
 
@@ -215,7 +322,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
-    "train.progress_bar", "train.wandb_project", "data.worker_count",
+    "train.keep_every", "train.progress_bar", "train.wandb_project", "data.worker_count",
 )
 
 

@@ -60,6 +60,11 @@ class WordPieceTokenizer:
         self.word_start[index] = False
 
   @property
+  def backend(self) -> Tokenizer:
+    """The underlying `tokenizers.Tokenizer` (offsets, word ids), for the task converters."""
+    return self._tokenizer
+
+  @property
   def vocab(self) -> dict[str, int]:
     """Token string -> id."""
     return self._tokenizer.get_vocab(with_added_tokens=True)

@@ -174,6 +174,13 @@ def gather_outputs(outputs: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]
   return {k: v[keep] for k, v in merged.items()}
 
 
+def predict(steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
+            mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
+  """All predict outputs of one pass over this host's batches (see `gather_outputs`)."""
+  return gather_outputs([steps.predict_step(params, sharding.global_batch(local, mesh))
+                         for local in local_batches])
+
+
 def evaluate(task: Task, steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
              mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Loss summary (and the task's scores) over one pass of this host's eval batches."""
@@ -202,6 +209,7 @@ class TrainResult:
   train: dict[str, float]
   eval: dict[str, float]
   preempted: bool
+  stopped_early: bool = False
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: StatefulIterator,
@@ -225,7 +233,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   mesh = make_mesh(cfg)
   steps = build_steps(cfg, task, mesh)
   tx, schedule, state_shardings = steps.tx, steps.schedule, steps.state_shardings
-  manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
+  manager = checkpoint.make_manager(workdir, t.keep_checkpoints, t.keep_every)
   restored = checkpoint.restore_latest(manager, steps.abstract_state)
   if restored is not None:
     state = restored.state
@@ -253,14 +261,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     return evaluate(task, steps, params, eval_batches(), mesh)
 
   def save(step: int, force: bool = False) -> None:
+    if not t.skip_nonfinite and int(jax.device_get(state.consecutive_nonfinite)):
+      logging.warning("step %d: not checkpointing non-finite params (train.skip_nonfinite=False)",
+                      step)
+      return
     checkpoint.save(manager, step, state, train_iter.get_state(), meta, force=force)
 
   train_metrics: dict[str, float] = {}
   eval_metrics: dict[str, float] = {}
-  preempted = False
-  with sharding.activation_sharding(mesh), stop.installed(), tqdm.tqdm(
-      total=t.steps, initial=start, unit="step", dynamic_ncols=True,
-      disable=not (t.progress_bar and jax.process_index() == 0)) as bar:
+  preempted = stopped_early = False
+  with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
+      tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
+                disable=not (t.progress_bar and jax.process_index() == 0)) as bar:
     first = sharding.global_batch(next(train_iter), mesh)
     compile_start = time.perf_counter()
     compiled = train_step.lower(state, first).compile()
@@ -337,10 +349,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
           save(done, force=True)
         preempted = True
         break
-  manager.wait_until_finished()
-  manager.close()
   writer.close()
   if train_metrics:
     log_line(int(jax.device_get(state.step)), train_metrics, "train")
   return TrainResult(step=int(jax.device_get(state.step)), train=train_metrics,
-                     eval=eval_metrics, preempted=preempted)
+                     eval=eval_metrics, preempted=preempted, stopped_early=stopped_early)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -34,12 +35,52 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _keys(path: tuple[Any, ...]) -> list[str]:
+  return [str(getattr(p, "key", "")) for p in path]
+
+
+def layer_lr_scales(tree: Any, decay: float) -> Any:
+  """Learning-rate multiplier per parameter under layer-wise decay (ELECTRA's rule).
+
+  With L layers, layer i (0 = bottom) gets decay^(L - i), the embeddings decay^(L + 1),
+  the pooler and task heads 1. Scanned layers (stacked on axis 0) get a [L, 1, ...] array.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  stacked = [leaf.shape[0] for path, leaf in leaves if "layers" in _keys(path)]
+  num_layers = stacked[0] if stacked else len(
+      {k for path, _ in leaves for k in _keys(path) if k.startswith("layer_")})
+
+  def scale(path, leaf):
+    keys = _keys(path)
+    if "encoder" not in keys:
+      return 1.0
+    if "embeddings" in keys:
+      return decay ** (num_layers + 1)
+    if "layers" in keys:
+      depth = decay ** (num_layers - jnp.arange(num_layers, dtype=jnp.float32))
+      return depth.reshape((num_layers,) + (1,) * (leaf.ndim - 1))
+    layer = [int(k[len("layer_"):]) for k in keys if k.startswith("layer_")]
+    return decay ** (num_layers - layer[0]) if layer else 1.0
+  return jax.tree_util.tree_map_with_path(scale, tree)
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies each update (so its learning rate and weight decay) by `layer_lr_scales`."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(jnp.multiply, updates, layer_lr_scales(updates, decay)), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW or LAMB with decoupled weight decay (masked) and optional global-norm clipping."""
+  """AdamW or LAMB with decoupled weight decay (masked), optional global-norm clipping and
+  optional layer-wise learning-rate decay (`optim.layer_decay` < 1, fine-tuning configs)."""
   schedule = learning_rate_schedule(optim, total_steps)
   kwargs = dict(learning_rate=schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                 weight_decay=optim.weight_decay, mask=weight_decay_mask)
-  core = optax.adamw(**kwargs) if optim.name == "adamw" else optax.lamb(**kwargs)
+  parts = [optax.adamw(**kwargs) if optim.name == "adamw" else optax.lamb(**kwargs)]
   if optim.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(optim.clip_norm), core)
-  return core
+    parts.insert(0, optax.clip_by_global_norm(optim.clip_norm))
+  if optim.get("layer_decay", 1.0) < 1.0:
+    parts.append(scale_by_layer_decay(optim.layer_decay))
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)

@@ -149,21 +149,33 @@ def per_host_batch_size(cfg: ml_collections.ConfigDict) -> int:
   return cfg.train.batch_size // jax.process_count()
 
 
-def load_initial_params(init_from: str, config: BertConfig, task: str) -> Any:
-  """Weights from 'hf:DIR', a jaxfm model dir or a jaxfm workdir, in `config`'s layout."""
+def read_pretrained(init_from: str, task: str) -> tuple[BertConfig, Any, str | None]:
+  """(config, params, tokenizer dir | None) from 'hf:DIR', a jaxfm model dir or a workdir.
+
+  `task` is the interop task for HF folders ("mlm", or "auto" to take the MLM head only
+  when the checkpoint has one); a missing head is initialised and reported.
+  """
   from jaxfm import interop  # pylint: disable=g-import-not-at-top
   if init_from.startswith("hf:"):
-    result = interop.import_hf(init_from[3:], task=task, init_missing_head=True,
-                               scan_layers=config.scan_layers)
+    result = interop.import_hf(init_from[3:], task=task, init_missing_head=True)
     logging.info("init_from %s: initialised %s", init_from, result.initialised or "nothing")
-    source_config, params = result.config, result.params
-  elif (epath.Path(init_from) / "model_config.json").exists():
-    source_config, params, _ = interop.load_model_dir(init_from)
-  else:
-    source_config, params, _ = checkpoint.load_params(init_from)
+    return result.config, result.params, init_from[3:]
+  if (epath.Path(init_from) / "model_config.json").exists():
+    return interop.load_model_dir(init_from)
+  return checkpoint.load_params(init_from)
+
+
+def in_layout(params: Any, config: BertConfig) -> Any:
+  """`params` in the layer layout `config.scan_layers` asks for."""
+  return stack_layers(params) if config.scan_layers else unstack_layers(params)
+
+
+def load_initial_params(init_from: str, config: BertConfig, task: str) -> Any:
+  """Weights from 'hf:DIR', a jaxfm model dir or a jaxfm workdir, in `config`'s layout."""
+  source_config, params, _ = read_pretrained(init_from, task)
   for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
     if getattr(source_config, field) != getattr(config, field):
       raise config_lib.ConfigError(
           f"init_from={init_from}: its {field}={getattr(source_config, field)} differs from "
           f"model.{field}={getattr(config, field)}")
-  return stack_layers(params) if config.scan_layers else unstack_layers(params)
+  return in_layout(params, config)

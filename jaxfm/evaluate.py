@@ -1,0 +1,39 @@
+r"""Scores a fine-tuning workdir's best checkpoint on a split.
+
+  python -m jaxfm.evaluate --workdir=runs/sst2 --split=dev [--input=other_dev.tsv]
+
+Prints one JSON line of metrics. Needs only the workdir: its config, labels and tokenizer
+are read from there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+from absl import app, flags
+
+from jaxfm.finetuning import run
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir.")
+_SPLIT = flags.DEFINE_enum("split", "dev", ["train", "dev", "test"],
+                           "Which configured split to score.")
+_INPUT = flags.DEFINE_string("input", "", "Score this file instead of the split's configured one.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  run.initialize()
+  try:
+    metrics = run.evaluate(_WORKDIR.value, _SPLIT.value, _INPUT.value)
+  except run.USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Fine-tuning: task kinds (`tasks`) and runs (`run`: finetune, evaluate, predict)."""

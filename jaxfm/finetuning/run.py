@@ -1,0 +1,229 @@
+"""Fine-tuning runs: `finetune` (train in a workdir), then `evaluate` and `predict`, which
+need only that workdir (its resolved config, label vocabulary, tokenizer and checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from jaxfm import config as config_lib
+from jaxfm import sharding
+from jaxfm.data import loader
+from jaxfm.data.tokenizer import load_tokenizer
+from jaxfm.finetuning.tasks import (ARCHITECTURE, TASKS, Features, TaskSplit, load_split,
+                                    load_unlabelled, make_task, merge_pretrained)
+from jaxfm.train import best, checkpoint, loop, run_setup
+
+TASK_FILE = "task.json"
+# Errors the entry points turn into one `error: ...` line and exit code 1.
+USER_ERRORS = (config_lib.ConfigError, run_setup.WorkdirError, checkpoint.CheckpointError,
+               loop.NonFiniteError, best.BestMetricError, ValueError, FileNotFoundError)
+
+
+def initialize() -> None:
+  """Runtime setup shared by the fine-tuning entry points."""
+  run_setup.initialize_runtime()
+
+
+def _split_path(data: ml_collections.ConfigDict, split: str) -> str:
+  """The file (or tfds split name) of 'train', 'dev' or 'test'; '' when not configured."""
+  return data[f"{split}_split"] if data.tfds_name else data[f"{split}_file"]
+
+
+def _resolve_schedule(cfg: ml_collections.ConfigDict, num_train: int,
+                      dev: TaskSplit | None) -> None:
+  """Fills steps, eval/checkpoint intervals, eval batches and warmup from the data."""
+  t = cfg.train
+  per_epoch = math.ceil(num_train / t.batch_size)
+  with cfg.unlocked():
+    if t.epochs > 0:
+      t.steps = max(1, math.ceil(t.epochs * per_epoch))
+    t.eval_every = t.eval_every or per_epoch
+    t.checkpoint_every = t.checkpoint_every or t.eval_every
+    t.eval_batches = 0 if dev is None else dev.num_eval_batches(
+        run_setup.per_host_batch_size(cfg), jax.process_count())
+    if cfg.optim.warmup_ratio > 0:
+      cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * t.steps)
+
+
+def finetune(cfg: ml_collections.ConfigDict, workdir: str,
+             allow_config_change: bool = False) -> tuple[loop.TrainResult, int | None]:
+  """Reads the data, resolves the config, starts from `init_from` and runs the shared loop.
+
+  Returns the loop's result and the step of the best checkpoint (None without a dev set).
+  """
+  config_lib.validate_finetune(cfg)
+  pretrained = tokenizer_dir = None
+  if cfg.init_from:
+    source_config, pretrained, tokenizer_dir = run_setup.read_pretrained(cfg.init_from, "auto")
+    with cfg.unlocked():
+      for field in ARCHITECTURE:
+        cfg.model[field] = getattr(source_config, field) or 0  # embedding_size None -> 0
+  tokenizer_path = cfg.data.tokenizer or tokenizer_dir
+  if not tokenizer_path:
+    raise config_lib.ConfigError("data.tokenizer is required when init_from has no tokenizer")
+  tokenizer = load_tokenizer(tokenizer_path, lowercase=cfg.data.lowercase)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"the tokenizer at {tokenizer_path} has {tokenizer.vocab_size} tokens, more than "
+        f"model.vocab_size={cfg.model.vocab_size}")
+
+  kind, data = cfg.task, cfg.data
+  train, label_names = load_split(kind, data, _split_path(data, "train"), tokenizer.backend,
+                                  None, data.max_train_examples)
+  dev = None
+  if _split_path(data, "dev"):
+    dev, _ = load_split(kind, data, _split_path(data, "dev"), tokenizer.backend, label_names,
+                        data.max_eval_examples)
+  logging.info("%s: %d train features, %d dev features, labels %s", kind, len(train),
+               len(dev) if dev else 0, label_names)
+  _resolve_schedule(cfg, len(train), dev)
+  config_lib.validate(cfg)
+  run_setup.prepare_workdir(workdir, cfg, allow_config_change)
+  run_setup.write_resolved_config(workdir, cfg)
+  save_run_files(workdir, kind, label_names, tokenizer)
+
+  model_config = run_setup.model_config(cfg)
+  task = make_task(kind, model_config, label_names, dev, data)
+  initial = None
+  if pretrained is not None:  # new heads keep the loop's own initialisation (same seed)
+    fresh = jax.device_get(sharding.unbox(
+        jax.jit(task.init_params)(jax.random.key(cfg.train.seed))))
+    initial = merge_pretrained(fresh, run_setup.in_layout(pretrained, model_config),
+                               cfg.init_from).params
+  keeper = None
+  if dev is not None:
+    keeper = best.BestCheckpoint(workdir, cfg.train.best_metric or TASKS[kind].main_metric,
+                                 cfg.train.best_mode, cfg.train.early_stopping_patience,
+                                 cfg.train.eval_every)
+  per_host = run_setup.per_host_batch_size(cfg)
+  train_iter = loader.feature_train_iterator(train.device_arrays(), per_host, seed=data.seed)
+  eval_batches = (lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count())
+                  ) if dev is not None else (lambda: [])
+  meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}
+  try:
+    result = loop.train(cfg, workdir, task, train_iter, eval_batches, meta,
+                        initial_params=initial, best=keeper)
+  finally:
+    if keeper is not None:
+      keeper.close()
+  return result, keeper.best_step() if keeper is not None else None
+
+
+# ---------------------------------------------------------------- a fine-tuning workdir
+
+TASK_FILE = "task.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+  """What `evaluate` and `predict` need from a fine-tuning workdir, and nothing else."""
+
+  cfg: ml_collections.ConfigDict
+  label_names: list[str] | None
+  tokenizer: Any  # jaxfm.data.tokenizer.WordPieceTokenizer
+
+
+def save_run_files(workdir: str, kind: str, label_names: Sequence[str] | None,
+                   tokenizer: Any) -> None:
+  """Writes the label vocabulary and tokenizer beside the checkpoints (process 0, atomically)."""
+  if jax.process_index() != 0:
+    return
+  root = epath.Path(workdir)
+  tokenizer.save(root / "tokenizer")
+  tmp = root / (TASK_FILE + ".tmp")
+  tmp.write_text(json.dumps({"task": kind, "label_names": label_names}, indent=2))
+  tmp.replace(root / TASK_FILE)
+
+
+def load_run(workdir: str) -> SavedRun:
+  """Reads a fine-tuning workdir's resolved config, labels and tokenizer."""
+  root = epath.Path(workdir)
+  for name in ("config.json", TASK_FILE, "tokenizer"):
+    if not (root / name).exists():
+      raise FileNotFoundError(f"{workdir} is not a jaxfm fine-tuning workdir: {name} is missing")
+  cfg = ml_collections.ConfigDict(json.loads((root / "config.json").read_text())["config"])
+  task = json.loads((root / TASK_FILE).read_text())
+  return SavedRun(cfg, task["label_names"], load_tokenizer(root / "tokenizer"))
+
+
+def restore_params(workdir: str, abstract_state: Any) -> tuple[Any, str]:
+  """The best checkpoint's params, else the latest checkpoint's; and which one it was."""
+  found = best.restore_best(workdir, abstract_state.params)
+  if found is not None:
+    return found[1], f"best checkpoint (step {found[0]})"
+  manager = checkpoint.make_manager(workdir, keep=1)
+  restored = checkpoint.restore_latest(manager, abstract_state)
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir} holds no checkpoint to evaluate")
+  return restored.state.params, f"latest checkpoint (step {restored.step})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inference:
+  """A saved run's model on a mesh with restored params, ready to score or predict `split`."""
+
+  run: SavedRun
+  split: TaskSplit
+  task: Task
+  steps: loop.Steps
+  mesh: jax.sharding.Mesh
+  params: Any
+  source: str  # which checkpoint the params came from
+
+  def batches(self) -> Iterator[Features]:
+    per_host = self.run.cfg.train.batch_size // jax.process_count()
+    return self.split.eval_batches(per_host, jax.process_index(), jax.process_count())
+
+
+def inference(workdir: str, run: SavedRun, split: TaskSplit) -> Inference:
+  """Builds the run's task model and steps on its mesh and restores the best params."""
+  task = make_task(run.cfg.task, run_setup.model_config(run.cfg), run.label_names, split,
+                   run.cfg.data)
+  mesh = loop.make_mesh(run.cfg)
+  steps = loop.build_steps(run.cfg, task, mesh)
+  params, source = restore_params(workdir, steps.abstract_state)
+  return Inference(run, split, task, steps, mesh, params, source)
+
+
+def evaluate(workdir: str, split: str, input_path: str = "") -> dict[str, float]:
+  """Metrics of the workdir's best (else latest) checkpoint on a labelled split."""
+  run = load_run(workdir)
+  path = input_path or _split_path(run.cfg.data, split)
+  if not path:
+    raise ValueError(f"no {split} data: the run's config has no data.{split}_file; pass --input")
+  task_split, _ = load_split(run.cfg.task, run.cfg.data, path, run.tokenizer.backend,
+                             run.label_names)
+  job = inference(workdir, run, task_split)
+  with sharding.activation_sharding(job.mesh):
+    metrics = loop.evaluate(job.task, job.steps, job.params, job.batches(), job.mesh)
+  logging.info("scored %s on %d examples (%s)", path, len(task_split.examples), job.source)
+  return metrics
+
+
+def predict(workdir: str, input_path: str) -> list[dict[str, Any]]:
+  """One prediction row per input row of a JSONL file (fields per task: see jaxfm.predict)."""
+  run = load_run(workdir)
+  split = load_unlabelled(run.cfg.task, run.cfg.data, input_path, run.tokenizer.backend,
+                          run.label_names)
+  job = inference(workdir, run, split)
+  with sharding.activation_sharding(job.mesh):
+    outputs = loop.predict(job.steps, job.params, job.batches(), job.mesh)
+  logging.info("predicted %d inputs with the %s", len(split.examples), job.source)
+  return TASKS[run.cfg.task].predictions(split, outputs, run.label_names, run.cfg.data)
+
+
+def write_jsonl(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """Writes all rows or nothing (a temporary file renamed into place)."""
+  out = epath.Path(path)
+  tmp = out.parent / (out.name + ".tmp")
+  tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+  tmp.replace(out)
