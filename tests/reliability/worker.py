@@ -62,7 +62,7 @@ def _patch_json_save(step: int, action) -> None:
   original = handler._save_fn  # pylint: disable=protected-access
 
   async def save_fn(self, x, directory):
-    if directory.name == "meta" and directory.parent.name.startswith(f"{step}."):
+    if directory.name.startswith("meta") and directory.parent.name.startswith(f"{step}."):
       action(directory.parent)
     return await original(self, x, directory)
 
