@@ -34,16 +34,17 @@ TINY = ["--config=configs/pretrain/bert_tiny_cpu.py", f"--config.train.steps={ST
         "--config.data.vocab_size=512", "--config.data.max_seq_length=64",
         "--config.model.num_layers=1", "--config.optim.warmup_steps=1"]
 # The loader interleaves hosts' rows in the global batch (host s holds positions s, s + n, ...),
-# so each example meets another dropout mask than on one host: compare without dropout.
+# so each example meets another dropout mask than on one host: the runs that are compared with
+# one process train without dropout; the slow resume test keeps it.
 NO_DROPOUT = ["--config.model.hidden_dropout=0", "--config.model.attention_dropout=0"]
 
 
-def _train(workdir: pathlib.Path, num_processes: int, devices: int, *extra: str,
+def _train(workdir: pathlib.Path, num_processes: int, devices: int, overrides: list[str],
            tokenizer_from: pathlib.Path | None = None) -> None:
   """One complete run; reuses another run's tokenizer (identical, and saves training it)."""
   if tokenizer_from is not None:
     shutil.copytree(tokenizer_from / "tokenizer", workdir / "tokenizer")
-  with h.launched(h.pretrain_argv(workdir, *TINY, *extra), num_processes, devices,
+  with h.launched(h.pretrain_argv(workdir, *overrides), num_processes, devices,
                   workdir.parent, workdir.name) as group:
     group.wait()
 
@@ -68,15 +69,14 @@ def _compilation_cache(runs) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def two_process_run(runs) -> pathlib.Path:
-  """The uninterrupted 2 x 4 reference run (with dropout), checkpoints every 3 steps."""
-  _train(runs / "two", 2, 4)
+  """The uninterrupted 2 x 4 reference run (no dropout), checkpoints every 3 steps."""
+  _train(runs / "two", 2, 4, TINY + NO_DROPOUT)
   return runs / "two"
 
 
 def test_two_processes_train_like_one_process(runs, two_process_run):
-  two, one = runs / "two-nodrop", runs / "one-nodrop"
-  _train(two, 2, 4, *NO_DROPOUT, tokenizer_from=two_process_run)
-  _train(one, 1, 8, *NO_DROPOUT, tokenizer_from=two_process_run)
+  two, one = two_process_run, runs / "one"
+  _train(one, 1, 8, TINY + NO_DROPOUT, tokenizer_from=two_process_run)
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-5)
   evals = [h.records(w, "eval") for w in (two, one)]
   assert sorted(evals[0]) == sorted(evals[1]) == [0, STEPS]
@@ -160,15 +160,15 @@ def _resumed_from(group: h.Group) -> int:
   return int(text.split(marker)[-1].split()[0])
 
 
-def _sigterm_one_then_resume(runs: pathlib.Path, reference: pathlib.Path, name: str,
-                             target: int, sigkill_first: bool) -> None:
+def _sigterm_one_then_resume(runs: pathlib.Path, reference: pathlib.Path, overrides: list[str],
+                             name: str, target: int, sigkill_first: bool) -> None:
   """[SIGKILL both after a checkpoint, relaunch,] SIGTERM process `target`, relaunch to the end.
 
   Every leg must leave the metrics of the uninterrupted run bitwise unchanged.
   """
   workdir = runs / name
   shutil.copytree(reference / "tokenizer", workdir / "tokenizer")
-  argv = h.pretrain_argv(workdir, *TINY)
+  argv = h.pretrain_argv(workdir, *overrides)
   if sigkill_first:
     with h.launched(argv, 2, 4, runs, f"{name}-a") as group:
       group.wait_for(lambda: any(0 < s < STEPS for s in h.committed_steps(workdir)),
@@ -200,25 +200,31 @@ def _sigterm_one_then_resume(runs: pathlib.Path, reference: pathlib.Path, name: 
 
 
 def test_sigkill_then_sigterm_resume_exactly(runs, two_process_run):
-  _sigterm_one_then_resume(runs, two_process_run, "chain", target=1, sigkill_first=True)
+  _sigterm_one_then_resume(runs, two_process_run, TINY + NO_DROPOUT, "chain", target=1,
+                           sigkill_first=True)
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_coordinator_resumes_exactly(runs, two_process_run):
-  _sigterm_one_then_resume(runs, two_process_run, "term0", target=0, sigkill_first=False)
+def test_with_dropout_sigkill_then_sigterm_to_the_coordinator_resume_exactly(
+    runs, two_process_run):
+  reference = runs / "two-dropout"
+  _train(reference, 2, 4, TINY, tokenizer_from=two_process_run)
+  _sigterm_one_then_resume(runs, reference, TINY, "dropout-chain", target=0, sigkill_first=True)
 
 
-def _restore_report(runs: pathlib.Path, workdir: pathlib.Path, mesh: str) -> dict:
-  out = runs / f"restore-{mesh.replace(',', 'x')}.json"
-  argv = [sys.executable, "-m", "tests.multihost.restore_check", f"--workdir={workdir}",
-          f"--mesh={mesh}", f"--out={out}"]
+@pytest.fixture(scope="module")
+def restore_report(runs, two_process_run) -> dict:
+  """restore_check.py's report on the 2-process checkpoint, read by 1 process on mesh 2x4x1."""
+  out = runs / "restore-2x4x1.json"
+  argv = [sys.executable, "-m", "tests.multihost.restore_check", f"--workdir={two_process_run}",
+          "--mesh=2,4,1", f"--out={out}"]
   with h.launched(argv, 1, 8, runs, out.stem) as group:
     group.wait()
   return json.loads(out.read_text())
 
 
-def test_two_process_checkpoint_restores_on_another_mesh(runs, two_process_run):
-  report = _restore_report(runs, two_process_run, "2,4,1")
+def test_two_process_checkpoint_restores_on_another_mesh(restore_report, two_process_run):
+  report = restore_report
   assert report["step"] == STEPS
   assert report["mesh_shapes"] == ["{'data': 2, 'fsdp': 4, 'tensor': 1}"]
   assert report["sharded_leaves"] > 0  # really resharded over fsdp, not only replicated
@@ -226,6 +232,13 @@ def test_two_process_checkpoint_restores_on_another_mesh(runs, two_process_run):
   written = h.records(two_process_run, "eval")[STEPS]  # computed by the 2 processes in memory
   for key in ("loss", "accuracy"):
     np.testing.assert_allclose(report["eval"][key], written[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="checkpoint.load_params restores without a target, so "
+                   "Orbax refuses the saving run's device ids (topology mismatch): convert "
+                   "--to_hf and init_from=WORKDIR fail on multi-process checkpoints")
+def test_load_params_reads_a_two_process_checkpoint(restore_report):
+  assert restore_report["load_params"] == [], restore_report["load_params"]
 
 
 def test_preflight_prints_the_topology_once_and_names_mesh_fields(runs, two_process_run):
