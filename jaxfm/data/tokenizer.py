@@ -95,7 +95,7 @@ class WordPieceTokenizer:
     for name, text in files.items():  # each file appears whole or not at all
       partial = folder / (name + ".tmp")
       partial.write_text(text, encoding="utf-8")
-      partial.rename(folder / name)
+      partial.replace(folder / name)
 
 
 def _bert_tokenizer(vocab: dict[str, int], lowercase: bool) -> Tokenizer:

@@ -1,7 +1,8 @@
 """The best checkpoint by an eval metric (Orbax `best_fn`), beside the latest, and early stopping.
 
 `WORKDIR/best/<step>/` holds the params of the best evaluation so far (Orbax keeps one,
-chosen by `best_fn`); `evaluate`/`predict` read it. Early stopping needs no state of its own:
+chosen by `best_fn`); `evaluate`/`predict` read it. Only a strictly better score replaces
+the best (Orbax alone would let a tie replace it). Early stopping needs no state of its own:
 the evaluations since the best are `(step - best_step) / eval_every`.
 """
 
@@ -29,19 +30,25 @@ class BestCheckpoint:
 
   def __init__(self, workdir: str, metric: str, mode: str, patience: int, eval_every: int):
     self.metric, self.patience, self.eval_every = metric, patience, eval_every
+    self.sign = 1.0 if mode == "max" else -1.0
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode=mode, create=True)
     self.manager = ocp.CheckpointManager(best_dir(workdir), options=options,
                                          item_names=(PARAMS, METRICS))
+    step = self.manager.best_step()
+    self.best_value = None if step is None else float(self.manager.restore(
+        step, args=ocp.args.Composite(**{METRICS: ocp.args.JsonRestore()}))[METRICS][metric])
 
   def update(self, step: int, params: Any, metrics: dict[str, float]) -> None:
-    """Offers the params evaluated at `step`; Orbax keeps them if they are the best."""
+    """Saves the params evaluated at `step` if their score is strictly the best so far."""
     if self.metric not in metrics:
       raise BestMetricError(f"train.best_metric={self.metric!r} is not an eval metric; choose "
                             f"one of {sorted(metrics)}")
     value = float(metrics[self.metric])
-    if not math.isfinite(value):
-      return  # a NaN score never becomes the best
+    if not math.isfinite(value) or (
+        self.best_value is not None and self.sign * value <= self.sign * self.best_value):
+      return
+    self.best_value = value
     self.manager.save(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardSave(params), METRICS: ocp.args.JsonSave(metrics)}),
         metrics={self.metric: value}, force=True)

@@ -1,0 +1,195 @@
+"""Fine-tuning end to end on small learnable data, checked against outside references
+(scikit-learn accuracy, seqeval entity F1, exact string match for QA) and the CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqeval.metrics
+import sklearn.metrics
+
+from tests import finetune_fixtures as ff
+from jaxfm import config as config_lib
+from jaxfm import sharding
+from jaxfm.finetuning import run, tasks
+from jaxfm.models import stack_layers
+from jaxfm.train import optim, run_setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("finetune")
+  return root, str(ff.write_model_dir(root))
+
+
+def _finetune(files, task, writer, name, **train):
+  root, model_dir = files
+  cfg = ff.config(task, model_dir, *writer(root), **train)
+  result, best_step = run.finetune(cfg, str(root / name))
+  return str(root / name), result, best_step
+
+
+@pytest.fixture(scope="module")
+def sentiment_run(files):
+  return _finetune(files, "classification", ff.write_sentiment, "sst")
+
+
+def _jsonl(path, rows):
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return str(path)
+
+
+def _cli(*args):
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_classification_learns_and_scores_like_sklearn(sentiment_run, files):
+  workdir, result, best_step = sentiment_run
+  assert result.eval["accuracy"] >= 0.9 and best_step is not None
+  dev = [line.split("\t") for line in open(files[0] / "dev.tsv").read().splitlines()[1:]]
+  rows = run.predict(workdir, _jsonl(files[0] / "dev.jsonl", [{"sentence": s} for s, _ in dev]))
+  assert len(rows) == len(dev)
+  predicted = [r["label"] for r in rows]
+  metrics = run.evaluate(workdir, "dev")
+  assert metrics["accuracy"] == pytest.approx(
+      sklearn.metrics.accuracy_score([label for _, label in dev], predicted))
+  assert metrics["f1"] == pytest.approx(
+      sklearn.metrics.f1_score([label for _, label in dev], predicted, pos_label="1"))
+  assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+
+
+def test_cli_evaluate_and_predict_need_only_the_workdir(sentiment_run, files, tmp_path):
+  workdir, _, _ = sentiment_run
+  metrics = json.loads(_cli("jaxfm.evaluate", f"--workdir={workdir}", "--split=dev")
+                       .strip().splitlines()[-1])
+  assert metrics["accuracy"] == pytest.approx(run.evaluate(workdir, "dev")["accuracy"])
+  inputs = _jsonl(tmp_path / "new.jsonl", [{"sentence": "the film was great"},
+                                           {"sentence": "a very awful plot"}])
+  _cli("jaxfm.predict", f"--workdir={workdir}", f"--input={inputs}",
+       f"--output={tmp_path / 'preds.jsonl'}")
+  rows = [json.loads(line) for line in open(tmp_path / "preds.jsonl")]
+  assert [r["label"] for r in rows] == ["1", "0"]
+
+
+def test_rerun_after_completion_is_a_no_op(sentiment_run, files):
+  root, model_dir = files
+  workdir, first, _ = sentiment_run
+  cfg = ff.config("classification", model_dir, str(root / "train.tsv"), str(root / "dev.tsv"))
+  again, _ = run.finetune(cfg, workdir)
+  assert again.step == first.step and again.train == {}
+
+
+def test_ner_entity_f1_equals_seqeval(files):
+  workdir, result, _ = _finetune(files, "ner", ff.write_conll, "ner")
+  root = files[0]
+  sentences = [[line.split() for line in block.splitlines()]
+               for block in open(root / "valid.txt").read().split("\n\n")[1:] if block.strip()]
+  rows = run.predict(workdir, _jsonl(root / "valid.jsonl",
+                                     [{"tokens": [c[0] for c in s]} for s in sentences]))
+  true = [[c[-1] for c in s] for s in sentences]
+  predicted = [r["tags"] for r in rows]
+  metrics = run.evaluate(workdir, "dev")
+  assert metrics["f1"] == pytest.approx(seqeval.metrics.f1_score(true, predicted))
+  assert metrics["f1"] > 0.8, metrics
+
+
+def test_qa_exact_match_counts_exact_answers(files):
+  workdir, result, _ = _finetune(files, "qa", ff.write_squad, "qa")
+  root = files[0]
+  paragraphs = json.load(open(root / "dev.json"))["data"][0]["paragraphs"]
+  questions = [{"id": p["qas"][0]["id"], "question": p["qas"][0]["question"],
+                "context": p["context"]} for p in paragraphs]
+  rows = run.predict(workdir, _jsonl(root / "dev_q.jsonl", questions))
+  gold = {p["qas"][0]["id"]: p["qas"][0]["answers"][0]["text"] for p in paragraphs}
+  exact = 100 * np.mean([r["answer"] == gold[r["id"]] for r in rows])
+  metrics = run.evaluate(workdir, "dev")
+  assert metrics["exact_match"] == pytest.approx(exact) and metrics["total"] == len(gold)
+  assert all(r["answer"] in q["context"] for r, q in zip(rows, questions))
+
+
+def test_early_stopping_keeps_the_first_of_equal_scores(files):
+  # A learning rate of ~0 keeps the dev accuracy constant: no evaluation improves on the first.
+  root, model_dir = files
+  cfg = ff.config("classification", model_dir, *ff.write_sentiment(root, 64, 16), epochs=10.0,
+                  early_stopping_patience=2)
+  cfg.optim.peak_learning_rate = 1e-12
+  result, best_step = run.finetune(cfg, str(root / "stop"))
+  per_epoch = 4  # 64 examples / batch 16
+  assert result.stopped_early and best_step == per_epoch
+  assert result.step == 3 * per_epoch  # two evaluations without improvement after the best
+  again, _ = run.finetune(cfg, str(root / "stop"))
+  assert again.step == result.step
+
+
+def test_unknown_dev_label_names_file_and_line(files, tmp_path):
+  root, model_dir = files
+  train, _ = ff.write_sentiment(root)
+  dev = tmp_path / "dev.tsv"
+  dev.write_text("sentence\tlabel\na good film\t1\na bad film\tmaybe\n")
+  with pytest.raises(ValueError, match=rf"{dev}:3: unknown label 'maybe'"):
+    run.finetune(ff.config("classification", model_dir, train, str(dev)), str(tmp_path / "w"))
+
+
+def test_init_report_drops_mlm_head_and_initialises_new_heads(files):
+  root, model_dir = files
+  cfg = ff.config("classification", model_dir, *ff.write_sentiment(root))
+  source_config, pretrained, _ = run_setup.read_pretrained(model_dir, "auto")
+  task = tasks.make_task("classification", source_config, ["0", "1"], None, cfg.data)
+  fresh = jax.device_get(sharding.unbox(task.init_params(jax.random.key(0))))
+  merged = tasks.merge_pretrained(fresh, pretrained, model_dir)
+  assert {n.split("/")[0] for n in merged.dropped} == {"mlm_head"}
+  assert sorted({"/".join(n.split("/")[:2]) for n in merged.initialised}) == [
+      "classifier/bias", "classifier/kernel", "encoder/pooler"]
+  np.testing.assert_array_equal(
+      merged.params["encoder"]["embeddings"]["word_embeddings"]["embedding"],
+      pretrained["encoder"]["embeddings"]["word_embeddings"]["embedding"])
+
+
+def test_layer_decay_follows_depth_in_both_layouts():
+  leaf = jnp.ones((3, 2))
+  params = {"encoder": {"embeddings": {"w": leaf}, "layer_0": {"w": leaf}, "layer_1": {"w": leaf},
+                        "pooler": {"w": leaf}}, "classifier": {"w": leaf}}
+  plain = optim.layer_lr_scales(params, 0.5)
+  assert plain["encoder"]["embeddings"]["w"] == 0.125
+  assert (plain["encoder"]["layer_0"]["w"], plain["encoder"]["layer_1"]["w"]) == (0.25, 0.5)
+  assert plain["encoder"]["pooler"]["w"] == 1.0 and plain["classifier"]["w"] == 1.0
+  stacked = optim.layer_lr_scales(stack_layers(params), 0.5)["encoder"]["layers"]["w"]
+  np.testing.assert_allclose(np.asarray(stacked)[:, 0, 0], [0.25, 0.5])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("task", "parsing", "must be one of"),
+    ("data.train_file", "", "data.train_file is required"),
+    ("data.text_fields", "a,b,c", "one field or two"),
+    ("data.max_seq_length", 4, "must be >= 8"),
+    ("train.epochs", -1.0, "must be >= 0"),
+    ("optim.layer_decay", 0.0, "must be in (0, 1]"),
+    ("optim.warmup_ratio", 1.0, "must be < 1"),
+    ("train.best_mode", "up", "must be one of"),
+    ("data.on_error", "ignore", "must be one of"),
+])
+def test_finetune_config_rules(field, value, message):
+  cfg = config_lib.finetune_defaults()
+  cfg.data.train_file = "train.tsv"
+  node = cfg
+  *parents, leaf = field.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                     .replace("[", r"\[").replace("]", r"\]")):
+    config_lib.validate_finetune(cfg)
