@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAX_WAIT_S = 120.0
+PEER_GRACE_S = 15.0
 _RUNTIME_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                  "JAXFM_DISTRIBUTED", "XLA_FLAGS")
 
@@ -65,16 +66,25 @@ class Group:
   def wait(self, timeout_s: float = MAX_WAIT_S, codes: Sequence[int] | None = None) -> list[int]:
     """Exit codes once all processes end; a hang past `timeout_s` (at most 120 s) fails.
 
+    Once one process exits with an unexpected code, the others get `PEER_GRACE_S` to end
+    (a peer of a failed process usually blocks in a collective) before the test fails.
+
     Args:
       codes: the expected exit codes (default: all 0); a mismatch fails with the logs' tails.
     """
+    want = [0] * len(self.procs) if codes is None else list(codes)
     deadline = time.monotonic() + min(timeout_s, MAX_WAIT_S)
+    why = f"processes still running after {min(timeout_s, MAX_WAIT_S):.0f} s"
     while any(p.poll() is None for p in self.procs):
       if time.monotonic() > deadline:
-        self.fail(f"processes still running after {min(timeout_s, MAX_WAIT_S):.0f} s")
+        self.fail(why)
+      failed = [i for i, (p, w) in enumerate(zip(self.procs, want)) if p.poll() not in (None, w)]
+      if failed and time.monotonic() + PEER_GRACE_S < deadline:
+        deadline = time.monotonic() + PEER_GRACE_S
+        why = (f"process {failed[0]} exited {self.procs[failed[0]].returncode}; the others "
+               f"were still running {PEER_GRACE_S:.0f} s later")
       time.sleep(0.1)
     got = [p.returncode for p in self.procs]
-    want = [0] * len(self.procs) if codes is None else list(codes)
     if got != want:
       self.fail(f"exit codes {got}, expected {want}")
     return got
