@@ -83,6 +83,9 @@ def parse_topology(name: str) -> tuple[Chip, tuple[int, int, int]]:
 def tpu_devices(name: str) -> tuple[list[jax.Device], Chip]:
   """Compile-only devices of the slice `name` (needs libtpu, not a TPU)."""
   chip, dims = parse_topology(name)
+  # libtpu's lockfile keeps a second process off the chips; compile-only devices open none, and
+  # without this a check fails while another one (or a test process) has libtpu loaded.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     desc = topologies.get_topology_desc(
