@@ -88,7 +88,8 @@ def peak_rss_mib() -> float:
 def time_steps(step: Callable[[], None], steps: int, warmup: int) -> dict[str, Any]:
   """Times the first call, runs `warmup` more untimed, then times `steps` calls one by one.
 
-  `step` must return only once its work has finished (block on the device).
+  `step` must return only once its work has finished (block on the device). `cores_busy` is
+  this process's CPU seconds per wall second over the timed steps (2.0 = both cores of 2).
   """
   start = time.perf_counter()
   step()
@@ -96,39 +97,50 @@ def time_steps(step: Callable[[], None], steps: int, warmup: int) -> dict[str, A
   for _ in range(warmup):
     step()
   times = []
+  cpu = time.process_time()
   for _ in range(steps):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
+  cpu = time.process_time() - cpu
   return {"first_step_s": first, "step_s": statistics.median(times),
-          "step_s_min": min(times), "step_s_max": max(times), "steps": steps}
+          "step_s_min": min(times), "step_s_max": max(times), "steps": steps,
+          "cpu_s_per_step": cpu / steps, "cores_busy": cpu / sum(times)}
 
 
-def _best_rate(call: Callable[[], None], flops: float, reps: int) -> float:
+@dataclasses.dataclass(frozen=True)
+class Rate:
+  """FLOP/s of the fastest timed call, and FLOPs per CPU-second of this process over all calls."""
+
+  flops_per_s: float
+  flops_per_cpu_s: float
+
+
+def _rate(call: Callable[[], None], flops: float, reps: int) -> Rate:
   call()
-  best = float("inf")
+  best, cpu = float("inf"), time.process_time()
   for _ in range(reps):
     start = time.perf_counter()
     call()
     best = min(best, time.perf_counter() - start)
-  return flops / best
+  return Rate(flops / best, flops * reps / (time.process_time() - cpu))
 
 
-def jax_matmul_flops(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> float:
-  """Best FLOP/s of a jitted [m, k] @ [k, n] on JAX's default device."""
+def jax_matmul_rate(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> Rate:
+  """A jitted [m, k] @ [k, n] on JAX's default device."""
   import jax  # pylint: disable=g-import-not-at-top
   a = jax.random.normal(jax.random.key(0), (m, k), dtype)
   b = jax.random.normal(jax.random.key(1), (k, n), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
-  return _best_rate(lambda: matmul(a, b).block_until_ready(), 2.0 * m * k * n, reps)
+  return _rate(lambda: matmul(a, b).block_until_ready(), 2.0 * m * k * n, reps)
 
 
-def torch_matmul_flops(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> float:
-  """Best FLOP/s of torch.matmul on the CPU with torch's default intra-op threads."""
+def torch_matmul_rate(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> Rate:
+  """torch.matmul on the CPU with torch's default intra-op threads."""
   import torch  # pylint: disable=g-import-not-at-top
   a = torch.randn(m, k, dtype=getattr(torch, dtype))
   b = torch.randn(k, n, dtype=getattr(torch, dtype))
-  return _best_rate(lambda: torch.matmul(a, b), 2.0 * m * k * n, reps)
+  return _rate(lambda: torch.matmul(a, b), 2.0 * m * k * n, reps)
 
 
 def ceiling_size(platform: str) -> int:

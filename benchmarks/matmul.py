@@ -2,8 +2,9 @@
 
   python -m benchmarks.matmul [--shapes=2048x2048x2048,4096x256x1024] [--reps=10] [--impl=jax,torch]
 
-A shape MxKxN times [M, K] @ [K, N]; each rate is the best of `--reps` timed calls after one
-warm-up, 2*M*K*N FLOPs per call. Both libraries run in this one process, one after the other.
+A shape MxKxN times [M, K] @ [K, N] (2*M*K*N FLOPs) after one warm-up call: the best wall-clock
+rate of `--reps` calls, and FLOPs per CPU-second of the process over them (robust to other load
+on the machine). Both libraries run in this one process, shape by shape.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from benchmarks.common import jax_matmul_flops, torch_matmul_flops
+from benchmarks.common import jax_matmul_rate, torch_matmul_rate
 
 # Square ceiling, then the dense shapes of a batch of 32 x 128 tokens: bert-mini QKV and MLP,
 # bert-base MLP up/down, the masked-only MLM decoder (640 rows) and the full one (4096 rows).
@@ -28,14 +29,14 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Operand
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  rate = {"jax": jax_matmul_flops, "torch": torch_matmul_flops}
+  measure = {"jax": jax_matmul_rate, "torch": torch_matmul_rate}
   shapes = [tuple(int(d) for d in s.split("x")) for s in _SHAPES.value.split(",")]
-  results = {impl: [rate[impl](*shape, _DTYPE.value, _REPS.value) for shape in shapes]
-             for impl in _IMPL.value}
-  print("shape MxKxN".ljust(18) + "".join(f"{impl + ' GFLOP/s':>16}" for impl in _IMPL.value))
-  for i, shape in enumerate(shapes):
-    print("x".join(map(str, shape)).ljust(18)
-          + "".join(f"{results[impl][i] / 1e9:16.1f}" for impl in _IMPL.value))
+  print("shape MxKxN".ljust(18) + "".join(f"{impl + ' GFLOP/s, per CPU-s':>28}"
+                                          for impl in _IMPL.value))
+  for shape in shapes:
+    rates = [measure[impl](*shape, _DTYPE.value, _REPS.value) for impl in _IMPL.value]
+    print("x".join(map(str, shape)).ljust(18) + "".join(
+        f"{r.flops_per_s / 1e9:18.1f}, {r.flops_per_cpu_s / 1e9:7.1f}" for r in rates), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ jaxfm/torch tokens/s ratio. First a JAX child measures the matmul ceiling (best 
 
 FLOPs per token (`jaxfm.train.flops`) are what each implementation computes: jaxfm runs the MLM
 head at the masked positions only, the HF model at every position (its loss ignores the rest).
+`mfu` is achieved FLOP/s over the ceiling's best FLOP/s; `mfu_cpu` is achieved FLOPs per CPU-second
+of the child over the ceiling matmul's FLOPs per CPU-second, which holds up better when other
+processes share the cores (`cores_busy` = the child's CPU-seconds per wall second).
 With `--json`, stdout holds one JSON line per measurement and the table goes to stderr.
 """
 
@@ -96,7 +99,10 @@ def measure(case: common.Case, ceiling: dict[str, Any], round_index: int) -> dic
       "compile_s": result.pop("compile_s"), "peak_rss_mib": result.pop("peak_rss_mib"),
       "mfu": tokens_per_s * fpt / (ceiling["matmul_flops"] * chips),
       "first_step_s": result.pop("first_step_s"), "flops_per_token": fpt,
-      "matmul_ceiling_flops": ceiling["matmul_flops"], "dtype": case.dtype, "round": round_index,
+      "matmul_ceiling_flops": ceiling["matmul_flops"],
+      "mfu_cpu": (case.batch * case.seq * fpt / result["cpu_s_per_step"]
+                  / ceiling["matmul_flops_per_cpu_s"]),
+      "dtype": case.dtype, "round": round_index,
       "num_layers": case.arch["num_layers"],
   }
   if case.task == "mlm":
@@ -109,17 +115,21 @@ def measure(case: common.Case, ceiling: dict[str, Any], round_index: int) -> dic
 
 def _table(records: list[dict[str, Any]], ceiling: dict[str, Any]) -> str:
   head = (f"{'impl':6} {'round':>5} {'tokens/s':>9} {'step s':>7} {'compile s':>9} "
-          f"{'first s':>7} {'RSS MiB':>8} {'MFU':>6}")
+          f"{'first s':>7} {'RSS MiB':>8} {'MFU':>6} {'cores':>5} {'MFU/CPU-s':>9}")
   rows = [f"matmul ceiling ({ceiling['dtype']}, {ceiling['platform']}, JAX, "
-          f"n={ceiling['n']}): {ceiling['matmul_flops'] / 1e9:,.1f} GFLOP/s", head]
+          f"n={ceiling['n']}): {ceiling['matmul_flops'] / 1e9:,.1f} GFLOP/s, "
+          f"{ceiling['matmul_flops_per_cpu_s'] / 1e9:,.1f} GFLOP per CPU-second", head]
   rows += [f"{r['impl']:6} {r['round']:5d} {r['tokens_per_s']:9,.0f} {r['step_s']:7.3f} "
            f"{r['compile_s']:9.2f} {r['first_step_s']:7.2f} {r['peak_rss_mib']:8,.0f} "
-           f"{r['mfu']:6.1%}" for r in records]
+           f"{r['mfu']:6.1%} {r['cores_busy']:5.2f} {r['mfu_cpu']:9.1%}" for r in records]
   pairs = [(a, b) for a, b in zip(records[::2], records[1::2])
            if (a["impl"], b["impl"]) == IMPLS]
-  for name, key in (("tokens/s", "tokens_per_s"), ("peak RSS", "peak_rss_mib")):
+  comparisons = (("tokens/s", lambda a, b: a["tokens_per_s"] / b["tokens_per_s"]),
+                 ("tokens per CPU-second", lambda a, b: b["cpu_s_per_step"] / a["cpu_s_per_step"]),
+                 ("peak RSS", lambda a, b: a["peak_rss_mib"] / b["peak_rss_mib"]))
+  for name, ratio in comparisons:
     if pairs:
-      ratios = [a[key] / b[key] for a, b in pairs]
+      ratios = [ratio(a, b) for a, b in pairs]
       rows.append(f"jaxfm/torch {name} per pair: median {statistics.median(ratios):.2f} "
                   f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {len(ratios)} pairs)")
   return "\n".join(rows)
@@ -130,8 +140,8 @@ def _child_main() -> None:
     import jax  # pylint: disable=g-import-not-at-top
     platform = jax.devices()[0].platform
     n = common.ceiling_size(platform)
-    rate = common.jax_matmul_flops(n, n, n, _DTYPE.value, _MATMUL_REPS.value)
-    result = dict(matmul_flops=rate,
+    rate = common.jax_matmul_rate(n, n, n, _DTYPE.value, _MATMUL_REPS.value)
+    result = dict(matmul_flops=rate.flops_per_s, matmul_flops_per_cpu_s=rate.flops_per_cpu_s,
                   n=n, platform=platform, dtype=_DTYPE.value)
   else:
     case = common.Case.from_json(_CHILD.value)

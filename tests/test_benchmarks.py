@@ -1,0 +1,55 @@
+"""`python -m benchmarks.step` runs and reports its documented fields (no timing assertions)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jaxfm.models import preset
+from jaxfm.train.flops import mlm_flops_per_token
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_FIELDS = ("impl", "model", "task", "seq", "batch", "tokens_per_s", "step_s", "compile_s",
+           "peak_rss_mib", "mfu", "first_step_s", "flops_per_token")
+
+
+def _harness(*args: str) -> tuple[list[dict], str]:
+  # One real CPU device, not the suite's 8 fake ones.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.step", "--json", "--steps=2", "--warmup=0",
+       "--matmul_reps=1", *args], cwd=_ROOT, env=env, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def _check_sane(row: dict, impl: str, seq: int, batch: int) -> None:
+  assert set(_FIELDS) <= set(row), sorted(set(_FIELDS) - set(row))
+  assert (row["impl"], row["model"], row["task"], row["seq"], row["batch"]) == (
+      impl, "tiny", "mlm", seq, batch)
+  assert row["step_s"] > 0 and row["first_step_s"] > 0 and row["compile_s"] >= 0
+  assert abs(row["tokens_per_s"] * row["step_s"] - seq * batch) < 1e-6 * seq * batch
+  assert 0 < row["mfu"] < 2 and row["peak_rss_mib"] > 50
+
+
+def test_jaxfm_tiny_mlm_reports_every_field():
+  (row,), _ = _harness("--model=tiny", "--task=mlm", "--impl=jaxfm")
+  _check_sane(row, "jaxfm", 128, 32)
+  assert row["compile_s"] > 0
+  assert row["flops_per_token"] == mlm_flops_per_token(preset("tiny"), 128, 20)
+
+
+@pytest.mark.slow  # importing torch + transformers alone takes ~5 s here
+def test_both_impls_interleave_and_report_the_pair_ratio():
+  rows, table = _harness("--model=tiny", "--task=mlm", "--seq=16", "--batch=2")
+  assert [r["impl"] for r in rows] == ["jaxfm", "torch"]
+  for row in rows:
+    _check_sane(row, row["impl"], 16, 2)
+  # The HF head runs at every position, jaxfm's at the 3 masked ones only.
+  assert rows[1]["flops_per_token"] == mlm_flops_per_token(preset("tiny"), 16, 16)
+  assert rows[0]["flops_per_token"] == mlm_flops_per_token(preset("tiny"), 16, 3)
+  assert "jaxfm/torch tokens/s per pair: median" in table
