@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -123,6 +124,26 @@ def launched(argv: Sequence[str], num_processes: int, devices_per_process: int,
     yield group
   finally:
     group.kill()
+
+
+@contextlib.contextmanager
+def exclusive(path: pathlib.Path, timeout_s: float = MAX_WAIT_S) -> Iterator[None]:
+  """Holds an flock on `path` (pytest-xdist workers share it); waiting past `timeout_s` fails."""
+  with path.open("a") as f:
+    deadline = time.monotonic() + min(timeout_s, MAX_WAIT_S)
+    while True:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          raise AssertionError(f"another pytest worker held {path} for over "
+                               f"{min(timeout_s, MAX_WAIT_S):.0f} s") from None
+        time.sleep(0.2)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def pretrain_argv(workdir: pathlib.Path, *overrides: str) -> list[str]:

@@ -10,12 +10,13 @@ compiling them again (the tests' main cost on 2 CPU cores).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import signal
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -57,7 +58,23 @@ def _losses(workdir: pathlib.Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> pathlib.Path:
-  return tmp_path_factory.mktemp("multihost")
+  """The module's folder, shared by pytest-xdist workers (see `_once`)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the folder above every worker's own
+  (root / "multihost").mkdir(exist_ok=True)
+  return root / "multihost"
+
+
+def _once(runs: pathlib.Path, name: str, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+  """`runs/name`, built by whichever pytest worker asks first; the others reuse it."""
+  target, done = runs / name, runs / f"{name}.done"
+  with h.exclusive(runs / f"{name}.lock"):
+    if not done.exists():
+      shutil.rmtree(target, ignore_errors=True)
+      build(target)
+      done.touch()
+  return target
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,8 +87,7 @@ def _compilation_cache(runs) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def two_process_run(runs) -> pathlib.Path:
   """The uninterrupted 2 x 4 reference run (no dropout), checkpoints every 3 steps."""
-  _train(runs / "two", 2, 4, TINY + NO_DROPOUT)
-  return runs / "two"
+  return _once(runs, "two", lambda w: _train(w, 2, 4, TINY + NO_DROPOUT))
 
 
 def test_two_processes_train_like_one_process(runs, two_process_run):
@@ -97,17 +113,18 @@ def _examples(batch: dict[str, np.ndarray]) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def small_data(runs) -> loader.PretrainingData:
+def small_data(tmp_path_factory) -> loader.PretrainingData:
   rng = np.random.default_rng(0)
   words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9)))
            for _ in range(400)]
   docs = ["\n".join(" ".join(rng.choice(words, size=rng.integers(3, 25)))
                     for _ in range(rng.integers(1, 8))) for _ in range(120)]
-  (runs / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+  folder = tmp_path_factory.mktemp("small-data")
+  (folder / "corpus.txt").write_text("\n\n".join(docs) + "\n")
   cfg = pretrain_defaults().data
-  cfg.update(dict(train_files=str(runs / "corpus.txt"), vocab_size=200, max_seq_length=32,
+  cfg.update(dict(train_files=str(folder / "corpus.txt"), vocab_size=200, max_seq_length=32,
                   max_predictions_per_seq=5, eval_fraction=0.15, seed=1))
-  return loader.build_pretraining_data(cfg, str(runs / "small-tokenizer"),
+  return loader.build_pretraining_data(cfg, str(folder / "tokenizer"),
                                        max_position_embeddings=64)
 
 
@@ -215,12 +232,13 @@ def test_with_dropout_sigkill_then_sigterm_to_the_coordinator_resume_exactly(
 @pytest.fixture(scope="module")
 def restore_report(runs, two_process_run) -> dict:
   """restore_check.py's report on the 2-process checkpoint, read by 1 process on mesh 2x4x1."""
-  out = runs / "restore-2x4x1.json"
-  argv = [sys.executable, "-m", "tests.multihost.restore_check", f"--workdir={two_process_run}",
-          "--mesh=2,4,1", f"--out={out}"]
-  with h.launched(argv, 1, 8, runs, out.stem) as group:
-    group.wait()
-  return json.loads(out.read_text())
+  def build(folder: pathlib.Path) -> None:
+    folder.mkdir()
+    argv = [sys.executable, "-m", "tests.multihost.restore_check",
+            f"--workdir={two_process_run}", "--mesh=2,4,1", f"--out={folder / 'report.json'}"]
+    with h.launched(argv, 1, 8, folder, "restore") as group:
+      group.wait()
+  return json.loads((_once(runs, "restore-2x4x1", build) / "report.json").read_text())
 
 
 def test_two_process_checkpoint_restores_on_another_mesh(restore_report, two_process_run):
