@@ -56,6 +56,9 @@ def initialize_runtime() -> None:
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       # Cross-process collectives on CPU (local multi-host testing) need gloo.
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    logging.info("process %s of %s joining %s (waits up to JAX_INIT_TIMEOUT_S=%d s)",
+                 os.environ["JAX_PROCESS_ID"], os.environ["JAX_NUM_PROCESSES"],
+                 os.environ["JAX_COORDINATOR_ADDRESS"], timeout_s)
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

@@ -271,3 +271,14 @@ def test_preflight_prints_the_topology_once_and_names_mesh_fields(runs, two_proc
     for log in group.logs:
       assert ("error: mesh.data=3, mesh.fsdp=1, mesh.tensor=1 does not match the 8 devices of "
               "this run (2 process(es) x 4 local)") in log.read_text(), group.tails()
+
+
+def test_a_missing_peer_fails_after_the_init_timeout(runs):
+  # Process 1 never starts; process 0 must give up after JAX_INIT_TIMEOUT_S, not hang.
+  script = '[ "$JAX_PROCESS_ID" = 1 ] && exit 0; JAX_INIT_TIMEOUT_S=5 exec "$0" "$@"'
+  argv = ["bash", "-c", script, *h.pretrain_argv(runs / "lonely", *TINY)]
+  with h.launched(argv, 2, 4, runs, "lonely") as group:
+    group.wait(timeout_s=60, codes=[-signal.SIGABRT, 0])  # JAX aborts on DEADLINE_EXCEEDED
+  log = group.logs[0].read_text()
+  assert "process 0 of 2 joining 127.0.0.1:" in log and "JAX_INIT_TIMEOUT_S=5 s" in log, log[-3000:]
+  assert "DEADLINE_EXCEEDED" in log, log[-3000:]
