@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import uuid
 from typing import Any, Iterator
 
 import jax
@@ -67,16 +68,21 @@ class Manager(ocp.CheckpointManager):
     return started
 
   def wait_until_finished(self) -> None:
-    super().wait_until_finished()
     step, self._unconfirmed = self._unconfirmed, None
-    if step is None:
-      return
-    self.reload()
-    if step not in self.all_steps():
-      raise CheckpointError(
-          f"saving checkpoint step {step} in {self.directory} failed (the cause is logged "
-          f"above); the newest committed step is {self.latest_step()}. Check that the "
-          "directory is writable and has space, then rerun to resume from there.")
+    try:
+      super().wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - whatever the background write raised
+      raise self._failed(step, f"{type(e).__name__}: {_first_line(e)}") from e
+    if step is not None:
+      self.reload()
+      if step not in self.all_steps():
+        raise self._failed(step, "the cause is logged above")
+
+  def _failed(self, step: int | None, cause: str) -> CheckpointError:
+    return CheckpointError(
+        f"saving checkpoint step {step} in {self.directory} failed ({cause}); the newest "
+        f"committed step is {self.latest_step()}. Check that the directory is writable and "
+        "has space, then rerun to resume from there.")
 
 
 def make_manager(workdir: str, keep: int, keep_every: int = 0,
@@ -89,6 +95,9 @@ def make_manager(workdir: str, keep: int, keep_every: int = 0,
   directory = checkpoint_dir(workdir)
   if directory.exists():
     quarantine_damaged(directory)
+  else:
+    directory.mkdir(parents=True)
+  _probe_writable(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
       create=True, cleanup_tmp_directories=True)
@@ -102,6 +111,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
   Raises:
     CheckpointError: this save could not start, or the previous one failed.
   """
+  _probe_writable(manager.directory)
   try:
     return manager.save(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
@@ -130,6 +140,22 @@ def finishing(manager: ocp.CheckpointManager) -> Iterator[None]:
       logging.error("%s", e)
     raise
   manager.close()
+
+
+def _probe_writable(directory: epath.Path) -> None:
+  """Raises CheckpointError now if `directory` takes no writes.
+
+  Orbax creates a step's directory in the background; when that fails its commit
+  threads wait minutes for a signal that never comes, so we check synchronously.
+  """
+  if jax.process_index() != 0:
+    return
+  probe = directory / f".write-probe-{uuid.uuid4().hex}"
+  try:
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise CheckpointError(f"checkpoint directory {directory} is not writable: {e}") from e
 
 
 def _first_line(e: BaseException) -> str:

@@ -64,19 +64,25 @@ class Trainer:
     self.env, self.launches = env, 0
 
   def start(self, workdir: Path, overrides: dict[str, Any], fault: str = "",
-            user: int | None = None) -> Launch:
+            read_only: Path | None = None) -> Launch:
+    """Starts a worker; with `read_only`, that directory is read-only to it (even as root)."""
     self.launches += 1
     log = Path(f"{workdir}.log{self.launches}")
+    command = [sys.executable, "-m", "tests.reliability.worker", str(workdir),
+               json.dumps(overrides), *([fault] if fault else [])]
+    if read_only is not None:
+      read_only.chmod(0o555)
+      if os.geteuid() == 0:  # root ignores modes: a read-only bind mount in a private namespace
+        command = ["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$0" && '
+                   'mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(read_only), *command]
     with log.open("w") as out:
-      proc = subprocess.Popen(
-          [sys.executable, "-m", "tests.reliability.worker", str(workdir), json.dumps(overrides),
-           *([fault] if fault else [])],
-          cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, user=user)
+      proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=out,
+                              stderr=subprocess.STDOUT)
     return Launch(proc, log)
 
   def run(self, workdir: Path, overrides: dict[str, Any], fault: str = "",
-          user: int | None = None) -> Result:
-    return self.start(workdir, overrides, fault, user).finish()
+          read_only: Path | None = None) -> Result:
+    return self.start(workdir, overrides, fault, read_only).finish()
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +90,6 @@ def trainer() -> Trainer:
   # Shared by xdist workers and later sessions: compiling dominates a launch otherwise.
   cache = Path(tempfile.gettempdir()) / "jaxfm-reliability-jax-cache"
   cache.mkdir(exist_ok=True)
-  cache.chmod(0o777)  # a worker may run as another user (read-only checkpoint test)
   return Trainer({
       **os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
       "XLA_FLAGS": "--xla_force_host_platform_device_count=1",

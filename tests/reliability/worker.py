@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def _kill_in_delete(nth: int) -> None:
   def delete(self, path, **kwargs):
     calls.append(path)
     if len(calls) == nth:
-      files = sorted(str(p) for p in path.rglob("*") if p.is_file())
+      files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
       for name in files[: len(files) // 2]:
         os.unlink(name)
       _die(f"killed while deleting {path} ({len(files) // 2}/{len(files)} files gone)")
