@@ -219,9 +219,9 @@ def quarantine_damaged(directory: epath.Path) -> None:
 
 
 def _check_target(abstract_state: Any) -> None:
-  missing = [jax.tree_util.keystr(path) for path, leaf in
-             jax.tree_util.tree_leaves_with_path(abstract_state)
-             if getattr(leaf, "sharding", None) is None]
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_state)
+  missing = [jax.tree_util.keystr(path) or "the root" for path, leaf in leaves
+             if getattr(leaf, "sharding", None) is None] or ([] if leaves else ["any array"])
   if missing:
     raise CheckpointError(
         f"restore target has no sharding for {len(missing)} arrays (e.g. {missing[0]}): pass "
