@@ -1,0 +1,256 @@
+"""5. Config: every validation rule, override typos, a changed config on resume, unwritable workdirs.
+
+`RULES` has one row per rule of `jaxfm.config`'s `validate_*` functions; a meta-test parses
+those functions and fails when a check (or a field of a multi-field check) has no row.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import runpy
+import subprocess
+import sys
+import traceback
+from typing import Any, NamedTuple
+
+import pytest
+
+from jaxfm import config as config_lib
+from jaxfm.train import run_setup
+from tests.reliability.conftest import LAUNCH_TIMEOUT_S, ROOT
+
+_CHECKS = ("_fail", "_positive", "_one_of")
+
+
+class Rule(NamedTuple):
+  check: str  # the validate_* function holding the rule
+  field: str
+  value: Any
+  message: str  # a fragment of the expected error
+  context: dict[str, Any] = {}  # other fields the rule needs set
+
+
+def _positive(check: str, *fields: str, value: Any = 0) -> list[Rule]:
+  return [Rule(check, f, value, f"{f}={value!r} must be > 0") for f in fields]
+
+
+M, MESH, O, T, D, F = ("validate_model", "validate_mesh", "validate_optim", "validate_train",
+                       "validate_pretrain_data", "validate_finetune")
+QA = {"task": "qa"}
+RULES = [
+    *_positive(M, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+               "model.intermediate_size", "model.max_position_embeddings",
+               "model.type_vocab_size"),
+    *_positive(M, "model.layer_norm_eps", "model.initializer_range", value=0.0),
+    Rule(M, "model.num_heads", 5, "model.num_heads=5 does not divide model.hidden_size=128"),
+    Rule(M, "model.embedding_size", -1, "model.embedding_size=-1 must be >= 0"),
+    Rule(M, "model.hidden_dropout", 1.0, "model.hidden_dropout=1.0 must be in [0, 1)"),
+    Rule(M, "model.attention_dropout", -0.1, "model.attention_dropout=-0.1 must be in [0, 1)"),
+    Rule(M, "model.hidden_act", "swish", "model.hidden_act='swish' must be one of gelu"),
+    Rule(M, "model.dtype", "int8", "model.dtype='int8' must be one of float32"),
+    Rule(M, "model.remat_policy", "most", "model.remat_policy='most' must be one of none"),
+    Rule(MESH, "mesh.data", 0, "mesh.data=0 must be a positive size or -1"),
+    Rule(MESH, "mesh.fsdp", -2, "mesh.fsdp=-2 must be a positive size or -1"),
+    Rule(MESH, "mesh.tensor", 0, "mesh.tensor=0 must be a positive size or -1"),
+    Rule(MESH, "mesh.fsdp", -1, "at most one of mesh.data/fsdp/tensor may be -1"),
+    Rule(MESH, "mesh.tensor", 3, "mesh.tensor=3 does not divide model.num_heads=2"),
+    Rule(O, "optim.name", "sgd", "optim.name='sgd' must be one of adamw, lamb"),
+    Rule(O, "optim.decay", "step", "optim.decay='step' must be one of linear, cosine, constant"),
+    *_positive(O, "optim.peak_learning_rate", "optim.eps", value=0.0),
+    Rule(O, "optim.b1", 1.0, "optim.b1=1.0 must be in [0, 1)"),
+    Rule(O, "optim.b2", -0.5, "optim.b2=-0.5 must be in [0, 1)"),
+    Rule(O, "optim.weight_decay", -0.1, "optim.weight_decay=-0.1 must be >= 0"),
+    Rule(O, "optim.clip_norm", -1.0, "optim.clip_norm=-1.0 must be >= 0"),
+    Rule(O, "optim.warmup_steps", -1, "optim.warmup_steps=-1 must be >= 0"),
+    Rule(O, "optim.end_learning_rate_factor", -0.5, "optim.end_learning_rate_factor=-0.5 must be"),
+    *_positive(T, "train.steps", "train.batch_size", "train.grad_accum_steps", "train.log_every",
+               "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.max_consecutive_nonfinite"),
+    Rule(T, "train.eval_batches", -1, "train.eval_batches=-1 must be >= 0"),
+    Rule(T, "train.checkpoint_every_seconds", -1, "train.checkpoint_every_seconds=-1 must be >= 0"),
+    Rule(T, "train.keep_every", 700, "train.keep_every=700 must be 0 or a multiple of "
+         "train.checkpoint_every=500"),
+    Rule(T, "train.grad_accum_steps", 5, "train.grad_accum_steps=5 does not divide "
+         "train.batch_size=32"),
+    Rule(T, "optim.warmup_steps", 2000, "optim.warmup_steps=2000 exceeds train.steps=1000"),
+    Rule(D, "data.format", "csv", "data.format='csv' must be one of text, jsonl, tfds"),
+    Rule(D, "data.documents", "para", "data.documents='para' must be one of blank_line, line"),
+    Rule(D, "data.on_decode_error", "drop", "data.on_decode_error='drop' must be one of error"),
+    *_positive(D, "data.max_seq_length", "data.max_predictions_per_seq", "data.vocab_size"),
+    Rule(D, "data.format", "tfds", "data.format='tfds' needs data.tfds_name"),
+    Rule(D, "data.max_seq_length", 1024, "data.max_seq_length=1024 exceeds "
+         "model.max_position_embeddings=512"),
+    Rule(D, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
+    Rule(D, "data.mask_prob", 1.0, "data.mask_prob=1.0 must be in (0, 1)"),
+    Rule(D, "data.max_predictions_per_seq", 200, "data.max_predictions_per_seq=200 exceeds "
+         "data.max_seq_length=128"),
+    Rule(D, "data.eval_fraction", 1.0, "data.eval_fraction=1.0 must be in [0, 1)"),
+    Rule(D, "data.worker_count", -1, "data.worker_count=-1 must be >= 0"),
+    Rule(D, "data.vocab_size", 100, "data.vocab_size=100 must be >= 128 to train a tokenizer"),
+    Rule(D, "model.vocab_size", 0, "model.vocab_size=0 must be >= 1", {"data.tokenizer": "v.txt"}),
+    Rule(F, "task", "seq2seq", "task='seq2seq' must be one of classification"),
+    Rule(F, "data.on_error", "ignore", "data.on_error='ignore' must be one of raise, skip"),
+    Rule(F, "data.tag_scheme", "bio", "data.tag_scheme='bio' must be one of iob2"),
+    Rule(F, "train.best_mode", "median", "train.best_mode='median' must be one of max, min"),
+    Rule(F, "data.train_file", "", "data.train_file is required"),
+    Rule(F, "data.tfds_name", "conll2003", "data.tfds_name='conll2003' is supported for "
+         "classification only", {"task": "ner"}),
+    Rule(F, "data.text_fields", "a,b,c", "data.text_fields='a,b,c' must name one field or two"),
+    Rule(F, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
+    *(Rule(F, f, v, f"{f}={v!r} must be >= 0") for f, v in (
+        ("data.max_train_examples", -1), ("data.max_eval_examples", -1), ("train.epochs", -1.0),
+        ("train.eval_every", -1), ("train.checkpoint_every", -1),
+        ("train.early_stopping_patience", -1), ("optim.warmup_ratio", -0.1))),
+    Rule(F, "optim.layer_decay", 0.0, "optim.layer_decay=0.0 must be in (0, 1]"),
+    Rule(F, "optim.warmup_ratio", 1.0, "optim.warmup_ratio=1.0 must be < 1"),
+    Rule(F, "train.early_stopping_patience", 3, "train.early_stopping_patience needs a dev set"),
+    *(Rule(F, f, 0, f"{f}=0 must be > 0", QA) for f in (
+        "data.doc_stride", "data.max_query_length", "data.max_answer_length", "data.n_best_size")),
+    Rule(F, "data.max_query_length", 126, "data.max_query_length=126 leaves no room", QA),
+]
+
+
+def _base(check: str):
+  """A config that passes `check`: the pretraining defaults, or fine-tuning with a train file."""
+  if check != F:
+    return config_lib.pretrain_defaults()
+  cfg = config_lib.finetune_defaults()
+  cfg.data.train_file = "train.tsv"
+  return cfg
+
+
+def _set(cfg, dotted: str, value: Any) -> None:
+  *path, field = dotted.split(".")
+  node = cfg
+  for part in path:
+    node = node[part]
+  node[field] = value
+
+
+def _violate(rule: Rule) -> config_lib.ConfigError:
+  cfg = _base(rule.check)
+  for field, value in rule.context.items():
+    _set(cfg, field, value)
+  getattr(config_lib, rule.check)(cfg)  # the context alone is fine
+  _set(cfg, rule.field, rule.value)
+  with pytest.raises(config_lib.ConfigError) as caught:
+    getattr(config_lib, rule.check)(cfg)
+  return caught.value
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[f"{r.check[9:]}:{r.field}={r.value!r}" for r in RULES])
+def test_rule(rule):
+  assert rule.message in str(_violate(rule))
+
+
+def _raising_line(error: BaseException) -> int:
+  """The line of the validate_* function from which `error` was raised."""
+  frames = traceback.extract_tb(error.__traceback__)
+  return next(f.lineno for f in reversed(frames) if f.name.startswith("validate_"))
+
+
+def _sites() -> dict[tuple[str, int], set[str]]:
+  """(function, line) of every check in jaxfm.config's validate_* -> the fields it checks."""
+  tree = ast.parse(inspect.getsource(config_lib))
+  sites: dict[tuple[str, int], set[str]] = {}
+  for fn in tree.body:
+    if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith("validate_")):
+      continue
+    loops = {id(node): loop for loop in ast.walk(fn) if isinstance(loop, ast.For)
+             for node in ast.walk(loop)}
+    for node in ast.walk(fn):
+      if isinstance(node, ast.Raise):
+        sites[(fn.name, node.lineno)] = set()
+      elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in _CHECKS):
+        sites[(fn.name, node.lineno)] = _checked_fields(node, loops.get(id(node)))
+  return sites
+
+
+def _checked_fields(call: ast.Call, loop: ast.For | None) -> set[str]:
+  """The dotted fields a check call names, directly or through the loop it sits in."""
+  literal = {a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+             and "." in a.value}
+  if literal or loop is None:
+    return literal
+  names = {c.value for c in ast.walk(loop.iter)
+           if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+  first = call.args[0]
+  prefix = (first.values[0].value if isinstance(first, ast.JoinedStr)
+            and isinstance(first.values[0], ast.Constant) else "")
+  return {prefix + name for name in names}
+
+
+def test_every_rule_has_a_row():
+  sites = _sites()
+  hit: dict[tuple[str, int], set[str]] = {}
+  for rule in RULES:
+    hit.setdefault((rule.check, _raising_line(_violate(rule))), set()).add(rule.field)
+  missing = {site: fields - hit.get(site, set()) for site, fields in sites.items()
+             if site not in hit or fields - hit[site]}
+  assert not missing, f"validation checks without a row in RULES (function, line): {missing}"
+
+
+def _cli(*args: str) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", "jaxfm.pretrain",
+                           "--config=configs/pretrain/bert_tiny_cpu.py", *args],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+  try:
+    out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+  finally:
+    proc.kill()
+  return proc.returncode, out
+
+
+def test_cli_refuses_typos_changed_configs_and_unwritable_workdirs(tmp_path):
+  """Through `python -m jaxfm.pretrain` (absl config_flags), three launches in parallel."""
+  changed = tmp_path / "changed"
+  changed.mkdir()
+  cli_config = runpy.run_path(str(ROOT / "configs" / "pretrain" / "bert_tiny_cpu.py"))
+  run_setup.write_resolved_config(str(changed), cli_config["get_config"]())
+  (tmp_path / "a_file").write_text("")
+  unwritable = tmp_path / "a_file" / "workdir"
+  procs = {
+      "typo": _cli("--config.train.stepz=3", f"--workdir={tmp_path / 'typo'}"),
+      "changed": _cli("--config.optim.peak_learning_rate=0.5", f"--workdir={changed}"),
+      "unwritable": _cli(f"--workdir={unwritable}"),
+  }
+  results = {name: _finish(proc) for name, proc in procs.items()}
+  rc, out = results["typo"]
+  assert rc != 0 and "stepz" in out and "Did you mean" in out and "steps" in out, out[-2000:]
+  rc, out = results["changed"]
+  assert rc == 1 and "--allow_config_change" in out, out[-2000:]
+  assert "optim.peak_learning_rate: 0.002 -> 0.5" in out
+  rc, out = results["unwritable"]
+  assert rc == 1 and f"workdir {unwritable} is not writable" in out, out[-2000:]
+  assert "compile" not in out  # refused before any device work
+
+
+def test_changed_config_is_accepted_when_allowed(tmp_path):
+  cfg = config_lib.pretrain_defaults()
+  run_setup.write_resolved_config(str(tmp_path), cfg)
+  cfg.optim.peak_learning_rate = 0.5
+  with pytest.raises(run_setup.WorkdirError, match=r"optim.peak_learning_rate: 0.001 -> 0.5"):
+    run_setup.prepare_workdir(str(tmp_path), cfg, allow_config_change=False)
+  run_setup.prepare_workdir(str(tmp_path), cfg, allow_config_change=True)
+  cfg.train.steps = 5000  # a resumable change needs no permission
+  cfg.optim.peak_learning_rate = 1e-3
+  run_setup.prepare_workdir(str(tmp_path), cfg, allow_config_change=False)
+  assert json.loads((tmp_path / "config.json").read_text())["config"]["train"]["steps"] == 1000
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory modes")
+def test_read_only_workdir_is_refused(tmp_path):
+  tmp_path.chmod(0o555)
+  try:
+    with pytest.raises(run_setup.WorkdirError, match="is not writable"):
+      run_setup.prepare_workdir(str(tmp_path), config_lib.pretrain_defaults(), False)
+  finally:
+    tmp_path.chmod(0o755)
