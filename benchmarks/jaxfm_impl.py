@@ -8,7 +8,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from benchmarks.common import NUM_LABELS, Case
+from benchmarks.common import NUM_LABELS, Case, peak_rss_mib
 from jaxfm import sharding
 from jaxfm.config import pretrain_defaults
 from jaxfm.models import BertConfig, BertForSequenceClassification
@@ -52,10 +52,12 @@ def measure(case: Case, batch: dict[str, np.ndarray],
   steps = loop.build_steps(cfg, task, mesh)
   state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(jax.random.key(0))
   device_batch = sharding.global_batch({k: batch[k] for k in task.batch_spec}, mesh)
+  rss_before_compile = peak_rss_mib()
   with sharding.activation_sharding(mesh):
     start = time.perf_counter()
     compiled = steps.train_step.lower(state, device_batch).compile()
     compile_s = time.perf_counter() - start
+    rss_after_compile = peak_rss_mib()
 
     def step() -> None:
       nonlocal state
@@ -65,4 +67,5 @@ def measure(case: Case, batch: dict[str, np.ndarray],
     timings = timer(step)
   device = jax.devices()[0]
   return {**timings, "compile_s": compile_s, "device": device.device_kind,
-          "devices": jax.device_count()}
+          "devices": jax.device_count(), "peak_rss_before_compile_mib": rss_before_compile,
+          "peak_rss_after_compile_mib": rss_after_compile}
