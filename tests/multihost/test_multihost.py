@@ -200,6 +200,8 @@ def _sigterm_one_then_resume(runs: pathlib.Path, reference: pathlib.Path, overri
     group.wait(timeout_s=30)
     took = time.monotonic() - start
     saved = max(h.committed_steps(workdir))
+    last = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (last["split"], last["step"]) == ("train", saved)  # saved where it stopped
     if sigkill_first:
       assert _resumed_from(group) == killed_at
     assert saved < STEPS, f"the run ended at step {saved} before SIGTERM stopped it"
