@@ -61,10 +61,8 @@ def main(argv: list[str]) -> None:
   data = loader.build_pretraining_data(cfg.data, str(epath.Path(workdir) / "tokenizer"),
                                        max_position_embeddings=cfg.model.max_position_embeddings)
   with sharding.activation_sharding(mesh):
-    sums = [jax.device_get(steps.eval_step(params, sharding.global_batch(b, mesh)))
-            for b in itertools.islice(data.eval_batches(cfg.train.batch_size),
-                                      cfg.train.eval_batches)]
-  totals = {k: float(np.sum([s[k] for s in sums])) for k in sums[0]}
+    metrics = loop.evaluate(task, steps, params, itertools.islice(
+        data.eval_batches(cfg.train.batch_size), cfg.train.eval_batches), mesh)
   leaves = jax.tree.leaves(params)
   report = {
       "step": restored.step,
@@ -73,7 +71,7 @@ def main(argv: list[str]) -> None:
       "leaves": len(leaves),
       "differ": _differ(params, single.state.params),
       "load_params": load_params,
-      "eval": task.summarize(totals),
+      "eval": metrics,
   }
   epath.Path(_OUT.value).write_text(json.dumps(report))
 
