@@ -12,6 +12,7 @@ implied at 50% MFU. Exit status: 0 fits, 1 does not fit, 2 a bad flag or config.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -86,6 +87,9 @@ def tpu_devices(name: str) -> tuple[list[jax.Device], Chip]:
   # libtpu's lockfile keeps a second process off the chips; compile-only devices open none, and
   # without this a check fails while another one (or a test process) has libtpu loaded.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if importlib.util.find_spec("libtpu") is None and "TPU_LIBRARY_PATH" not in os.environ:
+    raise AotError("--topology needs libtpu, which is not installed: pip install -e '.[tpu]' "
+                   "(or run `make aot-check`)")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     desc = topologies.get_topology_desc(
@@ -93,9 +97,6 @@ def tpu_devices(name: str) -> tuple[list[jax.Device], Chip]:
         chips_per_host_bounds=tuple(min(h, d) for h, d in zip(chip.host_chips, dims)))
   except jax.errors.JaxRuntimeError as e:
     raise AotError(f"--topology={name!r}: libtpu rejects it: {e}") from e
-  except RuntimeError as e:
-    raise AotError(f"--topology needs libtpu, which is not installed: pip install -e '.[tpu]' "
-                   f"(or run `make aot-check`) ({e})") from e
   return list(desc.devices), chip
 
 
