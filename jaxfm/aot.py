@@ -270,7 +270,7 @@ def format_report(report: Report, title: str) -> str:
   lines.append(f"model FLOPs per train step: {r.model_flops_per_step:.3e} (jaxfm.train.flops)")
   if r.step_s is not None:
     lines.append(f"at {MFU:.0%} MFU ({r.peak_flops / 1e12:.0f} TFLOP/s per chip): "
-                 f"{r.step_s * 1e3:.1f} ms per step, {r.tokens_per_s:,.0f} tokens/s")
+                 f"{r.step_s * 1e3:.3g} ms per step, {r.tokens_per_s:,.0f} tokens/s")
   lines.append(f"compile: train {r.train.compile_s:.1f} s, eval {r.eval.compile_s:.1f} s")
   return "\n".join(lines)
 
