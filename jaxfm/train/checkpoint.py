@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import uuid
 from typing import Any, Iterator
@@ -45,8 +46,13 @@ class Restored:
   meta: dict[str, Any]
 
 
+def absolute(workdir: str) -> epath.Path:
+  """`workdir` as an absolute path (Orbax's tensorstore layer refuses relative local paths)."""
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
 def checkpoint_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / "checkpoints"
+  return absolute(workdir) / "checkpoints"
 
 
 class Manager(ocp.CheckpointManager):
@@ -93,10 +99,8 @@ def make_manager(workdir: str, keep: int, keep_every: int = 0,
   nor a restore trips over them.
   """
   directory = checkpoint_dir(workdir)
-  if directory.exists():
-    quarantine_damaged(directory)
-  else:
-    directory.mkdir(parents=True)
+  quarantine_damaged(directory)  # every process takes part in its sync point
+  directory.mkdir(parents=True, exist_ok=True)
   _probe_writable(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
@@ -210,11 +214,15 @@ def _sync(name: str) -> None:
 
 
 def quarantine_damaged(directory: epath.Path) -> None:
-  """Quarantines every step directory that lacks a required file or holds garbage metadata."""
-  for step_dir in _steps_on_disk(directory):
-    found = _damage(step_dir)
-    if found:
-      _quarantine(step_dir, *found)
+  """Quarantines every step directory that lacks a required file or holds garbage metadata.
+
+  Process 0 inspects and renames; every process must call this (it ends in a sync point).
+  """
+  if jax.process_index() == 0 and directory.exists():
+    for step_dir in _steps_on_disk(directory):
+      found = _damage(step_dir)
+      if found:
+        _quarantine(step_dir, *found)
   _sync("jaxfm-checkpoint-quarantine")
 
 
@@ -281,11 +289,18 @@ def load_params(workdir: str) -> tuple[Any, Any, str | None]:
     raise CheckpointError(f"{workdir} is not a jaxfm workdir: {config_file} is missing")
   model = dict(read_json(config_file)["config"]["model"])
   model["embedding_size"] = model.get("embedding_size") or None
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA, META))
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA, META),
+                                  item_handlers={STATE: ocp.StandardCheckpointHandler()})
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"{workdir} holds no checkpoint")
-  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))
-  params = jax.tree.map(lambda x: jax.device_get(x), restored[STATE]["params"])
+  # Restore onto this process's first device whatever topology wrote the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        manager.item_metadata(step)[STATE])
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(target)}))
+  manager.close()
+  params = jax.device_get(restored[STATE]["params"])
   tokenizer = root / "tokenizer"
   return BertConfig.from_mapping(model), params, str(tokenizer) if tokenizer.exists() else None

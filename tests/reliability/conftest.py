@@ -8,6 +8,7 @@ are made once per session and copied where a test needs to damage one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -145,15 +146,16 @@ def checkpoint_entries(workdir: Path) -> list[str]:
 def committed_steps(workdir: Path) -> list[int]:
   """The steps Orbax lists (committed ones only)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return list(ocp.CheckpointManager(workdir / "checkpoints").all_steps())
+  with contextlib.closing(ocp.CheckpointManager(workdir / "checkpoints")) as manager:
+    return list(manager.all_steps())
 
 
 def saved_state(workdir: Path, step: int | None = None) -> dict[str, Any]:
   """The train state saved at `step` (default: the newest) as numpy arrays."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = ocp.CheckpointManager(workdir / "checkpoints")
-  step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  with contextlib.closing(ocp.CheckpointManager(workdir / "checkpoints")) as manager:
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return jax.tree.map(np.asarray, restored["state"])
 
 

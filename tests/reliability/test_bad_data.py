@@ -1,4 +1,4 @@
-"""6. Bad input: every line lands in exactly one counter; what cannot be read is an error at file:line.
+"""6. Bad input: each line lands in exactly one counter; unreadable input is an error at file:line.
 
 The expected fate of each line comes from a small oracle over the raw bytes, so the
 readers' counters are checked one by one, not only in sum.

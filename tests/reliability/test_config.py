@@ -1,4 +1,4 @@
-"""5. Config: every validation rule, override typos, a changed config on resume, unwritable workdirs.
+"""5. Config: every validation rule, override typos, changed configs on resume, unwritable workdirs.
 
 `RULES` has one row per rule of `jaxfm.config`'s `validate_*` functions; a meta-test parses
 those functions and fails when a check (or a field of a multi-field check) has no row.
@@ -198,7 +198,8 @@ def _cli(*args: str) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", "jaxfm.pretrain",
                            "--config=configs/pretrain/bert_tiny_cpu.py", *args],
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                          env={**os.environ,
+                               "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:

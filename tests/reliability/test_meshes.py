@@ -40,8 +40,9 @@ def test_restores_bitwise_onto_another_mesh(saved_on_8x1x1, steps_for, target):
   assert_trees_equal(jax.device_get(restored.state.params), params)
 
 
-TARGETLESS = {"shapes_only": lambda a: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a),
-              "none": lambda a: None}
+TARGETLESS = {
+    "shapes_only": lambda a: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a),
+    "none": lambda a: None}
 
 
 @pytest.mark.parametrize("target", TARGETLESS)

@@ -1,4 +1,4 @@
-"""7. A NaN batch: skipped bitwise and counted; with skipping off the run stops after a good save."""
+"""7. A NaN batch is skipped bitwise and counted; unskipped, the run stops after a good save."""
 
 import jax
 import numpy as np

@@ -1,4 +1,4 @@
-"""9. keep-N plus keep-every-K leaves exactly the expected steps; a kill while deleting is harmless."""
+"""9. Keep-N plus keep-every-K leaves exactly the expected steps; a kill while deleting is safe."""
 
 from tests.reliability.conftest import (BASE, EVERY, assert_same_run, committed_steps,
                                         saved_state)
