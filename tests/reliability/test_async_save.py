@@ -27,3 +27,11 @@ def test_read_only_checkpoint_dir_fails_the_run(trainer, tmp_path):
       result.output[-3000:])
   assert logged_steps(workdir) == []  # found before the first step
   assert committed_steps(workdir) == []
+
+
+def test_a_crash_still_waits_for_the_save_in_flight(trainer, tmp_path):
+  """The loader dies right after a save started: that save still commits, the process exits."""
+  workdir = tmp_path / "run"
+  result = trainer.run(workdir, BASE, fault=f"crash:{2 * EVERY + 1}")
+  assert result.returncode != 0 and "injected loader failure" in result.output
+  assert committed_steps(workdir) == [EVERY, 2 * EVERY]

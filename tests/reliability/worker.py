@@ -8,6 +8,7 @@ The JSON object sets dotted config fields; `pace` sleeps that many seconds per b
   kill_in_delete:N     SIGKILL halfway through removing the N-th old step (retention)
   fail_save:STEP       the background write of step STEP raises (a failing handler)
   poison:STEP          the batch of step STEP (1-based) has a NaN weight
+  crash:STEP           the loader raises while producing the batch of step STEP
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ def config(overrides: dict):
 
 
 class Batches(th.RandomMlmBatches):
-  """The synthetic batches, optionally slowed down and with one poisoned batch."""
+  """The synthetic batches, optionally slowed down, with one poisoned batch or a crash."""
 
-  def __init__(self, batch_size: int, pace: float, poison: int | None):
+  def __init__(self, batch_size: int, pace: float, poison: int | None, crash: int | None):
     super().__init__(batch_size)
-    self.pace, self.poison = pace, poison
+    self.pace, self.poison, self.crash = pace, poison, crash
 
   def __next__(self):
     batch = super().__next__()
     time.sleep(self.pace)
+    if self.index == self.crash:
+      raise RuntimeError(f"injected loader failure at step {self.index}")
     if self.index == self.poison:
       batch["masked_weights"][0, 0] = np.nan
     return batch
@@ -107,8 +110,9 @@ def main(argv: list[str]) -> None:
   if kind in FAULTS:
     FAULTS[kind](int(arg))
   cfg = config(overrides)
-  batches = Batches(cfg.train.batch_size, overrides.get("pace", 0.0),
-                    int(arg) if kind == "poison" else None)
+  step = {kind: int(arg)} if kind in ("poison", "crash") else {}
+  batches = Batches(cfg.train.batch_size, overrides.get("pace", 0.0), step.get("poison"),
+                    step.get("crash"))
   result = loop.train(cfg, workdir, th.mlm_task(cfg), batches, lambda: [], meta={"test": True})
   print(f"DONE step={result.step}", flush=True)
 
