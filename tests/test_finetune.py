@@ -121,17 +121,18 @@ def test_qa_exact_match_counts_exact_answers(files):
   assert all(r["answer"] in q["context"] for r, q in zip(rows, questions))
 
 
-def test_early_stopping_keeps_the_first_of_equal_scores(files):
+def test_early_stopping_keeps_the_first_of_equal_scores(files, monkeypatch):
   # A learning rate of ~0 keeps the dev accuracy constant: no evaluation improves on the first.
   root, model_dir = files
   cfg = ff.config("classification", model_dir, *ff.write_sentiment(root, 64, 16), epochs=10.0,
                   early_stopping_patience=2)
   cfg.optim.peak_learning_rate = 1e-12
-  result, best_step = run.finetune(cfg, str(root / "stop"))
+  monkeypatch.chdir(root)  # a relative workdir, as users type it
+  result, best_step = run.finetune(cfg, "stop")
   per_epoch = 4  # 64 examples / batch 16
   assert result.stopped_early and best_step == per_epoch
   assert result.step == 3 * per_epoch  # two evaluations without improvement after the best
-  again, _ = run.finetune(cfg, str(root / "stop"))
+  again, _ = run.finetune(cfg, "stop")
   assert again.step == result.step
 
 

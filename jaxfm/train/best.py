@@ -14,6 +14,8 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxfm.train import checkpoint
+
 PARAMS, METRICS = "params", "metrics"
 
 
@@ -22,7 +24,7 @@ class BestMetricError(KeyError):
 
 
 def best_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / "best"
+  return checkpoint.absolute(workdir) / "best"
 
 
 class BestCheckpoint:

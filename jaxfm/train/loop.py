@@ -113,8 +113,8 @@ class Steps:
   """The jitted pure functions of a run and the shardings they were built with.
 
   `train_step(state, batch) -> (state, metrics)` donates the state;
-  `eval_step(params, batch) -> sums`; `predict_step(params, batch) -> outputs`
-  (replicated; None without a `predict_fn`). None is compiled yet: `.lower(...)`
+  `eval_step(params, batch) -> (sums, outputs)` with the task's per-example predict
+  outputs ({} without a `predict_fn`), replicated. Neither is compiled yet: `.lower(...)`
   them with real or abstract (`abstract_state`, `abstract_batch`) arguments.
   """
 
@@ -126,7 +126,6 @@ class Steps:
   batch_sharding: jax.sharding.NamedSharding
   train_step: Any
   eval_step: Any
-  predict_step: Any
 
   def abstract_batch(self, task: Task, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """A global batch of `batch_size` examples as ShapeDtypeStructs with the batch sharding."""
@@ -152,17 +151,13 @@ def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.M
       make_train_step(task.loss_fn, tx, schedule, t.grad_accum_steps, t.skip_nonfinite),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task.loss_fn),
+  eval_step = jax.jit(make_eval_step(task.loss_fn, task.predict_fn),
                       in_shardings=(state_shardings.params, batch_sharding),
                       out_shardings=replicated)
-  predict_step = None if task.predict_fn is None else jax.jit(
-      task.predict_fn, in_shardings=(state_shardings.params, batch_sharding),
-      out_shardings=replicated)
   return Steps(tx=tx, schedule=schedule, init_state=lambda r: sharding.unbox(init_state(r)),
                state_shardings=state_shardings,
                abstract_state=checkpoint.abstract_like(sharding.unbox(boxed), state_shardings),
-               batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step,
-               predict_step=predict_step)
+               batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)
 
 
 def gather_outputs(outputs: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
@@ -177,24 +172,20 @@ def gather_outputs(outputs: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]
 def predict(steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
             mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
   """All predict outputs of one pass over this host's batches (see `gather_outputs`)."""
-  return gather_outputs([steps.predict_step(params, sharding.global_batch(local, mesh))
+  return gather_outputs([steps.eval_step(params, sharding.global_batch(local, mesh))[1]
                          for local in local_batches])
 
 
 def evaluate(task: Task, steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
              mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Loss summary (and the task's scores) over one pass of this host's eval batches."""
-  sums, outputs = [], []
-  for local in local_batches:
-    batch = sharding.global_batch(local, mesh)
-    sums.append(steps.eval_step(params, batch))
-    if steps.predict_step is not None:
-      outputs.append(steps.predict_step(params, batch))
-  if not sums:
+  results = [steps.eval_step(params, sharding.global_batch(local, mesh))
+             for local in local_batches]
+  if not results:
     return {}
-  metrics = task.summarize(_summed(sums))
-  if outputs and task.score is not None:
-    metrics.update(task.score(gather_outputs(outputs)))
+  metrics = task.summarize(_summed([sums for sums, _ in results]))
+  if task.score is not None:
+    metrics.update(task.score(gather_outputs([outputs for _, outputs in results])))
   return metrics
 
 

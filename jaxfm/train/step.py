@@ -83,8 +83,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(loss_fn: LossFn) -> Callable[[Any, Batch], Sums]:
-  """Returns `eval_step(params, batch) -> sums` (deterministic: no dropout)."""
-  def eval_step(params: Any, batch: Batch) -> Sums:
-    return loss_fn(params, batch, None)[1]
+def make_eval_step(loss_fn: LossFn, predict_fn: Callable[[Any, Batch], Sums] | None = None
+                   ) -> Callable[[Any, Batch], tuple[Sums, Sums]]:
+  """Returns `eval_step(params, batch) -> (sums, outputs)`, deterministic (no dropout).
+
+  `outputs` are `predict_fn`'s per-example arrays ({} without one); XLA computes the forward
+  pass that the loss and the predictions share once.
+  """
+  def eval_step(params: Any, batch: Batch) -> tuple[Sums, Sums]:
+    sums = loss_fn(params, batch, None)[1]
+    return sums, ({} if predict_fn is None else predict_fn(params, batch))
   return eval_step

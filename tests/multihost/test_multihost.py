@@ -254,9 +254,6 @@ def test_two_process_checkpoint_restores_on_another_mesh(restore_report, two_pro
     np.testing.assert_allclose(report["eval"][key], written[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.load_params restores without a target, so "
-                   "Orbax refuses the saving run's device ids (topology mismatch): convert "
-                   "--to_hf and init_from=WORKDIR fail on multi-process checkpoints")
 def test_load_params_reads_a_two_process_checkpoint(restore_report):
   assert restore_report["load_params"] == [], restore_report["load_params"]
 
