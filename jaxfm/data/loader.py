@@ -4,7 +4,9 @@ It reads the corpus, holds out `eval_fraction` of the documents, loads or trains
 tokenizer, packs both splits once into numpy stores, and hands out per-host iterators:
 
 * `train_iterator`: a grain pipeline over an endless, per-epoch reshuffled global order of
-  the training examples. Host `s` of `n` takes global positions `s, s + n, ...`, so the
+  the training examples. Host `s` of `n` takes the `s`-th block of `B` rows of every global
+  batch, so the global batch is the same whatever the host count (and so are the dropout
+  masks its rows get), and the
   hosts together see every example exactly once per epoch. Each example is masked with
   (seed, epoch, example index), so every epoch draws new masks and a resume replays them;
   the order of each epoch is a permutation seeded with (seed, epoch). Its state is the
@@ -76,8 +78,9 @@ class _TakeRows:
 class _ShardBatch:
   """Batch number -> this shard's batch; picklable for worker processes.
 
-  Batch j of shard s holds global positions (j * B + i) * shard_count + s, i < B; position p
-  is example `order(epoch)[p % n]` of epoch p // n, fetched by `fetch(epochs, indices)`.
+  Batch j of shard s holds global positions (j * shard_count + s) * B + i, i < B (a contiguous
+  block of global batch j); position p is example `order(epoch)[p % n]` of epoch p // n,
+  fetched by `fetch(epochs, indices)`.
   """
   fetch: Callable[[np.ndarray, np.ndarray], Batch]
   num_examples: int
@@ -88,8 +91,9 @@ class _ShardBatch:
 
   def __call__(self, batch_number: int) -> Batch:
     n = self.num_examples
-    rows = batch_number * self.batch_size + np.arange(self.batch_size)  # [B]
-    epochs, offsets = np.divmod(rows * self.shard_count + self.shard_index, n)  # [B], [B]
+    block = batch_number * self.shard_count + self.shard_index
+    rows = block * self.batch_size + np.arange(self.batch_size)  # [B] global positions
+    epochs, offsets = np.divmod(rows, n)  # [B], [B]
     indices = np.empty_like(offsets)
     for epoch in np.unique(epochs):
       here = epochs == epoch

@@ -34,10 +34,6 @@ TINY = ["--config=configs/pretrain/bert_tiny_cpu.py", f"--config.train.steps={ST
         "--config.train.batch_size=16", "--config.train.progress_bar=false",
         "--config.data.vocab_size=512", "--config.data.max_seq_length=64",
         "--config.model.num_layers=1", "--config.optim.warmup_steps=1"]
-# The loader interleaves hosts' rows in the global batch (host s holds positions s, s + n, ...),
-# so each example meets another dropout mask than on one host: the runs that are compared with
-# one process train without dropout; the slow resume test keeps it.
-NO_DROPOUT = ["--config.model.hidden_dropout=0", "--config.model.attention_dropout=0"]
 
 
 def _train(workdir: pathlib.Path, num_processes: int, devices: int, overrides: list[str],
@@ -86,13 +82,13 @@ def _compilation_cache(runs) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def two_process_run(runs) -> pathlib.Path:
-  """The uninterrupted 2 x 4 reference run (no dropout), checkpoints every 3 steps."""
-  return _once(runs, "two", lambda w: _train(w, 2, 4, TINY + NO_DROPOUT))
+  """The uninterrupted 2 x 4 reference run (with dropout), checkpoints every 3 steps."""
+  return _once(runs, "two", lambda w: _train(w, 2, 4, TINY))
 
 
 def test_two_processes_train_like_one_process(runs, two_process_run):
   two, one = two_process_run, runs / "one"
-  _train(one, 1, 8, TINY + NO_DROPOUT, tokenizer_from=two_process_run)
+  _train(one, 1, 8, TINY, tokenizer_from=two_process_run)  # same rows, same dropout masks
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5, atol=1e-5)
   evals = [h.records(w, "eval") for w in (two, one)]
   assert sorted(evals[0]) == sorted(evals[1]) == [0, STEPS]
@@ -219,16 +215,14 @@ def _sigterm_one_then_resume(runs: pathlib.Path, reference: pathlib.Path, overri
 
 
 def test_sigkill_then_sigterm_resume_exactly(runs, two_process_run):
-  _sigterm_one_then_resume(runs, two_process_run, TINY + NO_DROPOUT, "chain", target=1,
+  _sigterm_one_then_resume(runs, two_process_run, TINY, "chain", target=1,
                            sigkill_first=True)
 
 
 @pytest.mark.slow
-def test_with_dropout_sigkill_then_sigterm_to_the_coordinator_resume_exactly(
-    runs, two_process_run):
-  reference = runs / "two-dropout"
-  _train(reference, 2, 4, TINY, tokenizer_from=two_process_run)
-  _sigterm_one_then_resume(runs, reference, TINY, "dropout-chain", target=0, sigkill_first=True)
+def test_sigkill_then_sigterm_to_the_coordinator_resume_exactly(runs, two_process_run):
+  _sigterm_one_then_resume(runs, two_process_run, TINY, "coordinator-chain", target=0,
+                           sigkill_first=True)
 
 
 @pytest.fixture(scope="module")
