@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny
 
-.PHONY: setup setup-test run test test-all clean aot-check
+.PHONY: setup setup-test run test test-all aot-check clean aot-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,4 +47,4 @@ aot-check: $(VENV_TPU)/.installed
 	$(PY_TPU) -m jaxfm.aot --config=configs/pretrain/bert_base.py --topology=v4:2x2x2
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_TPU) runs
