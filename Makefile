@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny
 
-.PHONY: setup setup-test run test test-all aot-check clean aot-check
+.PHONY: setup setup-test run test test-all aot-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
