@@ -1,7 +1,7 @@
 """9. Keep-N plus keep-every-K leaves exactly the expected steps; a kill while deleting is safe."""
 
 from tests.reliability.conftest import (BASE, EVERY, assert_same_run, committed_steps,
-                                        saved_state)
+                                        logged_steps, saved_state)
 
 LAST = BASE["train.steps"]
 
@@ -23,7 +23,9 @@ def test_kill_while_deleting_an_old_step_keeps_the_newest(trainer, reference, tm
   newest = 3 * EVERY  # its commit triggered the first deletion (of step EVERY)
   assert newest in committed_steps(workdir)
   assert int(saved_state(workdir, newest)["step"]) == newest
+  seen = len(logged_steps(workdir))
   result = trainer.run(workdir, overrides)
   assert result.returncode == 0, result.output[-3000:]
+  assert logged_steps(workdir)[seen] == newest + 1
   assert committed_steps(workdir) == [LAST - EVERY, LAST]
   assert_same_run(workdir, reference(BASE))
