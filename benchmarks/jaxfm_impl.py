@@ -8,16 +8,18 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from benchmarks.common import NUM_LABELS, Case, peak_rss_mib
+from benchmarks.common import NUM_LABELS, VOCAB_SIZE, Case, peak_rss_mib
 from jaxfm import sharding
 from jaxfm.config import pretrain_defaults
 from jaxfm.models import BertConfig, BertForSequenceClassification
 from jaxfm.train import loop, losses, tasks
 from jaxfm.train.flops import encoder_flops_per_token
 
+
 def model_config(case: Case) -> BertConfig:
-  return BertConfig(**case.arch, max_position_embeddings=case.max_positions, dtype=case.dtype,
-                    scan_layers=case.scan_layers, remat_policy=case.remat)
+  """The jaxfm model config of `case` (vocab 30,522, float32 parameters)."""
+  return BertConfig(**case.arch, vocab_size=VOCAB_SIZE, max_position_embeddings=case.max_positions,
+                    dtype=case.dtype, scan_layers=case.scan_layers, remat_policy=case.remat)
 
 
 def classification_task(config: BertConfig, seq_len: int) -> loop.Task:
