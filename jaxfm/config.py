@@ -78,6 +78,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   cfg.train.checkpoint_every_seconds = 0  # 0 disables the wall-clock interval
   cfg.train.keep_checkpoints = 3
   cfg.train.keep_every = 0  # > 0: also keep every step divisible by this forever (0 = off)
+  # Async saves overlap the write with training, so a kill during one loses up to
+  # 2 * checkpoint_every steps; False commits each save first (at most checkpoint_every).
+  cfg.train.async_checkpointing = True
   cfg.train.skip_nonfinite = True  # skip updates whose gradients are not finite
   cfg.train.max_consecutive_nonfinite = 10
   cfg.train.progress_bar = True
@@ -322,7 +325,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
-    "train.keep_every", "train.progress_bar", "train.wandb_project", "data.worker_count",
+    "train.keep_every", "train.async_checkpointing", "train.progress_bar", "train.wandb_project",
+    "data.worker_count",
 )
 
 

@@ -224,7 +224,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   mesh = make_mesh(cfg)
   steps = build_steps(cfg, task, mesh)
   tx, schedule, state_shardings = steps.tx, steps.schedule, steps.state_shardings
-  manager = checkpoint.make_manager(workdir, t.keep_checkpoints, t.keep_every)
+  manager = checkpoint.make_manager(workdir, t.keep_checkpoints, t.keep_every,
+                                    t.async_checkpointing)
   restored = checkpoint.restore_latest(manager, steps.abstract_state)
   if restored is not None:
     state = restored.state
