@@ -13,6 +13,7 @@ import dataclasses
 import ml_collections
 
 from jaxfm.models.config import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, preset
+from jaxfm.trees import flatten
 
 
 class ConfigError(ValueError):
@@ -330,19 +331,9 @@ RESUMABLE_CHANGES = (
 )
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
 def config_changes(saved: dict, current: dict) -> list[str]:
   """Lines `field: saved -> current` for changed fields that a resume must not silently accept."""
-  old, new = _flatten(saved), _flatten(current)
+  old, new = flatten(saved, "."), flatten(current, ".")
   return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
           for k in sorted(set(old) | set(new))
           if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]

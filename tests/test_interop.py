@@ -17,7 +17,7 @@ import safetensors.numpy
 from jaxfm import sharding
 from jaxfm.interop import (InteropError, export_hf, import_hf, load_model_dir, save_model_dir,
                            torch_pickle)
-from jaxfm.interop.checkpoint_dir import flatten, unflatten
+from jaxfm.trees import flatten, unflatten
 from jaxfm.models import BertConfig, BertForMaskedLM, BertModel, preset, stack_layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from jaxfm.data.tasks import classification, ner, qa
-from jaxfm.interop.checkpoint_dir import flatten, unflatten
+from jaxfm.trees import flatten, unflatten
 from jaxfm.metrics import classification as cls_metrics
 from jaxfm.metrics import ner as ner_metrics
 from jaxfm.metrics import squad as squad_metrics

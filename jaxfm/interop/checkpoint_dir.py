@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import safetensors
@@ -24,6 +24,7 @@ import safetensors.numpy
 
 from jaxfm.models import BertConfig, stack_layers, unstack_layers
 from jaxfm.sharding import unbox
+from jaxfm.trees import flatten, unflatten
 
 CONFIG_FILE = "model_config.json"
 PARAMS_FILE = "params.safetensors"
@@ -65,29 +66,6 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(path)
   except (safetensors.SafetensorError, ValueError, TypeError) as e:
     raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, f"{prefix}{key}/"))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> Params:
-  """{'a/b': x} -> {'a': {'b': x}}."""
-  tree: Params = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
 
 
 def numpy_params(params: Params) -> dict[str, np.ndarray]:

@@ -23,9 +23,9 @@ import numpy as np
 import safetensors.numpy
 
 from jaxfm.interop import torch_pickle
-from jaxfm.interop.checkpoint_dir import (Params, atomic_directory, copy_tokenizer_files, flatten,
-                                          numpy_params, read_safetensors, tokenizer_files,
-                                          unflatten)
+from jaxfm.interop.checkpoint_dir import (Params, atomic_directory, copy_tokenizer_files,
+                                          numpy_params, read_safetensors, tokenizer_files)
+from jaxfm.trees import flatten, unflatten
 from jaxfm.models import BertConfig, BertEncoder, BertForMaskedLM, BertModel, stack_layers
 from jaxfm.models.heads import MlmHead
 from jaxfm.sharding import unbox
