@@ -29,8 +29,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  run.initialize()
   try:
+    run.initialize(_CONFIG.value)
     result, best_step = run.finetune(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except run.USER_ERRORS as e:
     logging.error("%s", e)

@@ -194,3 +194,16 @@ def test_finetune_config_rules(field, value, message):
   with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
                      .replace("[", r"\[").replace("]", r"\]")):
     config_lib.validate_finetune(cfg)
+
+
+def test_cli_rejects_a_mesh_that_does_not_fit_before_any_work(files, tmp_path):
+  train, dev = ff.write_sentiment(files[0])
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxfm.finetune", "--config=configs/finetune/sst2.py",
+       f"--workdir={tmp_path / 'w'}", f"--config.data.train_file={train}",
+       f"--config.init_from={files[1]}", "--config.mesh.data=3"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert "mesh.data=3, mesh.fsdp=1, mesh.tensor=1 does not match the 8 devices" in out.stderr
+  assert not (tmp_path / "w").exists()

@@ -27,9 +27,11 @@ USER_ERRORS = (config_lib.ConfigError, run_setup.WorkdirError, checkpoint.Checkp
                loop.NonFiniteError, best.BestMetricError, ValueError, FileNotFoundError)
 
 
-def initialize() -> None:
-  """Runtime setup shared by the fine-tuning entry points."""
+def initialize(cfg: ml_collections.ConfigDict | None = None) -> None:
+  """Runtime setup shared by the fine-tuning entry points (+ the preflight, given a config)."""
   run_setup.initialize_runtime()
+  if cfg is not None:
+    run_setup.preflight(cfg)
 
 
 def _split_path(data: ml_collections.ConfigDict, split: str) -> str:
