@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxfm.finetuning import run
+from jaxfm.train import run_setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -31,6 +32,7 @@ def main(argv):
   del argv
   try:
     run.initialize(_CONFIG.value)
+    run_setup.use_compilation_cache(_WORKDIR.value)
     result, best_step = run.finetune(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except run.USER_ERRORS as e:
     logging.error("%s", e)

@@ -70,6 +70,7 @@ def main(argv):
   run_setup.initialize_runtime()
   try:
     run_setup.preflight(_CONFIG.value)
+    run_setup.use_compilation_cache(_WORKDIR.value)
     result = pretrain(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except (config_lib.ConfigError, run_setup.WorkdirError, checkpoint.CheckpointError,
           loop.NonFiniteError) as e:

@@ -46,6 +46,7 @@ def test_rerun_resumes_and_more_steps_continue(workdir):
   proc = _run("jaxfm.pretrain", *SMALL, "--config.train.steps=8", f"--workdir={workdir}")
   assert "resumed from step 6" in proc.stderr
   assert "step 8:" in proc.stdout
+  assert any((workdir / "compile_cache").iterdir())  # the restart could load executables
 
 
 def test_changed_config_is_refused_with_a_diff(workdir):

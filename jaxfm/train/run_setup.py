@@ -70,6 +70,15 @@ def initialize_runtime() -> None:
                  jax.device_count(), jax.devices()[0].device_kind)
 
 
+def use_compilation_cache(workdir: str) -> None:
+  """Persists XLA compilations in `WORKDIR/compile_cache`, so a restart (after preemption, or to
+  train longer) loads the executables instead of compiling them again. An explicit
+  JAX_COMPILATION_CACHE_DIR wins. Entry points only: it sets process-wide JAX config."""
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir",
+                      str(checkpoint.absolute(workdir) / "compile_cache"))
+
+
 def preflight(cfg: ml_collections.ConfigDict) -> None:
   """Checks `cfg.mesh` and the batch against the devices of the run; prints the topology once.
 
