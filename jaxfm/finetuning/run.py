@@ -182,8 +182,8 @@ class Inference:
   source: str  # which checkpoint the params came from
 
   def batches(self) -> Iterator[Features]:
-    per_host = self.run.cfg.train.batch_size // jax.process_count()
-    return self.split.eval_batches(per_host, jax.process_index(), jax.process_count())
+    return self.split.eval_batches(run_setup.per_host_batch_size(self.run.cfg),
+                                   jax.process_index(), jax.process_count())
 
 
 def inference(workdir: str, run: SavedRun, split: TaskSplit) -> Inference:
