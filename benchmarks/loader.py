@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from jaxfm.config import pretrain_defaults
-from jaxfm.data.loader import build_pretraining_data
+from jaxfm.data.loader import HostLayout, build_pretraining_data
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Per-host batch size.")
 _MAX_SEQ_LENGTH = flags.DEFINE_integer("max_seq_length", 128, "Sequence length.")
@@ -35,7 +35,7 @@ def main(argv: Sequence[str]) -> None:
     data = build_pretraining_data(cfg, folder, max_position_embeddings=512)
   print(f"build: {time.perf_counter() - start:.1f} s, {len(data.train)} train / "
         f"{len(data.eval)} eval examples, vocab {data.tokenizer.vocab_size}")
-  it = data.train_iterator(_BATCH_SIZE.value, shard_index=0, shard_count=1,
+  it = data.train_iterator(HostLayout(_BATCH_SIZE.value),
                            worker_count=_WORKER_COUNT.value)
   try:
     for _ in range(_WARMUP.value):

@@ -53,6 +53,10 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   cfg.data.mask_prob = 0.15
   cfg.data.whole_word_masking = False
   cfg.data.worker_count = 1  # background loader processes (0 = in the main process)
+  # Corpus shards: a host reads only the shards its rows of the global batch come from, and
+  # the global batch does not depend on the host count. Divides train.batch_size; on a pod,
+  # the host count or a multiple of it (a shard is whole files when there are enough).
+  cfg.data.num_shards = 1
   cfg.data.seed = 0
 
   cfg.optim = ml_collections.ConfigDict()
@@ -264,6 +268,9 @@ def validate_pretrain_data(cfg: ml_collections.ConfigDict) -> None:
     _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
   if d.worker_count < 0:
     _fail("data.worker_count", d.worker_count, "must be >= 0")
+  if d.num_shards < 1 or cfg.train.batch_size % d.num_shards:
+    _fail("data.num_shards", d.num_shards,
+          f"must be >= 1 and divide train.batch_size={cfg.train.batch_size}")
   if not d.tokenizer and d.vocab_size < 128:
     _fail("data.vocab_size", d.vocab_size, "must be >= 128 to train a tokenizer")
   if d.tokenizer and cfg.model.vocab_size < 1:

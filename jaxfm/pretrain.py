@@ -33,16 +33,17 @@ def pretrain(cfg, workdir: str, allow_config_change: bool = False) -> loop.Train
   """Builds data, model and task from `cfg` and runs the loop."""
   config_lib.validate(cfg)
   run_setup.prepare_workdir(workdir, cfg, allow_config_change)
+  layout = loader.HostLayout.of_process(run_setup.per_host_batch_size(cfg), cfg.data.num_shards)
   data = loader.build_pretraining_data(cfg.data, str(epath.Path(workdir) / "tokenizer"),
-                                       max_position_embeddings=cfg.model.max_position_embeddings)
+                                       max_position_embeddings=cfg.model.max_position_embeddings,
+                                       shards=layout.shards)
   with cfg.unlocked():
     cfg.model.vocab_size = data.tokenizer.vocab_size
   run_setup.write_resolved_config(workdir, cfg)
   model_config = run_setup.model_config(cfg)
   task = tasks.mlm_task(model_config, cfg.data.max_seq_length, cfg.data.max_predictions_per_seq)
-  per_host = run_setup.per_host_batch_size(cfg)
-  train_iter = data.train_iterator(per_host, seed=cfg.data.seed, worker_count=cfg.data.worker_count)
-  eval_batches = lambda: itertools.islice(data.eval_batches(per_host), cfg.train.eval_batches)
+  train_iter = data.train_iterator(layout, seed=cfg.data.seed, worker_count=cfg.data.worker_count)
+  eval_batches = lambda: itertools.islice(data.eval_batches(layout), cfg.train.eval_batches)
   meta = {"config": cfg.to_dict(), "data_counters": data.counters}
   try:
     return loop.train(cfg, workdir, task, train_iter, eval_batches, meta,

@@ -90,7 +90,7 @@ def test_saved_tokenizer_is_reused(corpus, tmp_path, monkeypatch):
 
 
 def test_batch_layout(data):
-  batch = next(data.train_iterator(8, shard_index=0, shard_count=1))
+  batch = next(data.train_iterator(loader.HostLayout(8, 0, 1)))
   assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
       "input_ids": (np.int32, (8, T)), "token_type_ids": (np.int32, (8, T)),
       "attention_mask": (np.int32, (8, T)), "masked_positions": (np.int32, (8, P)),
@@ -98,29 +98,29 @@ def test_batch_layout(data):
 
 
 def test_state_round_trip(data):
-  it = data.train_iterator(8, shard_index=0, shard_count=1)
+  it = data.train_iterator(loader.HostLayout(8, 0, 1))
   for _ in range(5):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
   assert state["batches_consumed"] == 5
   want = [next(it) for _ in range(4)]
-  restored = data.train_iterator(8, shard_index=0, shard_count=1)
+  restored = data.train_iterator(loader.HostLayout(8, 0, 1))
   restored.set_state(state)
   _assert_same([next(restored) for _ in range(4)], want)
   with pytest.raises(ValueError, match="global_batch_size"):
-    data.train_iterator(4, shard_index=0, shard_count=1).set_state(state)
+    data.train_iterator(loader.HostLayout(4, 0, 1)).set_state(state)
   with pytest.raises(ValueError, match="seed"):
-    data.train_iterator(8, seed=9, shard_index=0, shard_count=1).set_state(state)
+    data.train_iterator(loader.HostLayout(8, 0, 1), seed=9).set_state(state)
 
 
 def test_state_restores_onto_another_host_count(data):
-  one_host = data.train_iterator(8, shard_index=0, shard_count=1)
+  one_host = data.train_iterator(loader.HostLayout(8, 0, 1))
   for _ in range(3):
     next(one_host)
   state = one_host.get_state()
   want = [next(one_host) for _ in range(2)]
   for shard in range(2):  # the same global batches, split over two hosts
-    host = data.train_iterator(4, shard_index=shard, shard_count=2)
+    host = data.train_iterator(loader.HostLayout(4, shard, 2))
     host.set_state(state)
     for batch, whole in zip([next(host) for _ in range(2)], want):
       for k in batch:
@@ -128,15 +128,15 @@ def test_state_restores_onto_another_host_count(data):
 
 
 def test_state_round_trip_with_a_worker_process(data):
-  reference = data.train_iterator(8, shard_index=1, shard_count=2)
+  reference = data.train_iterator(loader.HostLayout(8, 1, 2))
   want = [next(reference) for _ in range(7)]
-  it = data.train_iterator(8, shard_index=1, shard_count=2, worker_count=1)
+  it = data.train_iterator(loader.HostLayout(8, 1, 2), worker_count=1)
   try:
     _assert_same([next(it) for _ in range(3)], want[:3])
     state = it.get_state()
   finally:
     it.close()
-  restored = data.train_iterator(8, shard_index=1, shard_count=2, worker_count=1)
+  restored = data.train_iterator(loader.HostLayout(8, 1, 2), worker_count=1)
   try:
     restored.set_state(state)
     _assert_same([next(restored) for _ in range(4)], want[3:])
@@ -150,7 +150,7 @@ def test_shards_cover_every_example_once_per_epoch(data):
   assert len(row_ids) == n  # rows are distinct, so a row identifies its example
   seen = {}  # global position -> (example index, input_ids)
   for shard in range(shards):
-    it = data.train_iterator(batch_size, shard_index=shard, shard_count=shards)
+    it = data.train_iterator(loader.HostLayout(batch_size, shard, shards))
     for j in range(-(-2 * n // (batch_size * shards)) + 1):
       batch = next(it)
       for i, row in enumerate(_originals(batch)):
@@ -168,14 +168,13 @@ def test_shards_cover_every_example_once_per_epoch(data):
 @pytest.mark.parametrize("shards", [1, 2, 3])
 def test_eval_batches(data, shards):
   batch_size = 4
-  count = data.num_eval_batches(batch_size, shards)
+  count = data.num_eval_batches(loader.HostLayout(batch_size, 0, shards))
   assert count == -(-(-(-len(data.eval) // shards)) // batch_size)
   found = []
   for shard in range(shards):
-    batches = list(data.eval_batches(batch_size, shard_index=shard, shard_count=shards))
+    batches = list(data.eval_batches(loader.HostLayout(batch_size, shard, shards)))
     assert len(batches) == count
-    _assert_same(batches, list(data.eval_batches(batch_size, shard_index=shard,
-                                                 shard_count=shards)))
+    _assert_same(batches, list(data.eval_batches(loader.HostLayout(batch_size, shard, shards))))
     for batch in batches:
       real = batch["masked_weights"].sum(axis=1) > 0
       assert (batch["attention_mask"][~real].sum(axis=1) == 2).all()
@@ -184,7 +183,7 @@ def test_eval_batches(data, shards):
   fixed = mask_batch(data.eval.tokens, data.eval.lengths, data.eval.b_starts, data.masking,
                      seed=data.seed, epochs=np.zeros(len(data.eval), int),
                      indices=np.arange(len(data.eval)))
-  first = next(data.eval_batches(len(data.eval), shard_index=0, shard_count=1))
+  first = next(data.eval_batches(loader.HostLayout(len(data.eval))))
   _assert_same([first], [fixed])
 
 
@@ -198,5 +197,5 @@ def test_default_corpus_end_to_end(tmp_path):
   assert c["corpus/text_lines"] == sum(c[f"corpus/{k}"] for k in loader.CorpusCounters.LINE_FATES)
   assert c["tokenizer/vocab_size"] == 8192 and len(data.train) > 2000 and len(data.eval) > 0
   assert c["train/pad_tokens"] < 0.15 * len(data.train) * 128  # packing leaves little padding
-  batch = next(data.train_iterator(32, shard_index=0, shard_count=1))
+  batch = next(data.train_iterator(loader.HostLayout(32, 0, 1)))
   assert batch["input_ids"].shape == (32, 128)

@@ -16,6 +16,9 @@ def get_config():
   cfg.data.max_seq_length = 128
   cfg.data.max_predictions_per_seq = 20
   cfg.data.worker_count = 4
+  # 32 shards: on 1, 2, 4, ... 32 hosts each reads only 32 / hosts of them (whole files when the
+  # corpus has at least 32), and the global batch is the same on every slice size.
+  cfg.data.num_shards = 32
   cfg.train.steps = 1_000_000
   cfg.train.batch_size = 256
   cfg.train.log_every = 100

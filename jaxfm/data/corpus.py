@@ -14,7 +14,7 @@ import gzip
 import json
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO, ClassVar
 
 import ml_collections
@@ -54,6 +54,7 @@ class CorpusCounters:
   nul_bytes_removed: int = 0
   boms_removed: int = 0
   long_lines_split: int = 0  # lines longer than MAX_SEGMENT_CHARS, split into segments
+  documents_of_other_shards: int = 0  # read (so counted above), left to the hosts that own them
 
   def count(self, fate: str) -> None:
     setattr(self, fate, getattr(self, fate) + 1)
@@ -225,8 +226,12 @@ def _jsonl_documents(path: epath.Path, spec: CorpusSpec,
       yield doc
 
 
-def _tfds_documents(spec: CorpusSpec, counters: CorpusCounters) -> Iterator[Document]:
-  """Records of `tfds.data_source` (ArrayRecord; no TensorFlow needed)."""
+def _tfds_documents(spec: CorpusSpec, counters: CorpusCounters,
+                    records: Callable[[int], Iterable[int]] = range) -> Iterator[Document]:
+  """Records of `tfds.data_source` (ArrayRecord; no TensorFlow needed).
+
+  Reads the records `records(len(source))` (all by default) in that order.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy, optional
 
   try:
@@ -240,7 +245,7 @@ def _tfds_documents(spec: CorpusSpec, counters: CorpusCounters) -> Iterator[Docu
         f"`tfds build {spec.tfds_name} --file_format=array_record "
         f"--data_dir={spec.tfds_data_dir or '...'}`") from e
   counters.files += 1
-  for i in range(len(source)):
+  for i in records(len(source)):
     text = source[i][spec.text_field]
     text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
     doc = _segments(text, counters)
@@ -261,11 +266,46 @@ def read_documents(spec: CorpusSpec, counters: CorpusCounters) -> Iterator[Docum
       counters.documents += 1
       yield list(doc)
     return
+  for path in expand_globs(spec.train_files):
+    yield from _file_documents(path, spec, counters)
+
+
+def _file_documents(path: epath.Path, spec: CorpusSpec,
+                    counters: CorpusCounters) -> Iterator[Document]:
   if spec.format not in ("text", "jsonl"):
     raise CorpusError(f"data.format={spec.format!r} must be text, jsonl or tfds")
   reader = _jsonl_documents if spec.format == "jsonl" else _text_documents
-  for path in expand_globs(spec.train_files):
-    counters.files += 1
-    for doc in reader(path, spec, counters):
-      counters.documents += 1
-      yield doc
+  counters.files += 1
+  for doc in reader(path, spec, counters):
+    counters.documents += 1
+    yield doc
+
+
+def read_shards(spec: CorpusSpec, counters: CorpusCounters, num_shards: int,
+                shards: Sequence[int]) -> dict[int, list[Document]]:
+  """The documents of `shards` (of `num_shards` disjoint shards), each shard in corpus order.
+
+  With at least `num_shards` files, shard v is files v, v + S, ... and a host opens only the
+  files of its shards; a tfds corpus gives shard v its records v, v + S, ... and reads only
+  those. Otherwise (fewer files, or the default corpus) shard v is documents v, v + S, ... of
+  the whole corpus: every host reads it all but keeps (tokenises, packs) only its shards'.
+  """
+  out: dict[int, list[Document]] = {v: [] for v in shards}
+  if not all(0 <= v < num_shards for v in out):
+    raise ValueError(f"shards {sorted(out)} out of range for data.num_shards={num_shards}")
+  if spec.format == "tfds":
+    for v in out:
+      out[v].extend(_tfds_documents(spec, counters, lambda n, v=v: range(v, n, num_shards)))
+    return out
+  files = expand_globs(spec.train_files) if spec.train_files else []
+  if len(files) >= num_shards > 1:
+    for k, path in enumerate(files):
+      if k % num_shards in out:
+        out[k % num_shards].extend(_file_documents(path, spec, counters))
+    return out
+  for i, doc in enumerate(read_documents(spec, counters)):
+    if i % num_shards in out:
+      out[i % num_shards].append(doc)
+    else:
+      counters.documents_of_other_shards += 1
+  return out

@@ -6,7 +6,7 @@ ever shares a sequence with another), A and B meet at a segment (line/paragraph)
 where one exists, and only a document's last sequence is padded. Documents are cut by token
 count, without sentence detection; there is no next-sentence objective.
 
-Masking is a pure function of the example and (seed, epoch, example index): every epoch
+Masking is a pure function of the example and (seed, epoch, example id): every epoch
 draws new masks, and a resumed run replays exactly the masks it would have drawn.
 """
 
@@ -149,9 +149,10 @@ def pack_documents(docs: Sequence[Sequence[Sequence[int]]], special: SpecialIds,
   return ExampleStore(tokens, lengths.astype(np.int32), b_starts.astype(np.int32))
 
 
-def held_out(num_docs: int, fraction: float, seed: int) -> np.ndarray:
-  """bool [num_docs]: which documents form the eval split, by a hash of (seed, index)."""
-  split_epoch = np.full(num_docs, 2**64 - 1, np.uint64)  # a domain no masking epoch reaches
+def held_out(num_docs: int, fraction: float, seed: int, shard: int = 0) -> np.ndarray:
+  """bool [num_docs]: which documents of a shard form the eval split, by a hash of
+  (seed, shard, index in the shard)."""
+  split_epoch = np.full(num_docs, 2**64 - 1 - shard, np.uint64)  # no masking epoch gets there
   keys = _example_keys(seed, split_epoch, np.arange(num_docs))  # [docs]
   return (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
 
@@ -230,6 +231,11 @@ def _choose_whole_words(tokens: np.ndarray, candidates: np.ndarray, score: np.nd
   return candidates & np.take_along_axis(chosen_start, start_of, axis=1)
 
 
+def example_ids(shards: np.ndarray, indices: np.ndarray) -> np.ndarray:
+  """int64 [B]: the corpus-wide id of example `indices[b]` of shard `shards[b]`."""
+  return np.asarray(shards, np.int64) << 40 | np.asarray(indices, np.int64)
+
+
 def mask_batch(tokens: np.ndarray, lengths: np.ndarray, b_starts: np.ndarray, masking: Masking,
                *, seed: int, epochs: np.ndarray, indices: np.ndarray) -> dict[str, np.ndarray]:
   """Masks packed examples; row b depends only on its data and (seed, epochs[b], indices[b]).
@@ -245,7 +251,7 @@ def mask_batch(tokens: np.ndarray, lengths: np.ndarray, b_starts: np.ndarray, ma
     b_starts: int32 [B] first position of segment B (token type 1 from there to the length).
     masking: what and how much to mask.
     seed: the data seed.
-    epochs, indices: int [B] each example's epoch and index in its store.
+    epochs, indices: int [B] each example's epoch and id (see `example_ids`).
 
   Returns:
     input_ids, token_type_ids, attention_mask: int32 [B, T]; masked_positions, masked_ids:

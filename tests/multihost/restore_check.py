@@ -61,8 +61,9 @@ def main(argv: list[str]) -> None:
   data = loader.build_pretraining_data(cfg.data, str(epath.Path(workdir) / "tokenizer"),
                                        max_position_embeddings=cfg.model.max_position_embeddings)
   with sharding.activation_sharding(mesh):
+    layout = loader.HostLayout(cfg.train.batch_size, num_shards=cfg.data.num_shards)
     metrics = loop.evaluate(task, steps, params, itertools.islice(
-        data.eval_batches(cfg.train.batch_size), cfg.train.eval_batches), mesh)
+        data.eval_batches(layout), cfg.train.eval_batches), mesh)
   leaves = jax.tree.leaves(params)
   report = {
       "step": restored.step,

@@ -27,13 +27,15 @@ from tests.multihost import harness as h
 
 STEPS = 12
 # The tiny CPU config, shrunk: one layer, short sequences, a 16-example global batch, per-step
-# metrics, and evaluation over the whole (uneven: 293 examples) held-out set at 0 and the end.
+# metrics, evaluation over the whole (uneven) held-out set at 0 and the end, and the corpus in 2
+# shards, so that each of 2 processes reads, tokenises and packs only its own half.
 TINY = ["--config=configs/pretrain/bert_tiny_cpu.py", f"--config.train.steps={STEPS}",
         "--config.train.log_every=1", f"--config.train.eval_every={STEPS}",
         "--config.train.eval_batches=100", "--config.train.checkpoint_every=3",
         "--config.train.batch_size=16", "--config.train.progress_bar=false",
         "--config.data.vocab_size=512", "--config.data.max_seq_length=64",
-        "--config.model.num_layers=1", "--config.optim.warmup_steps=1"]
+        "--config.model.num_layers=1", "--config.optim.warmup_steps=1",
+        "--config.data.num_shards=2"]
 
 
 def _train(workdir: pathlib.Path, num_processes: int, devices: int, overrides: list[str],
@@ -98,6 +100,12 @@ def test_two_processes_train_like_one_process(runs, two_process_run):
   assert evals[0][STEPS]["loss"] < evals[0][0]["loss"]  # it trained
 
 
+def test_each_process_reads_only_its_shard(runs, two_process_run):
+  for i in (0, 1):
+    log = (runs / f"two-proc{i}.log").read_text()
+    assert f"Pretraining data: shards [{i}] of 2 read here" in log, log[-2000:]
+
+
 def _examples(batch: dict[str, np.ndarray]) -> list[bytes]:
   """The unmasked rows behind a batch (a row identifies its example), padding rows dropped."""
   tokens = batch["input_ids"].copy()
@@ -130,7 +138,7 @@ def test_hosts_see_every_example_once_per_epoch(small_data, hosts, per_host):
   n = len(data.train)
   ids = {row.tobytes(): i for i, row in enumerate(data.train.tokens)}
   assert len(ids) == n and n % global_batch  # distinct rows, and an uneven last batch
-  iters = [data.train_iterator(per_host, shard_index=s, shard_count=hosts) for s in range(hosts)]
+  iters = [data.train_iterator(loader.HostLayout(per_host, s, hosts)) for s in range(hosts)]
   # The global batch is the hosts' batches side by side (make_array_from_process_local_data).
   seen = [[ids[r] for it in iters for r in _examples(next(it))] for _ in range(-(-n // global_batch))]
   assert all(len(b) == global_batch for b in seen)
@@ -139,10 +147,10 @@ def test_hosts_see_every_example_once_per_epoch(small_data, hosts, per_host):
   counts = np.bincount(whole + straddling, minlength=n)
   assert counts.min() == 1  # no gap: every example by the batch that ends the epoch
   assert (counts == 2).sum() == len(seen) * global_batch - n  # the rest opens epoch 2
-  eval_count = data.num_eval_batches(per_host, hosts)
+  eval_count = data.num_eval_batches(loader.HostLayout(per_host, 0, hosts))
   found, padding = [], 0
   for s in range(hosts):
-    batches = list(data.eval_batches(per_host, shard_index=s, shard_count=hosts))
+    batches = list(data.eval_batches(loader.HostLayout(per_host, s, hosts)))
     assert len(batches) == eval_count  # every host runs the same collectives: no hang
     for batch in batches:
       rows = _examples(batch)

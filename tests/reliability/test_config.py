@@ -89,6 +89,8 @@ RULES = [
          "data.max_seq_length=128"),
     Rule(D, "data.eval_fraction", 1.0, "data.eval_fraction=1.0 must be in [0, 1)"),
     Rule(D, "data.worker_count", -1, "data.worker_count=-1 must be >= 0"),
+    Rule(D, "data.num_shards", 0, "data.num_shards=0 must be >= 1 and divide train.batch_size=32"),
+    Rule(D, "data.num_shards", 5, "data.num_shards=5 must be >= 1 and divide train.batch_size=32"),
     Rule(D, "data.vocab_size", 100, "data.vocab_size=100 must be >= 128 to train a tokenizer"),
     Rule(D, "model.vocab_size", 0, "model.vocab_size=0 must be >= 1", {"data.tokenizer": "v.txt"}),
     Rule(F, "task", "seq2seq", "task='seq2seq' must be one of classification"),
