@@ -6,29 +6,18 @@ import pytest
 from jaxfm.config import pretrain_defaults
 from jaxfm.data import loader
 from jaxfm.data.corpus import CorpusError
+from tests.data_helpers import random_documents, unmasked
 
 T, P = 32, 5
-
-
-def _originals(batch) -> np.ndarray:
-  """int32 [B, T]: the unmasked examples behind a batch."""
-  tokens = batch["input_ids"].copy()
-  for row, positions, ids, weights in zip(tokens, batch["masked_positions"], batch["masked_ids"],
-                                          batch["masked_weights"]):
-    row[positions[weights > 0]] = ids[weights > 0]
-  return tokens
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """Four files of random-word documents: the glob."""
   rng = np.random.default_rng(1)
-  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9)))
-           for _ in range(300)]
   folder = tmp_path_factory.mktemp("sharded")
   for k in range(4):
-    docs = ["\n".join(" ".join(rng.choice(words, size=rng.integers(3, 20)))
-                      for _ in range(rng.integers(1, 6))) for _ in range(40)]
+    docs = random_documents(rng, 40, vocabulary=300, max_lines=6, max_words=20)
     (folder / f"part-{k}.txt").write_text("\n\n".join(docs) + "\n")
   return str(folder / "*.txt")
 
@@ -94,7 +83,7 @@ def test_every_example_once_per_shard_epoch(corpus, tokenizer_dir):
   sizes = data.shard_table[:, 0]
   seen = {0: [], 1: []}
   for _ in range(2 * -(-int(sizes.max()) // 4)):
-    rows = _originals(next(it))
+    rows = unmasked(next(it))
     seen[0] += [r.tobytes() for r in rows[:4]]
     seen[1] += [r.tobytes() for r in rows[4:]]
   for v in (0, 1):
@@ -117,7 +106,7 @@ def test_eval_examples_once_across_hosts(corpus, tokenizer_dir, num_shards, host
     assert len(batches) == count  # every host runs the same number of eval steps
     for batch in batches:
       real = batch["masked_weights"].sum(axis=1) > 0
-      found += [r.tobytes() for r in _originals(batch)[real]]
+      found += [r.tobytes() for r in unmasked(batch)[real]]
   assert sorted(found) == sorted(r.tobytes() for r in data.eval.tokens)
   assert len(data.eval) == data.shard_table[:, 1].sum() > 0
 

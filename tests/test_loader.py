@@ -9,6 +9,7 @@ import pytest
 from jaxfm.config import pretrain_defaults
 from jaxfm.data import loader
 from jaxfm.data.pretraining import mask_batch
+from tests.data_helpers import random_documents, unmasked
 
 T = 32
 P = 5
@@ -25,11 +26,7 @@ def _data_cfg(train_files: str, **overrides):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """A random-word corpus: (glob, number of lines)."""
-  rng = np.random.default_rng(0)
-  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9)))
-           for _ in range(400)]
-  docs = ["\n".join(" ".join(rng.choice(words, size=rng.integers(3, 25)))
-                    for _ in range(rng.integers(1, 8))) for _ in range(150)]
+  docs = random_documents(np.random.default_rng(0), 150)
   folder = tmp_path_factory.mktemp("corpus")
   text = "\n\n".join(docs) + "\n"
   (folder / "docs.txt").write_text(text)
@@ -41,15 +38,6 @@ def data(corpus, tmp_path_factory):
   return loader.build_pretraining_data(_data_cfg(corpus[0]),
                                        str(tmp_path_factory.mktemp("run") / "tokenizer"),
                                        max_position_embeddings=64)
-
-
-def _originals(batch) -> np.ndarray:
-  """int32 [B, T]: the unmasked examples behind a batch."""
-  tokens = batch["input_ids"].copy()
-  for row, positions, ids, weights in zip(tokens, batch["masked_positions"], batch["masked_ids"],
-                                          batch["masked_weights"]):
-    row[positions[weights > 0]] = ids[weights > 0]
-  return tokens
 
 
 def _assert_same(batches_a, batches_b):
@@ -153,7 +141,7 @@ def test_shards_cover_every_example_once_per_epoch(data):
     it = data.train_iterator(loader.HostLayout(batch_size, shard, shards))
     for j in range(-(-2 * n // (batch_size * shards)) + 1):
       batch = next(it)
-      for i, row in enumerate(_originals(batch)):
+      for i, row in enumerate(unmasked(batch)):
         position = (j * shards + shard) * batch_size + i
         seen[position] = (row_ids[row.tobytes()], batch["input_ids"][i])
   epochs = [[seen[p][0] for p in range(e * n, (e + 1) * n)] for e in (0, 1)]
@@ -178,7 +166,7 @@ def test_eval_batches(data, shards):
     for batch in batches:
       real = batch["masked_weights"].sum(axis=1) > 0
       assert (batch["attention_mask"][~real].sum(axis=1) == 2).all()
-      found.extend(_originals(batch)[real].tolist())
+      found.extend(unmasked(batch)[real].tolist())
   assert sorted(found) == sorted(data.eval.tokens.tolist())
   fixed = mask_batch(data.eval.tokens, data.eval.lengths, data.eval.b_starts, data.masking,
                      seed=data.seed, epochs=np.zeros(len(data.eval), int),

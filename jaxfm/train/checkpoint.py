@@ -154,12 +154,17 @@ def _probe_writable(directory: epath.Path) -> None:
   """
   if jax.process_index() != 0:
     return
-  probe = directory / f".write-probe-{uuid.uuid4().hex}"
   try:
-    probe.write_text("ok")
-    probe.unlink()
+    probe_write(directory)
   except OSError as e:
     raise CheckpointError(f"checkpoint directory {directory} is not writable: {e}") from e
+
+
+def probe_write(directory: epath.Path) -> None:
+  """Writes and removes a small file in `directory`; OSError if it takes no writes."""
+  probe = directory / f".write-probe-{uuid.uuid4().hex}"
+  probe.write_text("ok")
+  probe.unlink()
 
 
 def _first_line(e: BaseException) -> str:

@@ -169,18 +169,22 @@ def gather_outputs(outputs: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]
   return {k: v[keep] for k, v in merged.items()}
 
 
+def _eval_pass(steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
+               mesh: jax.sharding.Mesh) -> list[tuple[Sums, dict[str, jax.Array]]]:
+  """`eval_step` (sums, outputs) over one pass of this host's batches."""
+  return [steps.eval_step(params, sharding.global_batch(local, mesh)) for local in local_batches]
+
+
 def predict(steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
             mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
   """All predict outputs of one pass over this host's batches (see `gather_outputs`)."""
-  return gather_outputs([steps.eval_step(params, sharding.global_batch(local, mesh))[1]
-                         for local in local_batches])
+  return gather_outputs([outputs for _, outputs in _eval_pass(steps, params, local_batches, mesh)])
 
 
 def evaluate(task: Task, steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
              mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Loss summary (and the task's scores) over one pass of this host's eval batches."""
-  results = [steps.eval_step(params, sharding.global_batch(local, mesh))
-             for local in local_batches]
+  results = _eval_pass(steps, params, local_batches, mesh)
   if not results:
     return {}
   metrics = task.summarize(_summed([sums for sums, _ in results]))

@@ -6,7 +6,6 @@ import importlib.metadata
 import json
 import logging as logging_std
 import os
-import uuid
 from typing import Any
 
 import jax
@@ -122,9 +121,7 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict, allow_config_c
   root = epath.Path(workdir)
   try:
     root.mkdir(parents=True, exist_ok=True)
-    probe = root / f".write-probe-{uuid.uuid4().hex}"
-    probe.write_text("ok")
-    probe.unlink()
+    checkpoint.probe_write(root)
   except OSError as e:
     raise WorkdirError(f"workdir {workdir} is not writable: {e}") from e
   saved_file = root / "config.json"

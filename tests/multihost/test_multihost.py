@@ -23,6 +23,7 @@ import pytest
 
 from jaxfm.config import pretrain_defaults
 from jaxfm.data import loader
+from tests.data_helpers import random_documents, unmasked
 from tests.multihost import harness as h
 
 STEPS = 12
@@ -108,21 +109,13 @@ def test_each_process_reads_only_its_shard(runs, two_process_run):
 
 def _examples(batch: dict[str, np.ndarray]) -> list[bytes]:
   """The unmasked rows behind a batch (a row identifies its example), padding rows dropped."""
-  tokens = batch["input_ids"].copy()
   real = batch["masked_weights"].sum(axis=1) > 0
-  for row, positions, ids, weights in zip(tokens, batch["masked_positions"], batch["masked_ids"],
-                                          batch["masked_weights"]):
-    row[positions[weights > 0]] = ids[weights > 0]
-  return [row.tobytes() for row in tokens[real]]
+  return [row.tobytes() for row in unmasked(batch)[real]]
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> loader.PretrainingData:
-  rng = np.random.default_rng(0)
-  words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 9)))
-           for _ in range(400)]
-  docs = ["\n".join(" ".join(rng.choice(words, size=rng.integers(3, 25)))
-                    for _ in range(rng.integers(1, 8))) for _ in range(120)]
+  docs = random_documents(np.random.default_rng(0), 120)
   folder = tmp_path_factory.mktemp("small-data")
   (folder / "corpus.txt").write_text("\n\n".join(docs) + "\n")
   cfg = pretrain_defaults().data
