@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxfm.models.config import BertConfig
+from jaxfm.models.dropout import Dropout
 
 Array = jax.Array
 
@@ -73,7 +74,7 @@ class Embeddings(nn.Module):
                                      embedding_init=_normal(cfg, (None, EMBED)))
     self.token_type_embeddings = embed(cfg.type_vocab_size, embedding_init=_normal(cfg, (None, EMBED)))
     self.layer_norm = layer_norm(cfg, "layer_norm")
-    self.dropout = nn.Dropout(cfg.hidden_dropout)
+    self.dropout = Dropout(cfg.hidden_dropout)
     if cfg.embedding_dim != cfg.hidden_size:
       self.projection = dense(cfg, cfg.hidden_size, (EMBED_OUT, EMBED), "projection")
 
@@ -116,7 +117,7 @@ class SelfAttention(nn.Module):
       # Dropout on the attention probabilities needs them materialised.
       logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32)
       logits = jnp.where(mask, logits * cfg.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
-      probs = nn.Dropout(cfg.attention_dropout)(jax.nn.softmax(logits, axis=-1),
+      probs = Dropout(cfg.attention_dropout)(jax.nn.softmax(logits, axis=-1),
                                                 deterministic=False)
       context = jnp.einsum("bnqk,bknh->bqnh", probs.astype(cfg.dtype), v)
     out_kernel = param("out_kernel", _normal(cfg, (HEADS, KV, EMBED)),
@@ -134,7 +135,7 @@ class TransformerLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> tuple[Array, None]:
     cfg = self.config
-    drop = nn.Dropout(cfg.hidden_dropout)
+    drop = Dropout(cfg.hidden_dropout)
     attended = SelfAttention(cfg, name="attention")(x, mask, deterministic)
     x = layer_norm(cfg, "attention_norm")(x + drop(attended, deterministic=deterministic))
     h = dense(cfg, cfg.intermediate_size, (EMBED, MLP), "intermediate")(x)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxfm.models.config import BertConfig
+from jaxfm.models.dropout import Dropout
 from jaxfm.models.encoder import (ACT_BATCH, ACT_LENGTH, CLASSES, EMBED, EMBED_OUT, VOCAB,
                                   BertEncoder, activation, dense, layer_norm)
 
@@ -61,7 +62,7 @@ class BertForSequenceClassification(nn.Module):
                deterministic: bool = True) -> Array:
     encoder = BertEncoder(self.config, name="encoder")
     pooled = encoder.pool(encoder(input_ids, token_type_ids, attention_mask, deterministic))
-    pooled = nn.Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
+    pooled = Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
     logits = dense(self.config, self.num_labels, (EMBED, CLASSES), "classifier")(pooled)
     return logits.astype(jnp.float32)  # [batch, num_labels]
 
@@ -77,7 +78,7 @@ class BertForTokenClassification(nn.Module):
                deterministic: bool = True) -> Array:
     hidden = BertEncoder(self.config, name="encoder")(
         input_ids, token_type_ids, attention_mask, deterministic)
-    hidden = nn.Dropout(self.config.hidden_dropout)(hidden, deterministic=deterministic)
+    hidden = Dropout(self.config.hidden_dropout)(hidden, deterministic=deterministic)
     logits = dense(self.config, self.num_labels, (EMBED, CLASSES), "classifier")(hidden)
     return nn.with_logical_constraint(logits.astype(jnp.float32),
                                       (ACT_BATCH, ACT_LENGTH, None))  # [batch, length, labels]
