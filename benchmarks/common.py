@@ -60,6 +60,15 @@ class Case:
     return cls(**json.loads(text))
 
 
+def preset_arch(model: str, layers: int = 0) -> dict[str, int]:
+  """The BERT shape of jaxfm's `model` preset for `Case.arch`; `layers` > 0 overrides depth."""
+  from jaxfm.models import preset  # pylint: disable=g-import-not-at-top  # jax: jaxfm side only
+  config = preset(model)
+  arch = {k: getattr(config, k)
+          for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")}
+  return {**arch, "num_layers": layers} if layers else arch
+
+
 def synthetic_batch(case: Case) -> dict[str, np.ndarray]:
   """A full-length batch (no padding) with `predictions` distinct masked positions per row.
 
@@ -126,21 +135,25 @@ def _rate(call: Callable[[], None], flops: float, reps: int) -> Rate:
   return Rate(flops / best, flops * reps / (time.process_time() - cpu))
 
 
-def jax_matmul_rate(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> Rate:
-  """A jitted [m, k] @ [k, n] on JAX's default device."""
+def jax_matmul_rate(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10,
+                    batch: int = 0) -> Rate:
+  """A jitted [m, k] @ [k, n] on JAX's default device; [batch, m, k] @ [batch, k, n] if batch."""
   import jax  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.key(0), (m, k), dtype)
-  b = jax.random.normal(jax.random.key(1), (k, n), dtype)
+  lead = (batch,) if batch else ()
+  a = jax.random.normal(jax.random.key(0), (*lead, m, k), dtype)
+  b = jax.random.normal(jax.random.key(1), (*lead, k, n), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
-  return _rate(lambda: matmul(a, b).block_until_ready(), 2.0 * m * k * n, reps)
+  return _rate(lambda: matmul(a, b).block_until_ready(), 2.0 * max(batch, 1) * m * k * n, reps)
 
 
-def torch_matmul_rate(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10) -> Rate:
-  """torch.matmul on the CPU with torch's default intra-op threads."""
+def torch_matmul_rate(m: int, k: int, n: int, dtype: str = "float32", reps: int = 10,
+                      batch: int = 0) -> Rate:
+  """torch.matmul on the CPU with torch's default intra-op threads (batched if batch)."""
   import torch  # pylint: disable=g-import-not-at-top
-  a = torch.randn(m, k, dtype=getattr(torch, dtype))
-  b = torch.randn(k, n, dtype=getattr(torch, dtype))
-  return _rate(lambda: torch.matmul(a, b), 2.0 * m * k * n, reps)
+  lead = (batch,) if batch else ()
+  a = torch.randn(*lead, m, k, dtype=getattr(torch, dtype))
+  b = torch.randn(*lead, k, n, dtype=getattr(torch, dtype))
+  return _rate(lambda: torch.matmul(a, b), 2.0 * max(batch, 1) * m * k * n, reps)
 
 
 def ceiling_size(platform: str) -> int:

@@ -160,14 +160,8 @@ def main(argv: Sequence[str]) -> None:
   if _CHILD.value or _CEILING_CHILD.value:
     _child_main()
     return
-  from jaxfm.models import preset  # pylint: disable=g-import-not-at-top
-  config = preset(_MODEL.value)
-  arch = {k: getattr(config, k)
-          for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")}
-  if _LAYERS.value:
-    arch["num_layers"] = _LAYERS.value
   base = common.Case(impl="", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
-                     batch=_BATCH.value, arch=arch, dtype=_DTYPE.value, steps=_STEPS.value,
+                     batch=_BATCH.value, arch=common.preset_arch(_MODEL.value, _LAYERS.value), dtype=_DTYPE.value, steps=_STEPS.value,
                      warmup=_WARMUP.value, scan_layers=_SCAN.value, remat=_REMAT.value,
                      threads=_THREADS.value, compilation_cache=_CACHE.value)
   ceiling = _run_child(["--ceiling_child", f"--dtype={_DTYPE.value}",
@@ -181,7 +175,7 @@ def main(argv: Sequence[str]) -> None:
       if _JSON.value:
         print(json.dumps(record), flush=True)
   title = (f"{_MODEL.value} {_TASK.value} seq {_SEQ.value} batch {_BATCH.value} "
-           f"({arch['num_layers']} layers, {_DTYPE.value})")
+           f"({base.arch['num_layers']} layers, {_DTYPE.value})")
   print(f"{title}\n{_table(records, ceiling)}", file=sys.stderr if _JSON.value else sys.stdout)
 
 

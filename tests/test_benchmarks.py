@@ -53,3 +53,31 @@ def test_both_impls_interleave_and_report_the_pair_ratio():
   assert rows[1]["flops_per_token"] == mlm_flops_per_token(preset("tiny"), 16, 16)
   assert rows[0]["flops_per_token"] == mlm_flops_per_token(preset("tiny"), 16, 3)
   assert "jaxfm/torch tokens/s per pair: median" in table
+
+
+def test_profile_kinds_from_hlo():
+  from benchmarks import profile  # pylint: disable=import-outside-toplevel
+  hlo = """
+  %ynn_fusion.3 = f32[4096,256]{1,0} fusion(%a, %b), kind=kCustom
+  %dot.7 = f32[32,4,128,64]{3,2,1,0} dot(%c, %d), lhs_batch_dims={0,1}
+  %broadcast_add_fusion.2 = (u32[32,4,128,128]{3,2,1,0}, u32[32,4,128,128]{3,2,1,0}) fusion(%e)
+  ROOT %copy_bitcast_fusion.4 = f32[256,4096]{1,0} fusion(%f), kind=kLoop
+  %select_add_fusion.1 = f32[30522,256]{1,0} fusion(%g, %h), kind=kLoop
+  """
+  assert profile._kinds(hlo) == {
+      "ynn_fusion.3": "GEMM, dense", "dot.7": "GEMM, batched (attention)",
+      "broadcast_add_fusion.2": "random bits (dropout)",
+      "copy_bitcast_fusion.4": "copy / transpose",
+      "select_add_fusion.1": "other (elementwise, reductions)"}
+
+
+def test_profile_runs_on_the_real_step():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.profile", "--model=tiny", "--task=mlm",
+                         "--batch=8", "--steps=1"], cwd=_ROOT, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  shares = {line[:34].strip(): float(line.split()[-1].rstrip("%"))
+            for line in proc.stdout.splitlines()[2:]}
+  assert shares["GEMM, dense"] > 10 and shares["random bits (dropout)"] > 0, proc.stdout
+  assert abs(sum(shares.values()) - 100) < 0.5, proc.stdout

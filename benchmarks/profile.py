@@ -1,0 +1,106 @@
+r"""Where jaxfm's train step spends its time, by kind of XLA operation.
+
+  python -m benchmarks.profile --model=mini --task=cls [--seq=128 --batch=32 --steps=3]
+
+Traces `--steps` steps of the real train step (as `benchmarks.step` builds it) with the JAX
+profiler and sums the per-thunk times of XLA's CPU runtime by kind, read from the compiled HLO:
+dense GEMMs (rank-2 dot outputs), batched GEMMs (attention scores and weighted sums), random
+bits for dropout (u32 outputs), copies and transposes, and the rest (elementwise, reductions).
+Thunks can overlap, so the kinds can add up to more than the step's wall time; the table also
+prints the wall time and the thunk time over it (the parallelism XLA found between thunks).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+
+import jax
+from absl import app, flags
+
+from benchmarks import common, jaxfm_impl
+
+_MODEL = flags.DEFINE_string("model", "mini", "BERT size preset: tiny, mini, small, base, large.")
+_TASK = flags.DEFINE_enum("task", "cls", ["mlm", "cls"], "MLM pretraining or classification.")
+_SEQ = flags.DEFINE_integer("seq", 128, "Sequence length.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Global batch size.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after 3 untimed ones).")
+
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(?[^ ]*\)?) ")  # name, type
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+def _kinds(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the kind its thunk is counted under."""
+  kinds = {}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match or match.group(1) in kinds:
+      continue
+    name, type_ = match.groups()
+    shapes = _SHAPE.findall(type_)  # [(dtype, dims)], several for a tuple
+    rank = len(shapes[0][1].split(",")) if shapes and shapes[0][1] else 0
+    if name.startswith(("ynn_fusion", "dot", "xnn_fusion", "onednn")):
+      kind = "GEMM, dense" if rank <= 2 else "GEMM, batched (attention)"
+    elif any(dtype == "u32" for dtype, _ in shapes) or name.startswith("while"):
+      kind = "random bits (dropout)"
+    elif name.startswith(("copy", "transpose")):
+      kind = "copy / transpose"
+    else:
+      kind = "other (elementwise, reductions)"
+    kinds[name] = kind
+  return kinds
+
+
+def _thunk_times(trace_dir: str) -> collections.Counter:
+  """Microseconds per HLO op over the trace (XLA:CPU thunk events)."""
+  path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+  events = json.load(gzip.open(path))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  times = collections.Counter()
+  for event in events:
+    op = (event.get("args") or {}).get("hlo_op")
+    if event.get("ph") == "X" and op:
+      times[op] += event.get("dur", 0)
+  return times
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  jax.config.update("jax_platforms", "cpu")
+  case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
+                     batch=_BATCH.value, arch=common.preset_arch(_MODEL.value))
+  step = jaxfm_impl.compile_train_step(case, common.synthetic_batch(case))
+  kinds = _kinds(step.compiled.as_text())
+  for _ in range(3):
+    step.run()
+  walls = []
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(_STEPS.value):
+      start = time.perf_counter()
+      step.run()
+      walls.append(time.perf_counter() - start)
+    jax.profiler.stop_trace()
+    times = _thunk_times(trace_dir)
+  by_kind = collections.Counter()
+  for op, us in times.items():
+    by_kind[kinds.get(op, "other (elementwise, reductions)")] += us / 1e3 / _STEPS.value
+  wall_ms = statistics.median(walls) * 1e3
+  total = sum(by_kind.values())
+  print(f"{case.model} {case.task} seq {case.seq} batch {case.batch}: {wall_ms:.0f} ms/step "
+        f"(traced), thunk time {total:.0f} ms/step = {total / wall_ms:.2f}x wall")
+  print(f"{'kind':34s} {'ms/step':>8s} {'share':>6s}")
+  for kind, ms in by_kind.most_common():
+    print(f"{kind:34s} {ms:8.1f} {ms / total:6.1%}")
+
+
+if __name__ == "__main__":
+  app.run(main)
