@@ -13,10 +13,6 @@ prints the wall time and the thunk time over it (the parallelism XLA found betwe
 from __future__ import annotations
 
 import collections
-import glob
-import gzip
-import json
-import re
 import statistics
 import tempfile
 import time
@@ -25,7 +21,7 @@ from collections.abc import Sequence
 import jax
 from absl import app, flags
 
-from benchmarks import common, jaxfm_impl
+from benchmarks import common, jaxfm_impl, xla_ops
 
 _MODEL = flags.DEFINE_string("model", "mini", "BERT size preset: tiny, mini, small, base, large.")
 _TASK = flags.DEFINE_enum("task", "cls", ["mlm", "cls"], "MLM pretraining or classification.")
@@ -33,52 +29,13 @@ _SEQ = flags.DEFINE_integer("seq", 128, "Sequence length.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch size.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after 3 untimed ones).")
 
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(?[^ ]*\)?) ")  # name, type
-_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
-
-
-def _kinds(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> the kind its thunk is counted under."""
-  kinds = {}
-  for line in hlo_text.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match or match.group(1) in kinds:
-      continue
-    name, type_ = match.groups()
-    shapes = _SHAPE.findall(type_)  # [(dtype, dims)], several for a tuple
-    rank = len(shapes[0][1].split(",")) if shapes and shapes[0][1] else 0
-    if name.startswith(("ynn_fusion", "dot", "xnn_fusion", "onednn")):
-      kind = "GEMM, dense" if rank <= 2 else "GEMM, batched (attention)"
-    elif any(dtype == "u32" for dtype, _ in shapes) or name.startswith("while"):
-      kind = "random bits (dropout)"
-    elif name.startswith(("copy", "transpose")):
-      kind = "copy / transpose"
-    else:
-      kind = "other (elementwise, reductions)"
-    kinds[name] = kind
-  return kinds
-
-
-def _thunk_times(trace_dir: str) -> collections.Counter:
-  """Microseconds per HLO op over the trace (XLA:CPU thunk events)."""
-  path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
-  events = json.load(gzip.open(path))
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  times = collections.Counter()
-  for event in events:
-    op = (event.get("args") or {}).get("hlo_op")
-    if event.get("ph") == "X" and op:
-      times[op] += event.get("dur", 0)
-  return times
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
   jax.config.update("jax_platforms", "cpu")
   case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
                      batch=_BATCH.value, arch=common.preset_arch(_MODEL.value))
   step = jaxfm_impl.compile_train_step(case, common.synthetic_batch(case))
-  kinds = _kinds(step.compiled.as_text())
+  kinds = xla_ops.op_kinds(step.compiled.as_text())
   for _ in range(3):
     step.run()
   walls = []
@@ -89,7 +46,7 @@ def main(argv: Sequence[str]) -> None:
       step.run()
       walls.append(time.perf_counter() - start)
     jax.profiler.stop_trace()
-    times = _thunk_times(trace_dir)
+    times = xla_ops.thunk_times(trace_dir)
   by_kind = collections.Counter()
   for op, us in times.items():
     by_kind[kinds.get(op, "other (elementwise, reductions)")] += us / 1e3 / _STEPS.value

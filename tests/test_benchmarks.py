@@ -56,7 +56,7 @@ def test_both_impls_interleave_and_report_the_pair_ratio():
 
 
 def test_profile_kinds_from_hlo():
-  from benchmarks import profile  # pylint: disable=import-outside-toplevel
+  from benchmarks import xla_ops  # pylint: disable=import-outside-toplevel  # no flags
   hlo = """
   %ynn_fusion.3 = f32[4096,256]{1,0} fusion(%a, %b), kind=kCustom
   %dot.7 = f32[32,4,128,64]{3,2,1,0} dot(%c, %d), lhs_batch_dims={0,1}
@@ -64,7 +64,7 @@ def test_profile_kinds_from_hlo():
   ROOT %copy_bitcast_fusion.4 = f32[256,4096]{1,0} fusion(%f), kind=kLoop
   %select_add_fusion.1 = f32[30522,256]{1,0} fusion(%g, %h), kind=kLoop
   """
-  assert profile._kinds(hlo) == {
+  assert xla_ops.op_kinds(hlo) == {
       "ynn_fusion.3": "GEMM, dense", "dot.7": "GEMM, batched (attention)",
       "broadcast_add_fusion.2": "random bits (dropout)",
       "copy_bitcast_fusion.4": "copy / transpose",
