@@ -33,8 +33,12 @@ class BestCheckpoint:
   def __init__(self, workdir: str, metric: str, mode: str, patience: int, eval_every: int):
     self.metric, self.patience, self.eval_every = metric, patience, eval_every
     self.sign = 1.0 if mode == "max" else -1.0
+    # Its own barrier names: its async saves run beside the train-state manager's, and two
+    # managers on Orbax's default names collide across hosts ("Barrier ... already ongoing").
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode=mode, create=True)
+        max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode=mode, create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix="jaxfm_best"))
     self.manager = ocp.CheckpointManager(best_dir(workdir), options=options,
                                          item_names=(PARAMS, METRICS))
     step = self.manager.best_step()
