@@ -87,9 +87,9 @@ def main(argv):
       cfg.optim.warmup_steps
   optimizer = _optimizer(model, cfg)
   schedule = transformers.get_linear_schedule_with_warmup(optimizer, warmup, steps)
-  batches = loader.feature_train_iterator(train.device_arrays(), cfg.train.batch_size,
-                                          seed=cfg.data.seed,
-                                          layout=loader.HostLayout(cfg.train.batch_size))
+  batches = loader.feature_train_iterator(train.device_arrays(),
+                                          loader.HostLayout(cfg.train.batch_size),
+                                          seed=cfg.data.seed)
   loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)  # mean over labelled targets
   start = time.perf_counter()
   model.train()

@@ -157,14 +157,13 @@ class _TakeRows:
     return {k: v[indices] for k, v in self.features.items()}
 
 
-def feature_train_iterator(features: dict[str, np.ndarray], batch_size_per_host: int, *,
-                           seed: int, layout: HostLayout | None = None) -> TrainIterator:
+def feature_train_iterator(features: dict[str, np.ndarray], layout: HostLayout, *,
+                           seed: int) -> TrainIterator:
   """Endless, per-epoch reshuffled batches of fixed-shape task features, split by host.
 
-  Every host holds all the features (one shard); the same global order and checkpointable
-  state as pretraining's `train_iterator`.
+  Every host holds all the features (`layout` has one shard); the same global order and
+  checkpointable state as pretraining's `train_iterator`.
   """
-  layout = layout or HostLayout.of_process(batch_size_per_host)
   num_examples = len(next(iter(features.values())))
   batches = grain.MapDataset.range(sys.maxsize).map(
       _HostBatch(_TakeRows(features), (num_examples,), seed, layout))
@@ -262,16 +261,16 @@ class PretrainingData:
   def num_shards(self) -> int:
     return len(self.shard_table)
 
-  def _check(self, layout: HostLayout, shards: range) -> None:
+  def _check(self, layout: HostLayout) -> None:
     if layout.num_shards != self.num_shards:
       raise ValueError(f"layout has {layout.num_shards} shards, the data {self.num_shards}")
-    if missing := [v for v in shards if v not in self.train_starts]:
+    if missing := [v for v in layout.shards if v not in self.train_starts]:
       raise ValueError(f"host {layout.host} needs shards {missing}, which were not read here")
 
   def train_iterator(self, layout: HostLayout, *, seed: int | None = None,
                      worker_count: int = 0) -> TrainIterator:
     """Endless training batches of the host `layout` describes."""
-    self._check(layout, layout.shards)
+    self._check(layout)
     seed = self.seed if seed is None else seed
     sizes = tuple(int(n) if v in self.train_starts else 0
                   for v, n in enumerate(self.shard_table[:, 0]))
@@ -286,23 +285,24 @@ class PretrainingData:
     }
     return TrainIterator(batches, worker_count=worker_count, fingerprint=fingerprint)
 
-  def _eval_examples(self, layout: HostLayout) -> tuple[np.ndarray, np.ndarray]:
-    """int64 [E] shards and [E] indices of the eval examples the host `layout` evaluates."""
-    shares = [(v, layout.eval_indices(v, int(self.shard_table[v, 1]))) for v in layout.shards]
-    shards = np.array([v for v, share in shares for _ in share], np.int64)
-    return shards, np.array([i for _, share in shares for i in share], np.int64)
+  def _eval_shares(self, layout: HostLayout) -> list[tuple[int, range]]:
+    """(shard, indices of its eval examples) that the host `layout` evaluates."""
+    return [(v, layout.eval_indices(v, int(self.shard_table[v, 1]))) for v in layout.shards]
 
   def num_eval_batches(self, layout: HostLayout) -> int:
     """Batches `eval_batches` yields on every host: enough for the busiest host."""
-    most = max(len(self._eval_examples(dataclasses.replace(layout, host=h))[0])
+    most = max(sum(len(share) for _, share in
+                   self._eval_shares(dataclasses.replace(layout, host=h)))
                for h in range(layout.hosts))
     return -(-most // layout.batch_size)
 
   def eval_batches(self, layout: HostLayout) -> Iterator[Batch]:
     """One pass over this host's share of the eval examples of its shards (fixed masks),
     padded with zero-weight examples to `num_eval_batches` batches."""
-    self._check(layout, layout.shards)
-    shards, indices = self._eval_examples(layout)  # [E], [E]
+    self._check(layout)
+    shares = self._eval_shares(layout)
+    shards = np.concatenate([np.full(len(r), v, np.int64) for v, r in shares])  # [E]
+    indices = np.concatenate([np.asarray(r, np.int64) for _, r in shares])  # [E]
     mask = _MaskBatch(self.eval, self.eval_starts, self.masking, self.seed)
     padding = padding_example(self.eval.max_seq_length, self.masking.max_predictions,
                               self.tokenizer.special_ids)
