@@ -49,7 +49,7 @@ def main(argv: Sequence[str]) -> None:
     times = xla_ops.thunk_times(trace_dir)
   by_kind = collections.Counter()
   for op, us in times.items():
-    by_kind[kinds.get(op, "other (elementwise, reductions)")] += us / 1e3 / _STEPS.value
+    by_kind[kinds.get(op, xla_ops.OTHER)] += us / 1e3 / _STEPS.value
   wall_ms = statistics.median(walls) * 1e3
   total = sum(by_kind.values())
   print(f"{case.model} {case.task} seq {case.seq} batch {case.batch}: {wall_ms:.0f} ms/step "

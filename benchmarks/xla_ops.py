@@ -10,6 +10,7 @@ import re
 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(?[^ ]*\)?) ")  # name, type
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+OTHER = "other (elementwise, reductions)"  # also the kind of ops missing from the HLO text
 
 
 def op_kinds(hlo_text: str) -> dict[str, str]:
@@ -29,7 +30,7 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
     elif name.startswith(("copy", "transpose")):
       kind = "copy / transpose"
     else:
-      kind = "other (elementwise, reductions)"
+      kind = OTHER
     kinds[name] = kind
   return kinds
 

@@ -34,7 +34,8 @@ class BestCheckpoint:
     self.metric, self.patience, self.eval_every = metric, patience, eval_every
     self.sign = 1.0 if mode == "max" else -1.0
     # Its own barrier names: its async saves run beside the train-state manager's, and two
-    # managers on Orbax's default names collide across hosts ("Barrier ... already ongoing").
+    # managers on Orbax's default (global) names collide in JAX's coordination service when
+    # both save at once on several processes ("Barrier ... is already ongoing").
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode=mode, create=True,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
