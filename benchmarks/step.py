@@ -161,7 +161,8 @@ def main(argv: Sequence[str]) -> None:
     _child_main()
     return
   base = common.Case(impl="", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
-                     batch=_BATCH.value, arch=common.preset_arch(_MODEL.value, _LAYERS.value), dtype=_DTYPE.value, steps=_STEPS.value,
+                     batch=_BATCH.value, arch=common.preset_arch(_MODEL.value, _LAYERS.value),
+                     dtype=_DTYPE.value, steps=_STEPS.value,
                      warmup=_WARMUP.value, scan_layers=_SCAN.value, remat=_REMAT.value,
                      threads=_THREADS.value, compilation_cache=_CACHE.value)
   ceiling = _run_child(["--ceiling_child", f"--dtype={_DTYPE.value}",
