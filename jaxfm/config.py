@@ -193,6 +193,8 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
                       f"model.hidden_size={m.hidden_size}")
   if m.embedding_size < 0:
     _fail("model.embedding_size", m.embedding_size, "must be >= 0 (0 = hidden_size)")
+  if m.loss_vocab_chunk < 0:
+    _fail("model.loss_vocab_chunk", m.loss_vocab_chunk, "must be >= 0 (0 = whole vocabulary)")
   for field in ("model.hidden_dropout", "model.attention_dropout"):
     if not 0.0 <= _get(cfg, field) < 1.0:
       _fail(field, _get(cfg, field), "must be in [0, 1)")

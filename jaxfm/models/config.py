@@ -34,6 +34,9 @@ class BertConfig:
   dtype: str = "float32"  # compute dtype; parameters are always float32
   remat_policy: str = "none"
   scan_layers: bool = False
+  # The MLM loss runs the tied decoder over this many vocabulary rows at a time and never
+  # holds the whole logits (`jaxfm.train.cross_entropy`); 0 = the whole vocabulary at once.
+  loss_vocab_chunk: int = 4096
 
   @property
   def head_dim(self) -> int:

@@ -21,15 +21,21 @@ class MlmHead(nn.Module):
 
   config: BertConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.transform = dense(cfg, cfg.embedding_dim, (EMBED, EMBED_OUT), "transform")
+    self.transform_norm = layer_norm(cfg, "transform_norm")
+    self.bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                (VOCAB,)),
+                           (cfg.vocab_size,), jnp.float32)
+
+  def features(self, hidden: Array) -> Array:
+    """[..., hidden] -> [..., embedding]: what the tied decoder multiplies."""
+    return self.transform_norm(activation(self.config.hidden_act)(self.transform(hidden)))
+
   def __call__(self, hidden: Array, attend: Callable[[Array], Array]) -> Array:
     # hidden: [batch, positions, hidden] -> logits [batch, positions, vocab] (float32)
-    cfg = self.config
-    x = dense(cfg, cfg.embedding_dim, (EMBED, EMBED_OUT), "transform")(hidden)
-    x = layer_norm(cfg, "transform_norm")(activation(cfg.hidden_act)(x))
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (VOCAB,)),
-                      (cfg.vocab_size,), jnp.float32)
-    return attend(x).astype(jnp.float32) + bias
+    return attend(self.features(hidden)).astype(jnp.float32) + self.bias
 
 
 class BertForMaskedLM(nn.Module):
@@ -37,18 +43,38 @@ class BertForMaskedLM(nn.Module):
 
   With `masked_positions` ([batch, predictions] int) the head runs only at those
   positions, which is what pretraining needs and is far cheaper at small sizes.
+  `decoder_inputs` stops before the decoder, for losses that fuse it
+  (`jaxfm.train.cross_entropy`) instead of materialising the logits.
   """
 
   config: BertConfig
 
-  @nn.compact
+  def setup(self):
+    self.encoder = BertEncoder(self.config)
+    self.mlm_head = MlmHead(self.config)
+
+  def _predicted_hidden(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
+                        masked_positions: Array | None, deterministic: bool) -> Array:
+    hidden = self.encoder(input_ids, token_type_ids, attention_mask, deterministic)
+    if masked_positions is None:
+      return hidden  # [b, t, hidden]
+    return jnp.take_along_axis(hidden, masked_positions[..., None], axis=1)  # [b, p, hidden]
+
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
                masked_positions: Array | None = None, deterministic: bool = True) -> Array:
-    encoder = BertEncoder(self.config, name="encoder")
-    hidden = encoder(input_ids, token_type_ids, attention_mask, deterministic)
-    if masked_positions is not None:
-      hidden = jnp.take_along_axis(hidden, masked_positions[..., None], axis=1)  # [b, p, hidden]
-    return MlmHead(self.config, name="mlm_head")(hidden, encoder.attend)
+    hidden = self._predicted_hidden(input_ids, token_type_ids, attention_mask, masked_positions,
+                                    deterministic)
+    return self.mlm_head(hidden, self.encoder.attend)  # [b, p or t, vocab]
+
+  def decoder_inputs(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
+                     masked_positions: Array, deterministic: bool = True
+                     ) -> tuple[Array, Array, Array]:
+    """(features [b, p, embedding], word table [vocab, embedding], bias [vocab]): the logits
+    are `features @ table.T + bias`."""
+    hidden = self._predicted_hidden(input_ids, token_type_ids, attention_mask, masked_positions,
+                                    deterministic)
+    table = self.encoder.embeddings.word_embeddings.embedding
+    return self.mlm_head.features(hidden), table, self.mlm_head.bias
 
 
 class BertForSequenceClassification(nn.Module):

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxfm.models import BertForMaskedLM
+from jaxfm.train.cross_entropy import tied_decoder_cross_entropy
 from jaxfm.train.step import Batch, LossFn, Sums
 
 
@@ -18,22 +20,24 @@ def _apply_kwargs(rng: jax.Array | None) -> dict[str, Any]:
   return dict(deterministic=False, rngs={"dropout": rng})
 
 
-def mlm_loss(model: nn.Module) -> LossFn:
-  """Masked-LM cross-entropy over the `masked_positions` of each example.
+def mlm_loss(model: BertForMaskedLM) -> LossFn:
+  """Masked-LM cross-entropy over the `masked_positions` of each example, through the tied
+  decoder a vocabulary chunk at a time (`model.config.loss_vocab_chunk`).
 
   Batch: input_ids, token_type_ids, attention_mask int32 [b, t]; masked_positions,
   masked_ids int32 [b, p]; masked_weights float32 [b, p] (0 = padding prediction).
   """
   def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
-    logits = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                         batch["attention_mask"], batch["masked_positions"],
-                         **_apply_kwargs(rng))  # [b, p, vocab] float32
-    labels = batch["masked_ids"]
-    weights = batch["masked_weights"]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [b, p]
+    features, table, bias = model.apply(
+        {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+        batch["masked_positions"], method=BertForMaskedLM.decoder_inputs, **_apply_kwargs(rng))
+    weights = batch["masked_weights"].reshape(-1)  # [b * p]
+    nll, correct = tied_decoder_cross_entropy(
+        features.reshape(-1, features.shape[-1]), table, bias, batch["masked_ids"].reshape(-1),
+        model.config.loss_vocab_chunk)
     loss_sum = jnp.sum(nll * weights)
-    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
-    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights), "correct": correct}
+    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights),
+                      "correct": jnp.sum(correct * weights)}
   return loss_fn
 
 
