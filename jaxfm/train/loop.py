@@ -18,7 +18,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxfm import sharding
-from jaxfm.train import checkpoint, optim
+from jaxfm.train import checkpoint, host_memory, optim
 from jaxfm.train.best import BestCheckpoint
 from jaxfm.train.flops import peak_flops_per_device
 from jaxfm.train.state import TrainState, create_train_state
@@ -278,6 +278,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
       eval_metrics = run_eval(state.params)
       writer.write(0, eval_metrics, "eval")
       log_line(0, eval_metrics, "eval")
+    host_memory.release_free_heap()  # what the compiler freed, before the steps allocate
     pending: list[Sums] = []
     interval_start, interval_steps = time.perf_counter(), 0
     last_save_time = time.monotonic()
