@@ -8,6 +8,7 @@ Prints the accounting report; on error prints one line and exits with status 1.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -55,9 +56,26 @@ def _from_hf(hf_dir: str, out: str) -> str:
   return f"{result.summary()}\nwrote jaxfm model dir {os.path.abspath(out)}"
 
 
+def label_names(path: str) -> list[str] | None:
+  """The label vocabulary a fine-tuning workdir recorded beside its checkpoints (None if none)."""
+  from jaxfm.finetuning.run import TASK_FILE  # pylint: disable=import-outside-toplevel
+  task_file = os.path.join(path, TASK_FILE)
+  if not os.path.isfile(task_file):
+    return None
+  with open(task_file) as f:
+    return json.load(f).get("label_names")
+
+
 def _to_hf(source: str, out: str) -> str:
   config, params, tokenizer_dir = load_model(source)
-  return hf.export_hf(params, config, out, tokenizer_dir).summary()
+  origin = ""
+  if not os.path.isfile(os.path.join(source, checkpoint_dir.CONFIG_FILE)):
+    from jaxfm.train import best  # pylint: disable=import-outside-toplevel
+    found = best.restore_best(source)  # what evaluate / predict use too
+    if found is not None:
+      params, origin = jax.device_get(found[1]), f"\nparams: best checkpoint (step {found[0]})"
+  report = hf.export_hf(params, config, out, tokenizer_dir, label_names(source)).summary()
+  return report + origin
 
 
 def _run() -> str:

@@ -85,6 +85,28 @@ def test_cli_evaluate_and_predict_need_only_the_workdir(sentiment_run, files, tm
   assert [r["label"] for r in rows] == ["1", "0"]
 
 
+def test_cli_exports_the_best_checkpoint_as_a_transformers_classifier(sentiment_run, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  from jaxfm.models import BertForSequenceClassification  # pylint: disable=import-outside-toplevel
+  from jaxfm.train import best, checkpoint  # pylint: disable=import-outside-toplevel
+  workdir, _, best_step = sentiment_run
+  out = tmp_path / "hf"
+  report = _cli("jaxfm.convert", "--to_hf", f"--from={workdir}", f"--out={out}")
+  assert "exported BertForSequenceClassification" in report
+  assert f"params: best checkpoint (step {best_step})" in report
+  hf_model = transformers.BertForSequenceClassification.from_pretrained(str(out)).eval()
+  assert hf_model.config.id2label == dict(enumerate(run.load_run(workdir).label_names))
+  config = checkpoint.load_params(workdir)[0]
+  params = jax.device_get(best.restore_best(workdir)[1])
+  ids = np.random.default_rng(0).integers(1, config.vocab_size, (2, 12)).astype(np.int32)
+  ours = BertForSequenceClassification(config, 2).apply({"params": params}, ids,
+                                                        np.zeros_like(ids), np.ones_like(ids))
+  with torch.no_grad():
+    theirs = hf_model(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
 def test_rerun_after_completion_is_a_no_op(sentiment_run, files):
   root, model_dir = files
   workdir, first, _ = sentiment_run

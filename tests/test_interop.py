@@ -18,7 +18,9 @@ from jaxfm import sharding
 from jaxfm.interop import (InteropError, export_hf, import_hf, load_model_dir, save_model_dir,
                            torch_pickle)
 from jaxfm.trees import flatten, unflatten
-from jaxfm.models import BertConfig, BertForMaskedLM, BertModel, preset, stack_layers
+from jaxfm.models import (BertConfig, BertForMaskedLM, BertForQuestionAnswering,
+                          BertForSequenceClassification, BertForTokenClassification,
+                          BertModel, preset, stack_layers)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = preset("tiny", vocab_size=97, max_position_embeddings=32)
@@ -235,9 +237,62 @@ def test_mlm_round_trip_through_transformers(embedding_size, tmp_path, torch, tr
   assert all(reason.startswith("tied copy of") for reason in back.ignored.values())
 
 
+@pytest.mark.parametrize("head", ["sequence", "token", "span"])
+def test_fine_tuned_heads_export_to_their_transformers_task_model(head, tmp_path, torch,
+                                                                 transformers):
+  model, hf_class = {
+      "sequence": (BertForSequenceClassification(TINY, 3), "BertForSequenceClassification"),
+      "token": (BertForTokenClassification(TINY, 5), "BertForTokenClassification"),
+      "span": (BertForQuestionAnswering(TINY), "BertForQuestionAnswering")}[head]
+  params = _random_params(model, TINY, seed=2)
+  names = ["negative", "neutral", "positive"] if head == "sequence" else None
+  out = tmp_path / "hf"
+  report = export_hf(stack_layers(params), TINY.replace(scan_layers=True), str(out),
+                     label_names=names)
+  assert report.architecture == hf_class
+  hf_model = _assert_loads_cleanly(transformers, hf_class, str(out))
+  ids, types, mask = _random_inputs(TINY)
+  ours = model.apply({"params": params}, ids, types, mask)
+  theirs = _torch_outputs(torch, hf_model, ids, types, mask)
+  if head == "span":
+    diff = max(_max_diff(ours[0], theirs.start_logits, mask),
+               _max_diff(ours[1], theirs.end_logits, mask))
+  else:
+    diff = _max_diff(ours, theirs.logits, mask if head == "token" else None)
+  print(f"\ntiny {hf_class} export: logits max |diff| {diff:.3g}")
+  assert diff <= 1e-4
+  if head == "sequence":
+    assert hf_model.config.id2label == dict(enumerate(names))
+  if head == "token":
+    assert hf_model.config.id2label == {i: f"LABEL_{i}" for i in range(5)}
+
+
+def test_task_head_export_errors_name_the_problem(tmp_path):
+  params = _random_params(BertForSequenceClassification(TINY, 3), TINY)
+  with pytest.raises(InteropError, match="2 label names for a head with 3 outputs"):
+    export_hf(params, TINY, str(tmp_path / "a"), label_names=["a", "b"])
+  span = _random_params(BertForQuestionAnswering(TINY), TINY)
+  span["span"] = {"kernel": np.zeros((128, 3), np.float32), "bias": np.zeros(3, np.float32)}
+  with pytest.raises(InteropError, match="span/kernel has 3 outputs"):
+    export_hf(span, TINY, str(tmp_path / "b"))
+  electra = TINY.replace(embedding_size=64)
+  token = _random_params(BertForTokenClassification(electra, 2), electra)
+  with pytest.raises(InteropError, match="only as a BERT task model"):
+    export_hf(token, electra, str(tmp_path / "c"))
+  assert os.listdir(tmp_path) == []
+
+
+def test_convert_reads_label_names_of_a_fine_tuning_workdir(tmp_path):
+  from jaxfm import convert  # pylint: disable=import-outside-toplevel
+  assert convert.label_names(str(tmp_path)) is None
+  (tmp_path / "task.json").write_text(json.dumps({"task": "classification",
+                                                   "label_names": ["no", "yes"]}))
+  assert convert.label_names(str(tmp_path)) == ["no", "yes"]
+
+
 def test_export_refuses_params_without_hf_equivalent(tiny_mlm, tmp_path):
-  params = dict(tiny_mlm, classifier={"kernel": np.zeros((128, 2)), "bias": np.zeros(2)})
-  with pytest.raises(InteropError, match="classifier/bias, classifier/kernel"):
+  params = dict(tiny_mlm, extra={"kernel": np.zeros((128, 2)), "bias": np.zeros(2)})
+  with pytest.raises(InteropError, match="extra/bias, extra/kernel"):
     export_hf(params, TINY, str(tmp_path / "out"))
   with pytest.raises(InteropError, match="config needs"):
     export_hf(tiny_mlm, TINY.replace(vocab_size=98), str(tmp_path / "out"))

@@ -123,8 +123,6 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
 
 # ---------------------------------------------------------------- a fine-tuning workdir
 
-TASK_FILE = "task.json"
-
 
 @dataclasses.dataclass(frozen=True)
 class SavedRun:

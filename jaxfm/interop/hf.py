@@ -179,6 +179,33 @@ def _rules(config: BertConfig, dialect: _Dialect, *, pooler: bool, mlm: bool) ->
   return rules
 
 
+@dataclasses.dataclass(frozen=True)
+class _TaskHead:
+  """A fine-tuning head: its jaxfm params and the HF task model that has the same one."""
+
+  path: str  # jaxfm: {path}/kernel [hidden, outputs], {path}/bias [outputs]
+  module: str  # HF Linear of the task model
+  architecture: str
+
+
+def _task_head(flat: Mapping[str, np.ndarray], pooler: bool) -> _TaskHead | None:
+  """The fine-tuning head among `flat`'s params (the pooler tells sequence from token heads)."""
+  if "span/kernel" in flat:
+    return _TaskHead("span", "qa_outputs", "BertForQuestionAnswering")
+  if "classifier/kernel" in flat:
+    return _TaskHead("classifier", "classifier", "BertForSequenceClassification" if pooler
+                     else "BertForTokenClassification")
+  return None
+
+
+def _labels_to_hf(outputs: int, label_names: Sequence[str] | None) -> dict[str, Any]:
+  """HF's id2label / label2id for a head with `outputs` labels (LABEL_i when unnamed)."""
+  names = list(label_names) if label_names else [f"LABEL_{i}" for i in range(outputs)]
+  if len(names) != outputs:
+    raise InteropError(f"{len(names)} label names for a head with {outputs} outputs")
+  return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
 def _model(config: BertConfig, mlm: bool) -> nn.Module:
   return (BertForMaskedLM if mlm else BertModel)(config.replace(scan_layers=False))
 
@@ -466,30 +493,45 @@ def _hf_name(name: str, dialect: _Dialect) -> str:
 
 
 def export_hf(params: Params, config: BertConfig, out_dir: str,
-              tokenizer_dir: str | None = None) -> ExportResult:
+              tokenizer_dir: str | None = None,
+              label_names: Sequence[str] | None = None) -> ExportResult:
   """Writes jaxfm params as a Hugging Face model dir (atomically; nothing is left on error).
 
-  `params` may use either layer layout. With an MLM head the dir is a
-  `BertForMaskedLM` (tied decoder written too), otherwise a `BertModel`.
-  Tokenizer files found in `tokenizer_dir` are copied alongside.
+  `params` may use either layer layout. With an MLM head the dir is a `BertForMaskedLM`
+  (tied decoder written too); with a fine-tuning head a `BertForSequenceClassification`
+  (classifier + pooler), `BertForTokenClassification` (classifier, no pooler) or
+  `BertForQuestionAnswering` (span head), whose `id2label` takes `label_names` when given;
+  otherwise a `BertModel`. Tokenizer files found in `tokenizer_dir` are copied alongside.
   """
   flat = numpy_params(params)
   config = config.replace(scan_layers=False)
   dialect = _ELECTRA if config.embedding_dim != config.hidden_size else _BERT
   mlm = any(p.startswith("mlm_head/") for p in flat)
   pooler = any(p.startswith("encoder/pooler/") for p in flat)
+  head = _task_head(flat, pooler)
+  if head and (mlm or dialect is not _BERT):
+    raise InteropError(f"a {head.path!r} head can be written only as a BERT task model "
+                       f"({head.architecture}), not beside an MLM head or in "
+                       f"{dialect.model_type} naming (factorised embeddings)")
   if pooler and (mlm or not dialect.has_pooler):
     raise InteropError(f"params with a pooler cannot be written as "
                        f"{dialect.architectures[mlm]}, which has none")
   _check_head_activation(config, dialect, mlm)
   rules = _rules(config, dialect, pooler=pooler, mlm=mlm)
+  expected = {**_param_shapes(config, False), **_param_shapes(config, True)}
+  if head:
+    rules += _linear(head.path, head.module)
+    outputs = flat[f"{head.path}/kernel"].shape[-1]
+    if head.path == "span" and outputs != 2:
+      raise InteropError(f"span/kernel has {outputs} outputs; a span head has 2 (start, end)")
+    expected.update({f"{head.path}/kernel": (config.hidden_size, outputs),
+                     f"{head.path}/bias": (outputs,)})
   unknown = sorted(set(flat) - {r.path for r in rules})
   if unknown:
     raise InteropError(f"params without a Hugging Face equivalent: {_names(unknown)}")
   absent = [r.path for r in rules if r.path not in flat]
   if absent:
     raise InteropError(f"params are missing {_names(absent)}")
-  expected = {**_param_shapes(config, False), **_param_shapes(config, True)}
   wrong = [f"{p} {flat[p].shape} (config needs {expected[p]})"
            for p in flat if flat[p].shape != expected[p]]
   if wrong:
@@ -504,10 +546,13 @@ def export_hf(params: Params, config: BertConfig, out_dir: str,
     for copy, original in dialect.tied:
       tensors[copy] = tensors[_hf_name(original, dialect)]
       origins[copy] = f"tied copy of {_hf_name(original, dialect)}"
-  architecture = dialect.architectures[mlm]
+  architecture = head.architecture if head else dialect.architectures[mlm]
+  hf_config = _config_to_hf(config, dialect, architecture)
+  if head and head.path == "classifier":
+    hf_config.update(_labels_to_hf(outputs, label_names))
   with atomic_directory(out_dir) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      json.dump(_config_to_hf(config, dialect, architecture), f, indent=2, sort_keys=True)
+      json.dump(hf_config, f, indent=2, sort_keys=True)
     safetensors.numpy.save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE),
                                 metadata={"format": "pt"})
     copied = copy_tokenizer_files(tokenizer_files(tokenizer_dir), tmp)

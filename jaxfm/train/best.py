@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -74,14 +75,25 @@ class BestCheckpoint:
     self.manager.close()
 
 
-def restore_best(workdir: str, abstract_params: Any) -> tuple[int, Any, dict[str, float]] | None:
-  """(step, params, metrics) of the best checkpoint in `workdir`, or None if it has none."""
+def restore_best(workdir: str, abstract_params: Any = None
+                 ) -> tuple[int, Any, dict[str, float]] | None:
+  """(step, params, metrics) of the best checkpoint in `workdir`, or None if it has none.
+
+  Without `abstract_params` the params are restored as saved, onto this process's first
+  device (for readers that do not build the model, e.g. export).
+  """
   if not best_dir(workdir).exists():
     return None
   manager = ocp.CheckpointManager(best_dir(workdir), item_names=(PARAMS, METRICS))
   step = manager.best_step() or manager.latest_step()
   if step is None:
+    manager.close()
     return None
+  if abstract_params is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_params = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        manager.item_metadata(step)[PARAMS])
   restored = manager.restore(step, args=ocp.args.Composite(**{
       PARAMS: ocp.args.StandardRestore(abstract_params), METRICS: ocp.args.JsonRestore()}))
   manager.close()
