@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -54,12 +54,14 @@ class CompiledStep:
     jax.block_until_ready(metrics)
 
 
-def compile_train_step(case: Case, batch: dict[str, np.ndarray]) -> CompiledStep:
-  """Builds the task of `case` and compiles its train step ahead of time."""
+def compile_train_step(case: Case, batch: dict[str, np.ndarray],
+                       model_overrides: Mapping[str, Any] | None = None) -> CompiledStep:
+  """Builds the task of `case` (its model config with `model_overrides` applied) and compiles
+  its train step ahead of time."""
   if case.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", case.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  config = model_config(case)
+  config = model_config(case).replace(**(model_overrides or {}))
   if case.task == "mlm":
     task = tasks.mlm_task(config, case.seq, case.predictions)
   else:

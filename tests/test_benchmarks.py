@@ -81,3 +81,27 @@ def test_profile_runs_on_the_real_step():
             for line in proc.stdout.splitlines()[2:]}
   assert shares["GEMM, dense"] > 10 and shares["random bits (dropout)"] > 0, proc.stdout
   assert abs(sum(shares.values()) - 100) < 0.5, proc.stdout
+
+
+def _ab(*flags):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", "benchmarks.ab", "--model=tiny", "--task=mlm",
+                         "--seq=16", "--batch=4", "--pairs=2", *flags], cwd=_ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_ab_alternates_two_model_configs_of_the_real_step():
+  proc = _ab("--a=loss_vocab_chunk=0", "--b=loss_vocab_chunk=1000,hidden_dropout=0.0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0] == "tiny mlm seq 16 batch 4, 2 pairs", proc.stdout
+  assert lines[1].startswith("  A {'loss_vocab_chunk': 0}: median ")
+  assert lines[2].startswith("  B {'loss_vocab_chunk': 1000, 'hidden_dropout': 0.0}: median ")
+  assert lines[3].startswith("  time A / time B per pair: median ")
+
+
+def test_ab_rejects_an_unknown_or_mistyped_field():
+  proc = _ab("--a=vocab_chunk=1")
+  assert proc.returncode != 0 and "'vocab_chunk=1': expected NAME=VALUE" in proc.stderr
+  proc = _ab("--b=num_layers=two")
+  assert proc.returncode != 0 and "not a valid int for num_layers" in proc.stderr
