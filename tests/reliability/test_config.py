@@ -47,6 +47,7 @@ RULES = [
     *_positive(M, "model.layer_norm_eps", "model.initializer_range", value=0.0),
     Rule(M, "model.num_heads", 5, "model.num_heads=5 does not divide model.hidden_size=128"),
     Rule(M, "model.embedding_size", -1, "model.embedding_size=-1 must be >= 0"),
+    Rule(M, "model.loss_vocab_chunk", -1, "model.loss_vocab_chunk=-1 must be >= 0"),
     Rule(M, "model.hidden_dropout", 1.0, "model.hidden_dropout=1.0 must be in [0, 1)"),
     Rule(M, "model.attention_dropout", -0.1, "model.attention_dropout=-0.1 must be in [0, 1)"),
     Rule(M, "model.hidden_act", "swish", "model.hidden_act='swish' must be one of gelu"),
