@@ -35,10 +35,17 @@ def _rows(table: Array, start: int, stop: int, dtype) -> Array:
   return jax.lax.slice_in_dim(table, start, stop).astype(dtype)  # [c, e]
 
 
-def _logits(x: Array, table: Array, bias: Array, start: int, stop: int) -> Array:
-  # x [n, e], table [v, e], bias [v] -> float32 [n, c] for vocabulary rows start..stop
-  rows = _rows(table, start, stop, x.dtype)
-  return jnp.einsum("ne,ce->nc", x, rows, preferred_element_type=jnp.float32) + bias[start:stop]
+def _with_ones(x: Array) -> Array:
+  """[n, e] -> [n, e + 1]: a ones column, so the bias is one more column of the matmul."""
+  return jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=-1)
+
+
+def _logits(x1: Array, table: Array, bias: Array, start: int, stop: int) -> Array:
+  # x1 [n, e + 1] (`_with_ones`), table [v, e], bias [v] -> float32 [n, c] for rows start..stop.
+  # Folding the bias into the matmul saves a pass over [n, c] (and its column sum backward).
+  rows = jnp.concatenate([_rows(table, start, stop, x1.dtype),
+                          bias[start:stop, None].astype(x1.dtype)], axis=-1)  # [c, e + 1]
+  return jnp.einsum("ne,ce->nc", x1, rows, preferred_element_type=jnp.float32)
 
 
 def _forward(x: Array, table: Array, bias: Array, labels: Array, chunk: int):
@@ -46,8 +53,9 @@ def _forward(x: Array, table: Array, bias: Array, labels: Array, chunk: int):
   top = jnp.full((n,), -jnp.inf, jnp.float32)  # running max logit
   total = jnp.zeros((n,), jnp.float32)  # running sum of exp(logit - top)
   label_logit = jnp.zeros((n,), jnp.float32)
+  x1 = _with_ones(x)
   for start, stop in _spans(table.shape[0], chunk):
-    logits = _logits(x, table, bias, start, stop)  # [n, c]
+    logits = _logits(x1, table, bias, start, stop)  # [n, c]
     new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
     total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[:, None]), axis=-1)
     top = new_top
@@ -63,7 +71,8 @@ def tied_decoder_cross_entropy(x: Array, table: Array, bias: Array, labels: Arra
                                chunk: int) -> tuple[Array, Array]:
   """x [n, embedding], table [vocab, embedding], bias [vocab], int labels [n]; `chunk`
   vocabulary rows at a time (0 = all) -> (negative log-likelihood [n] float32, label is the
-  top logit [n] bool). Matmuls run in x's dtype with float32 accumulation."""
+  top logit [n] bool). Matmuls run in x's dtype with float32 accumulation; the bias joins the
+  logits matmul as one more column (so in x's dtype too)."""
   return _forward(x, table, bias, labels, chunk)[0]
 
 
@@ -72,15 +81,17 @@ def _backward(chunk: int, residuals, cotangents):
   g = cotangents[0][:, None]  # [n, 1]; "correct" is boolean and has no gradient
   d_x = jnp.zeros(x.shape, jnp.float32)
   d_rows, d_bias = [], []
+  x1 = _with_ones(x)
   for start, stop in _spans(table.shape[0], chunk):
-    logits = _logits(x, table, bias, start, stop)
+    logits = _logits(x1, table, bias, start, stop)
     words = jax.lax.broadcasted_iota(labels.dtype, logits.shape, 1) + start
     d_logits = (jnp.exp(logits - log_sum_exp[:, None]) - (words == labels[:, None])) * g
     d_low = d_logits.astype(x.dtype)  # [n, c]
     d_x += jnp.einsum("nc,ce->ne", d_low, _rows(table, start, stop, x.dtype),
                       preferred_element_type=jnp.float32)
-    d_rows.append(jnp.einsum("nc,ne->ce", d_low, x, preferred_element_type=jnp.float32))
-    d_bias.append(jnp.sum(d_logits, axis=0))
+    d_rows_and_bias = jnp.einsum("nc,ne->ce", d_low, x1, preferred_element_type=jnp.float32)
+    d_rows.append(d_rows_and_bias[:, :-1])  # [c, e]
+    d_bias.append(d_rows_and_bias[:, -1])  # [c]: the ones column's gradient
   return (d_x.astype(x.dtype), jnp.concatenate(d_rows).astype(table.dtype),
           jnp.concatenate(d_bias).astype(bias.dtype), None)
 
