@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -90,10 +89,7 @@ def restore_best(workdir: str, abstract_params: Any = None
     manager.close()
     return None
   if abstract_params is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_params = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        manager.item_metadata(step)[PARAMS])
+    abstract_params = checkpoint.on_first_device(manager.item_metadata(step)[PARAMS])
   restored = manager.restore(step, args=ocp.args.Composite(**{
       PARAMS: ocp.args.StandardRestore(abstract_params), METRICS: ocp.args.JsonRestore()}))
   manager.close()

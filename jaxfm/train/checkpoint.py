@@ -285,6 +285,14 @@ def read_json(path: epath.Path) -> Any:
   return json.loads(path.read_text())
 
 
+def on_first_device(metadata: Any) -> Any:
+  """Restore target for a saved tree's metadata: each array whole on this process's first
+  device, whatever topology wrote the checkpoint."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                      metadata)
+
+
 def load_params(workdir: str) -> tuple[Any, Any, str | None]:
   """(BertConfig, params as numpy, tokenizer dir | None) of a workdir's newest checkpoint."""
   from jaxfm.models.config import BertConfig  # pylint: disable=g-import-not-at-top
@@ -299,10 +307,7 @@ def load_params(workdir: str) -> tuple[Any, Any, str | None]:
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"{workdir} holds no checkpoint")
-  # Restore onto this process's first device whatever topology wrote the checkpoint.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        manager.item_metadata(step)[STATE])
+  target = on_first_device(manager.item_metadata(step)[STATE])
   restored = manager.restore(step, args=ocp.args.Composite(**{
       STATE: ocp.args.StandardRestore(target)}))
   manager.close()
