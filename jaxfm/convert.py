@@ -17,6 +17,7 @@ from absl import app, flags
 
 from jaxfm.interop import checkpoint_dir, hf
 from jaxfm.models import BertConfig
+from jaxfm.train import best, checkpoint
 
 flags.DEFINE_string("from_hf", None, "Hugging Face model dir to import.")
 flags.DEFINE_bool("to_hf", False, "Export --from to a Hugging Face model dir.")
@@ -30,23 +31,22 @@ flags.DEFINE_bool("init_missing_head", False,
 FLAGS = flags.FLAGS
 
 
-def load_model(path: str) -> tuple[BertConfig, checkpoint_dir.Params, str | None]:
-  """Config, params and tokenizer dir of a jaxfm model dir or a training workdir."""
+def load_model(path: str) -> tuple[BertConfig, checkpoint_dir.Params, str | None, str]:
+  """(config, params, tokenizer dir, origin) of a jaxfm model dir or a training workdir.
+
+  A workdir gives its best checkpoint when it keeps one (what evaluate and predict use too;
+  origin says which step), else its newest (origin "").
+  """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such directory")
   if os.path.isfile(os.path.join(path, checkpoint_dir.CONFIG_FILE)):
-    return checkpoint_dir.load_model_dir(path)
-  try:
-    from jaxfm.train import checkpoint  # pylint: disable=import-outside-toplevel
-  except ModuleNotFoundError as e:
-    if e.name not in ("jaxfm.train", "jaxfm.train.checkpoint"):
-      raise
-    checkpoint = None
-  load_params = getattr(checkpoint, "load_params", None)
-  if load_params is None:
-    raise ValueError(f"{path}: not a jaxfm model dir or workdir (no "
-                     f"{checkpoint_dir.CONFIG_FILE}, and no workdir reader is available)")
-  return load_params(path)
+    return (*checkpoint_dir.load_model_dir(path), "")
+  config, tokenizer_dir = checkpoint.read_model_config(path)
+  found = best.restore_best(path)
+  if found is None:
+    return config, checkpoint.restore_latest_params(path), tokenizer_dir, ""
+  return (config, jax.device_get(found[1]), tokenizer_dir,
+          f"best checkpoint (step {found[0]})")
 
 
 def _from_hf(hf_dir: str, out: str) -> str:
@@ -67,15 +67,9 @@ def label_names(path: str) -> list[str] | None:
 
 
 def _to_hf(source: str, out: str) -> str:
-  config, params, tokenizer_dir = load_model(source)
-  origin = ""
-  if not os.path.isfile(os.path.join(source, checkpoint_dir.CONFIG_FILE)):
-    from jaxfm.train import best  # pylint: disable=import-outside-toplevel
-    found = best.restore_best(source)  # what evaluate / predict use too
-    if found is not None:
-      params, origin = jax.device_get(found[1]), f"\nparams: best checkpoint (step {found[0]})"
+  config, params, tokenizer_dir, origin = load_model(source)
   report = hf.export_hf(params, config, out, tokenizer_dir, label_names(source)).summary()
-  return report + origin
+  return report + (f"\nparams: {origin}" if origin else "")
 
 
 def _run() -> str:

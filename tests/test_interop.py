@@ -3,11 +3,9 @@
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import zipfile
-from types import ModuleType
 
 import jax
 import numpy as np
@@ -512,16 +510,15 @@ def test_convert_cli_failure_leaves_nothing(tiny_hf_dir, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["tiny_hf"]
 
 
-def test_convert_dispatches_to_workdir_reader(tiny_mlm, tmp_path, monkeypatch):
-  import jaxfm.train
+def test_convert_load_model_dispatch(tiny_mlm, tmp_path):
   from jaxfm import convert
-  fake = ModuleType("jaxfm.train.checkpoint")  # stands in for the trainer's module
-  monkeypatch.setitem(sys.modules, "jaxfm.train.checkpoint", fake)
-  monkeypatch.setattr(jaxfm.train, "checkpoint", fake, raising=False)
-  with pytest.raises(ValueError, match="not a jaxfm model dir or workdir"):
+  from jaxfm.train.checkpoint import CheckpointError
+  with pytest.raises(CheckpointError, match="not a jaxfm workdir"):
     convert.load_model(str(tmp_path))
-  fake.load_params = lambda path: (TINY, tiny_mlm, None)
-  assert convert.load_model(str(tmp_path))[0] == TINY
-  shutil.rmtree(tmp_path)
+  model_dir = tmp_path / "model"
+  save_model_dir(str(model_dir), TINY, tiny_mlm)
+  config, params, _, origin = convert.load_model(str(model_dir))
+  assert config == TINY and origin == ""
+  assert jax.tree.structure(params) == jax.tree.structure(tiny_mlm)
   with pytest.raises(FileNotFoundError):
-    convert.load_model(str(tmp_path))
+    convert.load_model(str(tmp_path / "missing"))

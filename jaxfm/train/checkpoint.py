@@ -293,8 +293,8 @@ def on_first_device(metadata: Any) -> Any:
                       metadata)
 
 
-def load_params(workdir: str) -> tuple[Any, Any, str | None]:
-  """(BertConfig, params as numpy, tokenizer dir | None) of a workdir's newest checkpoint."""
+def read_model_config(workdir: str) -> tuple[Any, str | None]:
+  """(BertConfig, tokenizer dir | None) recorded in a training workdir."""
   from jaxfm.models.config import BertConfig  # pylint: disable=g-import-not-at-top
   root = epath.Path(workdir)
   config_file = root / "config.json"
@@ -302,6 +302,12 @@ def load_params(workdir: str) -> tuple[Any, Any, str | None]:
     raise CheckpointError(f"{workdir} is not a jaxfm workdir: {config_file} is missing")
   model = dict(read_json(config_file)["config"]["model"])
   model["embedding_size"] = model.get("embedding_size") or None
+  tokenizer = root / "tokenizer"
+  return BertConfig.from_mapping(model), str(tokenizer) if tokenizer.exists() else None
+
+
+def restore_latest_params(workdir: str) -> Any:
+  """The params (as numpy) of a workdir's newest checkpoint, whatever topology wrote it."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA, META),
                                   item_handlers={STATE: ocp.StandardCheckpointHandler()})
   step = manager.latest_step()
@@ -311,6 +317,10 @@ def load_params(workdir: str) -> tuple[Any, Any, str | None]:
   restored = manager.restore(step, args=ocp.args.Composite(**{
       STATE: ocp.args.StandardRestore(target)}))
   manager.close()
-  params = jax.device_get(restored[STATE]["params"])
-  tokenizer = root / "tokenizer"
-  return BertConfig.from_mapping(model), params, str(tokenizer) if tokenizer.exists() else None
+  return jax.device_get(restored[STATE]["params"])
+
+
+def load_params(workdir: str) -> tuple[Any, Any, str | None]:
+  """(BertConfig, params as numpy, tokenizer dir | None) of a workdir's newest checkpoint."""
+  config, tokenizer = read_model_config(workdir)
+  return config, restore_latest_params(workdir), tokenizer
