@@ -150,3 +150,15 @@ def test_electra_style_factorised_embeddings():
   assert params["encoder"]["embeddings"]["word_embeddings"]["embedding"].shape == (300, 64)
   assert params["encoder"]["embeddings"]["projection"]["kernel"].shape == (64, 128)
   assert model.apply({"params": params}, ids, types, mask).shape == (2, 12, 300)
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_new", "relu"])
+def test_activation_backward_keeps_only_its_input(name, capsys):
+  from jax.ad_checkpoint import print_saved_residuals
+  from jaxfm.models.encoder import activation
+  x = jnp.linspace(-3.0, 3.0, 32).reshape(4, 8)
+  print_saved_residuals(activation(name), x)
+  assert capsys.readouterr().out.strip().splitlines() == ["f32[4,8] from the argument x"]
+  want = jax.grad(lambda v: jax.nn.gelu(v, approximate=name != "gelu").sum())(x)
+  if name != "relu":
+    np.testing.assert_allclose(jax.grad(lambda v: activation(name)(v).sum())(x), want, rtol=1e-6)
