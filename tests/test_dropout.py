@@ -16,13 +16,23 @@ def test_keep_fraction_matches_the_rate(rate):
   assert abs(keep.mean() - expected) < 4 * sigma, (keep.mean(), expected)
 
 
-def test_the_two_halves_of_a_word_are_independent():
-  keep = np.asarray(keep_mask(jax.random.key(1), (4096, 64), 0.5))  # [rows, 2 x 32 halves]
-  low, high = keep[:, :32].ravel(), keep[:, 32:].ravel()  # the same 32-bit words
-  both = np.mean(low & high)
-  sigma = np.sqrt(0.25 * 0.75 / low.size)
-  assert abs(both - 0.25) < 4 * sigma, both
-  assert abs(np.corrcoef(low, high)[0, 1]) < 4 / np.sqrt(low.size)
+def test_the_four_draws_of_an_evaluation_are_independent():
+  # (4096, 64): 16 threefry evaluations per row; the four 16-bit draws of evaluation g land
+  # in columns 4g .. 4g + 3 (low and high halves of the first word, then of the second).
+  keep = np.asarray(keep_mask(jax.random.key(1), (4096, 64), 0.5)).reshape(4096, 16, 4)
+  draws = [keep[..., i].ravel() for i in range(4)]
+  sigma = np.sqrt(0.25 * 0.75 / draws[0].size)
+  for i in range(4):
+    for j in range(i + 1, 4):
+      assert abs(np.mean(draws[i] & draws[j]) - 0.25) < 4 * sigma, (i, j)
+      assert abs(np.corrcoef(draws[i], draws[j])[0, 1]) < 4 / np.sqrt(draws[i].size), (i, j)
+
+
+def test_rows_and_shapes_get_distinct_draws():
+  keep = np.asarray(keep_mask(jax.random.key(5), (64, 3, 40), 0.5))
+  flat = keep.reshape(64 * 3, 40)
+  assert len({row.tobytes() for row in flat}) == flat.shape[0]  # no repeated counters
+  assert keep_mask(jax.random.key(5), (7,), 0.5).shape == (7,)
 
 
 def test_masks_depend_on_the_key_only():
