@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
+import logging as std_logging
 import os
 import re
 import uuid
@@ -171,6 +173,23 @@ def _first_line(e: BaseException) -> str:
   return (str(e).splitlines() or [""])[0][:300]
 
 
+class _UnretrievedReadErrors(std_logging.Filter):
+  """Drops asyncio's "exception was never retrieved" records: a failed Orbax read leaves its
+  futures' errors unretrieved, and asyncio logs each at ERROR when they are collected."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
+
+
+_UNRETRIEVED_READ_ERRORS = _UnretrievedReadErrors()
+
+
+def _silence_failed_read() -> None:
+  """After a failed restore: keep the quarantine's line the only ERROR line about it."""
+  std_logging.getLogger("asyncio").addFilter(_UNRETRIEVED_READ_ERRORS)  # idempotent
+  gc.collect()  # collect the failed read's futures now, under the filter
+
+
 def _steps_on_disk(directory: epath.Path) -> list[epath.Path]:
   return sorted((p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()),
                 key=lambda p: int(p.name))
@@ -263,10 +282,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Resto
       step_dir = manager.directory / str(step)
       _quarantine(step_dir, _damaged_array(step_dir, e),
                   f"restore failed with {type(e).__name__}: {_first_line(e)}")
-      _sync(f"jaxfm-checkpoint-restore-{step}")
-      manager.reload()
-      continue
-    return Restored(step=step, state=restored[STATE], data=restored[DATA], meta=restored[META])
+    else:
+      return Restored(step=step, state=restored[STATE], data=restored[DATA], meta=restored[META])
+    _silence_failed_read()  # out of the except block: the error and its traceback are released
+    _sync(f"jaxfm-checkpoint-restore-{step}")
+    manager.reload()
   found = sorted(p.name for p in manager.directory.iterdir()) if manager.directory.exists() else []
   if any(QUARANTINE in name for name in found):
     raise CheckpointError(
