@@ -27,9 +27,9 @@ def _counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   index within the leading index, and the leading index."""
   if math.prod(shape[1:]) >= 1 << 32:
     raise ValueError(f"dropout over {shape}: more than 2**32 elements per leading index")
-  low = sum(jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(math.prod(shape[d + 1:]))
-            for d in range(1, len(shape)))
-  return jnp.zeros(shape, jnp.uint32) + low, jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+  low = sum((jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(math.prod(shape[d + 1:]))
+             for d in range(1, len(shape))), start=jnp.zeros(shape, jnp.uint32))
+  return low, jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
 
 
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
