@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxfm.train import adamw
+
 # Parameter leaf names that get weight decay; LayerNorm scales and all biases do not.
 _DECAYED = ("kernel", "embedding", "qkv_kernel", "out_kernel")
 
@@ -72,15 +74,28 @@ def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformationExtraArgs:
   """AdamW or LAMB with decoupled weight decay (masked), optional global-norm clipping and
-  optional layer-wise learning-rate decay (`optim.layer_decay` < 1, fine-tuning configs)."""
+  optional layer-wise learning-rate decay (`optim.layer_decay` < 1, fine-tuning configs).
+
+  The state is that of the optax chain clip -> adamw|lamb -> layer decay; AdamW's update is
+  `adamw.fused_adamw`'s one-pass form of it. Both take the train step's `grad_norm` and
+  `apply` (False: a skipped step) as extra arguments of `update`.
+  """
   schedule = learning_rate_schedule(optim, total_steps)
   kwargs = dict(learning_rate=schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                 weight_decay=optim.weight_decay, mask=weight_decay_mask)
   parts = [optax.adamw(**kwargs) if optim.name == "adamw" else optax.lamb(**kwargs)]
   if optim.clip_norm > 0:
     parts.insert(0, optax.clip_by_global_norm(optim.clip_norm))
-  if optim.get("layer_decay", 1.0) < 1.0:
-    parts.append(scale_by_layer_decay(optim.layer_decay))
-  return parts[0] if len(parts) == 1 else optax.chain(*parts)
+  layer_decay = optim.get("layer_decay", 1.0)
+  if layer_decay < 1.0:
+    parts.append(scale_by_layer_decay(layer_decay))
+  reference = parts[0] if len(parts) == 1 else optax.chain(*parts)
+  if optim.name != "adamw":
+    return adamw.applied_if(reference)
+  return adamw.fused_adamw(
+      reference, schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+      weight_decay=optim.weight_decay, decay_mask=weight_decay_mask, clip_norm=optim.clip_norm,
+      update_scales=(lambda p: layer_lr_scales(p, layer_decay)) if layer_decay < 1.0 else None)

@@ -31,14 +31,14 @@ def _split_micro_batches(batch: Batch, count: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def _tree_where(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformationExtraArgs,
                     schedule: optax.Schedule, grad_accum_steps: int = 1,
                     skip_nonfinite: bool = True) -> StepFn:
-  """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable."""
+  """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
+
+  `tx` is an `optim.make_optimizer` optimiser: its `update` takes the gradients' global norm
+  and `apply` (False when `skip_nonfinite` and the step is not finite: state kept).
+  """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def micro_step(params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Sums]:
@@ -63,14 +63,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       (grads, sums), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
     weight = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    grad_norm = optax.tree.norm(grads)
+    # The norm of the sums, and a multiply: XLA then fuses the division into the optimiser's
+    # passes instead of writing the divided gradients out (a divide it would not duplicate).
+    grad_norm = optax.tree.norm(grads) / weight
+    inverse_weight = 1.0 / weight
+    grads = jax.tree.map(lambda g: g * inverse_weight, grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss_sum"])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm,
+                                   apply=finite if skip_nonfinite else jnp.array(True))
     params = optax.apply_updates(state.params, updates)
-    if skip_nonfinite:
-      params = _tree_where(finite, params, state.params)
-      opt_state = _tree_where(finite, opt_state, state.opt_state)
     nonfinite = (~finite).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
