@@ -23,6 +23,7 @@ from absl import app, flags
 
 from benchmarks import common, jaxfm_impl
 from jaxfm.models import BertConfig
+from jaxfm.train import run_setup
 
 _MODEL = flags.DEFINE_string("model", "mini", "BERT size preset: tiny, mini, small, base, large.")
 _TASK = flags.DEFINE_enum("task", "cls", ["mlm", "cls"], "MLM pretraining or classification.")
@@ -54,6 +55,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  run_setup.use_default_xla_flags()  # as the entry points do
   jax.config.update("jax_platforms", "cpu")
   case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
                      batch=_BATCH.value, arch=common.preset_arch(_MODEL.value))

@@ -22,6 +22,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import common, jaxfm_impl, xla_ops
+from jaxfm.train import run_setup
 
 _MODEL = flags.DEFINE_string("model", "mini", "BERT size preset: tiny, mini, small, base, large.")
 _TASK = flags.DEFINE_enum("task", "cls", ["mlm", "cls"], "MLM pretraining or classification.")
@@ -31,6 +32,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after 3 untimed ones)."
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  run_setup.use_default_xla_flags()  # as the entry points do
   jax.config.update("jax_platforms", "cpu")
   case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
                      batch=_BATCH.value, arch=common.preset_arch(_MODEL.value))

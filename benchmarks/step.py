@@ -6,7 +6,8 @@
 Each measurement runs in its own child process (clean compile caches; its own peak RSS). Without
 `--impl` every round runs jaxfm then torch (A B A B ...) and the table gives the per-pair
 jaxfm/torch tokens/s ratio. First a JAX child measures the matmul ceiling (best of
-`--matmul_reps` square matmuls in `--dtype`) that MFU is reported against.
+`--matmul_reps` square matmuls in `--dtype`, with JAX's stock XLA flags) that MFU is reported
+against; jaxfm children run with jaxfm's default XLA flags (`run_setup.DEFAULT_XLA_FLAGS`).
 
 FLOPs per token (`jaxfm.train.flops`) are what each implementation computes: jaxfm runs the MLM
 head at the masked positions only, the HF model at every position (its loss ignores the rest).
@@ -59,11 +60,15 @@ _CHILD = flags.DEFINE_string("child", "", "Internal: run one measurement (a Case
 _CEILING_CHILD = flags.DEFINE_bool("ceiling_child", False, "Internal: measure the ceiling.")
 
 
-def _jax_env() -> dict[str, str]:
-  xla = [os.environ.get("XLA_FLAGS", ""), _XLA_FLAGS.value]
+def _jax_env(jaxfm_defaults: bool = True) -> dict[str, str]:
+  """The environment of a JAX child: XLA_FLAGS plus --xla_flags, --devices and, unless
+  measuring JAX's own matmul ceiling, jaxfm's default XLA flags (as its entry points set)."""
+  from jaxfm.train import run_setup  # pylint: disable=g-import-not-at-top
+  xla = " ".join(f for f in [os.environ.get("XLA_FLAGS", ""), _XLA_FLAGS.value] if f)
   if _DEVICES.value:
-    xla.append(f"--xla_force_host_platform_device_count={_DEVICES.value}")
-  return {**os.environ, "XLA_FLAGS": " ".join(f for f in xla if f)}
+    xla += f" --xla_force_host_platform_device_count={_DEVICES.value}"
+  return {**os.environ, "XLA_FLAGS": run_setup.with_default_xla_flags(xla) if jaxfm_defaults
+          else xla.strip()}
 
 
 def _run_child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -166,7 +171,7 @@ def main(argv: Sequence[str]) -> None:
                      warmup=_WARMUP.value, scan_layers=_SCAN.value, remat=_REMAT.value,
                      threads=_THREADS.value, compilation_cache=_CACHE.value)
   ceiling = _run_child(["--ceiling_child", f"--dtype={_DTYPE.value}",
-                        f"--matmul_reps={_MATMUL_REPS.value}"], _jax_env())
+                        f"--matmul_reps={_MATMUL_REPS.value}"], _jax_env(jaxfm_defaults=False))
   impls = [_IMPL.value] if _IMPL.value else list(IMPLS)
   records = []
   for round_index in range(_ROUNDS.value):

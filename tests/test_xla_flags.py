@@ -1,0 +1,43 @@
+"""jaxfm's default XLA flags: added unless the user names them, and in force in the entry points."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxfm.train import run_setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Imports an entry point (nothing may start JAX's backends at import), does what its main()
+# does first, then compiles a matmul and says who runs it.
+PROBE = """
+import jaxfm.{module}
+from jaxfm.train import run_setup
+run_setup.initialize_runtime()
+import jax, jax.numpy as jnp
+x = jnp.ones((64, 64))
+print("YNNPACK" if "__ynn_fusion" in jax.jit(jnp.dot).lower(x, x).compile().as_text() else "XLA")
+"""
+
+
+def test_defaults_are_added_only_for_flags_not_named():
+  assert run_setup.with_default_xla_flags("") == (
+      "--xla_cpu_experimental_ynn_fusion_type=reduce")
+  assert run_setup.with_default_xla_flags("--xla_force_host_platform_device_count=8") == (
+      "--xla_cpu_experimental_ynn_fusion_type=reduce --xla_force_host_platform_device_count=8")
+  mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
+  assert run_setup.with_default_xla_flags(mine) == mine
+
+
+@pytest.mark.parametrize("module, user_flags, runs_the_dot", [
+    ("pretrain", "", "XLA"), ("finetune", "", "XLA"), ("evaluate", "", "XLA"),
+    ("predict", "", "XLA"),
+    ("pretrain", "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce", "YNNPACK")])
+def test_entry_points_compile_with_the_defaults_unless_overridden(module, user_flags,
+                                                                   runs_the_dot):
+  env = {**os.environ, "XLA_FLAGS": user_flags, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split()[-1] == runs_the_dot
