@@ -81,6 +81,7 @@ def test_no_restorable_checkpoint_refuses_to_start(reference, tmp_path, steps_fo
 
 # Its gc.collect() also frees coroutines an earlier in-process failed restore left behind.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_a_failed_reads_unretrieved_futures_log_no_error(caplog):
   import asyncio
   import gc
