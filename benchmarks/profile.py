@@ -32,7 +32,8 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after 3 untimed ones)."
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  run_setup.use_default_xla_flags()  # as the entry points do
+  # As jaxfm.pretrain does, before JAX starts its backends.
+  run_setup.use_default_xla_flags(common.preset_arch(_MODEL.value)["hidden_size"])
   jax.config.update("jax_platforms", "cpu")
   case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
                      batch=_BATCH.value, arch=common.preset_arch(_MODEL.value))

@@ -60,15 +60,18 @@ _CHILD = flags.DEFINE_string("child", "", "Internal: run one measurement (a Case
 _CEILING_CHILD = flags.DEFINE_bool("ceiling_child", False, "Internal: measure the ceiling.")
 
 
-def _jax_env(jaxfm_defaults: bool = True) -> dict[str, str]:
-  """The environment of a JAX child: XLA_FLAGS plus --xla_flags, --devices and, unless
-  measuring JAX's own matmul ceiling, jaxfm's default XLA flags (as its entry points set)."""
+def _jax_env(case: common.Case | None) -> dict[str, str]:
+  """The environment of a JAX child: XLA_FLAGS plus --xla_flags and --devices, and for a jaxfm
+  `case` jaxfm's default XLA flags for its width (as its entry points set them; None: the
+  ceiling child, which keeps JAX's stock flags)."""
   from jaxfm.train import run_setup  # pylint: disable=g-import-not-at-top
   xla = " ".join(f for f in [os.environ.get("XLA_FLAGS", ""), _XLA_FLAGS.value] if f)
   if _DEVICES.value:
     xla += f" --xla_force_host_platform_device_count={_DEVICES.value}"
-  return {**os.environ, "XLA_FLAGS": run_setup.with_default_xla_flags(xla) if jaxfm_defaults
-          else xla.strip()}
+  if case is None:
+    return {**os.environ, "XLA_FLAGS": xla.strip()}
+  return {**os.environ,
+          "XLA_FLAGS": run_setup.with_default_xla_flags(xla, case.arch["hidden_size"])}
 
 
 def _run_child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -93,7 +96,7 @@ def flops_per_token(case: common.Case) -> float:
 
 def measure(case: common.Case, ceiling: dict[str, Any], round_index: int) -> dict[str, Any]:
   """Runs `case` in a child and returns its record with tokens/s, FLOPs and MFU."""
-  env = _jax_env() if case.impl == "jaxfm" else dict(os.environ)
+  env = _jax_env(case) if case.impl == "jaxfm" else dict(os.environ)
   result = _run_child([f"--child={case.to_json()}"], env)
   tokens_per_s = case.batch * case.seq / result["step_s"]
   fpt = flops_per_token(case)
@@ -171,7 +174,7 @@ def main(argv: Sequence[str]) -> None:
                      warmup=_WARMUP.value, scan_layers=_SCAN.value, remat=_REMAT.value,
                      threads=_THREADS.value, compilation_cache=_CACHE.value)
   ceiling = _run_child(["--ceiling_child", f"--dtype={_DTYPE.value}",
-                        f"--matmul_reps={_MATMUL_REPS.value}"], _jax_env(jaxfm_defaults=False))
+                        f"--matmul_reps={_MATMUL_REPS.value}"], _jax_env(None))
   impls = [_IMPL.value] if _IMPL.value else list(IMPLS)
   records = []
   for round_index in range(_ROUNDS.value):

@@ -68,7 +68,7 @@ def _report(workdir: str, result: loop.TrainResult) -> None:
 
 def main(argv):
   del argv
-  run_setup.initialize_runtime()
+  run_setup.initialize_runtime(_CONFIG.value.model.hidden_size)
   try:
     run_setup.preflight(_CONFIG.value)
     run_setup.use_compilation_cache(_WORKDIR.value)

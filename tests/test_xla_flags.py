@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
 import jaxfm.{module}
 from jaxfm.train import run_setup
-run_setup.initialize_runtime()
+run_setup.initialize_runtime({width})
 import jax, jax.numpy as jnp
 x = jnp.ones((64, 64))
 print("YNNPACK" if "__ynn_fusion" in jax.jit(jnp.dot).lower(x, x).compile().as_text() else "XLA")
@@ -30,14 +30,23 @@ def test_defaults_are_added_only_for_flags_not_named():
   assert run_setup.with_default_xla_flags(mine) == mine
 
 
-@pytest.mark.parametrize("module, user_flags, runs_the_dot", [
-    ("pretrain", "", "XLA"), ("finetune", "", "XLA"), ("evaluate", "", "XLA"),
-    ("predict", "", "XLA"),
-    ("pretrain", "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce", "YNNPACK")])
-def test_entry_points_compile_with_the_defaults_unless_overridden(module, user_flags,
+def test_models_narrower_than_bert_mini_keep_xla_s_defaults():
+  assert run_setup.with_default_xla_flags("", model_width=256) == (
+      "--xla_cpu_experimental_ynn_fusion_type=reduce")
+  assert run_setup.with_default_xla_flags("--xla_force_host_platform_device_count=8",
+                                          model_width=128) == (
+      "--xla_force_host_platform_device_count=8")
+
+
+@pytest.mark.parametrize("module, width, user_flags, runs_the_dot", [
+    ("pretrain", 256, "", "XLA"), ("finetune", None, "", "XLA"), ("evaluate", None, "", "XLA"),
+    ("predict", None, "", "XLA"), ("pretrain", 128, "", "YNNPACK"),
+    ("pretrain", 768, "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce", "YNNPACK")])
+def test_entry_points_compile_with_the_defaults_unless_overridden(module, width, user_flags,
                                                                    runs_the_dot):
   env = {**os.environ, "XLA_FLAGS": user_flags, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], cwd=ROOT, env=env, capture_output=True,
+  probe = PROBE.format(module=module, width=width)
+  proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split()[-1] == runs_the_dot

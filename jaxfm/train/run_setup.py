@@ -36,29 +36,36 @@ class _LibraryChatterFilter(logging_std.Filter):
 
 
 # XLA flags jaxfm sets unless XLA_FLAGS already names them. XLA:CPU hands dots and
-# reductions to YNNPACK by default; with dots left to XLA's own (Eigen) path the train step is
-# 3-8% faster on the 2-core CPUs of BENCHMARKS.md (attention's batched dots and their operand
-# transposes above all; bert-tiny MLM's narrow decoder matmuls lose 4-10%). CPU-only flags:
-# GPU/TPU compilers ignore them.
+# reductions to YNNPACK by default; with dots left to XLA's own (Eigen) path the train step of
+# models from bert-mini's width up is 3-8% faster on the 2-core CPUs of BENCHMARKS.md
+# (attention's batched dots above all), while bert-tiny's narrow matmuls run better on YNNPACK
+# (MLM -4-12%), so narrower models keep XLA's default. CPU-only flags: other backends' compilers
+# do not read them.
 DEFAULT_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "reduce"}
+MIN_WIDTH_FOR_DEFAULT_XLA_FLAGS = 256  # model.hidden_size
 
 
-def with_default_xla_flags(xla_flags: str) -> str:
-  """`xla_flags` (an XLA_FLAGS value) with `DEFAULT_XLA_FLAGS` for the flags it does not set."""
+def with_default_xla_flags(xla_flags: str, model_width: int | None = None) -> str:
+  """`xla_flags` (an XLA_FLAGS value) with `DEFAULT_XLA_FLAGS` for the flags it does not set,
+  unless the model is narrower than `MIN_WIDTH_FOR_DEFAULT_XLA_FLAGS` (None: not known)."""
+  if model_width is not None and model_width < MIN_WIDTH_FOR_DEFAULT_XLA_FLAGS:
+    return " ".join(xla_flags.split())
   named = {flag.lstrip("-").split("=", 1)[0] for flag in xla_flags.split()}
   defaults = [f"--{name}={value}" for name, value in DEFAULT_XLA_FLAGS.items()
               if name not in named]
   return " ".join([*defaults, *xla_flags.split()])
 
 
-def use_default_xla_flags() -> None:
-  """Puts `DEFAULT_XLA_FLAGS` into the environment; only acts before JAX starts its backends."""
-  os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
+def use_default_xla_flags(model_width: int | None = None) -> None:
+  """Puts `with_default_xla_flags` into the environment; acts only before JAX starts its
+  backends."""
+  os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""), model_width)
 
 
-def initialize_runtime() -> None:
-  """Sets jaxfm's default XLA flags, quiets library chatter, starts JAX's multi-controller
-  runtime when asked to. Call first thing in an entry point, before JAX is used.
+def initialize_runtime(model_width: int | None = None) -> None:
+  """Sets jaxfm's default XLA flags (for a model of hidden size `model_width`, None when not
+  known yet), quiets library chatter, starts JAX's multi-controller runtime when asked to.
+  Call first thing in an entry point, before JAX is used.
 
   On a Cloud TPU VM slice set JAXFM_DISTRIBUTED=1 (launch/tpu.sh does) and JAX
   finds the coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of
@@ -68,7 +75,7 @@ def initialize_runtime() -> None:
   Raises:
     ValueError: JAX_COORDINATOR_ADDRESS is set without the other two.
   """
-  use_default_xla_flags()
+  use_default_xla_flags(model_width)
   logging.get_absl_handler().addFilter(_LibraryChatterFilter())
   timeout_s = int(os.environ.get("JAX_INIT_TIMEOUT_S", "300"))
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
