@@ -6,11 +6,12 @@ It computes what optax's `clip_by_global_norm -> adamw -> layer decay` chain fol
 XLA:CPU has no multi-output fusion, and there the chain materialises the clipped gradients
 (the norm's reduction cannot take them fused), and the select re-reads the old moments
 after the new ones overwrite them, so XLA copies both moments every step: ~23 passes over
-the parameters' size where 11 will do (bert-base: 460 -> 100 ms per update on 2 cores,
+the parameters' size where 11 will do (bert-base: 455-540 -> 82-144 ms per update on 2 cores,
 BENCHMARKS.md). Here the clip factor is a scalar folded into the moment updates, the new
 moments are materialised once (an optimization barrier) and the parameter update reads them,
 not the old ones: per array (mu, g) -> mu, (nu, g) -> nu, (p, mu, nu) -> p. On backends that
-fuse multiple outputs the barrier costs 3 reads of the parameters' size per step.
+fuse multiple outputs the barrier should cost 3 more reads of the parameters' size per step
+(not measured: no accelerator yet).
 """
 
 from __future__ import annotations
