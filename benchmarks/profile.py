@@ -8,6 +8,9 @@ dense GEMMs (rank-2 dot outputs), batched GEMMs (attention scores and weighted s
 bits for dropout (u32 outputs), copies and transposes, and the rest (elementwise, reductions).
 Thunks can overlap, so the kinds can add up to more than the step's wall time; the table also
 prints the wall time and the thunk time over it (the parallelism XLA found between thunks).
+Dots on XLA's Eigen path (jaxfm's default XLA flags, from bert-mini's width up) leave no thunk
+events, so there the thunk time falls well below the wall time; run with
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce` to see the GEMMs.
 """
 
 from __future__ import annotations
