@@ -55,11 +55,11 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  # As jaxfm.pretrain does, before JAX starts its backends.
-  run_setup.use_default_xla_flags(common.preset_arch(_MODEL.value)["hidden_size"])
+  arch = common.preset_arch(_MODEL.value)
+  run_setup.use_default_xla_flags(arch["hidden_size"])  # as jaxfm.pretrain, before JAX starts
   jax.config.update("jax_platforms", "cpu")
   case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
-                     batch=_BATCH.value, arch=common.preset_arch(_MODEL.value))
+                     batch=_BATCH.value, arch=arch)
   batch = common.synthetic_batch(case)
   variants = {"A": parse_overrides(_A.value), "B": parse_overrides(_B.value)}
   steps = {name: jaxfm_impl.compile_train_step(case, batch, overrides)

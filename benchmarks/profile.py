@@ -35,11 +35,11 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after 3 untimed ones)."
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  # As jaxfm.pretrain does, before JAX starts its backends.
-  run_setup.use_default_xla_flags(common.preset_arch(_MODEL.value)["hidden_size"])
+  arch = common.preset_arch(_MODEL.value)
+  run_setup.use_default_xla_flags(arch["hidden_size"])  # as jaxfm.pretrain, before JAX starts
   jax.config.update("jax_platforms", "cpu")
   case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
-                     batch=_BATCH.value, arch=common.preset_arch(_MODEL.value))
+                     batch=_BATCH.value, arch=arch)
   step = jaxfm_impl.compile_train_step(case, common.synthetic_batch(case))
   kinds = xla_ops.op_kinds(step.compiled.as_text())
   for _ in range(3):
