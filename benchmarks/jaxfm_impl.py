@@ -14,7 +14,7 @@ from jaxfm import sharding
 from jaxfm.config import pretrain_defaults
 from jaxfm.models import BertConfig, BertForSequenceClassification
 from jaxfm.train import host_memory, loop, losses, tasks
-from jaxfm.train.flops import encoder_flops_per_token
+from jaxfm.train.flops import classification_flops_per_token
 
 
 def model_config(case: Case) -> BertConfig:
@@ -29,7 +29,7 @@ def classification_task(config: BertConfig, seq_len: int) -> loop.Task:
   ids = np.zeros((1, seq_len), np.int32)
   return loop.Task(model=model, init_inputs=(ids, ids, np.ones_like(ids)),
                    loss_fn=losses.classification_loss(model), summarize=tasks.mlm_summary,
-                   flops_per_token=encoder_flops_per_token(config, seq_len),
+                   flops_per_token=classification_flops_per_token(config, seq_len),
                    tokens_per_example=seq_len,
                    batch_spec={"input_ids": ((seq_len,), "int32"),
                                "token_type_ids": ((seq_len,), "int32"),

@@ -10,7 +10,9 @@ jaxfm/torch tokens/s ratio. First a JAX child measures the matmul ceiling (best 
 against; jaxfm children run with jaxfm's default XLA flags (`run_setup.DEFAULT_XLA_FLAGS`).
 
 FLOPs per token (`jaxfm.train.flops`) are what each implementation computes: jaxfm runs the MLM
-head at the masked positions only, the HF model at every position (its loss ignores the rest).
+head at the masked positions only, the HF model at every position (its loss ignores the rest);
+jaxfm's classifier runs its last layer at the pooled first position only (unrolled stack), the
+HF model at every position.
 `mfu` is achieved FLOP/s over the ceiling's best FLOP/s; `mfu_cpu` is achieved FLOPs per CPU-second
 of the child over the ceiling matmul's FLOPs per CPU-second, which holds up better when other
 processes share the cores (`cores_busy` = the child's CPU-seconds per wall second).
@@ -87,8 +89,10 @@ def flops_per_token(case: common.Case) -> float:
   """Training FLOPs per token that `case.impl` performs (see the module docstring)."""
   from jaxfm.models import BertConfig  # pylint: disable=g-import-not-at-top
   from jaxfm.train import flops  # pylint: disable=g-import-not-at-top
-  config = BertConfig(**case.arch, vocab_size=common.VOCAB_SIZE)
+  config = BertConfig(**case.arch, vocab_size=common.VOCAB_SIZE, scan_layers=case.scan_layers)
   if case.task == "cls":
+    if case.impl == "jaxfm":
+      return flops.classification_flops_per_token(config, case.seq)
     return flops.encoder_flops_per_token(config, case.seq)
   predicted = case.predictions if case.impl == "jaxfm" else case.seq
   return flops.mlm_flops_per_token(config, case.seq, predicted)

@@ -162,3 +162,32 @@ def test_activation_backward_keeps_only_its_input(name, capsys):
   if name != "relu":  # and the same gradient as JAX's own GELU
     want = jax.grad(lambda v: jax.nn.gelu(v, approximate=name == "gelu_new").sum())(x)
     np.testing.assert_allclose(jax.grad(lambda v: activation(name)(v).sum())(x), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(remat_policy="full"), dict(scan_layers=True)])
+def test_classifier_last_layer_at_first_token_only_matches_full_stack(variant):
+  """The classifier's last layer computes position 0 only: same logits and gradients as the
+  pooled output of the whole stack (BertModel) times the classifier."""
+  ids, types, mask = _inputs()
+  config = CFG.replace(**variant)
+  cls = BertForSequenceClassification(config, num_labels=3)
+  params = _init(cls, ids, types, mask)
+  full = BertModel(config)
+
+  def logits_full(p):
+    pooled = full.apply({"params": {"encoder": p["encoder"]}}, ids, types, mask)[1]
+    return pooled @ p["classifier"]["kernel"] + p["classifier"]["bias"]
+
+  def logits_cls(p):
+    return cls.apply({"params": p}, ids, types, mask)
+
+  np.testing.assert_allclose(logits_cls(params), logits_full(params), rtol=1e-5, atol=1e-5)
+  probe = np.random.default_rng(2).normal(size=(2, 3)).astype(np.float32)
+  g_full = jax.grad(lambda p: jnp.sum(logits_full(p) * probe))(params)
+  g_cls = jax.grad(lambda p: jnp.sum(logits_cls(p) * probe))(params)
+  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_cls)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(a).max()) + 1e-7)
+  # Training mode (attention dropout on the materialised probabilities) runs at both shapes too.
+  train_logits = cls.apply({"params": params}, ids, types, mask, deterministic=False,
+                           rngs={"dropout": jax.random.key(3)})
+  assert train_logits.shape == (2, 3) and np.all(np.isfinite(train_logits))

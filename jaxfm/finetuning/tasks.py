@@ -28,7 +28,7 @@ from jaxfm.metrics import squad as squad_metrics
 from jaxfm.models import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification,
                           BertForTokenClassification)
 from jaxfm.train import losses
-from jaxfm.train.flops import encoder_flops_per_token
+from jaxfm.train.flops import classification_flops_per_token, encoder_flops_per_token
 from jaxfm.train.loop import Task
 
 Features = dict[str, np.ndarray]
@@ -90,6 +90,7 @@ class TaskKind:
     score: (split, outputs, label names, data config) -> metrics.
     predictions: (split, outputs, label names, data config) -> one JSON row per example.
     main_metric: the default `train.best_metric`.
+    flops_per_token: (architecture, sequence length) -> training FLOPs per token.
   """
 
   model: Callable[[BertConfig, int], nn.Module]
@@ -103,6 +104,7 @@ class TaskKind:
   score: Callable[..., dict[str, float]]
   predictions: Callable[..., list[dict[str, Any]]]
   main_metric: str
+  flops_per_token: Callable[[BertConfig, int], float] = encoder_flops_per_token
 
 
 def _text_fields(data: ml_collections.ConfigDict) -> list[str | int]:
@@ -192,7 +194,8 @@ def _sequence_kind(regression: bool) -> TaskKind:
       read=_read_sequences(regression), read_unlabelled=_read_unlabelled_sequences,
       label_vocab=None if regression else classification.label_vocab,
       convert=_convert_sequences, score=_score_sequences, predictions=_predict_sequences,
-      main_metric="pearson" if regression else "accuracy")
+      main_metric="pearson" if regression else "accuracy",
+      flops_per_token=classification_flops_per_token)
 
 
 # ---------------------------------------------------------------- token classification (NER)
@@ -326,7 +329,7 @@ def make_task(kind: str, config: BertConfig, label_names: Sequence[str] | None,
   score = None if split is None else (
       lambda outputs: spec.score(split, outputs, label_names, data))
   return Task(model=model, init_inputs=(ids, ids, np.ones_like(ids)), loss_fn=spec.loss(model),
-              summarize=summarize, flops_per_token=encoder_flops_per_token(config, seq),
+              summarize=summarize, flops_per_token=spec.flops_per_token(config, seq),
               tokens_per_example=seq, batch_spec=batch_spec,
               predict_fn=losses.predict_outputs(model, spec.outputs), score=score)
 

@@ -105,15 +105,27 @@ class SelfAttention(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               num_queries: int | None = None) -> Array:
     # x: [batch, length, hidden]; mask: [batch, 1, 1, length] bool, True = attend.
+    # Queries are the first `num_queries` positions (all when None): [batch, queries, hidden] out.
     cfg = self.config
     param = functools.partial(self.param, dtype=jnp.float32)
     qkv_kernel = param("qkv_kernel", _normal(cfg, (EMBED, None, HEADS, KV)),
                        (cfg.hidden_size, 3, cfg.num_heads, cfg.head_dim))
     qkv_bias = param("qkv_bias", _zeros((None, HEADS, KV)), (3, cfg.num_heads, cfg.head_dim))
-    qkv = jnp.einsum("bte,ecnh->btcnh", x, qkv_kernel.astype(cfg.dtype)) + qkv_bias.astype(cfg.dtype)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, length, heads, head_dim]
+
+    def project(inputs: Array, parts: slice) -> Array:  # -> [batch, length, parts, heads, head_dim]
+      return (jnp.einsum("bte,ecnh->btcnh", inputs, qkv_kernel[:, parts].astype(cfg.dtype))
+              + qkv_bias[parts].astype(cfg.dtype))
+
+    if num_queries is None:  # one fused QKV matmul
+      qkv = project(x, slice(0, 3))
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, length, heads, head_dim]
+    else:
+      q = project(x[:, :num_queries], slice(0, 1))[:, :, 0]  # [batch, queries, heads, head_dim]
+      kv = project(x, slice(1, 3))
+      k, v = kv[:, :, 0], kv[:, :, 1]
     q = nn.with_logical_constraint(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
     if deterministic or cfg.attention_dropout == 0.0:
       # Fused kernels on TPU/GPU; XLA reference on CPU. Softmax runs in float32 inside.
@@ -138,11 +150,15 @@ class TransformerLayer(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> tuple[Array, None]:
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               num_queries: int | None = None) -> tuple[Array, None]:
+    # x: [batch, length, hidden] -> [batch, num_queries or length, hidden]: with `num_queries`
+    # the layer's output exists only at the first `num_queries` positions.
     cfg = self.config
     drop = Dropout(cfg.hidden_dropout)
-    attended = SelfAttention(cfg, name="attention")(x, mask, deterministic)
-    x = layer_norm(cfg, "attention_norm")(x + drop(attended, deterministic=deterministic))
+    attended = SelfAttention(cfg, name="attention")(x, mask, deterministic, num_queries)
+    x = layer_norm(cfg, "attention_norm")(x[:, :num_queries]
+                                          + drop(attended, deterministic=deterministic))
     h = dense(cfg, cfg.intermediate_size, (EMBED, MLP), "intermediate")(x)
     h = nn.with_logical_constraint(activation(cfg.hidden_act)(h), (ACT_BATCH, ACT_LENGTH, ACT_MLP))
     h = dense(cfg, cfg.hidden_size, (MLP, EMBED), "output")(h)
@@ -162,7 +178,7 @@ def _layer_class(config: BertConfig) -> type[nn.Module]:
   if config.remat_policy == "none":
     return TransformerLayer
   return nn.remat(TransformerLayer, policy=_REMAT_POLICIES[config.remat_policy],
-                  prevent_cse=not config.scan_layers, static_argnums=(3,))
+                  prevent_cse=not config.scan_layers, static_argnums=(3, 4))
 
 
 class BertEncoder(nn.Module):
@@ -182,23 +198,29 @@ class BertEncoder(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(layer, variable_axes={"params": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                            in_axes=(nn.broadcast,) * 3, length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: LAYERS})(cfg)
     else:
       self.layers = [layer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.pooler = dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), "pooler")
 
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
-               deterministic: bool = True) -> Array:
-    """[batch, length] ids, types and 1/0 mask -> [batch, length, hidden] states."""
+               deterministic: bool = True, num_outputs: int | None = None) -> Array:
+    """[batch, length] ids, types and 1/0 mask -> [batch, length, hidden] states.
+
+    With `num_outputs` only the first `num_outputs` positions are returned
+    ([batch, num_outputs, hidden]), and the unrolled stack's last layer computes only those
+    (its queries, attention output and MLP): what the pooler needs is position 0. The scanned
+    stack is one program for every layer, so it computes all positions and slices.
+    """
     x = self.embeddings(input_ids, token_type_ids, deterministic)
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1(heads), 1(query), key]
     if self.config.scan_layers:
-      x, _ = self.layers(x, mask, deterministic)
-    else:
-      for layer in self.layers:
-        x, _ = layer(x, mask, deterministic)
+      x, _ = self.layers(x, mask, deterministic, None)
+      return x[:, :num_outputs]
+    for index, layer in enumerate(self.layers):
+      x, _ = layer(x, mask, deterministic, num_outputs if index == len(self.layers) - 1 else None)
     return x
 
   def pool(self, hidden: Array) -> Array:

@@ -87,7 +87,8 @@ class BertForSequenceClassification(nn.Module):
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
                deterministic: bool = True) -> Array:
     encoder = BertEncoder(self.config, name="encoder")
-    pooled = encoder.pool(encoder(input_ids, token_type_ids, attention_mask, deterministic))
+    pooled = encoder.pool(encoder(input_ids, token_type_ids, attention_mask, deterministic,
+                                  num_outputs=1))
     pooled = Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
     logits = dense(self.config, self.num_labels, (EMBED, CLASSES), "classifier")(pooled)
     return logits.astype(jnp.float32)  # [batch, num_labels]

@@ -7,7 +7,11 @@ Counting rule (matmuls only; one multiply-add = 2 FLOPs; backward = 2x forward):
   ELECTRA projection:    6 * E * H                  when embedding_size E != H
   MLM head, per *predicted* position (P of them per T tokens):
                          6 * (H E + E V)            transform + tied decoder
-  Classification heads are negligible and not counted. Embedding lookups,
+  Sequence classification computes the last layer at position 0 only
+  (`BertEncoder(num_outputs=1)`, unrolled stack): there that layer costs, per token,
+                         6 * 2 H^2 + (6 * (2 H^2 + 2 H I) + 12 * T * H) / T
+  (keys and values everywhere; queries, attention, output projection and MLP once
+  per sequence). Classification heads are negligible and not counted. Embedding lookups,
   LayerNorm, softmax, GELU are not counted; remat recomputation is not counted
   (MFU measures useful work).
 """
@@ -17,11 +21,22 @@ from __future__ import annotations
 from jaxfm.models.config import BertConfig
 
 
-def encoder_flops_per_token(config: BertConfig, seq_len: int) -> float:
+def encoder_flops_per_token(config: BertConfig, seq_len: int,
+                            last_layer_outputs: int | None = None) -> float:
+  """Training FLOPs per input token of the encoder; `last_layer_outputs`: the number of
+  positions its last layer computes (None: all)."""
   h, i = config.hidden_size, config.intermediate_size
-  per_layer = 6 * (4 * h * h + 2 * h * i) + 12 * seq_len * h
+  keys_values = 6 * 2 * h * h
+  per_query = 6 * (2 * h * h + 2 * h * i) + 12 * seq_len * h  # Q, out, MLP, attention
+  outputs = seq_len if last_layer_outputs is None else last_layer_outputs
+  last_layer = keys_values + per_query * outputs / seq_len
   projection = 6 * config.embedding_dim * h if config.embedding_dim != h else 0
-  return config.num_layers * per_layer + projection
+  return (config.num_layers - 1) * (keys_values + per_query) + last_layer + projection
+
+
+def classification_flops_per_token(config: BertConfig, seq_len: int) -> float:
+  """Training FLOPs per input token of `BertForSequenceClassification` (see the docstring)."""
+  return encoder_flops_per_token(config, seq_len, None if config.scan_layers else 1)
 
 
 def mlm_flops_per_token(config: BertConfig, seq_len: int, predictions_per_seq: int) -> float:

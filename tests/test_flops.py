@@ -1,0 +1,34 @@
+"""The FLOPs formula (`jaxfm.train.flops`) against XLA's own count of the compiled gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxfm import sharding
+from jaxfm.models import BertForSequenceClassification, BertModel, preset
+from jaxfm.train import flops
+
+CFG = preset("tiny", vocab_size=300, num_layers=2, max_position_embeddings=64)
+BATCH, SEQ = 4, 64
+
+
+def _xla_flops_of_gradient(model, output) -> float:
+  ids = np.ones((BATCH, SEQ), np.int32)
+  params = sharding.unbox(model.init(jax.random.key(0), ids, ids, ids))["params"]
+  grad = jax.grad(lambda p: jnp.sum(output(model.apply({"params": p}, ids, ids, ids))))
+  return jax.jit(grad).lower(params).compile().cost_analysis()["flops"]
+
+
+def test_classifier_flops_match_xla_count_with_and_without_the_pruned_last_layer():
+  # XLA counts every op (LayerNorm, softmax, GELU too); the formula only the matmuls.
+  full = _xla_flops_of_gradient(BertModel(CFG), lambda out: out[1])  # pooled, every position
+  pruned = _xla_flops_of_gradient(BertForSequenceClassification(CFG, 2), lambda out: out)
+  tokens = BATCH * SEQ
+  assert full == pytest.approx(flops.encoder_flops_per_token(CFG, SEQ) * tokens, rel=0.1)
+  assert pruned == pytest.approx(flops.classification_flops_per_token(CFG, SEQ) * tokens, rel=0.1)
+  assert pruned / full == pytest.approx(flops.classification_flops_per_token(CFG, SEQ)
+                                        / flops.encoder_flops_per_token(CFG, SEQ), rel=0.02)
+  # The scanned stack computes every position of its last layer.
+  assert flops.classification_flops_per_token(CFG.replace(scan_layers=True), SEQ) == (
+      flops.encoder_flops_per_token(CFG, SEQ))
