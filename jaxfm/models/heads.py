@@ -78,7 +78,11 @@ class BertForMaskedLM(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-  """Encoder + pooler + dropout + linear layer. `num_labels=1` is regression."""
+  """Encoder + pooler + dropout + linear layer. `num_labels=1` is regression.
+
+  The pooler reads position 0 only, so the encoder's last layer runs there only
+  (`BertEncoder(num_outputs=1)`): the same logits and gradients for fewer FLOPs.
+  """
 
   config: BertConfig
   num_labels: int
