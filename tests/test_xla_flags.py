@@ -21,18 +21,22 @@ print("YNNPACK" if "__ynn_fusion" in jax.jit(jnp.dot).lower(x, x).compile().as_t
 """
 
 
+YNN = "--xla_cpu_experimental_ynn_fusion_type=reduce"
+DFS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 def test_defaults_are_added_only_for_flags_not_named():
-  assert run_setup.with_default_xla_flags("") == (
-      "--xla_cpu_experimental_ynn_fusion_type=reduce")
+  assert run_setup.with_default_xla_flags("") == f"{YNN} {DFS}"
   assert run_setup.with_default_xla_flags("--xla_force_host_platform_device_count=8") == (
-      "--xla_cpu_experimental_ynn_fusion_type=reduce --xla_force_host_platform_device_count=8")
+      f"{YNN} {DFS} --xla_force_host_platform_device_count=8")
   mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
-  assert run_setup.with_default_xla_flags(mine) == mine
+  assert run_setup.with_default_xla_flags(mine) == f"{DFS} {mine}"
+  theirs = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+  assert run_setup.with_default_xla_flags(theirs) == f"{YNN} {theirs}"
 
 
 def test_models_narrower_than_bert_mini_keep_xla_s_defaults():
-  assert run_setup.with_default_xla_flags("", model_width=256) == (
-      "--xla_cpu_experimental_ynn_fusion_type=reduce")
+  assert run_setup.with_default_xla_flags("", model_width=256) == f"{YNN} {DFS}"
   assert run_setup.with_default_xla_flags("--xla_force_host_platform_device_count=8",
                                           model_width=128) == (
       "--xla_force_host_platform_device_count=8")
