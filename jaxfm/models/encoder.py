@@ -181,6 +181,32 @@ def _layer_class(config: BertConfig) -> type[nn.Module]:
                   prevent_cse=not config.scan_layers, static_argnums=(3, 4))
 
 
+def _call_with_layerwise_grads(layer: nn.Module, x: Array, mask: Array, deterministic: bool,
+                               num_queries: int | None) -> Array:
+  """`layer(x, mask, deterministic, num_queries)[0]` whose backward pass computes the layer's
+  parameter gradients before it hands the gradient of `x` on to the layer below.
+
+  The gradient of `x` is made to depend on them (NaN where one is not finite; the train step
+  skips such a step anyway). Left alone, XLA's CPU memory scheduler computes every weight
+  gradient at the very end of the backward pass, so each layer's output gradient and
+  recomputed activations stay alive until then and remat saves little (bert-small fine-tuning
+  step, remat=full: temporaries 697 -> 444 MiB, 6% faster). `jax.lax.optimization_barrier`
+  cannot express this order: XLA:CPU removes barriers before it schedules.
+  """
+  def call(module: nn.Module, x: Array, mask: Array) -> Array:
+    return module(x, mask, deterministic, num_queries)[0]
+
+  def forward(module: nn.Module, x: Array, mask: Array):
+    return nn.vjp(call, module, x, mask)
+
+  def backward(vjp_fn, y_grad: Array):
+    params_grad, x_grad, mask_grad = vjp_fn(y_grad)
+    finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree_util.tree_leaves(params_grad)])
+    return params_grad, jnp.where(finite.all(), x_grad, jnp.nan), mask_grad
+
+  return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(layer, x, mask)
+
+
 class BertEncoder(nn.Module):
   """Embeddings + transformer stack (+ pooler, created only when `pool` is used).
 
@@ -219,8 +245,13 @@ class BertEncoder(nn.Module):
     if self.config.scan_layers:
       x, _ = self.layers(x, mask, deterministic, None)
       return x[:, :num_outputs]
+    # Only under remat: without it every activation is kept anyway, and the order costs time
+    # (bert-mini fine-tuning step: 7.5% slower for 5% fewer temporaries).
+    call = _call_with_layerwise_grads if self.config.remat_policy != "none" else (
+        lambda layer, *args: layer(*args)[0])
     for index, layer in enumerate(self.layers):
-      x, _ = layer(x, mask, deterministic, num_outputs if index == len(self.layers) - 1 else None)
+      last = index == len(self.layers) - 1
+      x = call(layer, x, mask, deterministic, num_outputs if last else None)
     return x
 
   def pool(self, hidden: Array) -> Array:
