@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -71,16 +70,14 @@ def compile_train_step(case: Case, batch: dict[str, np.ndarray],
   cfg.train.steps = 1_000_000  # the schedule only; no run is this long
   mesh = loop.make_mesh(cfg)
   steps = loop.build_steps(cfg, task, mesh)
-  state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(jax.random.key(0))
-  device_batch = sharding.global_batch({k: batch[k] for k in task.batch_spec}, mesh)
   rss_before_compile = peak_rss_mib()
-  with sharding.activation_sharding(mesh):
-    start = time.perf_counter()
-    compiled = steps.train_step.lower(state, device_batch).compile()
-    compile_s = time.perf_counter() - start
-  host_memory.release_free_heap()  # as `loop.train` does before its first step
+  compiled, compile_s = loop.compile_train_step(steps, task, case.batch, mesh)  # as `loop.train`
+  rss_after_compile = peak_rss_mib()
+  state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(jax.random.key(0))
+  host_memory.release_free_heap()  # as `loop.train` does once its state exists
+  device_batch = sharding.global_batch({k: batch[k] for k in task.batch_spec}, mesh)
   return CompiledStep(compiled, state, device_batch, mesh, compile_s, rss_before_compile,
-                      peak_rss_mib())
+                      rss_after_compile)
 
 
 def measure(case: Case, batch: dict[str, np.ndarray],
