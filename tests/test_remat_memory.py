@@ -31,11 +31,12 @@ print(temporaries_mib("none"), temporaries_mib("full"))
 
 
 def test_remat_full_cuts_the_fine_tuning_step_s_temporaries():
-  # Measured: 348 -> 218 MiB. Without the layer-by-layer order of the backward pass, XLA's
-  # memory scheduler leaves every weight gradient to the end and remat=full gives 335 MiB.
+  # Measured: 348 -> 163 MiB. Without the layer-by-layer order of the backward pass, XLA's
+  # memory scheduler leaves every weight gradient to the end and remat=full gives 335 MiB;
+  # without the recomputation's offset input, XLA's CSE merges it into the forward pass: 218.
   env = {**os.environ, "XLA_FLAGS": run_setup.with_default_xla_flags(""), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   plain, remat = map(float, proc.stdout.split()[-2:])
-  assert remat < 0.8 * plain, (plain, remat)
+  assert remat < 0.55 * plain, (plain, remat)
