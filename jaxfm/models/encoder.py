@@ -197,9 +197,10 @@ def _call_with_layerwise_grads(layer: nn.Module, x: Array, mask: Array, determin
   0 * an element of the output gradient: the same numbers, but a value XLA's CSE cannot merge
   with the forward pass's input, which it otherwise does, folding the recomputed projections
   and attention scores into the forward pass's and keeping them alive through the backward
-  pass (fine-tuning step, remat=full: temporaries bert-mini 218 -> 163 MiB at the same speed,
-  bert-small 444 -> 338 MiB). The other policies save activations of the input's shape too,
-  and gained nothing from it (bert-mini, dots: 294 -> 301 MiB).
+  pass (fine-tuning step, remat=full: temporaries bert-mini 218 -> 162 MiB, bert-small 443 ->
+  337 MiB, for 2% / 4.5% more step time: they are really recomputed now). The other policies
+  save activations of the input's shape too, and gained nothing from it (bert-mini, dots:
+  294 -> 301 MiB).
   """
   offset_input = layer.config.remat_policy == "full"  # the input: its only residual of x's shape
 
