@@ -71,6 +71,20 @@ def test_bitwise_resume_after_sigterm(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_relaunching_a_finished_run_returns_without_compiling(tmp_path, monkeypatch):
+  from jaxfm.train import loop
+  cfg = th.tiny_config(steps=4, checkpoint_every=100, eval_batches=0)
+  th.run(cfg, tmp_path)
+  metrics = (tmp_path / "metrics.jsonl").read_text()
+
+  def no_compile(*args):
+    raise AssertionError("the train step was compiled")
+  monkeypatch.setattr(loop, "compile_train_step", no_compile)
+  result = th.run(cfg, tmp_path)
+  assert result.step == 4 and not result.train and not result.preempted
+  assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
 def test_bitwise_resume_with_grad_accumulation(tmp_path):
   cfg = th.tiny_config(steps=8, checkpoint_every=100, grad_accum_steps=2, eval_batches=0)
   th.run(cfg, tmp_path / "straight")

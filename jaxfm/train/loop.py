@@ -245,9 +245,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   mesh = make_mesh(cfg)
   steps = build_steps(cfg, task, mesh)
   tx, schedule, state_shardings = steps.tx, steps.schedule, steps.state_shardings
-  compiled, compile_s = compile_train_step(steps, task, t.batch_size, mesh)
+
+  def complete(step: int) -> bool:
+    return step >= t.steps or (best is not None and best.should_stop(step))
+
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints, t.keep_every,
                                     t.async_checkpointing)
+  latest = manager.latest_step()
+  compiled = None
+  if latest is None or not complete(latest):  # compiled before any state exists: a lower peak
+    compiled, compile_s = compile_train_step(steps, task, t.batch_size, mesh)
   restored = checkpoint.restore_latest(manager, steps.abstract_state)
   if restored is not None:
     state = restored.state
@@ -261,10 +268,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     state = jax.jit(steps.init_state, out_shardings=state_shardings)(jax.random.key(t.seed))
   host_memory.release_free_heap()  # what restoring or initialising (and its compiler) freed
   start = int(jax.device_get(state.step))
-  if start >= t.steps or (best is not None and best.should_stop(start)):
+  if complete(start):  # a relaunch of a finished run: nothing to compile or train
     logging.info("step %d: training is already complete in %s", start, workdir)
     manager.close()
     return TrainResult(step=start, train={}, eval={}, preempted=False)
+  if compiled is None:  # the newest checkpoint did not restore; an older one did
+    compiled, compile_s = compile_train_step(steps, task, t.batch_size, mesh)
 
   writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict())
   stop = _StopSignal()
