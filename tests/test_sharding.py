@@ -7,6 +7,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfm import sharding
 from jaxfm.models import BertForMaskedLM, preset
+from jaxfm.train import loop
+from tests import train_helpers
 
 CFG = preset("tiny", vocab_size=512, num_layers=2, max_position_embeddings=64)
 
@@ -91,3 +93,18 @@ def test_global_batch_from_host_local_slices():
   assert sharding.local_batch_size(16, mesh) == 16
   with pytest.raises(ValueError, match="not divisible"):
     sharding.local_batch_size(12, mesh)
+
+
+def test_tensor_parallel_train_step_keeps_kernels_sharded():
+  # Under tensor parallelism the heads and MLP kernels stay split: a step that all-gathers a
+  # kernel (e.g. one reshaped so that its sharded axis is no longer the major one of a merged
+  # axis) computes the whole projection on every device.
+  cfg = train_helpers.tiny_config(batch_size=8)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1, 2
+  task = train_helpers.mlm_task(cfg)
+  mesh = loop.make_mesh(cfg)
+  steps = loop.build_steps(cfg, task, mesh)
+  compiled, _ = loop.compile_train_step(steps, task, cfg.train.batch_size, mesh)
+  hlo = compiled.as_text()
+  assert " all-reduce(" in hlo or " all-reduce-start(" in hlo  # the partial sums
+  assert "all-gather" not in hlo

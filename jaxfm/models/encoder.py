@@ -60,8 +60,9 @@ def matmul_over_tokens(x: Array, kernel: Array, contracting: int = 1, **dot_kwar
   The values are the einsum's; the point is the weight gradient. For a 3-D x it contracts two
   axes (batch and length), which XLA:CPU computes through transposed copies of the output
   gradient; in 2-D it is one GEMM with a transposed operand (bert-mini and bert-small train
-  steps ~20% faster on CPU, BENCHMARKS.md). The batch axis is the major one of the merged axis,
-  so a batch-sharded x stays sharded without communication.
+  steps ~20% faster on CPU, BENCHMARKS.md). Merged axes keep the sharding of their first
+  (major) axis: batch leads the token axes, and a kernel sharded on an output or feature axis
+  must have that axis first among them, or GSPMD gathers the kernel whole.
   """
   tokens, features = x.shape[:x.ndim - contracting], x.shape[x.ndim - contracting:]
   size = math.prod(features)
@@ -143,7 +144,9 @@ class SelfAttention(nn.Module):
     qkv_bias = param("qkv_bias", _zeros((None, HEADS, KV)), (3, cfg.num_heads, cfg.head_dim))
 
     def project(inputs: Array, parts: slice) -> Array:  # -> [batch, length, parts, heads, head_dim]
-      return (matmul_over_tokens(inputs, qkv_kernel[:, parts].astype(cfg.dtype))
+      # Heads (tensor-sharded) first among the kernel's output axes: see `matmul_over_tokens`.
+      kernel = jnp.swapaxes(qkv_kernel[:, parts], 1, 2)  # [hidden, heads, parts, head_dim]
+      return (jnp.swapaxes(matmul_over_tokens(inputs, kernel.astype(cfg.dtype)), -3, -2)
               + qkv_bias[parts].astype(cfg.dtype))
 
     if num_queries is None:  # one fused QKV matmul
