@@ -143,19 +143,19 @@ class SelfAttention(nn.Module):
                        (cfg.hidden_size, 3, cfg.num_heads, cfg.head_dim))
     qkv_bias = param("qkv_bias", _zeros((None, HEADS, KV)), (3, cfg.num_heads, cfg.head_dim))
 
-    def project(inputs: Array, parts: slice) -> Array:  # -> [batch, length, parts, heads, head_dim]
+    def project(inputs: Array, parts: slice) -> Array:  # -> [batch, length, heads, parts, head_dim]
       # Heads (tensor-sharded) first among the kernel's output axes: see `matmul_over_tokens`.
       kernel = jnp.swapaxes(qkv_kernel[:, parts], 1, 2)  # [hidden, heads, parts, head_dim]
-      return (jnp.swapaxes(matmul_over_tokens(inputs, kernel.astype(cfg.dtype)), -3, -2)
-              + qkv_bias[parts].astype(cfg.dtype))
+      bias = jnp.swapaxes(qkv_bias[parts], 0, 1)  # [heads, parts, head_dim]
+      return matmul_over_tokens(inputs, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
 
     if num_queries is None:  # one fused QKV matmul
       qkv = project(x, slice(0, 3))
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [batch, length, heads, head_dim]
+      q, k, v = (qkv[:, :, :, i] for i in range(3))  # each [batch, length, heads, head_dim]
     else:
-      q = project(x[:, :num_queries], slice(0, 1))[:, :, 0]  # [batch, queries, heads, head_dim]
+      q = project(x[:, :num_queries], slice(0, 1))[:, :, :, 0]  # [batch, queries, heads, head_dim]
       kv = project(x, slice(1, 3))
-      k, v = kv[:, :, 0], kv[:, :, 1]
+      k, v = kv[:, :, :, 0], kv[:, :, :, 1]
     q = nn.with_logical_constraint(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
     if deterministic or cfg.attention_dropout == 0.0:
       # Fused kernels on TPU/GPU; XLA reference on CPU. Softmax runs in float32 inside.
