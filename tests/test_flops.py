@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 from jaxfm import sharding
-from jaxfm.models import BertForSequenceClassification, BertModel, preset
+from jaxfm.models import BertForMaskedLM, BertForSequenceClassification, BertModel, preset
 from jaxfm.train import flops
 
 CFG = preset("tiny", vocab_size=300, num_layers=2, max_position_embeddings=64)
 BATCH, SEQ = 4, 64
 
 
-def _xla_flops_of_gradient(model, output) -> float:
+def _xla_flops_of_gradient(model, output, *extra) -> float:
   ids = np.ones((BATCH, SEQ), np.int32)
-  params = sharding.unbox(model.init(jax.random.key(0), ids, ids, ids))["params"]
-  grad = jax.grad(lambda p: jnp.sum(output(model.apply({"params": p}, ids, ids, ids))))
+  params = sharding.unbox(model.init(jax.random.key(0), ids, ids, ids, *extra))["params"]
+  grad = jax.grad(lambda p: jnp.sum(output(model.apply({"params": p}, ids, ids, ids, *extra))))
   return jax.jit(grad).lower(params).compile().cost_analysis()["flops"]
 
 
@@ -32,3 +32,19 @@ def test_classifier_flops_match_xla_count_with_and_without_the_pruned_last_layer
   # The scanned stack computes every position of its last layer.
   assert flops.classification_flops_per_token(CFG.replace(scan_layers=True), SEQ) == (
       flops.encoder_flops_per_token(CFG, SEQ))
+
+
+def test_mlm_flops_match_xla_count_with_the_last_layer_at_predicted_positions():
+  predictions = 8
+  positions = np.tile(np.arange(0, SEQ, SEQ // predictions, dtype=np.int32), (BATCH, 1))
+  model = BertForMaskedLM(CFG)
+  full = _xla_flops_of_gradient(model, lambda logits: logits)  # every position
+  pruned = _xla_flops_of_gradient(model, lambda logits: logits, positions)
+  tokens = BATCH * SEQ
+  assert full == pytest.approx(flops.mlm_flops_per_token(CFG, SEQ, SEQ) * tokens, rel=0.1)
+  assert pruned == pytest.approx(flops.mlm_flops_per_token(CFG, SEQ, predictions) * tokens,
+                                 rel=0.1)
+  assert pruned / full == pytest.approx(flops.mlm_flops_per_token(CFG, SEQ, predictions)
+                                        / flops.mlm_flops_per_token(CFG, SEQ, SEQ), rel=0.03)
+  assert flops.mlm_flops_per_token(CFG, SEQ, predictions) < (
+      flops.mlm_flops_per_token(CFG.replace(scan_layers=True), SEQ, predictions))

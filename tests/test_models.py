@@ -44,15 +44,28 @@ def test_heads_output_shapes():
   assert start.shape == end.shape == (2, 12)
 
 
-def test_masked_positions_head_equals_full_head_gathered():
+@pytest.mark.parametrize("variant", [dict(), dict(remat_policy="full"), dict(scan_layers=True)])
+def test_masked_positions_head_equals_full_head_gathered(variant):
+  """At `masked_positions` the head and the unrolled stack's last layer run only there: the
+  same logits and parameter gradients as the full model's logits gathered afterwards."""
   ids, types, mask = _inputs()
-  positions = np.array([[0, 3, 7], [2, 2, 11]], np.int32)
-  model = BertForMaskedLM(CFG)
+  positions = np.array([[0, 3, 7], [2, 2, 11]], np.int32)  # a repeat, and a padded position
+  model = BertForMaskedLM(CFG.replace(**variant))
   params = _init(model, ids, types, mask)
-  full = model.apply({"params": params}, ids, types, mask)
-  masked = model.apply({"params": params}, ids, types, mask, positions)
-  np.testing.assert_allclose(masked, np.take_along_axis(full, positions[..., None], 1),
-                             rtol=1e-5, atol=1e-5)
+
+  def gathered_full(p):
+    return jnp.take_along_axis(model.apply({"params": p}, ids, types, mask),
+                               positions[..., None], 1)
+
+  def masked(p):
+    return model.apply({"params": p}, ids, types, mask, positions)
+
+  np.testing.assert_allclose(masked(params), gathered_full(params), rtol=1e-5, atol=1e-5)
+  probe = np.random.default_rng(2).normal(size=(2, 3, CFG.vocab_size)).astype(np.float32)
+  g_full = jax.grad(lambda p: jnp.sum(gathered_full(p) * probe))(params)
+  g_masked = jax.grad(lambda p: jnp.sum(masked(p) * probe))(params)
+  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_masked)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(a).max()) + 1e-7)
 
 
 def test_decoder_is_tied_to_word_embeddings():

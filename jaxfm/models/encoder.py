@@ -70,6 +70,13 @@ def matmul_over_tokens(x: Array, kernel: Array, contracting: int = 1, **dot_kwar
   return y.reshape(*tokens, *kernel.shape[contracting:])
 
 
+def at_positions(x: Array, positions: Array | None) -> Array:
+  """x [batch, length, ...] at `positions` [batch, p] int -> [batch, p, ...] (x when None)."""
+  if positions is None:
+    return x
+  return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def _dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
                        preferred_element_type=None) -> Array:
   """`lax.dot_general` as `nn.Dense` calls it ([..., in] · [in, out]), by `matmul_over_tokens`."""
@@ -134,9 +141,10 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
-               num_queries: int | None = None) -> Array:
+               query_positions: Array | None = None) -> Array:
     # x: [batch, length, hidden]; mask: [batch, 1, 1, length] bool, True = attend.
-    # Queries are the first `num_queries` positions (all when None): [batch, queries, hidden] out.
+    # Queries at `query_positions` ([batch, queries] int; all positions when None):
+    # [batch, queries, hidden] out.
     cfg = self.config
     param = functools.partial(self.param, dtype=jnp.float32)
     qkv_kernel = param("qkv_kernel", _normal(cfg, (EMBED, None, HEADS, KV)),
@@ -149,11 +157,12 @@ class SelfAttention(nn.Module):
       bias = jnp.swapaxes(qkv_bias[parts], 0, 1)  # [heads, parts, head_dim]
       return matmul_over_tokens(inputs, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
 
-    if num_queries is None:  # one fused QKV matmul
+    if query_positions is None:  # one fused QKV matmul
       qkv = project(x, slice(0, 3))
       q, k, v = (qkv[:, :, :, i] for i in range(3))  # each [batch, length, heads, head_dim]
     else:
-      q = project(x[:, :num_queries], slice(0, 1))[:, :, :, 0]  # [batch, queries, heads, head_dim]
+      q = project(at_positions(x, query_positions), slice(0, 1))[:, :, :, 0]
+      # q: [batch, queries, heads, head_dim]
       kv = project(x, slice(1, 3))
       k, v = kv[:, :, :, 0], kv[:, :, :, 1]
     q = nn.with_logical_constraint(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
@@ -181,13 +190,13 @@ class TransformerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
-               num_queries: int | None = None) -> tuple[Array, None]:
-    # x: [batch, length, hidden] -> [batch, num_queries or length, hidden]: with `num_queries`
-    # the layer's output exists only at the first `num_queries` positions.
+               positions: Array | None = None) -> tuple[Array, None]:
+    # x: [batch, length, hidden] -> [batch, outputs, hidden]: with `positions` ([batch, outputs]
+    # int) the layer computes its output only there (keys and values still see every position).
     cfg = self.config
     drop = Dropout(cfg.hidden_dropout)
-    attended = SelfAttention(cfg, name="attention")(x, mask, deterministic, num_queries)
-    x = layer_norm(cfg, "attention_norm")(x[:, :num_queries]
+    attended = SelfAttention(cfg, name="attention")(x, mask, deterministic, positions)
+    x = layer_norm(cfg, "attention_norm")(at_positions(x, positions)
                                           + drop(attended, deterministic=deterministic))
     h = dense(cfg, cfg.intermediate_size, (EMBED, MLP), "intermediate")(x)
     h = nn.with_logical_constraint(activation(cfg.hidden_act)(h), (ACT_BATCH, ACT_LENGTH, ACT_MLP))
@@ -208,12 +217,12 @@ def _layer_class(config: BertConfig) -> type[nn.Module]:
   if config.remat_policy == "none":
     return TransformerLayer
   return nn.remat(TransformerLayer, policy=_REMAT_POLICIES[config.remat_policy],
-                  prevent_cse=not config.scan_layers, static_argnums=(3, 4))
+                  prevent_cse=not config.scan_layers, static_argnums=(3,))
 
 
 def _call_with_layerwise_grads(layer: nn.Module, x: Array, mask: Array, deterministic: bool,
-                               num_queries: int | None) -> Array:
-  """`layer(x, mask, deterministic, num_queries)[0]` whose backward pass computes the layer's
+                               positions: Array | None) -> Array:
+  """`layer(x, mask, deterministic, positions)[0]` whose backward pass computes the layer's
   parameter gradients before it hands the gradient of `x` on to the layer below.
 
   The gradient of `x` is made to depend on them (NaN where one is not finite; the train step
@@ -234,22 +243,22 @@ def _call_with_layerwise_grads(layer: nn.Module, x: Array, mask: Array, determin
   """
   offset_input = layer.config.remat_policy == "full"  # the input: its only residual of x's shape
 
-  def call(module: nn.Module, x: Array, mask: Array) -> Array:
-    return module(x, mask, deterministic, num_queries)[0]
+  def call(module: nn.Module, x: Array, mask: Array, positions: Array | None) -> Array:
+    return module(x, mask, deterministic, positions)[0]
 
-  def forward(module: nn.Module, x: Array, mask: Array):
-    return nn.vjp(call, module, x, mask)
+  def forward(module: nn.Module, x: Array, mask: Array, positions: Array | None):
+    return nn.vjp(call, module, x, mask, positions)
 
   def backward(vjp_fn, y_grad: Array):
     zero = jnp.zeros((), y_grad.dtype) * y_grad.ravel()[0]  # 0, or NaN if y_grad is not finite
     residuals, structure = jax.tree_util.tree_flatten(vjp_fn)
     residuals = [r + zero.astype(r.dtype) if offset_input and r.shape == x.shape
                  and jnp.issubdtype(r.dtype, jnp.floating) else r for r in residuals]
-    params_grad, x_grad, mask_grad = jax.tree_util.tree_unflatten(structure, residuals)(y_grad)
+    params_grad, x_grad, *index_grads = jax.tree_util.tree_unflatten(structure, residuals)(y_grad)
     finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree_util.tree_leaves(params_grad)])
-    return params_grad, jnp.where(finite.all(), x_grad, jnp.nan), mask_grad
+    return params_grad, jnp.where(finite.all(), x_grad, jnp.nan), *index_grads
 
-  return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(layer, x, mask)
+  return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(layer, x, mask, positions)
 
 
 class BertEncoder(nn.Module):
@@ -276,27 +285,28 @@ class BertEncoder(nn.Module):
     self.pooler = dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), "pooler")
 
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
-               deterministic: bool = True, num_outputs: int | None = None) -> Array:
+               deterministic: bool = True, output_positions: Array | None = None) -> Array:
     """[batch, length] ids, types and 1/0 mask -> [batch, length, hidden] states.
 
-    With `num_outputs` only the first `num_outputs` positions are returned
-    ([batch, num_outputs, hidden]), and the unrolled stack's last layer computes only those
-    (its queries, attention output and MLP): what the pooler needs is position 0. The scanned
-    stack is one program for every layer, so it computes all positions and slices.
+    With `output_positions` ([batch, outputs] int) only those positions are returned
+    ([batch, outputs, hidden]), and the unrolled stack's last layer computes only those
+    (its queries, attention output and MLP): the pooler reads position 0, the MLM head the
+    masked positions. The scanned stack is one program for every layer, so it computes all
+    positions and gathers.
     """
     x = self.embeddings(input_ids, token_type_ids, deterministic)
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1(heads), 1(query), key]
     if self.config.scan_layers:
       x, _ = self.layers(x, mask, deterministic, None)
-      return x[:, :num_outputs]
+      return at_positions(x, output_positions)
     # Only under remat: without it every activation is kept anyway, and the order costs time
     # (bert-mini fine-tuning step: 7.5% slower for 5% fewer temporaries).
     call = _call_with_layerwise_grads if self.config.remat_policy != "none" else (
         lambda layer, *args: layer(*args)[0])
     for index, layer in enumerate(self.layers):
       last = index == len(self.layers) - 1
-      x = call(layer, x, mask, deterministic, num_outputs if last else None)
+      x = call(layer, x, mask, deterministic, output_positions if last else None)
     return x
 
   def pool(self, hidden: Array) -> Array:

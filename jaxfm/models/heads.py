@@ -41,8 +41,8 @@ class MlmHead(nn.Module):
 class BertForMaskedLM(nn.Module):
   """Encoder + MLM head whose decoder is tied to the word embeddings.
 
-  With `masked_positions` ([batch, predictions] int) the head runs only at those
-  positions, which is what pretraining needs and is far cheaper at small sizes.
+  With `masked_positions` ([batch, predictions] int) the head, and the encoder's last layer,
+  run only at those positions, which is what pretraining needs and is far cheaper at small sizes.
   `decoder_inputs` stops before the decoder, for losses that fuse it
   (`jaxfm.train.cross_entropy`) instead of materialising the logits.
   """
@@ -55,10 +55,10 @@ class BertForMaskedLM(nn.Module):
 
   def _predicted_hidden(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
                         masked_positions: Array | None, deterministic: bool) -> Array:
-    hidden = self.encoder(input_ids, token_type_ids, attention_mask, deterministic)
-    if masked_positions is None:
-      return hidden  # [b, t, hidden]
-    return jnp.take_along_axis(hidden, masked_positions[..., None], axis=1)  # [b, p, hidden]
+    # [b, p, hidden] at the masked positions ([b, t, hidden] when None): the encoder's last
+    # layer computes only those.
+    return self.encoder(input_ids, token_type_ids, attention_mask, deterministic,
+                        output_positions=masked_positions)
 
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
                masked_positions: Array | None = None, deterministic: bool = True) -> Array:
@@ -81,7 +81,7 @@ class BertForSequenceClassification(nn.Module):
   """Encoder + pooler + dropout + linear layer. `num_labels=1` is regression.
 
   The pooler reads position 0 only, so the encoder's last layer runs there only
-  (`BertEncoder(num_outputs=1)`): the same logits and gradients for fewer FLOPs.
+  (`BertEncoder(output_positions=0s)`): the same logits and gradients for fewer FLOPs.
   """
 
   config: BertConfig
@@ -91,8 +91,9 @@ class BertForSequenceClassification(nn.Module):
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
                deterministic: bool = True) -> Array:
     encoder = BertEncoder(self.config, name="encoder")
+    first = jnp.zeros((input_ids.shape[0], 1), jnp.int32)  # [batch, 1]: position 0
     pooled = encoder.pool(encoder(input_ids, token_type_ids, attention_mask, deterministic,
-                                  num_outputs=1))
+                                  output_positions=first))
     pooled = Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
     logits = dense(self.config, self.num_labels, (EMBED, CLASSES), "classifier")(pooled)
     return logits.astype(jnp.float32)  # [batch, num_labels]

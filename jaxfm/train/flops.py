@@ -7,11 +7,12 @@ Counting rule (matmuls only; one multiply-add = 2 FLOPs; backward = 2x forward):
   ELECTRA projection:    6 * E * H                  when embedding_size E != H
   MLM head, per *predicted* position (P of them per T tokens):
                          6 * (H E + E V)            transform + tied decoder
-  Sequence classification computes the last layer at position 0 only
-  (`BertEncoder(num_outputs=1)`, unrolled stack): there that layer costs, per token,
-                         6 * 2 H^2 + (6 * (2 H^2 + 2 H I) + 12 * T * H) / T
-  (keys and values everywhere; queries, attention, output projection and MLP once
-  per sequence). Classification heads are negligible and not counted. Embedding lookups,
+  The unrolled stack's last layer computes only the positions its head reads
+  (`BertEncoder(output_positions=...)`): position 0 for sequence classification, the P
+  predicted positions for MLM. There that layer costs, per token,
+                         6 * 2 H^2 + (6 * (2 H^2 + 2 H I) + 12 * T * H) * P / T
+  (keys and values everywhere; queries, attention, output projection and MLP at the P
+  positions; P = 1 for classification). Classification heads are negligible and not counted. Embedding lookups,
   LayerNorm, softmax, GELU are not counted; remat recomputation is not counted
   (MFU measures useful work).
 """
@@ -40,10 +41,13 @@ def classification_flops_per_token(config: BertConfig, seq_len: int) -> float:
 
 
 def mlm_flops_per_token(config: BertConfig, seq_len: int, predictions_per_seq: int) -> float:
-  """Training FLOPs per input token for MLM with the head run at predicted positions only."""
+  """Training FLOPs per input token for MLM with the head (and, unrolled, the last layer) run
+  at the predicted positions only; `predictions_per_seq = seq_len` is the full computation."""
   e = config.embedding_dim
   head = 6 * (config.hidden_size * e + e * config.vocab_size)
-  return encoder_flops_per_token(config, seq_len) + head * predictions_per_seq / seq_len
+  last_layer_outputs = None if config.scan_layers else predictions_per_seq
+  return (encoder_flops_per_token(config, seq_len, last_layer_outputs)
+          + head * predictions_per_seq / seq_len)
 
 
 # Peak dense bf16 FLOP/s per chip, from vendor specs; used only for MFU logging.
