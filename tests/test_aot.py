@@ -60,9 +60,10 @@ def test_check_on_cpu_devices_reports_memory_and_flops(cpu_report):
 
 
 def test_train_step_memory_grows_with_the_batch(cpu_report):
-  bigger = aot.check(_tiny(batch_size=64), jax.devices(), hbm_bytes=16 * aot.GiB)
+  # 64 examples per device: activations outweigh the batch-independent optimizer temporaries.
+  bigger = aot.check(_tiny(batch_size=512), jax.devices(), hbm_bytes=16 * aot.GiB)
   assert bigger.train.memory.temporaries > cpu_report.train.memory.temporaries
-  assert bigger.model_flops_per_step == 8 * cpu_report.model_flops_per_step
+  assert bigger.model_flops_per_step == 64 * cpu_report.model_flops_per_step
 
 
 def test_tiny_hbm_does_not_fit(cpu_report):
