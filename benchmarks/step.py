@@ -89,7 +89,7 @@ def flops_per_token(case: common.Case) -> float:
   """Training FLOPs per token that `case.impl` performs (see the module docstring)."""
   from jaxfm.models import BertConfig  # pylint: disable=g-import-not-at-top
   from jaxfm.train import flops  # pylint: disable=g-import-not-at-top
-  config = BertConfig(**case.arch, vocab_size=common.VOCAB_SIZE, scan_layers=case.scan_layers)
+  config = BertConfig(**case.arch, vocab_size=common.VOCAB_SIZE)
   if case.task == "cls":
     if case.impl == "jaxfm":
       return flops.classification_flops_per_token(config, case.seq)

@@ -190,8 +190,10 @@ def test_layer_decay_follows_depth_in_both_layouts():
   assert plain["encoder"]["embeddings"]["w"] == 0.125
   assert (plain["encoder"]["layer_0"]["w"], plain["encoder"]["layer_1"]["w"]) == (0.25, 0.5)
   assert plain["encoder"]["pooler"]["w"] == 1.0 and plain["classifier"]["w"] == 1.0
-  stacked = optim.layer_lr_scales(stack_layers(params), 0.5)["encoder"]["layers"]["w"]
-  np.testing.assert_allclose(np.asarray(stacked)[:, 0, 0], [0.25, 0.5])
+  params["encoder"]["layer_2"] = {"w": leaf}
+  scanned = optim.layer_lr_scales(stack_layers(params), 0.5)["encoder"]  # layers 0-1 + layer_2
+  np.testing.assert_allclose(np.asarray(scanned["layers"]["w"])[:, 0, 0], [0.125, 0.25])
+  assert scanned["layer_2"]["w"] == 0.5 and scanned["embeddings"]["w"] == 0.0625
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -125,8 +125,11 @@ def test_remat_gradients_in_training_mode_equal_plain_stack():
 def test_stack_unstack_round_trip():
   ids, types, mask = _inputs()
   params = _init(BertModel(CFG), ids, types, mask)
-  stacked = stack_layers(params)
-  assert stacked["encoder"]["layers"]["intermediate"]["kernel"].shape == (3, 128, 512)
+  stacked = stack_layers(params)  # the bottom 2 of 3 layers stacked, the last kept apart
+  assert stacked["encoder"]["layers"]["intermediate"]["kernel"].shape == (2, 128, 512)
+  assert {k for k in stacked["encoder"] if k.startswith("layer")} == {"layers", "layer_2"}
+  scanned = BertModel(CFG.replace(scan_layers=True))
+  assert jax.tree.map(np.shape, _init(scanned, ids, types, mask)) == jax.tree.map(np.shape, stacked)
   back = unstack_layers(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):

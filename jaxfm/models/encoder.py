@@ -213,11 +213,11 @@ _REMAT_POLICIES = {
 }
 
 
-def _layer_class(config: BertConfig) -> type[nn.Module]:
+def _layer_class(config: BertConfig, scanned: bool) -> type[nn.Module]:
   if config.remat_policy == "none":
     return TransformerLayer
   return nn.remat(TransformerLayer, policy=_REMAT_POLICIES[config.remat_policy],
-                  prevent_cse=not config.scan_layers, static_argnums=(3,))
+                  prevent_cse=not scanned, static_argnums=(3,))
 
 
 def _call_with_layerwise_grads(layer: nn.Module, x: Array, mask: Array, deterministic: bool,
@@ -261,12 +261,18 @@ def _call_with_layerwise_grads(layer: nn.Module, x: Array, mask: Array, determin
   return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(layer, x, mask, positions)
 
 
+def _scanned_depth(config: BertConfig) -> int:
+  """How many (bottom) layers run in the `nn.scan`: all but the last with `scan_layers`."""
+  return config.num_layers - 1 if config.scan_layers else 0
+
+
 class BertEncoder(nn.Module):
   """Embeddings + transformer stack (+ pooler, created only when `pool` is used).
 
-  With `scan_layers` the layers are one `nn.scan` whose parameters are stacked
-  along a leading `layers` axis (fast compiles for deep models); otherwise
-  they are `layer_0 ... layer_{L-1}`. `jaxfm.models.layout` converts between the two.
+  The layers are `layer_0 ... layer_{L-1}`. With `scan_layers` all but the last are one
+  `nn.scan` whose parameters are stacked along a leading `layers` axis (compile time nearly
+  independent of depth), and the last stays `layer_{L-1}`, so that it can compute only the
+  output positions. `jaxfm.models.layout` converts between the two layouts.
   """
 
   config: BertConfig
@@ -274,14 +280,15 @@ class BertEncoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.embeddings = Embeddings(cfg)
-    layer = _layer_class(cfg)
-    if cfg.scan_layers:
-      self.layers = nn.scan(layer, variable_axes={"params": 0},
-                            split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast,) * 3, length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: LAYERS})(cfg)
-    else:
-      self.layers = [layer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    scanned = _scanned_depth(cfg)
+    if scanned:
+      self.scanned_layers = nn.scan(_layer_class(cfg, scanned=True), variable_axes={"params": 0},
+                                    split_rngs={"params": True, "dropout": True},
+                                    in_axes=(nn.broadcast,) * 3, length=scanned,
+                                    metadata_params={nn.PARTITION_NAME: LAYERS}
+                                    )(cfg, name="layers")
+    layer = _layer_class(cfg, scanned=False)
+    self.layers = [layer(cfg, name=f"layer_{i}") for i in range(scanned, cfg.num_layers)]
     self.pooler = dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), "pooler")
 
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
@@ -289,17 +296,14 @@ class BertEncoder(nn.Module):
     """[batch, length] ids, types and 1/0 mask -> [batch, length, hidden] states.
 
     With `output_positions` ([batch, outputs] int) only those positions are returned
-    ([batch, outputs, hidden]), and the unrolled stack's last layer computes only those
-    (its queries, attention output and MLP): the pooler reads position 0, the MLM head the
-    masked positions. The scanned stack is one program for every layer, so it computes all
-    positions and gathers.
+    ([batch, outputs, hidden]), and the last layer computes only those (its queries,
+    attention output and MLP): the pooler reads position 0, the MLM head the masked positions.
     """
     x = self.embeddings(input_ids, token_type_ids, deterministic)
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1(heads), 1(query), key]
-    if self.config.scan_layers:
-      x, _ = self.layers(x, mask, deterministic, None)
-      return at_positions(x, output_positions)
+    if _scanned_depth(self.config):
+      x, _ = self.scanned_layers(x, mask, deterministic, None)
     # Only under remat: without it every activation is kept anyway, and the order costs time
     # (bert-mini fine-tuning step: 7.5% slower for 5% fewer temporaries).
     call = _call_with_layerwise_grads if self.config.remat_policy != "none" else (

@@ -1,4 +1,5 @@
-"""Convert parameter trees between the unrolled (`layer_i`) and scanned (`layers`) layouts."""
+"""Convert parameter trees between the unrolled (`layer_i`) and scanned (`layers` + the last
+`layer_i`) layouts."""
 
 from __future__ import annotations
 
@@ -16,19 +17,20 @@ def _map_encoder(params: Params, fn) -> Params:
 
 
 def stack_layers(params: Params) -> Params:
-  """`encoder/layer_{i}/...` -> `encoder/layers/...` with a leading layer axis."""
+  """`encoder/layer_{i}/...` -> `encoder/layers/...` with a leading layer axis, for every layer
+  but the last, which stays `encoder/layer_{L-1}` (as `BertEncoder` scans them)."""
   def stack(encoder: Params) -> Params:
     names = sorted((k for k in encoder if k.startswith("layer_")), key=lambda k: int(k[6:]))
-    if not names:
+    if len(names) < 2:
       return encoder
-    layers = [encoder.pop(k) for k in names]
+    layers = [encoder.pop(k) for k in names[:-1]]
     encoder["layers"] = _tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
     return encoder
   return _map_encoder(params, stack)
 
 
 def unstack_layers(params: Params) -> Params:
-  """`encoder/layers/...` (stacked) -> `encoder/layer_{i}/...`."""
+  """`encoder/layers/...` (stacked: the bottom layers) -> `encoder/layer_{i}/...`."""
   def unstack(encoder: Params) -> Params:
     if "layers" not in encoder:
       return encoder

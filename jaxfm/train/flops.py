@@ -7,7 +7,7 @@ Counting rule (matmuls only; one multiply-add = 2 FLOPs; backward = 2x forward):
   ELECTRA projection:    6 * E * H                  when embedding_size E != H
   MLM head, per *predicted* position (P of them per T tokens):
                          6 * (H E + E V)            transform + tied decoder
-  The unrolled stack's last layer computes only the positions its head reads
+  The last layer computes only the positions its head reads
   (`BertEncoder(output_positions=...)`): position 0 for sequence classification, the P
   predicted positions for MLM. There that layer costs, per token,
                          6 * 2 H^2 + (6 * (2 H^2 + 2 H I) + 12 * T * H) * P / T
@@ -37,16 +37,15 @@ def encoder_flops_per_token(config: BertConfig, seq_len: int,
 
 def classification_flops_per_token(config: BertConfig, seq_len: int) -> float:
   """Training FLOPs per input token of `BertForSequenceClassification` (see the docstring)."""
-  return encoder_flops_per_token(config, seq_len, None if config.scan_layers else 1)
+  return encoder_flops_per_token(config, seq_len, 1)
 
 
 def mlm_flops_per_token(config: BertConfig, seq_len: int, predictions_per_seq: int) -> float:
-  """Training FLOPs per input token for MLM with the head (and, unrolled, the last layer) run
-  at the predicted positions only; `predictions_per_seq = seq_len` is the full computation."""
+  """Training FLOPs per input token for MLM with the head and the last layer run at the
+  predicted positions only; `predictions_per_seq = seq_len` is the full computation."""
   e = config.embedding_dim
   head = 6 * (config.hidden_size * e + e * config.vocab_size)
-  last_layer_outputs = None if config.scan_layers else predictions_per_seq
-  return (encoder_flops_per_token(config, seq_len, last_layer_outputs)
+  return (encoder_flops_per_token(config, seq_len, predictions_per_seq)
           + head * predictions_per_seq / seq_len)
 
 

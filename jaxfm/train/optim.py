@@ -45,11 +45,12 @@ def layer_lr_scales(tree: Any, decay: float) -> Any:
   """Learning-rate multiplier per parameter under layer-wise decay (ELECTRA's rule).
 
   With L layers, layer i (0 = bottom) gets decay^(L - i), the embeddings decay^(L + 1),
-  the pooler and task heads 1. Scanned layers (stacked on axis 0) get a [L, 1, ...] array.
+  the pooler and task heads 1. Scanned layers (the bottom S, stacked on axis 0) get a
+  [S, 1, ...] array.
   """
   leaves = jax.tree_util.tree_leaves_with_path(tree)
   stacked = [leaf.shape[0] for path, leaf in leaves if "layers" in _keys(path)]
-  num_layers = stacked[0] if stacked else len(
+  num_layers = (stacked[0] if stacked else 0) + len(
       {k for path, _ in leaves for k in _keys(path) if k.startswith("layer_")})
 
   def scale(path, leaf):
@@ -59,8 +60,8 @@ def layer_lr_scales(tree: Any, decay: float) -> Any:
     if "embeddings" in keys:
       return decay ** (num_layers + 1)
     if "layers" in keys:
-      depth = decay ** (num_layers - jnp.arange(num_layers, dtype=jnp.float32))
-      return depth.reshape((num_layers,) + (1,) * (leaf.ndim - 1))
+      depth = decay ** (num_layers - jnp.arange(leaf.shape[0], dtype=jnp.float32))
+      return depth.reshape((leaf.shape[0],) + (1,) * (leaf.ndim - 1))
     layer = [int(k[len("layer_"):]) for k in keys if k.startswith("layer_")]
     return decay ** (num_layers - layer[0]) if layer else 1.0
   return jax.tree_util.tree_map_with_path(scale, tree)
