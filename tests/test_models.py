@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxfm import sharding
+from jaxfm.train.run_setup import in_layout
 from jaxfm.models import (BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification,
                           BertForTokenClassification, BertModel, preset, stack_layers,
                           unstack_layers)
@@ -133,6 +134,16 @@ def test_stack_unstack_round_trip():
   back = unstack_layers(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(a, b)
+  # A stack of all three layers (the scanned layout before session 11) converts too.
+  every = {"encoder": {**{k: v for k, v in stacked["encoder"].items() if k != "layers"},
+                       "layers": jax.tree.map(lambda s, last: np.concatenate([s, last[None]]),
+                                              stacked["encoder"]["layers"],
+                                              stacked["encoder"]["layer_2"])}}
+  del every["encoder"]["layer_2"]
+  converted = in_layout(every, CFG.replace(scan_layers=True))["encoder"]
+  assert jax.tree.structure(converted) == jax.tree.structure(stacked["encoder"])
+  for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(stacked["encoder"])):
     np.testing.assert_array_equal(a, b)
 
 

@@ -208,8 +208,10 @@ def read_pretrained(init_from: str, task: str) -> tuple[BertConfig, Any, str | N
 
 
 def in_layout(params: Any, config: BertConfig) -> Any:
-  """`params` in the layer layout `config.scan_layers` asks for."""
-  return stack_layers(params) if config.scan_layers else unstack_layers(params)
+  """`params` (any layout, also a stack of every layer as jaxfm scanned before session 11) in
+  the layer layout `config.scan_layers` asks for."""
+  params = unstack_layers(params)
+  return stack_layers(params) if config.scan_layers else params
 
 
 def load_initial_params(init_from: str, config: BertConfig, task: str) -> Any:
