@@ -107,7 +107,10 @@ def make_manager(workdir: str, keep: int, keep_every: int = 0,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
       create=True, cleanup_tmp_directories=True)
-  return Manager(directory, options=options, item_names=(STATE, DATA, META))
+  handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(),
+              META: ocp.JsonCheckpointHandler()}  # also for `item_metadata` before any restore
+  return Manager(directory, options=options, item_names=(STATE, DATA, META),
+                 item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any,
@@ -261,17 +264,50 @@ def _check_target(abstract_state: Any) -> None:
         ".abstract_state` or `checkpoint.abstract_like(state, state_shardings)`")
 
 
+def _param_shapes(params: Any) -> dict[str, tuple[int, ...]]:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _other_model(manager: ocp.CheckpointManager, step: int, params: Any) -> str | None:
+  """How the parameters saved at `step` differ from `params` (None: same names and shapes,
+  or the step's metadata is unreadable, which the restore then reports as damage)."""
+  try:
+    saved = _param_shapes(manager.item_metadata(step)[STATE]["params"])
+  except Exception:  # noqa: BLE001 - damaged metadata: the restore decides
+    return None
+  wanted = _param_shapes(params)
+  if saved == wanted:
+    return None
+  only_saved, only_here = sorted(saved.keys() - wanted.keys()), sorted(wanted.keys() - saved.keys())
+  if only_saved or only_here:
+    return (f"{len(only_saved)} parameters only in the checkpoint "
+            f"({', '.join(only_saved[:2]) or 'none'}), {len(only_here)} only in this run's model "
+            f"({', '.join(only_here[:2]) or 'none'})")
+  name = next(k for k in sorted(wanted) if saved[k] != wanted[k])
+  return f"{name} is {saved[name]} in the checkpoint and {wanted[name]} in this run's model"
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Restored | None:
   """Restores the newest readable step into `abstract_state`'s shapes and shardings.
 
   Returns None when the workdir holds no checkpoint at all.
 
   Raises:
-    CheckpointError: `abstract_state` lacks shardings, or checkpoints (possibly only
-      quarantined ones) exist but none restores.
+    CheckpointError: `abstract_state` lacks shardings; the newest step holds another model's
+      parameters (left as it is); or checkpoints (possibly only quarantined ones) exist but
+      none restores.
   """
   _check_target(abstract_state)
   for step in sorted(manager.all_steps(), reverse=True):
+    difference = _other_model(manager, step, abstract_state.params)
+    if difference:
+      raise CheckpointError(
+          f"checkpoint step {step} in {manager.directory} was written for another model: "
+          f"{difference}. Did the model config change (e.g. model.scan_layers, num_layers), or "
+          "was it written by an older jaxfm whose scanned layout stacked every layer (the last "
+          "now stays layer_{L-1})? Resume with the model it was written for or use a new "
+          "workdir; the checkpoint is left untouched.")
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**{
           STATE: ocp.args.StandardRestore(abstract_state),

@@ -52,3 +52,13 @@ def test_restore_without_target_shardings_says_what_to_pass(saved_on_8x1x1, step
   with pytest.raises(checkpoint.CheckpointError, match=r"pass .*build_steps.*abstract_state"):
     checkpoint.restore_latest(checkpoint.make_manager(str(workdir), 3), abstract)
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(BASE["train.steps"])]
+
+
+def test_restore_into_another_model_says_so_and_leaves_the_checkpoint(saved_on_8x1x1, steps_for):
+  workdir, _ = saved_on_8x1x1  # written by the unrolled stack
+  abstract = steps_for({**_mesh((8, 1, 1)), "model.scan_layers": True}).abstract_state
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"written for another model: .* only in this run's model "
+                           r"\(encoder/layers/.*model\.scan_layers.*left untouched"):
+    checkpoint.restore_latest(checkpoint.make_manager(str(workdir), 3), abstract)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(BASE["train.steps"])]
