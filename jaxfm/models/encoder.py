@@ -254,9 +254,9 @@ def _call_with_layerwise_grads(layer: nn.Module, x: Array, mask: Array, determin
     residuals, structure = jax.tree_util.tree_flatten(vjp_fn)
     residuals = [r + zero.astype(r.dtype) if offset_input and r.shape == x.shape
                  and jnp.issubdtype(r.dtype, jnp.floating) else r for r in residuals]
-    params_grad, x_grad, *index_grads = jax.tree_util.tree_unflatten(structure, residuals)(y_grad)
+    params_grad, x_grad, *other_grads = jax.tree_util.tree_unflatten(structure, residuals)(y_grad)
     finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree_util.tree_leaves(params_grad)])
-    return params_grad, jnp.where(finite.all(), x_grad, jnp.nan), *index_grads
+    return params_grad, jnp.where(finite.all(), x_grad, jnp.nan), *other_grads
 
   return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(layer, x, mask, positions)
 
