@@ -47,8 +47,8 @@ def test_heads_output_shapes():
 
 @pytest.mark.parametrize("variant", [dict(), dict(remat_policy="full"), dict(scan_layers=True)])
 def test_masked_positions_head_equals_full_head_gathered(variant):
-  """At `masked_positions` the head and the unrolled stack's last layer run only there: the
-  same logits and parameter gradients as the full model's logits gathered afterwards."""
+  """At `masked_positions` the head and the encoder's last layer run only there: the same
+  logits and parameter gradients as the full model's logits gathered afterwards."""
   ids, types, mask = _inputs()
   positions = np.array([[0, 3, 7], [2, 2, 11]], np.int32)  # a repeat, and a padded position
   model = BertForMaskedLM(CFG.replace(**variant))
@@ -135,7 +135,7 @@ def test_stack_unstack_round_trip():
   assert jax.tree.structure(back) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
     np.testing.assert_array_equal(a, b)
-  # A stack of all three layers (the scanned layout before session 11) converts too.
+  # A stack of all three layers (an older jaxfm's scanned layout) converts too.
   every = {"encoder": {**{k: v for k, v in stacked["encoder"].items() if k != "layers"},
                        "layers": jax.tree.map(lambda s, last: np.concatenate([s, last[None]]),
                                               stacked["encoder"]["layers"],

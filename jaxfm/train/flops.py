@@ -12,9 +12,9 @@ Counting rule (matmuls only; one multiply-add = 2 FLOPs; backward = 2x forward):
   predicted positions for MLM. There that layer costs, per token,
                          6 * 2 H^2 + (6 * (2 H^2 + 2 H I) + 12 * T * H) * P / T
   (keys and values everywhere; queries, attention, output projection and MLP at the P
-  positions; P = 1 for classification). Classification heads are negligible and not counted. Embedding lookups,
-  LayerNorm, softmax, GELU are not counted; remat recomputation is not counted
-  (MFU measures useful work).
+  positions; P = 1 for classification). Classification heads are negligible and not
+  counted. Embedding lookups, LayerNorm, softmax, GELU are not counted; remat
+  recomputation is not counted (MFU measures useful work).
 """
 
 from __future__ import annotations

@@ -208,8 +208,8 @@ def read_pretrained(init_from: str, task: str) -> tuple[BertConfig, Any, str | N
 
 
 def in_layout(params: Any, config: BertConfig) -> Any:
-  """`params` (any layout, also a stack of every layer as jaxfm scanned before session 11) in
-  the layer layout `config.scan_layers` asks for."""
+  """`params` (any layout, also an older jaxfm's scanned stack of every layer) in the layer
+  layout `config.scan_layers` asks for."""
   params = unstack_layers(params)
   return stack_layers(params) if config.scan_layers else params
 
