@@ -27,6 +27,7 @@ import transformers
 from absl import app
 from ml_collections import config_flags
 
+from jaxfm import config as config_lib
 from jaxfm import sharding
 from jaxfm.data import loader
 from jaxfm.data.tokenizer import load_tokenizer
@@ -89,7 +90,8 @@ def main(argv):
   schedule = transformers.get_linear_schedule_with_warmup(optimizer, warmup, steps)
   batches = loader.feature_train_iterator(train.device_arrays(),
                                           loader.HostLayout(cfg.train.batch_size),
-                                          seed=cfg.data.seed)
+                                          seed=cfg.data.seed,
+                                          length_buckets=config_lib.length_buckets(cfg.data))
   loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)  # mean over labelled targets
   start = time.perf_counter()
   model.train()

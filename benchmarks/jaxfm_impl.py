@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -28,8 +29,7 @@ def classification_task(config: BertConfig, seq_len: int) -> loop.Task:
   ids = np.zeros((1, seq_len), np.int32)
   return loop.Task(model=model, init_inputs=(ids, ids, np.ones_like(ids)),
                    loss_fn=losses.classification_loss(model), summarize=tasks.mlm_summary,
-                   flops_per_token=classification_flops_per_token(config, seq_len),
-                   tokens_per_example=seq_len,
+                   flops_per_token=functools.partial(classification_flops_per_token, config),
                    batch_spec={"input_ids": ((seq_len,), "int32"),
                                "token_type_ids": ((seq_len,), "int32"),
                                "attention_mask": ((seq_len,), "int32"), "labels": ((), "int32"),
@@ -71,7 +71,8 @@ def compile_train_step(case: Case, batch: dict[str, np.ndarray],
   mesh = loop.make_mesh(cfg)
   steps = loop.build_steps(cfg, task, mesh)
   rss_before_compile = peak_rss_mib()
-  compiled, compile_s = loop.compile_train_step(steps, task, case.batch, mesh)  # as `loop.train`
+  compiled, compile_s = loop.compile_train_step(  # as `loop.train`
+      steps, steps.abstract_batch(task, case.batch), mesh)
   rss_after_compile = peak_rss_mib()
   state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(jax.random.key(0))
   host_memory.release_free_heap()  # as `loop.train` does once its state exists

@@ -235,7 +235,7 @@ def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device],
       batch_size=cfg.train.batch_size, seq_len=seq_len,
       params=sum(math.prod(p.shape) for p in jax.tree.leaves(steps.abstract_state.params)),
       hbm_bytes=hbm_bytes, scan_layers=cfg.model.scan_layers, train=train, eval=evaluation,
-      model_flops_per_step=task.flops_per_token * cfg.train.batch_size * seq_len,
+      model_flops_per_step=task.flops_per_token(seq_len) * cfg.train.batch_size * seq_len,
       peak_flops=flops.peak_flops_per_device(devices[0].device_kind))
 
 

@@ -133,6 +133,10 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   cfg.data.version_2 = False  # qa: SQuAD v2.0 (unanswerable questions)
   cfg.data.null_score_diff_threshold = 0.0  # qa v2.0
   cfg.data.max_seq_length = 128
+  # Comma-separated lengths below max_seq_length, e.g. '32,64': each training batch is cut to
+  # the shortest of them (or max_seq_length) that holds its longest row, so short texts do not
+  # pay for padding; one compiled train step per length used. '' = always max_seq_length.
+  cfg.data.length_buckets = ""
   cfg.data.tokenizer = ""  # '' = the init_from checkpoint's tokenizer
   cfg.data.lowercase = True  # for a bare vocab.txt
   cfg.data.max_train_examples = 0  # 0 = all; else the first N (quick runs)
@@ -296,6 +300,7 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
     _fail("data.text_fields", d.text_fields, "must name one field or two (comma-separated)")
   if d.max_seq_length < 8:
     _fail("data.max_seq_length", d.max_seq_length, "must be >= 8")
+  length_buckets(d)
   for field in ("data.max_train_examples", "data.max_eval_examples", "train.epochs",
                 "train.eval_every", "train.checkpoint_every", "train.early_stopping_patience",
                 "optim.warmup_ratio"):
@@ -313,6 +318,19 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
     if d.max_query_length + 4 > d.max_seq_length:
       raise ConfigError(f"data.max_query_length={d.max_query_length} leaves no room for the "
                         f"context in data.max_seq_length={d.max_seq_length}")
+
+
+def length_buckets(data: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """`data.length_buckets` as ascending lengths ending with `data.max_seq_length`.
+
+  Raises:
+    ConfigError: naming the field, if an entry is not an integer in [1, max_seq_length].
+  """
+  entries = [e.strip() for e in data.length_buckets.split(",") if e.strip()]
+  if not all(e.isdigit() and 0 < int(e) <= data.max_seq_length for e in entries):
+    _fail("data.length_buckets", data.length_buckets,
+          f"must list integers in [1, data.max_seq_length={data.max_seq_length}]")
+  return tuple(sorted({int(e) for e in entries} | {data.max_seq_length}))
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -115,6 +115,33 @@ def test_rerun_after_completion_is_a_no_op(sentiment_run, files):
   assert again.step == first.step and again.train == {}
 
 
+def _train_losses(workdir: str) -> list[float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def test_length_buckets_train_like_full_length_batches(sentiment_run, files, monkeypatch):
+  # Without dropout, cutting a batch's padding changes no number beyond float rounding: the
+  # same losses as the full-length run, while the steps compile (and run) shorter shapes.
+  from jaxfm.train import loop
+  shapes = []
+  compile_train_step = loop.compile_train_step
+
+  def recording(steps, batch, mesh):
+    shapes.append(tuple(batch["input_ids"].shape))
+    return compile_train_step(steps, batch, mesh)
+  monkeypatch.setattr(loop, "compile_train_step", recording)
+  root, model_dir = files
+  cfg = ff.config("classification", model_dir, str(root / "train.tsv"), str(root / "dev.tsv"))
+  cfg.data.length_buckets = "8,16"
+  workdir = str(root / "sst_buckets")
+  result, _ = run.finetune(cfg, workdir)
+  assert shapes[0] == (16, ff.SEQ) and len(shapes) >= 2 and all(s[1] < ff.SEQ for s in shapes[1:])
+  plain_dir, plain, _ = sentiment_run
+  np.testing.assert_allclose(_train_losses(workdir), _train_losses(plain_dir), rtol=1e-4)
+  assert result.eval["accuracy"] == plain.eval["accuracy"]
+
+
 def test_ner_entity_f1_equals_seqeval(files):
   workdir, result, _ = _finetune(files, "ner", ff.write_conll, "ner")
   root = files[0]
@@ -206,6 +233,8 @@ def test_layer_decay_follows_depth_in_both_layouts():
     ("optim.warmup_ratio", 1.0, "must be < 1"),
     ("train.best_mode", "up", "must be one of"),
     ("data.on_error", "ignore", "must be one of"),
+    ("data.length_buckets", "32,short", "must list integers in [1, data.max_seq_length=128]"),
+    ("data.length_buckets", "64,256", "must list integers in [1, data.max_seq_length=128]"),
 ])
 def test_finetune_config_rules(field, value, message):
   cfg = config_lib.finetune_defaults()
@@ -218,6 +247,13 @@ def test_finetune_config_rules(field, value, message):
   with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
                      .replace("[", r"\[").replace("]", r"\]")):
     config_lib.validate_finetune(cfg)
+
+
+def test_length_buckets_are_sorted_and_end_with_max_seq_length():
+  data = config_lib.finetune_defaults().data
+  assert config_lib.length_buckets(data) == (128,)
+  data.length_buckets = " 64, 32,64 "
+  assert config_lib.length_buckets(data) == (32, 64, 128)
 
 
 def test_cli_rejects_a_mesh_that_does_not_fit_before_any_work(files, tmp_path):

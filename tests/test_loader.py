@@ -187,3 +187,39 @@ def test_default_corpus_end_to_end(tmp_path):
   assert c["train/pad_tokens"] < 0.15 * len(data.train) * 128  # packing leaves little padding
   batch = next(data.train_iterator(loader.HostLayout(32, 0, 1)))
   assert batch["input_ids"].shape == (32, 128)
+
+
+def _features(n: int = 40, length: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+  """Task-like features padded with 0 to `length`: most rows of 2-4 real tokens, 1 in 10 longer."""
+  rng = np.random.default_rng(seed)
+  tokens = np.where(rng.random(n) < 0.1, rng.integers(5, length + 1, n), rng.integers(2, 5, n))
+  real = np.arange(length)[None, :] < tokens[:, None]  # [n, length]
+  return {"input_ids": np.where(real, rng.integers(5, 99, (n, length)), 0).astype(np.int32),
+          "attention_mask": real.astype(np.int32),
+          "labels": np.where(real, rng.integers(0, 3, (n, length)), -1).astype(np.int32),
+          "weights": np.ones(n, np.float32), "feature_index": np.arange(n, dtype=np.int32)}
+
+
+def test_feature_batches_are_cut_to_the_global_batch_s_bucket_on_every_host():
+  features, buckets, batches = _features(), (4, 8, 16), 12
+  full = loader.feature_train_iterator(features, loader.HostLayout(8), seed=3)
+  hosts = [loader.feature_train_iterator(features, loader.HostLayout(4, host, 2), seed=3,
+                                         length_buckets=buckets) for host in range(2)]
+  lengths = set()
+  for _ in range(batches):
+    whole = next(full)
+    parts = [next(it) for it in hosts]
+    longest = whole["attention_mask"].sum(axis=1).max()
+    length = min(b for b in buckets if b >= longest)
+    lengths.add(length)
+    assert whole["attention_mask"][:, length:].sum() == 0  # no real token is cut off
+    for key, value in whole.items():
+      cut = value[:, :length] if value.ndim == 2 else value
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), cut, err_msg=key)
+  assert len(lengths) >= 2, lengths  # the data has batches of several buckets
+
+
+def test_length_buckets_must_end_with_the_features_length():
+  with pytest.raises(ValueError, match="must end with the features' length 16"):
+    loader.feature_train_iterator(_features(), loader.HostLayout(8), seed=0,
+                                  length_buckets=(4, 8))

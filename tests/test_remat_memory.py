@@ -24,7 +24,8 @@ def temporaries_mib(policy):
   cfg = pretrain_defaults()
   cfg.train.batch_size, cfg.train.steps = 32, 10
   mesh = loop.make_mesh(cfg)
-  compiled, _ = loop.compile_train_step(loop.build_steps(cfg, task, mesh), task, 32, mesh)
+  steps = loop.build_steps(cfg, task, mesh)
+  compiled, _ = loop.compile_train_step(steps, steps.abstract_batch(task, 32), mesh)
   return compiled.memory_analysis().temp_size_in_bytes / 2**20
 print(temporaries_mib("none"), temporaries_mib("full"))
 """

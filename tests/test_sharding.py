@@ -104,7 +104,8 @@ def test_tensor_parallel_train_step_keeps_kernels_sharded():
   task = train_helpers.mlm_task(cfg)
   mesh = loop.make_mesh(cfg)
   steps = loop.build_steps(cfg, task, mesh)
-  compiled, _ = loop.compile_train_step(steps, task, cfg.train.batch_size, mesh)
+  compiled, _ = loop.compile_train_step(
+      steps, steps.abstract_batch(task, cfg.train.batch_size), mesh)
   hlo = compiled.as_text()
   assert " all-reduce(" in hlo or " all-reduce-start(" in hlo  # the partial sums
   assert "all-gather" not in hlo

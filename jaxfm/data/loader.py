@@ -157,16 +157,46 @@ class _TakeRows:
     return {k: v[indices] for k, v in self.features.items()}
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _CutToBucket:
+  """A host's batch with its length axis cut to the shortest bucket that holds the longest
+  row of the whole global batch, so every host cuts its rows to the same length.
+
+  Every host holds all the features, and the global batch does not depend on the host
+  count, so each host reads the global batch's row lengths itself (`global_lengths`).
+  """
+  host_batch: _HostBatch
+  global_lengths: _HostBatch  # batch number -> {"length": int [G]}
+  buckets: tuple[int, ...]  # ascending; the last is the features' length T
+
+  def __call__(self, batch_number: int) -> Batch:
+    longest = self.global_lengths(batch_number)["length"].max()
+    length = next(b for b in self.buckets if b >= longest)
+    full = self.buckets[-1]
+    return {k: v[:, :length] if v.ndim > 1 and v.shape[1] == full else v
+            for k, v in self.host_batch(batch_number).items()}
+
+
 def feature_train_iterator(features: dict[str, np.ndarray], layout: HostLayout, *,
-                           seed: int) -> TrainIterator:
+                           seed: int, length_buckets: Sequence[int] = ()) -> TrainIterator:
   """Endless, per-epoch reshuffled batches of fixed-shape task features, split by host.
 
   Every host holds all the features (`layout` has one shard); the same global order and
-  checkpointable state as pretraining's `train_iterator`.
+  checkpointable state as pretraining's `train_iterator`. With `length_buckets` (ascending
+  lengths ending with the features' length T), every field of length T on axis 1 is cut to
+  the shortest bucket that holds the global batch's longest row (by `attention_mask`).
   """
   num_examples = len(next(iter(features.values())))
-  batches = grain.MapDataset.range(sys.maxsize).map(
-      _HostBatch(_TakeRows(features), (num_examples,), seed, layout))
+  host_batch = _HostBatch(_TakeRows(features), (num_examples,), seed, layout)
+  if len(length_buckets) > 1:
+    if length_buckets[-1] != features["attention_mask"].shape[1]:
+      raise ValueError(f"length_buckets {tuple(length_buckets)} must end with the features' "
+                       f"length {features['attention_mask'].shape[1]}")
+    lengths = {"length": features["attention_mask"].sum(axis=1)}
+    whole_batch = HostLayout(layout.global_batch_size)
+    host_batch = _CutToBucket(host_batch, _HostBatch(_TakeRows(lengths), (num_examples,), seed,
+                                                     whole_batch), tuple(length_buckets))
+  batches = grain.MapDataset.range(sys.maxsize).map(host_batch)
   fingerprint = {
       "num_examples": num_examples,
       "examples_crc32": zlib.crc32(b"".join(v.tobytes() for _, v in sorted(features.items()))),

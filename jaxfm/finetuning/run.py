@@ -108,7 +108,8 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   per_host = run_setup.per_host_batch_size(cfg)
   train_iter = loader.feature_train_iterator(train.device_arrays(),
                                              loader.HostLayout.of_process(per_host),
-                                             seed=data.seed)
+                                             seed=data.seed,
+                                             length_buckets=config_lib.length_buckets(data))
   eval_batches = (lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count())
                   ) if dev is not None else (lambda: [])
   meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}

@@ -10,6 +10,7 @@ fixed-shape arrays the device sees, each row carrying `weights` (0 = padding) an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any, Callable, Iterator, Sequence
@@ -329,8 +330,9 @@ def make_task(kind: str, config: BertConfig, label_names: Sequence[str] | None,
   score = None if split is None else (
       lambda outputs: spec.score(split, outputs, label_names, data))
   return Task(model=model, init_inputs=(ids, ids, np.ones_like(ids)), loss_fn=spec.loss(model),
-              summarize=summarize, flops_per_token=spec.flops_per_token(config, seq),
-              tokens_per_example=seq, batch_spec=batch_spec,
+              summarize=summarize,
+              flops_per_token=functools.partial(spec.flops_per_token, config),
+              batch_spec=batch_spec,
               predict_fn=losses.predict_outputs(model, spec.outputs), score=score)
 
 

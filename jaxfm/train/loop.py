@@ -47,9 +47,9 @@ class Task:
     init_inputs: example positional inputs for `model.init` (any batch size).
     loss_fn: see `jaxfm.train.step`.
     summarize: turns summed eval `Sums` into reported metrics.
-    flops_per_token: training FLOPs per input token (`jaxfm.train.flops`).
-    tokens_per_example: sequence length, for tokens/s.
-    batch_spec: per-example (shape, dtype) of each batch field, for ahead-of-time compiles.
+    flops_per_token: sequence length -> training FLOPs per input token (`jaxfm.train.flops`).
+    batch_spec: per-example (shape, dtype) of each batch field at the full sequence length,
+      for ahead-of-time compiles.
     predict_fn: `(params, batch) -> outputs` per example, including the batch's
       `feature_index` [b] (-1 marks padding); None when `summarize` is all there is.
     score: metrics from all eval outputs, in feature order (see `gather_outputs`).
@@ -59,8 +59,7 @@ class Task:
   init_inputs: tuple[np.ndarray, ...]
   loss_fn: LossFn
   summarize: Callable[[dict[str, float]], dict[str, float]]
-  flops_per_token: float
-  tokens_per_example: int
+  flops_per_token: Callable[[int], float]
   batch_spec: dict[str, tuple[tuple[int, ...], str]]
   predict_fn: Callable[[Any, Any], dict[str, jax.Array]] | None = None
   score: Callable[[dict[str, np.ndarray]], dict[str, float]] | None = None
@@ -160,9 +159,10 @@ def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.M
                batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)
 
 
-def compile_train_step(steps: Steps, task: Task, batch_size: int,
+def compile_train_step(steps: Steps, batch: dict[str, Any],
                        mesh: jax.sharding.Mesh) -> tuple[Any, float]:
-  """AOT-compiles `steps.train_step` for abstract state and batches: (executable, seconds).
+  """AOT-compiles `steps.train_step` for the abstract state and `batch`'s shapes and shardings
+  (arrays or `steps.abstract_batch(...)`): (executable, seconds).
 
   Done before any state exists, and the heap the compiler freed is handed back to the OS
   (`host_memory`), so the compiler's peak is not added to the state's (bert-mini fine-tuning
@@ -170,11 +170,31 @@ def compile_train_step(steps: Steps, task: Task, batch_size: int,
   """
   start = time.perf_counter()
   with sharding.activation_sharding(mesh):
-    compiled = steps.train_step.lower(steps.abstract_state,
-                                      steps.abstract_batch(task, batch_size)).compile()
+    compiled = steps.train_step.lower(steps.abstract_state, batch).compile()
   seconds = time.perf_counter() - start
   host_memory.release_free_heap()
   return compiled, seconds
+
+
+class _TrainExecutables:
+  """The compiled train step per global batch shape: the task's full length is compiled
+  before any state exists, shorter lengths (fine-tuning's `data.length_buckets`) when a
+  batch first needs them."""
+
+  def __init__(self, steps: Steps, mesh: jax.sharding.Mesh):
+    self._steps, self._mesh = steps, mesh
+    self.compiled: dict[tuple[int, ...], Any] = {}  # input_ids shape -> executable
+    self.compile_s = 0.0  # all compiles so far
+
+  def for_batch(self, batch: dict[str, Any]) -> Any:
+    """The executable for `batch` (arrays or ShapeDtypeStructs), compiling it if new."""
+    shape = tuple(batch["input_ids"].shape)
+    if shape not in self.compiled:
+      self.compiled[shape], seconds = compile_train_step(self._steps, batch, self._mesh)
+      self.compile_s += seconds
+      if len(self.compiled) > 1:
+        logging.info("compiled the train step for batches of shape %s in %.1f s", shape, seconds)
+    return self.compiled[shape]
 
 
 def gather_outputs(outputs: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
@@ -252,9 +272,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints, t.keep_every,
                                     t.async_checkpointing)
   latest = manager.latest_step()
-  compiled = None
+  executables = _TrainExecutables(steps, mesh)
+  full_batch = steps.abstract_batch(task, t.batch_size)
   if latest is None or not complete(latest):  # compiled before any state exists: a lower peak
-    compiled, compile_s = compile_train_step(steps, task, t.batch_size, mesh)
+    executables.for_batch(full_batch)
   restored = checkpoint.restore_latest(manager, steps.abstract_state)
   if restored is not None:
     state = restored.state
@@ -272,12 +293,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     logging.info("step %d: training is already complete in %s", start, workdir)
     manager.close()
     return TrainResult(step=start, train={}, eval={}, preempted=False)
-  if compiled is None:  # the newest checkpoint did not restore; an older one did
-    compiled, compile_s = compile_train_step(steps, task, t.batch_size, mesh)
+  if not executables.compiled:  # the newest checkpoint did not restore; an older one did
+    executables.for_batch(full_batch)
 
   writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict())
   stop = _StopSignal()
-  tokens_per_step = t.batch_size * task.tokens_per_example
   peak = peak_flops_per_device(jax.devices()[0].device_kind)
 
   def run_eval(params: Any) -> dict[str, float]:
@@ -296,20 +316,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
       tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
                 disable=not (t.progress_bar and jax.process_index() == 0)) as bar:
-    log_line(start, {"compile_s": compile_s}, "compile")
+    log_line(start, {"compile_s": executables.compile_s}, "compile")
     if start == 0 and t.eval_batches:
       eval_metrics = run_eval(state.params)
       writer.write(0, eval_metrics, "eval")
       log_line(0, eval_metrics, "eval")
       host_memory.release_free_heap()  # what the eval step's compiler freed
     pending: list[Sums] = []
-    interval_start, interval_steps = time.perf_counter(), 0
+    interval_start = time.perf_counter()
+    interval_steps, interval_tokens, interval_flops = 0, 0, 0.0
     last_save_time = time.monotonic()
     batch = None
     for step in range(start, t.steps):
       if batch is None:
         batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = compiled(state, batch)
+      state, metrics = executables.for_batch(batch)(state, batch)
+      length = batch["input_ids"].shape[1]
+      interval_tokens += batch["input_ids"].size
+      interval_flops += batch["input_ids"].size * task.flops_per_token(length)
       batch = None
       pending.append(metrics)
       interval_steps += 1
@@ -318,7 +342,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
       if done % t.log_every == 0 or done == t.steps:
         sums = _summed(pending)
         elapsed = time.perf_counter() - interval_start
-        tokens_per_s = interval_steps * tokens_per_step / elapsed
+        tokens_per_s = interval_tokens / elapsed
         train_metrics = {
             **task.summarize(sums),
             "grad_norm": sums["grad_norm"] / interval_steps,
@@ -326,10 +350,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
             "nonfinite_steps": interval_steps - sums["finite"],
             "skipped_steps_total": float(jax.device_get(state.skipped_steps)),
             "tokens_per_s": tokens_per_s,
-            "compile_s": compile_s,
+            "compile_s": executables.compile_s,
         }
         if peak:
-          train_metrics["mfu"] = tokens_per_s * task.flops_per_token / (peak * jax.device_count())
+          train_metrics["mfu"] = interval_flops / elapsed / (peak * jax.device_count())
         writer.write(done, train_metrics, "train")
         bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if not bar.disable and done % (t.log_every * 10) == 0:
@@ -341,7 +365,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
               f"{streak} consecutive steps up to step {done} had non-finite loss or gradients "
               f"(train.skip_nonfinite={t.skip_nonfinite}); stopping. The last good checkpoint "
               f"is step {manager.latest_step()} in {manager.directory}.")
-        pending, interval_start, interval_steps = [], time.perf_counter(), 0
+        pending, interval_start, interval_steps, interval_tokens, interval_flops = (
+            [], time.perf_counter(), 0, 0, 0.0)
         if t.checkpoint_every_seconds and done < t.steps:
           overdue = time.monotonic() - last_save_time >= t.checkpoint_every_seconds
           if multihost_utils.broadcast_one_to_all(np.asarray(overdue)):

@@ -35,5 +35,5 @@ def mlm_task(config: BertConfig, seq_len: int, predictions: int) -> Task:
   return Task(model=model,
               init_inputs=(ids, ids, np.ones_like(ids), np.zeros((1, predictions), np.int32)),
               loss_fn=losses.mlm_loss(model), summarize=mlm_summary,
-              flops_per_token=mlm_flops_per_token(config, seq_len, predictions),
-              tokens_per_example=seq_len, batch_spec=mlm_batch_spec(seq_len, predictions))
+              flops_per_token=lambda length: mlm_flops_per_token(config, length, predictions),
+              batch_spec=mlm_batch_spec(seq_len, predictions))
