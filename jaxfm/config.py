@@ -133,9 +133,10 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   cfg.data.version_2 = False  # qa: SQuAD v2.0 (unanswerable questions)
   cfg.data.null_score_diff_threshold = 0.0  # qa v2.0
   cfg.data.max_seq_length = 128
-  # Comma-separated lengths below max_seq_length, e.g. '32,64': each training batch is cut to
-  # the shortest of them (or max_seq_length) that holds its longest row, so short texts do not
-  # pay for padding; one compiled train step per length used. '' = always max_seq_length.
+  # Comma-separated lengths, e.g. '32,64': each training batch is cut to the shortest of them
+  # (or max_seq_length; lengths not below it are ignored) that holds its longest row, so short
+  # texts do not pay for padding; one compiled train step per length used. '' = always
+  # max_seq_length.
   cfg.data.length_buckets = ""
   cfg.data.tokenizer = ""  # '' = the init_from checkpoint's tokenizer
   cfg.data.lowercase = True  # for a bare vocab.txt
@@ -321,16 +322,17 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
 
 
 def length_buckets(data: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """`data.length_buckets` as ascending lengths ending with `data.max_seq_length`.
+  """`data.length_buckets` as ascending lengths ending with `data.max_seq_length`; entries
+  not below it are dropped (a config's buckets still apply with a shorter max_seq_length).
 
   Raises:
-    ConfigError: naming the field, if an entry is not an integer in [1, max_seq_length].
+    ConfigError: naming the field, if an entry is not a positive integer.
   """
   entries = [e.strip() for e in data.length_buckets.split(",") if e.strip()]
-  if not all(e.isdigit() and 0 < int(e) <= data.max_seq_length for e in entries):
-    _fail("data.length_buckets", data.length_buckets,
-          f"must list integers in [1, data.max_seq_length={data.max_seq_length}]")
-  return tuple(sorted({int(e) for e in entries} | {data.max_seq_length}))
+  if not all(e.isdigit() and int(e) > 0 for e in entries):
+    _fail("data.length_buckets", data.length_buckets, "must list positive integers")
+  below = {int(e) for e in entries if int(e) < data.max_seq_length}
+  return tuple(sorted(below)) + (data.max_seq_length,)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

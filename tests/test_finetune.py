@@ -233,8 +233,8 @@ def test_layer_decay_follows_depth_in_both_layouts():
     ("optim.warmup_ratio", 1.0, "must be < 1"),
     ("train.best_mode", "up", "must be one of"),
     ("data.on_error", "ignore", "must be one of"),
-    ("data.length_buckets", "32,short", "must list integers in [1, data.max_seq_length=128]"),
-    ("data.length_buckets", "64,256", "must list integers in [1, data.max_seq_length=128]"),
+    ("data.length_buckets", "32,short", "must list positive integers"),
+    ("data.length_buckets", "0,32", "must list positive integers"),
 ])
 def test_finetune_config_rules(field, value, message):
   cfg = config_lib.finetune_defaults()
@@ -254,6 +254,8 @@ def test_length_buckets_are_sorted_and_end_with_max_seq_length():
   assert config_lib.length_buckets(data) == (128,)
   data.length_buckets = " 64, 32,64 "
   assert config_lib.length_buckets(data) == (32, 64, 128)
+  data.length_buckets = "64,128,256"
+  assert config_lib.length_buckets(data) == (64, 128)
 
 
 def test_cli_rejects_a_mesh_that_does_not_fit_before_any_work(files, tmp_path):
