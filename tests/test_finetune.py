@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -115,14 +116,36 @@ def test_rerun_after_completion_is_a_no_op(sentiment_run, files):
   assert again.step == first.step and again.train == {}
 
 
-def _train_losses(workdir: str) -> list[float]:
+def _train_losses(workdir: str) -> dict[int, float]:
+  """Step -> logged training loss (a resumed run logs some steps of its first part too)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
 
 
-def test_length_buckets_train_like_full_length_batches(sentiment_run, files, monkeypatch):
+class _SigtermAtBatch:
+  """A train iterator that sends this process SIGTERM while producing batch `at`."""
+
+  def __init__(self, inner, at: int):
+    self.inner, self.at, self.index = inner, at, 0
+
+  def __next__(self):
+    self.index += 1
+    if self.index == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def test_length_buckets_train_like_full_length_batches_and_resume(sentiment_run, files,
+                                                                 monkeypatch):
   # Without dropout, cutting a batch's padding changes no number beyond float rounding: the
-  # same losses as the full-length run, while the steps compile (and run) shorter shapes.
+  # same losses as the full-length run, while the steps compile (and run) shorter shapes; here
+  # through a SIGTERM at step 7 and a resume, which restores the cut batches exactly.
   from jaxfm.train import loop
   shapes = []
   compile_train_step = loop.compile_train_step
@@ -135,10 +158,20 @@ def test_length_buckets_train_like_full_length_batches(sentiment_run, files, mon
   cfg = ff.config("classification", model_dir, str(root / "train.tsv"), str(root / "dev.tsv"))
   cfg.data.length_buckets = "8,16"
   workdir = str(root / "sst_buckets")
+  iterator = run.loader.feature_train_iterator
+  monkeypatch.setattr(run.loader, "feature_train_iterator",
+                      lambda *args, **kwargs: _SigtermAtBatch(iterator(*args, **kwargs), at=7))
+  first, _ = run.finetune(cfg, workdir)
+  assert first.preempted and first.step == 7
+  monkeypatch.setattr(run.loader, "feature_train_iterator", iterator)
   result, _ = run.finetune(cfg, workdir)
-  assert shapes[0] == (16, ff.SEQ) and len(shapes) >= 2 and all(s[1] < ff.SEQ for s in shapes[1:])
+  assert shapes[0] == (16, ff.SEQ) and {length for _, length in shapes} - {ff.SEQ}  # cut too
   plain_dir, plain, _ = sentiment_run
-  np.testing.assert_allclose(_train_losses(workdir), _train_losses(plain_dir), rtol=1e-4)
+  plain_losses, losses = _train_losses(plain_dir), _train_losses(workdir)
+  assert result.step == plain.step and set(plain_losses) <= set(losses)
+  same = [s for s in sorted(plain_losses) if s != 10]  # step 10's log averages steps 8-10 only
+  np.testing.assert_allclose([losses[s] for s in same], [plain_losses[s] for s in same],
+                             rtol=1e-4)
   assert result.eval["accuracy"] == plain.eval["accuracy"]
 
 
