@@ -164,9 +164,10 @@ def compile_train_step(steps: Steps, batch: dict[str, Any],
   """AOT-compiles `steps.train_step` for the abstract state and `batch`'s shapes and shardings
   (arrays or `steps.abstract_batch(...)`): (executable, seconds).
 
-  Done before any state exists, and the heap the compiler freed is handed back to the OS
-  (`host_memory`), so the compiler's peak is not added to the state's (bert-mini fine-tuning
-  step with remat=full, `python -m benchmarks.step`: peak RSS 866 -> 820 MiB).
+  The heap the compiler freed is handed back to the OS (`host_memory`); `train` compiles the
+  full-length step before any state exists, so the compiler's peak is not added to the
+  state's (bert-mini fine-tuning step with remat=full, `python -m benchmarks.step`: peak RSS
+  866 -> 820 MiB).
   """
   start = time.perf_counter()
   with sharding.activation_sharding(mesh):
@@ -177,9 +178,8 @@ def compile_train_step(steps: Steps, batch: dict[str, Any],
 
 
 class _TrainExecutables:
-  """The compiled train step per global batch shape: the task's full length is compiled
-  before any state exists, shorter lengths (fine-tuning's `data.length_buckets`) when a
-  batch first needs them."""
+  """The compiled train step per global batch shape, each compiled when first asked for
+  (fine-tuning's `data.length_buckets` gives batches of several lengths)."""
 
   def __init__(self, steps: Steps, mesh: jax.sharding.Mesh):
     self._steps, self._mesh = steps, mesh
