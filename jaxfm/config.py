@@ -323,12 +323,13 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
 
 def length_buckets(data: ml_collections.ConfigDict) -> tuple[int, ...]:
   """`data.length_buckets` as ascending lengths ending with `data.max_seq_length`; entries
-  not below it are dropped (a config's buckets still apply with a shorter max_seq_length).
+  not below it are dropped (a config's buckets still apply with a shorter max_seq_length),
+  and a config saved before the field existed has none.
 
   Raises:
     ConfigError: naming the field, if an entry is not a positive integer.
   """
-  entries = [e.strip() for e in data.length_buckets.split(",") if e.strip()]
+  entries = [e.strip() for e in data.get("length_buckets", "").split(",") if e.strip()]
   if not all(e.isdigit() and int(e) > 0 for e in entries):
     _fail("data.length_buckets", data.length_buckets, "must list positive integers")
   below = {int(e) for e in entries if int(e) < data.max_seq_length}

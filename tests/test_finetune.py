@@ -175,7 +175,42 @@ def test_length_buckets_train_like_full_length_batches_and_resume(sentiment_run,
   assert result.eval["accuracy"] == plain.eval["accuracy"]
 
 
-def test_ner_entity_f1_equals_seqeval(files):
+def _with_length_buckets(workdir: str, buckets: str) -> None:
+  """Sets `data.length_buckets` in a fine-tuning workdir's saved config."""
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  saved["config"]["data"]["length_buckets"] = buckets
+  with open(path, "w") as f:
+    json.dump(saved, f)
+
+
+def test_eval_batches_go_by_length_and_are_cut_alike_on_every_host():
+  rng = np.random.default_rng(0)
+  n, length, hosts, batch = 19, 16, 2, 4
+  tokens = np.where(rng.random(n) < 0.3, rng.integers(9, length + 1, n), rng.integers(2, 5, n))
+  mask = (np.arange(length)[None] < tokens[:, None]).astype(np.int32)
+  features = {"input_ids": mask * 7, "token_type_ids": np.zeros_like(mask),
+              "attention_mask": mask, "labels": np.where(mask > 0, 1, -1)}
+  split = tasks.TaskSplit(list(range(n)), features, ("input_ids", "token_type_ids",
+                                                      "attention_mask", "labels"))
+  per_host = [list(split.eval_batches(batch, host, hosts, (4, 8, length))) for host in range(hosts)]
+  seen, lengths = [], set()
+  for batches in zip(*per_host):
+    assert len({b["input_ids"].shape[1] for b in batches}) == 1  # every host cut alike
+    lengths.add(batches[0]["input_ids"].shape[1])
+    for b in batches:
+      real = b["feature_index"] >= 0
+      seen += b["feature_index"][real].tolist()
+      np.testing.assert_array_equal(b["attention_mask"][real].sum(axis=1),
+                                    tokens[b["feature_index"][real]])  # no real token cut
+      kept = b["labels"].shape[1]
+      np.testing.assert_array_equal(b["labels"][real],
+                                    features["labels"][b["feature_index"][real], :kept])
+  assert sorted(seen) == list(range(n)) and len(lengths) >= 2, lengths
+
+
+def test_ner_entity_f1_equals_seqeval(files, monkeypatch):
   workdir, result, _ = _finetune(files, "ner", ff.write_conll, "ner")
   root = files[0]
   sentences = [[line.split() for line in block.splitlines()]
@@ -187,6 +222,13 @@ def test_ner_entity_f1_equals_seqeval(files):
   metrics = run.evaluate(workdir, "dev")
   assert metrics["f1"] == pytest.approx(seqeval.metrics.f1_score(true, predicted))
   assert metrics["f1"] > 0.8, metrics
+  _with_length_buckets(workdir, "8,16")  # evaluation on cut batches: the same scores
+  lengths, cut_to_bucket = [], tasks.loader.cut_to_bucket
+  monkeypatch.setattr(tasks.loader, "cut_to_bucket", lambda *args: lengths.append(
+      cut_to_bucket(*args)["input_ids"].shape[1]) or cut_to_bucket(*args))
+  assert run.evaluate(workdir, "dev") == pytest.approx(metrics, rel=1e-5)
+  assert lengths and max(lengths) < ff.SEQ, lengths
+  assert [r["tags"] for r in run.predict(workdir, str(root / "valid.jsonl"))] == predicted
 
 
 def test_qa_exact_match_counts_exact_answers(files):
@@ -201,6 +243,9 @@ def test_qa_exact_match_counts_exact_answers(files):
   metrics = run.evaluate(workdir, "dev")
   assert metrics["exact_match"] == pytest.approx(exact) and metrics["total"] == len(gold)
   assert all(r["answer"] in q["context"] for r, q in zip(rows, questions))
+  _with_length_buckets(workdir, "8,16")  # the span softmax then excludes the cut positions
+  cut = run.evaluate(workdir, "dev")
+  assert (cut["exact_match"], cut["f1"]) == (metrics["exact_match"], metrics["f1"])
 
 
 def test_early_stopping_keeps_the_first_of_equal_scores(files, monkeypatch):

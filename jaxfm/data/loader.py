@@ -157,6 +157,14 @@ class _TakeRows:
     return {k: v[indices] for k, v in self.features.items()}
 
 
+def cut_to_bucket(batch: Batch, longest: int, buckets: Sequence[int]) -> Batch:
+  """`batch` with every field of length `buckets[-1]` on axis 1 cut to the shortest of the
+  ascending `buckets` that is at least `longest`."""
+  length = next(b for b in buckets if b >= longest)
+  return {k: v[:, :length] if v.ndim > 1 and v.shape[1] == buckets[-1] else v
+          for k, v in batch.items()}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _CutToBucket:
   """A host's batch with its length axis cut to the shortest bucket that holds the longest
@@ -170,11 +178,8 @@ class _CutToBucket:
   buckets: tuple[int, ...]  # ascending; the last is the features' length T
 
   def __call__(self, batch_number: int) -> Batch:
-    longest = self.global_lengths(batch_number)["length"].max()
-    length = next(b for b in self.buckets if b >= longest)
-    full = self.buckets[-1]
-    return {k: v[:, :length] if v.ndim > 1 and v.shape[1] == full else v
-            for k, v in self.host_batch(batch_number).items()}
+    return cut_to_bucket(self.host_batch(batch_number),
+                         self.global_lengths(batch_number)["length"].max(), self.buckets)
 
 
 def feature_train_iterator(features: dict[str, np.ndarray], layout: HostLayout, *,

@@ -110,7 +110,8 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
                                              loader.HostLayout.of_process(per_host),
                                              seed=data.seed,
                                              length_buckets=config_lib.length_buckets(data))
-  eval_batches = (lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count())
+  eval_batches = (lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count(),
+                                            config_lib.length_buckets(data))
                   ) if dev is not None else (lambda: [])
   meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}
   try:
@@ -184,7 +185,8 @@ class Inference:
 
   def batches(self) -> Iterator[Features]:
     return self.split.eval_batches(run_setup.per_host_batch_size(self.run.cfg),
-                                   jax.process_index(), jax.process_count())
+                                   jax.process_index(), jax.process_count(),
+                                   config_lib.length_buckets(self.run.cfg.data))
 
 
 def inference(workdir: str, run: SavedRun, split: TaskSplit) -> Inference:

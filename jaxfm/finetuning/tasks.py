@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxfm.data import loader
 from jaxfm.data.tasks import classification, ner, qa
 from jaxfm.trees import flatten, unflatten
 from jaxfm.metrics import classification as cls_metrics
@@ -57,18 +58,30 @@ class TaskSplit:
     return {**{k: self.features[k] for k in self.device_fields},
             "weights": np.ones(n, np.float32), "feature_index": np.arange(n, dtype=np.int32)}
 
-  def eval_batches(self, batch_size_per_host: int, shard_index: int,
-                   shard_count: int) -> Iterator[Features]:
+  def eval_batches(self, batch_size_per_host: int, shard_index: int, shard_count: int,
+                   length_buckets: Sequence[int] = ()) -> Iterator[Features]:
     """This host's rows `shard_index::shard_count` in batches; every host yields the same
-    number of batches, the last ones padded with `weights` 0 and `feature_index` -1."""
+    number of batches, the last ones padded with `weights` 0 and `feature_index` -1.
+
+    With `length_buckets` (ascending, ending with the features' length) the rows go by
+    length, shortest first, and each batch is cut to the shortest bucket that holds the
+    longest row of that batch on any host (`loader.cut_to_bucket`).
+    """
     arrays = self.device_arrays()
-    mine = np.arange(shard_index, len(self), shard_count)
+    lengths = arrays["attention_mask"].sum(axis=1)
+    cut = len(length_buckets) > 1
+    order = np.argsort(lengths, kind="stable") if cut else np.arange(len(self))
+    shares = [order[host::shard_count] for host in range(shard_count)]
     for b in range(self.num_eval_batches(batch_size_per_host, shard_count)):
-      rows = mine[b * batch_size_per_host:(b + 1) * batch_size_per_host]
+      window = slice(b * batch_size_per_host, (b + 1) * batch_size_per_host)
+      rows = shares[shard_index][window]
       fill = batch_size_per_host - len(rows)
       batch = {k: v[np.concatenate([rows, np.zeros(fill, int)])] for k, v in arrays.items()}
       batch["weights"][len(rows):] = 0.0
       batch["feature_index"][len(rows):] = -1
+      if cut:
+        longest = max(lengths[share[window]].max(initial=1) for share in shares)
+        batch = loader.cut_to_bucket(batch, longest, length_buckets)
       yield batch
 
   def num_eval_batches(self, batch_size_per_host: int, shard_count: int) -> int:

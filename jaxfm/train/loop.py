@@ -198,9 +198,13 @@ class _TrainExecutables:
 
 
 def gather_outputs(outputs: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
-  """Per-batch predict outputs -> numpy arrays of the real rows, sorted by `feature_index`."""
+  """Per-batch predict outputs -> numpy arrays of the real rows, sorted by `feature_index`.
+
+  Per-position outputs of batches cut to different lengths (`data.length_buckets`) are
+  padded with zeros on axis 1 to the longest: those positions were padding.
+  """
   host = jax.device_get(outputs)
-  merged = {k: np.concatenate([o[k] for o in host]) for k in host[0]}
+  merged = {k: np.concatenate(_padded_on_axis_1([o[k] for o in host])) for k in host[0]}
   keep = np.flatnonzero(merged["feature_index"] >= 0)
   keep = keep[np.argsort(merged["feature_index"][keep], kind="stable")]
   return {k: v[keep] for k, v in merged.items()}
@@ -228,6 +232,14 @@ def evaluate(task: Task, steps: Steps, params: Any, local_batches: Iterable[Loca
   if task.score is not None:
     metrics.update(task.score(gather_outputs([outputs for _, outputs in results])))
   return metrics
+
+
+def _padded_on_axis_1(arrays: list[np.ndarray]) -> list[np.ndarray]:
+  """`arrays` with zeros appended on axis 1 to the widest (unchanged if all are as wide)."""
+  if arrays[0].ndim < 2:
+    return arrays
+  width = max(a.shape[1] for a in arrays)
+  return [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
 
 
 def _summed(metrics: list[Sums]) -> dict[str, float]:
