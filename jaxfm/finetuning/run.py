@@ -106,13 +106,12 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
                                  cfg.train.best_mode, cfg.train.early_stopping_patience,
                                  cfg.train.eval_every)
   per_host = run_setup.per_host_batch_size(cfg)
+  buckets = config_lib.length_buckets(data)
   train_iter = loader.feature_train_iterator(train.device_arrays(),
                                              loader.HostLayout.of_process(per_host),
-                                             seed=data.seed,
-                                             length_buckets=config_lib.length_buckets(data))
+                                             seed=data.seed, length_buckets=buckets)
   eval_batches = (lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count(),
-                                            config_lib.length_buckets(data))
-                  ) if dev is not None else (lambda: [])
+                                            buckets)) if dev is not None else (lambda: [])
   meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}
   try:
     result = loop.train(cfg, workdir, task, train_iter, eval_batches, meta,
