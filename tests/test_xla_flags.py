@@ -22,7 +22,7 @@ print("YNNPACK" if "__ynn_fusion" in jax.jit(jnp.dot).lower(x, x).compile().as_t
 
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type=reduce"
-DFS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+DFS = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
 def test_defaults_are_added_only_for_flags_not_named():
@@ -31,8 +31,9 @@ def test_defaults_are_added_only_for_flags_not_named():
       f"{YNN} {DFS} --xla_force_host_platform_device_count=8")
   mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
   assert run_setup.with_default_xla_flags(mine) == f"{DFS} {mine}"
-  theirs = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
-  assert run_setup.with_default_xla_flags(theirs) == f"{YNN} {theirs}"
+  for theirs in ("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
+                 "--xla_cpu_enable_concurrency_optimized_scheduler=true"):  # the older spelling
+    assert run_setup.with_default_xla_flags(theirs) == f"{YNN} {theirs}"
 
 
 def test_models_narrower_than_bert_mini_keep_xla_s_defaults():

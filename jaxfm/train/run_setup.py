@@ -44,7 +44,9 @@ class _LibraryChatterFilter(logging_std.Filter):
 # its step did not gain from the DFS order, so narrower models keep XLA's defaults. CPU-only
 # flags: other backends' compilers do not read them.
 DEFAULT_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "reduce",
-                     "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
+                     "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+# Older spellings of a default's setting: a user who names one of them has chosen it.
+_SAME_SETTING = {"xla_cpu_scheduler_type": ("xla_cpu_enable_concurrency_optimized_scheduler",)}
 MIN_WIDTH_FOR_DEFAULT_XLA_FLAGS = 256  # model.hidden_size
 
 
@@ -55,7 +57,7 @@ def with_default_xla_flags(xla_flags: str, model_width: int | None = None) -> st
     return " ".join(xla_flags.split())
   named = {flag.lstrip("-").split("=", 1)[0] for flag in xla_flags.split()}
   defaults = [f"--{name}={value}" for name, value in DEFAULT_XLA_FLAGS.items()
-              if name not in named]
+              if named.isdisjoint((name, *_SAME_SETTING.get(name, ())))]
   return " ".join([*defaults, *xla_flags.split()])
 
 
