@@ -123,16 +123,19 @@ def _train_losses(workdir: str) -> dict[int, float]:
 
 
 class _SigtermAtBatch:
-  """A train iterator that sends this process SIGTERM while producing batch `at`."""
+  """A train iterator that sends this process SIGTERM while producing batch `at` (None:
+  never) and records the length of every batch it gives."""
 
-  def __init__(self, inner, at: int):
-    self.inner, self.at, self.index = inner, at, 0
+  def __init__(self, inner, at: int | None):
+    self.inner, self.at, self.index, self.lengths = inner, at, 0, []
 
   def __next__(self):
     self.index += 1
     if self.index == self.at:
       os.kill(os.getpid(), signal.SIGTERM)
-    return next(self.inner)
+    batch = next(self.inner)
+    self.lengths.append(batch["input_ids"].shape[1])
+    return batch
 
   def get_state(self):
     return self.inner.get_state()
@@ -145,27 +148,35 @@ def test_length_buckets_train_like_full_length_batches_and_resume(sentiment_run,
                                                                  monkeypatch):
   # Without dropout, cutting a batch's padding changes no number beyond float rounding: the
   # same losses as the full-length run, while the steps compile (and run) shorter shapes; here
-  # through a SIGTERM at step 7 and a resume, which restores the cut batches exactly.
+  # through a SIGTERM at step 7 and a resume, which restores the cut batches exactly. Each
+  # run compiles its first batch's length first and no length that none of its batches has.
   from jaxfm.train import loop
-  shapes = []
+  compiled = []  # per run: the batch lengths compiled, in order
   compile_train_step = loop.compile_train_step
 
   def recording(steps, batch, mesh):
-    shapes.append(tuple(batch["input_ids"].shape))
+    compiled[-1].append(batch["input_ids"].shape[1])
     return compile_train_step(steps, batch, mesh)
   monkeypatch.setattr(loop, "compile_train_step", recording)
   root, model_dir = files
   cfg = ff.config("classification", model_dir, str(root / "train.tsv"), str(root / "dev.tsv"))
   cfg.data.length_buckets = "8,16"
   workdir = str(root / "sst_buckets")
-  iterator = run.loader.feature_train_iterator
-  monkeypatch.setattr(run.loader, "feature_train_iterator",
-                      lambda *args, **kwargs: _SigtermAtBatch(iterator(*args, **kwargs), at=7))
-  first, _ = run.finetune(cfg, workdir)
+  iterator, iterators = run.loader.feature_train_iterator, []
+
+  def run_until(at: int | None):
+    def wrapped(*args, **kwargs):
+      iterators.append(_SigtermAtBatch(iterator(*args, **kwargs), at))
+      return iterators[-1]
+    compiled.append([])
+    monkeypatch.setattr(run.loader, "feature_train_iterator", wrapped)
+    return run.finetune(cfg, workdir)[0]
+  first = run_until(7)
   assert first.preempted and first.step == 7
-  monkeypatch.setattr(run.loader, "feature_train_iterator", iterator)
-  result, _ = run.finetune(cfg, workdir)
-  assert shapes[0] == (16, ff.SEQ) and {length for _, length in shapes} - {ff.SEQ}  # cut too
+  result = run_until(None)
+  for lengths, batches in zip(compiled, iterators):
+    assert lengths[0] == batches.lengths[0] and sorted(lengths) == sorted(set(batches.lengths))
+  assert set(iterators[0].lengths + iterators[1].lengths) - {ff.SEQ}  # cut too
   plain_dir, plain, _ = sentiment_run
   plain_losses, losses = _train_losses(plain_dir), _train_losses(workdir)
   assert result.step == plain.step and set(plain_losses) <= set(losses)

@@ -331,6 +331,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Resto
   return None
 
 
+def read_data_state(manager: ocp.CheckpointManager, step: int) -> Any | None:
+  """The loader state saved with `step` alone (small JSON), or None when it does not read:
+  `restore_latest` then deals with the damaged step."""
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**{DATA: ocp.args.JsonRestore()}))[DATA]
+  except Exception:  # noqa: BLE001 - any failure: the step is restore_latest's to judge
+    return None
+
+
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings`, the restore target Orbax needs."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

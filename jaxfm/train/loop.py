@@ -165,7 +165,7 @@ def compile_train_step(steps: Steps, batch: dict[str, Any],
   (arrays or `steps.abstract_batch(...)`): (executable, seconds).
 
   The heap the compiler freed is handed back to the OS (`host_memory`); `train` compiles the
-  full-length step before any state exists, so the compiler's peak is not added to the
+  first batch's step before any state exists, so the compiler's peak is not added to the
   state's (bert-mini fine-tuning step with remat=full, `python -m benchmarks.step`: peak RSS
   866 -> 820 MiB).
   """
@@ -285,13 +285,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
                                     t.async_checkpointing)
   latest = manager.latest_step()
   executables = _TrainExecutables(steps, mesh)
-  full_batch = steps.abstract_batch(task, t.batch_size)
-  if latest is None or not complete(latest):  # compiled before any state exists: a lower peak
-    executables.for_batch(full_batch)
+  batch = None  # the next global batch to train on, once fetched
+  resuming = latest is not None and not complete(latest)
+  data_state = checkpoint.read_data_state(manager, latest) if resuming else None
+  if latest is None or data_state is not None:
+    # The first batch's step is compiled before any state exists (a lower peak), for the
+    # shape that batch has (fine-tuning's length buckets cut it), not for one it may not need.
+    if resuming:
+      train_iter.set_state(data_state)
+    batch = sharding.global_batch(next(train_iter), mesh)
+    executables.for_batch(batch)
   restored = checkpoint.restore_latest(manager, steps.abstract_state)
   if restored is not None:
     state = restored.state
-    train_iter.set_state(restored.data)
+    if batch is None or restored.step != latest:  # the newest step did not restore
+      train_iter.set_state(restored.data)
+      batch = None
     logging.info("resumed from step %d of %s", restored.step, manager.directory)
   elif initial_params is not None:
     params = jax.device_put(initial_params, state_shardings.params)
@@ -305,8 +314,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     logging.info("step %d: training is already complete in %s", start, workdir)
     manager.close()
     return TrainResult(step=start, train={}, eval={}, preempted=False)
-  if not executables.compiled:  # the newest checkpoint did not restore; an older one did
-    executables.for_batch(full_batch)
 
   writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict())
   stop = _StopSignal()
@@ -338,7 +345,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     interval_start = time.perf_counter()
     interval_steps, interval_tokens, interval_flops = 0, 0, 0.0
     last_save_time = time.monotonic()
-    batch = None
     for step in range(start, t.steps):
       if batch is None:
         batch = sharding.global_batch(next(train_iter), mesh)

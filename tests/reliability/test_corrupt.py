@@ -1,5 +1,6 @@
 """4. A damaged newest checkpoint is quarantined with one ERROR line; the run resumes bitwise."""
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +62,24 @@ def test_damaged_newest_step_is_quarantined_and_the_run_resumes_bitwise(trainer,
   assert logged_steps(workdir)[before] == LAST - EVERY + 1  # resumed from the previous step
   assert f"{LAST}.corrupt" in checkpoint_entries(workdir)  # kept, renamed
   assert committed_steps(workdir) == list(range(EVERY, LAST + 1, EVERY))  # the bad one not listed
+  assert_same_run(workdir, reference(BASE))
+
+
+def test_a_damaged_unfinished_newest_step_resumes_bitwise_from_the_one_before(trainer, reference,
+                                                                             tmp_path):
+  # The newest step's loader state reads but its arrays do not: the batch fetched for it (whose
+  # step the loop compiles before any state exists) is dropped, and the run goes on from the
+  # step before with that step's own batches.
+  workdir = copy_run(reference(BASE), tmp_path / "run")
+  shutil.rmtree(workdir / "checkpoints" / str(LAST))
+  newest = LAST - EVERY
+  _truncate(workdir / "checkpoints" / str(newest))
+  before = len(logged_steps(workdir))
+  result = trainer.run(workdir, BASE)
+  assert result.returncode == 0, result.output[-3000:]
+  errors = result.error_lines()
+  assert len(errors) == 1 and f"checkpoint step {newest} is damaged" in errors[0], errors
+  assert logged_steps(workdir)[before] == newest - EVERY + 1
   assert_same_run(workdir, reference(BASE))
 
 
