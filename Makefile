@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny
+# glibc's malloc in transparent huge pages (XLA:CPU's step temporaries are faulted in 2 MiB at
+# a time, not 4 KiB: 20-30% faster CPU steps, BENCHMARKS.md). jaxfm's entry points restart
+# themselves with it when it is unset; set here, the test suite's processes have it too.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: setup setup-test run test test-all aot-check clean
 

@@ -83,4 +83,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_setup.run_program(main)

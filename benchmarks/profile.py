@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from benchmarks import common, jaxfm_impl, xla_ops
 from jaxfm.train import run_setup
@@ -66,4 +66,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_setup.run_program(main)

@@ -8,6 +8,9 @@ Each measurement runs in its own child process (clean compile caches; its own pe
 jaxfm/torch tokens/s ratio. First a JAX child measures the matmul ceiling (best of
 `--matmul_reps` square matmuls in `--dtype`, with JAX's stock XLA flags) that MFU is reported
 against; jaxfm children run with jaxfm's default XLA flags (`run_setup.DEFAULT_XLA_FLAGS`).
+Every child runs with glibc's malloc in transparent huge pages, as jaxfm's entry points restart
+themselves (`host_memory.restart_with_hugepage_malloc`); `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
+runs them all without.
 
 FLOPs per token (`jaxfm.train.flops`) are what each implementation computes: jaxfm runs the MLM
 head at the masked positions only, the HF model at every position (its loss ignores the rest);
@@ -62,6 +65,14 @@ _CHILD = flags.DEFINE_string("child", "", "Internal: run one measurement (a Case
 _CEILING_CHILD = flags.DEFINE_bool("ceiling_child", False, "Internal: measure the ceiling.")
 
 
+def _child_env() -> dict[str, str]:
+  """Every child's environment: this one, with glibc's malloc in huge pages as jaxfm's entry
+  points run (`host_memory.hugepage_malloc_env`; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs
+  every child without)."""
+  from jaxfm.train import host_memory  # pylint: disable=g-import-not-at-top
+  return host_memory.hugepage_malloc_env(os.environ) or dict(os.environ)
+
+
 def _jax_env(case: common.Case | None) -> dict[str, str]:
   """The environment of a JAX child: XLA_FLAGS plus --xla_flags and --devices, and for a jaxfm
   `case` jaxfm's default XLA flags for its width (as its entry points set them; None: the
@@ -71,8 +82,8 @@ def _jax_env(case: common.Case | None) -> dict[str, str]:
   if _DEVICES.value:
     xla += f" --xla_force_host_platform_device_count={_DEVICES.value}"
   if case is None:
-    return {**os.environ, "XLA_FLAGS": xla.strip()}
-  return {**os.environ,
+    return {**_child_env(), "XLA_FLAGS": xla.strip()}
+  return {**_child_env(),
           "XLA_FLAGS": run_setup.with_default_xla_flags(xla, case.arch["hidden_size"])}
 
 
@@ -100,7 +111,7 @@ def flops_per_token(case: common.Case) -> float:
 
 def measure(case: common.Case, ceiling: dict[str, Any], round_index: int) -> dict[str, Any]:
   """Runs `case` in a child and returns its record with tokens/s, FLOPs and MFU."""
-  env = _jax_env(case) if case.impl == "jaxfm" else dict(os.environ)
+  env = _jax_env(case) if case.impl == "jaxfm" else _child_env()
   result = _run_child([f"--child={case.to_json()}"], env)
   tokens_per_s = case.batch * case.seq / result["step_s"]
   fpt = flops_per_token(case)
@@ -114,7 +125,7 @@ def measure(case: common.Case, ceiling: dict[str, Any], round_index: int) -> dic
       "matmul_ceiling_flops": ceiling["matmul_flops"],
       "mfu_cpu": (case.batch * case.seq * fpt / result["cpu_s_per_step"]
                   / ceiling["matmul_flops_per_cpu_s"]),
-      "dtype": case.dtype, "round": round_index,
+      "dtype": case.dtype, "round": round_index, "glibc_tunables": env.get("GLIBC_TUNABLES", ""),
       "num_layers": case.arch["num_layers"],
   }
   if case.task == "mlm":

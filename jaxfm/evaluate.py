@@ -12,9 +12,10 @@ import json
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from jaxfm.finetuning import run
+from jaxfm.train import run_setup
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir.")
 _SPLIT = flags.DEFINE_enum("split", "dev", ["train", "dev", "test"],
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_setup.run_program(main)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from jaxfm.finetuning import run
+from jaxfm.train import run_setup
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir.")
 _INPUT = flags.DEFINE_string("input", None, "JSONL inputs.")
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_setup.run_program(main)

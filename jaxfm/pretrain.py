@@ -13,7 +13,7 @@ import json
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
@@ -82,7 +82,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  run_setup.run_program(main)
 
 
 if __name__ == "__main__":

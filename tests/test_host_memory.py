@@ -1,6 +1,9 @@
-"""release_free_heap gives freed C-heap memory back to the OS."""
+"""host_memory: freed C-heap memory goes back to the OS; programs restart with huge-page malloc."""
 
 import ctypes
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -29,3 +32,54 @@ def test_freed_heap_blocks_leave_resident_memory_after_release():
   after = _resident_mib()
   _LIBC.free(keeper)
   assert before - after > 48, (before, after)
+
+
+@pytest.fixture
+def hugepages_apply(monkeypatch):
+  """As on a Linux machine with glibc 2.36 and transparent huge pages on `madvise`."""
+  monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(host_memory, "_transparent_hugepages_allowed", lambda: True)
+
+
+def test_hugepage_tunable_is_added_to_the_user_s_tunables(hugepages_apply):
+  assert host_memory.hugepage_malloc_env({"HOME": "/h"}) == {
+      "HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert host_memory.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
+      "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+
+
+def test_no_hugepage_tunable_where_the_user_set_it_or_it_cannot_work(hugepages_apply,
+                                                                      monkeypatch):
+  assert host_memory.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+  monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 34))  # no such tunable yet
+  assert host_memory.hugepage_malloc_env({}) is None
+  monkeypatch.setattr(host_memory, "_glibc_version", lambda: ())  # not glibc
+  assert host_memory.hugepage_malloc_env({}) is None
+  monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(host_memory, "_transparent_hugepages_allowed", lambda: False)
+  assert host_memory.hugepage_malloc_env({}) is None
+
+
+_RESTARTING = """
+import os, sys
+from jaxfm.train import host_memory
+print("started", os.getpid(), flush=True)
+host_memory.restart_with_hugepage_malloc()
+print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("user_tunables", ["", "glibc.malloc.hugetlb=0"])
+def test_a_program_restarts_itself_once_in_place_with_the_tunable(user_tunables):
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if user_tunables:
+    env["GLIBC_TUNABLES"] = user_tunables
+  elif host_memory.hugepage_malloc_env(env) is None:
+    pytest.skip("needs glibc >= 2.35 and transparent huge pages")
+  proc = subprocess.run([sys.executable, "-c", _RESTARTING, "--flag=1"], env=env,
+                        capture_output=True, text=True, timeout=120, check=True)
+  lines = proc.stdout.splitlines()
+  pid = lines[0].split()[1]
+  expected = user_tunables or "glibc.malloc.hugetlb=1"
+  assert lines[:-1] == [f"started {pid}"] * (1 if user_tunables else 2)  # the same process
+  assert lines[-1] == f"running {pid} {expected} ['--flag=1']"

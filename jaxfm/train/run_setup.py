@@ -6,17 +6,17 @@ import importlib.metadata
 import json
 import logging as logging_std
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
-from absl import logging
+from absl import app, logging
 from etils import epath
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
 from jaxfm.models import BertConfig, stack_layers, unstack_layers
-from jaxfm.train import checkpoint
+from jaxfm.train import checkpoint, host_memory
 
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tokenizers")
 
@@ -65,6 +65,13 @@ def use_default_xla_flags(model_width: int | None = None) -> None:
   """Puts `with_default_xla_flags` into the environment; acts only before JAX starts its
   backends."""
   os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""), model_width)
+
+
+def run_program(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)` for an entry point started as a program, after restarting it with glibc's
+  malloc in huge pages where that applies (`host_memory.restart_with_hugepage_malloc`)."""
+  host_memory.restart_with_hugepage_malloc()
+  app.run(main)
 
 
 def initialize_runtime(model_width: int | None = None) -> None:
