@@ -10,6 +10,7 @@ import pytest
 from jaxfm.train import host_memory
 
 _LIBC = ctypes.CDLL(None)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _resident_mib() -> float:
@@ -65,7 +66,8 @@ import os, sys
 from jaxfm.train import host_memory
 print("started", os.getpid(), flush=True)
 host_memory.restart_with_hugepage_malloc()
-print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])
+print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:],
+      open("/proc/self/cmdline").read().split("\\0")[0])
 """
 
 
@@ -76,10 +78,12 @@ def test_a_program_restarts_itself_once_in_place_with_the_tunable(user_tunables)
     env["GLIBC_TUNABLES"] = user_tunables
   elif host_memory.hugepage_malloc_env(env) is None:
     pytest.skip("needs glibc >= 2.35 and transparent huge pages")
-  proc = subprocess.run([sys.executable, "-c", _RESTARTING, "--flag=1"], env=env,
+  python = os.path.basename(sys.executable)  # as typed, found on PATH: kept through the restart
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+  proc = subprocess.run([python, "-c", _RESTARTING, "--flag=1"], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=120, check=True)
   lines = proc.stdout.splitlines()
   pid = lines[0].split()[1]
   expected = user_tunables or "glibc.malloc.hugetlb=1"
   assert lines[:-1] == [f"started {pid}"] * (1 if user_tunables else 2)  # the same process
-  assert lines[-1] == f"running {pid} {expected} ['--flag=1']"
+  assert lines[-1] == f"running {pid} {expected} ['--flag=1'] {python}"

@@ -69,4 +69,4 @@ def restart_with_hugepage_malloc() -> None:
   if env is not None and sys.executable:
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    os.execve(sys.executable, sys.orig_argv, env)  # argv[0] as typed: `pkill -f` still matches
