@@ -81,10 +81,9 @@ def _jax_env(case: common.Case | None) -> dict[str, str]:
   xla = " ".join(f for f in [os.environ.get("XLA_FLAGS", ""), _XLA_FLAGS.value] if f)
   if _DEVICES.value:
     xla += f" --xla_force_host_platform_device_count={_DEVICES.value}"
-  if case is None:
-    return {**_child_env(), "XLA_FLAGS": xla.strip()}
-  return {**_child_env(),
-          "XLA_FLAGS": run_setup.with_default_xla_flags(xla, case.arch["hidden_size"])}
+  if case is not None:
+    xla = run_setup.with_default_xla_flags(xla, case.arch["hidden_size"])
+  return {**_child_env(), "XLA_FLAGS": xla.strip()}
 
 
 def _run_child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
