@@ -291,7 +291,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   if latest is None or data_state is not None:
     # The first batch's step is compiled before any state exists (a lower peak), for the
     # shape that batch has (fine-tuning's length buckets cut it), not for one it may not need.
-    if resuming:
+    if data_state is not None:
       train_iter.set_state(data_state)
     batch = sharding.global_batch(next(train_iter), mesh)
     executables.for_batch(batch)
