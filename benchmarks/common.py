@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 import resource
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -89,9 +91,35 @@ def synthetic_batch(case: Case) -> dict[str, np.ndarray]:
   }
 
 
+_STATUS = pathlib.Path("/proc/self/status")
+_CLEAR_REFS = pathlib.Path("/proc/self/clear_refs")
+
+
 def peak_rss_mib() -> float:
-  """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """This process's peak resident set size since it started or since `reset_peak_rss`.
+
+  Linux: VmHWM, not ru_maxrss, which a child started by fork/vfork + exec inherits from its
+  parent (the harness's children would report at least the parent's peak). Elsewhere ru_maxrss
+  (KiB on Linux, bytes on macOS).
+  """
+  if _STATUS.exists():
+    for line in _STATUS.read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024  # "VmHWM:  123456 kB"
+  maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+  """Sets this process's peak RSS to its current RSS (Linux: "5" to /proc/self/clear_refs).
+
+  Returns False where that is not possible; `peak_rss_mib` then keeps counting from the start.
+  """
+  try:
+    _CLEAR_REFS.write_text("5")
+  except OSError:
+    return False
+  return True
 
 
 def time_steps(step: Callable[[], None], steps: int, warmup: int) -> dict[str, Any]:
@@ -99,7 +127,12 @@ def time_steps(step: Callable[[], None], steps: int, warmup: int) -> dict[str, A
 
   `step` must return only once its work has finished (block on the device). `cores_busy` is
   this process's CPU seconds per wall second over the timed steps (2.0 = both cores of 2).
+  `peak_rss_setup_mib` is the peak RSS before the first call (imports, model, compile, state);
+  `peak_rss_steps_mib` the peak from the first call to the last (absent where the peak cannot
+  be reset). The process's own peak is the larger of the two as long as nothing runs after.
   """
+  peaks = {"peak_rss_setup_mib": peak_rss_mib()}
+  steps_peak_is_own = reset_peak_rss()
   start = time.perf_counter()
   step()
   first = time.perf_counter() - start
@@ -112,7 +145,9 @@ def time_steps(step: Callable[[], None], steps: int, warmup: int) -> dict[str, A
     step()
     times.append(time.perf_counter() - start)
   cpu = time.process_time() - cpu
-  return {"first_step_s": first, "step_s": statistics.median(times),
+  if steps_peak_is_own:
+    peaks["peak_rss_steps_mib"] = peak_rss_mib()
+  return {**peaks, "first_step_s": first, "step_s": statistics.median(times),
           "step_s_min": min(times), "step_s_max": max(times), "steps": steps,
           "cpu_s_per_step": cpu / steps, "cores_busy": cpu / sum(times)}
 

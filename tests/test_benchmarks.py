@@ -105,3 +105,29 @@ def test_ab_rejects_an_unknown_or_mistyped_field():
   assert proc.returncode != 0 and "'vocab_chunk=1': expected NAME=VALUE" in proc.stderr
   proc = _ab("--b=num_layers=two")
   assert proc.returncode != 0 and "not a valid int for num_layers" in proc.stderr
+
+
+def test_peak_rss_is_the_processs_own_and_resets_to_the_current_rss():
+  # A parent 300 MiB larger than its child: ru_maxrss would hand the child the parent's peak.
+  code = """
+import json
+from benchmarks import common
+before = common.peak_rss_mib()
+reset = common.reset_peak_rss()
+after_reset = common.peak_rss_mib()
+block = bytearray(200 * 2**20)
+block[::4096] = b"x" * len(block[::4096])
+print(json.dumps(dict(before=before, reset=reset, after_reset=after_reset,
+                      after_alloc=common.peak_rss_mib())))
+"""
+  ballast = bytearray(300 * 2**20)
+  ballast[::4096] = b"x" * len(ballast[::4096])
+  proc = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, capture_output=True, text=True,
+                        timeout=60, check=True)
+  del ballast
+  rss = json.loads(proc.stdout)
+  assert rss["before"] < 200, rss  # a bare interpreter plus numpy, not the 300+ MiB parent
+  if not rss["reset"]:
+    pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+  assert rss["after_reset"] <= rss["before"] + 1
+  assert 190 < rss["after_alloc"] - rss["after_reset"] < 230, rss
