@@ -23,6 +23,7 @@ from absl import app, flags
 
 from benchmarks import common, jaxfm_impl
 from jaxfm.models import BertConfig
+from jaxfm.cpu import process as cpu_process
 from jaxfm.train import run_setup
 
 _MODEL = flags.DEFINE_string("model", "mini", "BERT size preset: tiny, mini, small, base, large.")
@@ -56,7 +57,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
   del argv
   arch = common.preset_arch(_MODEL.value)
-  run_setup.use_default_xla_flags(arch["hidden_size"])  # as jaxfm.pretrain, before JAX starts
+  cpu_process.use_default_xla_flags(arch["hidden_size"])  # as jaxfm.pretrain, before JAX starts
   jax.config.update("jax_platforms", "cpu")
   case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
                      batch=_BATCH.value, arch=arch)

@@ -13,7 +13,8 @@ from benchmarks.common import NUM_LABELS, VOCAB_SIZE, Case, peak_rss_mib
 from jaxfm import sharding
 from jaxfm.config import pretrain_defaults
 from jaxfm.models import BertConfig, BertForSequenceClassification
-from jaxfm.train import host_memory, loop, losses, tasks
+from jaxfm.cpu import process as cpu_process
+from jaxfm.train import loop, losses, tasks
 from jaxfm.train.flops import classification_flops_per_token
 
 
@@ -75,7 +76,7 @@ def compile_train_step(case: Case, batch: dict[str, np.ndarray],
       steps, steps.abstract_batch(task, case.batch), mesh)
   rss_after_compile = peak_rss_mib()
   state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(jax.random.key(0))
-  host_memory.release_free_heap()  # as `loop.train` does once its state exists
+  cpu_process.release_free_heap()  # as `loop.train` does once its state exists
   device_batch = sharding.global_batch({k: batch[k] for k in task.batch_spec}, mesh)
   return CompiledStep(compiled, state, device_batch, mesh, compile_s, rss_before_compile,
                       rss_after_compile)

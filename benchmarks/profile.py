@@ -25,6 +25,7 @@ import jax
 from absl import flags
 
 from benchmarks import common, jaxfm_impl, xla_ops
+from jaxfm.cpu import process as cpu_process
 from jaxfm.train import run_setup
 
 _MODEL = flags.DEFINE_string("model", "mini", "BERT size preset: tiny, mini, small, base, large.")
@@ -36,7 +37,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after 3 untimed ones)."
 def main(argv: Sequence[str]) -> None:
   del argv
   arch = common.preset_arch(_MODEL.value)
-  run_setup.use_default_xla_flags(arch["hidden_size"])  # as jaxfm.pretrain, before JAX starts
+  cpu_process.use_default_xla_flags(arch["hidden_size"])  # as jaxfm.pretrain, before JAX starts
   jax.config.update("jax_platforms", "cpu")
   case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
                      batch=_BATCH.value, arch=arch)

@@ -7,9 +7,9 @@ Each measurement runs in its own child process (clean compile caches; its own pe
 `--impl` every round runs jaxfm then torch (A B A B ...) and the table gives the per-pair
 jaxfm/torch tokens/s ratio. First a JAX child measures the matmul ceiling (best of
 `--matmul_reps` square matmuls in `--dtype`, with JAX's stock XLA flags) that MFU is reported
-against; jaxfm children run with jaxfm's default XLA flags (`run_setup.DEFAULT_XLA_FLAGS`).
+against; jaxfm children run with jaxfm's default XLA flags (`jaxfm.cpu.process.DEFAULT_XLA_FLAGS`).
 Every child runs with glibc's malloc in transparent huge pages, as jaxfm's entry points restart
-themselves (`host_memory.restart_with_hugepage_malloc`); `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
+themselves (`jaxfm.cpu.process.restart_with_hugepage_malloc`); `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
 runs them all without.
 
 FLOPs per token (`jaxfm.train.flops`) are what each implementation computes: jaxfm runs the MLM
@@ -67,22 +67,22 @@ _CEILING_CHILD = flags.DEFINE_bool("ceiling_child", False, "Internal: measure th
 
 def _child_env() -> dict[str, str]:
   """Every child's environment: this one, with glibc's malloc in huge pages as jaxfm's entry
-  points run (`host_memory.hugepage_malloc_env`; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs
+  points run (`jaxfm.cpu.process.hugepage_malloc_env`; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 runs
   every child without)."""
-  from jaxfm.train import host_memory  # pylint: disable=g-import-not-at-top
-  return host_memory.hugepage_malloc_env(os.environ) or dict(os.environ)
+  from jaxfm.cpu import process as cpu_process  # pylint: disable=g-import-not-at-top
+  return cpu_process.hugepage_malloc_env(os.environ) or dict(os.environ)
 
 
 def _jax_env(case: common.Case | None) -> dict[str, str]:
   """The environment of a JAX child: XLA_FLAGS plus --xla_flags and --devices, and for a jaxfm
   `case` jaxfm's default XLA flags for its width (as its entry points set them; None: the
   ceiling child, which keeps JAX's stock flags)."""
-  from jaxfm.train import run_setup  # pylint: disable=g-import-not-at-top
+  from jaxfm.cpu import process as cpu_process  # pylint: disable=g-import-not-at-top
   xla = " ".join(f for f in [os.environ.get("XLA_FLAGS", ""), _XLA_FLAGS.value] if f)
   if _DEVICES.value:
     xla += f" --xla_force_host_platform_device_count={_DEVICES.value}"
   if case is not None:
-    xla = run_setup.with_default_xla_flags(xla, case.arch["hidden_size"])
+    xla = cpu_process.with_default_xla_flags(xla, case.arch["hidden_size"])
   return {**_child_env(), "XLA_FLAGS": xla.strip()}
 
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from jaxfm.train import run_setup
+from jaxfm.cpu import process as cpu_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Compiles the fine-tuning classification step of a bert-mini-wide, 4-layer model (batch 32,
@@ -35,7 +35,7 @@ def test_remat_full_cuts_the_fine_tuning_step_s_temporaries():
   # Measured: 348 -> 163 MiB. Without the layer-by-layer order of the backward pass, XLA's
   # memory scheduler leaves every weight gradient to the end and remat=full gives 335 MiB;
   # without the recomputation's offset input, XLA's CSE merges it into the forward pass: 218.
-  env = {**os.environ, "XLA_FLAGS": run_setup.with_default_xla_flags(""), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": cpu_process.with_default_xla_flags(""), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxfm import sharding
-from jaxfm.train import checkpoint, host_memory, optim
+from jaxfm.cpu import process as cpu_process
+from jaxfm.train import checkpoint, optim
 from jaxfm.train.best import BestCheckpoint
 from jaxfm.train.flops import peak_flops_per_device
 from jaxfm.train.state import TrainState, create_train_state
@@ -164,7 +165,7 @@ def compile_train_step(steps: Steps, batch: dict[str, Any],
   """AOT-compiles `steps.train_step` for the abstract state and `batch`'s shapes and shardings
   (arrays or `steps.abstract_batch(...)`): (executable, seconds).
 
-  The heap the compiler freed is handed back to the OS (`host_memory`); `train` compiles the
+  The heap the compiler freed is handed back to the OS (`jaxfm.cpu.process`); `train` compiles the
   first batch's step before any state exists, so the compiler's peak is not added to the
   state's (bert-mini fine-tuning step with remat=full, `python -m benchmarks.step`: peak RSS
   866 -> 820 MiB).
@@ -173,7 +174,7 @@ def compile_train_step(steps: Steps, batch: dict[str, Any],
   with sharding.activation_sharding(mesh):
     compiled = steps.train_step.lower(steps.abstract_state, batch).compile()
   seconds = time.perf_counter() - start
-  host_memory.release_free_heap()
+  cpu_process.release_free_heap()
   return compiled, seconds
 
 
@@ -308,7 +309,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
                     out_shardings=state_shardings)(params)
   else:
     state = jax.jit(steps.init_state, out_shardings=state_shardings)(jax.random.key(t.seed))
-  host_memory.release_free_heap()  # what restoring or initialising (and its compiler) freed
+  cpu_process.release_free_heap()  # what restoring or initialising (and its compiler) freed
   start = int(jax.device_get(state.step))
   if complete(start):  # a relaunch of a finished run: nothing to compile or train
     logging.info("step %d: training is already complete in %s", start, workdir)
@@ -340,7 +341,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
       eval_metrics = run_eval(state.params)
       writer.write(0, eval_metrics, "eval")
       log_line(0, eval_metrics, "eval")
-      host_memory.release_free_heap()  # what the eval step's compiler freed
+      cpu_process.release_free_heap()  # what the eval step's compiler freed
     pending: list[Sums] = []
     interval_start = time.perf_counter()
     interval_steps, interval_tokens, interval_flops = 0, 0, 0.0

@@ -16,7 +16,8 @@ from etils import epath
 from jaxfm import config as config_lib
 from jaxfm import sharding
 from jaxfm.models import BertConfig, stack_layers, unstack_layers
-from jaxfm.train import checkpoint, host_memory
+from jaxfm.cpu import process as cpu_process
+from jaxfm.train import checkpoint
 
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tokenizers")
 
@@ -35,42 +36,10 @@ class _LibraryChatterFilter(logging_std.Filter):
         part in record.pathname for part in self._QUIET)
 
 
-# XLA flags jaxfm sets unless XLA_FLAGS already names them. XLA:CPU hands dots and
-# reductions to YNNPACK by default; with dots left to XLA's own (Eigen) path the train step of
-# models from bert-mini's width up is 3-8% faster on the 2-core CPUs of BENCHMARKS.md
-# (attention's batched dots above all). XLA:CPU's default (concurrency-optimised) scheduler
-# keeps many layers' buffers live at once; its DFS memory scheduler cuts those models' peak RSS
-# by 6-9% at the same speed. bert-tiny's narrow matmuls run better on YNNPACK (MLM -4-12%) and
-# its step did not gain from the DFS order, so narrower models keep XLA's defaults. CPU-only
-# flags: other backends' compilers do not read them.
-DEFAULT_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "reduce",
-                     "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-# Older spellings of a default's setting: a user who names one of them has chosen it.
-_SAME_SETTING = {"xla_cpu_scheduler_type": ("xla_cpu_enable_concurrency_optimized_scheduler",)}
-MIN_WIDTH_FOR_DEFAULT_XLA_FLAGS = 256  # model.hidden_size
-
-
-def with_default_xla_flags(xla_flags: str, model_width: int | None = None) -> str:
-  """`xla_flags` (an XLA_FLAGS value) with `DEFAULT_XLA_FLAGS` for the flags it does not set,
-  unless the model is narrower than `MIN_WIDTH_FOR_DEFAULT_XLA_FLAGS` (None: not known)."""
-  if model_width is not None and model_width < MIN_WIDTH_FOR_DEFAULT_XLA_FLAGS:
-    return " ".join(xla_flags.split())
-  named = {flag.lstrip("-").split("=", 1)[0] for flag in xla_flags.split()}
-  defaults = [f"--{name}={value}" for name, value in DEFAULT_XLA_FLAGS.items()
-              if named.isdisjoint((name, *_SAME_SETTING.get(name, ())))]
-  return " ".join([*defaults, *xla_flags.split()])
-
-
-def use_default_xla_flags(model_width: int | None = None) -> None:
-  """Puts `with_default_xla_flags` into the environment; acts only before JAX starts its
-  backends."""
-  os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""), model_width)
-
-
 def run_program(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` for an entry point started as a program, after restarting it with glibc's
-  malloc in huge pages where that applies (`host_memory.restart_with_hugepage_malloc`)."""
-  host_memory.restart_with_hugepage_malloc()
+  malloc in huge pages when it will run on CPUs (`jaxfm.cpu.process`)."""
+  cpu_process.restart_with_hugepage_malloc()
   app.run(main)
 
 
@@ -87,7 +56,7 @@ def initialize_runtime(model_width: int | None = None) -> None:
   Raises:
     ValueError: JAX_COORDINATOR_ADDRESS is set without the other two.
   """
-  use_default_xla_flags(model_width)
+  cpu_process.use_default_xla_flags(model_width)
   logging.get_absl_handler().addFilter(_LibraryChatterFilter())
   timeout_s = int(os.environ.get("JAX_INIT_TIMEOUT_S", "300"))
   if "JAX_COORDINATOR_ADDRESS" in os.environ:

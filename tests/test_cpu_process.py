@@ -1,4 +1,4 @@
-"""host_memory: freed C-heap memory goes back to the OS; programs restart with huge-page malloc."""
+"""jaxfm.cpu.process: freed C-heap memory goes back to the OS; programs restart with huge-page malloc."""
 
 import ctypes
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxfm.train import host_memory
+from jaxfm.cpu import process
 
 _LIBC = ctypes.CDLL(None)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +29,7 @@ def test_freed_heap_blocks_leave_resident_memory_after_release():
   for block in blocks:
     _LIBC.free(block)
   before = _resident_mib()
-  host_memory.release_free_heap()
+  process.release_free_heap()
   after = _resident_mib()
   _LIBC.free(keeper)
   assert before - after > 48, (before, after)
@@ -38,34 +38,34 @@ def test_freed_heap_blocks_leave_resident_memory_after_release():
 @pytest.fixture
 def hugepages_apply(monkeypatch):
   """As on a Linux machine with glibc 2.36 and transparent huge pages on `madvise`."""
-  monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 36))
-  monkeypatch.setattr(host_memory, "_transparent_hugepages_allowed", lambda: True)
+  monkeypatch.setattr(process, "_glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(process, "_transparent_hugepages_allowed", lambda: True)
 
 
 def test_hugepage_tunable_is_added_to_the_user_s_tunables(hugepages_apply):
-  assert host_memory.hugepage_malloc_env({"HOME": "/h"}) == {
+  assert process.hugepage_malloc_env({"HOME": "/h"}) == {
       "HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  assert host_memory.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
+  assert process.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
       "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
 
 
 def test_no_hugepage_tunable_where_the_user_set_it_or_it_cannot_work(hugepages_apply,
                                                                       monkeypatch):
-  assert host_memory.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
-  monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 34))  # no such tunable yet
-  assert host_memory.hugepage_malloc_env({}) is None
-  monkeypatch.setattr(host_memory, "_glibc_version", lambda: ())  # not glibc
-  assert host_memory.hugepage_malloc_env({}) is None
-  monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 36))
-  monkeypatch.setattr(host_memory, "_transparent_hugepages_allowed", lambda: False)
-  assert host_memory.hugepage_malloc_env({}) is None
+  assert process.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+  monkeypatch.setattr(process, "_glibc_version", lambda: (2, 34))  # no such tunable yet
+  assert process.hugepage_malloc_env({}) is None
+  monkeypatch.setattr(process, "_glibc_version", lambda: ())  # not glibc
+  assert process.hugepage_malloc_env({}) is None
+  monkeypatch.setattr(process, "_glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(process, "_transparent_hugepages_allowed", lambda: False)
+  assert process.hugepage_malloc_env({}) is None
 
 
 _RESTARTING = """
 import os, sys
-from jaxfm.train import host_memory
+from jaxfm.cpu import process
 print("started", os.getpid(), flush=True)
-host_memory.restart_with_hugepage_malloc()
+process.restart_with_hugepage_malloc()
 print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:],
       open("/proc/self/cmdline").read().split("\\0")[0])
 """
@@ -76,7 +76,7 @@ def test_a_program_restarts_itself_once_in_place_with_the_tunable(user_tunables)
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   if user_tunables:
     env["GLIBC_TUNABLES"] = user_tunables
-  elif host_memory.hugepage_malloc_env(env) is None:
+  elif process.hugepage_malloc_env(env) is None:
     pytest.skip("needs glibc >= 2.35 and transparent huge pages")
   python = os.path.basename(sys.executable)  # as typed, found on PATH: kept through the restart
   env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -87,3 +87,16 @@ def test_a_program_restarts_itself_once_in_place_with_the_tunable(user_tunables)
   expected = user_tunables or "glibc.malloc.hugetlb=1"
   assert lines[:-1] == [f"started {pid}"] * (1 if user_tunables else 2)  # the same process
   assert lines[-1] == f"running {pid} {expected} ['--flag=1'] {python}"
+
+
+def test_cpu_tuning_applies_only_where_jax_will_run_on_cpus(monkeypatch):
+  assert process.targets_cpu({"JAX_PLATFORMS": "cpu"})
+  assert not process.targets_cpu({"JAX_PLATFORMS": "tpu,cpu"})
+  assert not process.targets_cpu({"JAX_PLATFORMS": "cuda"})
+  monkeypatch.setattr(process.importlib.util, "find_spec",
+                      lambda name: object() if name == "libtpu" else None)
+  assert not process.targets_cpu({})  # libtpu installed: a TPU VM
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  process.use_default_xla_flags(768)
+  assert process.os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"

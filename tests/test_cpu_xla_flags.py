@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from jaxfm.cpu import process as cpu_process
 from jaxfm.train import run_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,19 +27,19 @@ DFS = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
 def test_defaults_are_added_only_for_flags_not_named():
-  assert run_setup.with_default_xla_flags("") == f"{YNN} {DFS}"
-  assert run_setup.with_default_xla_flags("--xla_force_host_platform_device_count=8") == (
+  assert cpu_process.with_default_xla_flags("") == f"{YNN} {DFS}"
+  assert cpu_process.with_default_xla_flags("--xla_force_host_platform_device_count=8") == (
       f"{YNN} {DFS} --xla_force_host_platform_device_count=8")
   mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
-  assert run_setup.with_default_xla_flags(mine) == f"{DFS} {mine}"
+  assert cpu_process.with_default_xla_flags(mine) == f"{DFS} {mine}"
   for theirs in ("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
                  "--xla_cpu_enable_concurrency_optimized_scheduler=true"):  # the older spelling
-    assert run_setup.with_default_xla_flags(theirs) == f"{YNN} {theirs}"
+    assert cpu_process.with_default_xla_flags(theirs) == f"{YNN} {theirs}"
 
 
 def test_models_narrower_than_bert_mini_keep_xla_s_defaults():
-  assert run_setup.with_default_xla_flags("", model_width=256) == f"{YNN} {DFS}"
-  assert run_setup.with_default_xla_flags("--xla_force_host_platform_device_count=8",
+  assert cpu_process.with_default_xla_flags("", model_width=256) == f"{YNN} {DFS}"
+  assert cpu_process.with_default_xla_flags("--xla_force_host_platform_device_count=8",
                                           model_width=128) == (
       "--xla_force_host_platform_device_count=8")
 
