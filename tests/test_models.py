@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxfm import sharding
-from jaxfm.train.run_setup import in_layout
+from jaxfm.weights import in_layout
 from jaxfm.models import (BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification,
                           BertForTokenClassification, BertModel, preset, stack_layers,
                           unstack_layers)

@@ -1,4 +1,4 @@
-"""Remat's memory saving in the compiled fine-tuning step, under jaxfm's default CPU scheduler."""
+"""Remat's memory saving in the compiled fine-tuning step on CPU (jaxfm.cpu: flags and paths)."""
 
 import os
 import subprocess
@@ -18,7 +18,7 @@ from jaxfm.train import loop
 
 def temporaries_mib(policy):
   config = preset("mini", vocab_size=1000, num_layers=4, max_position_embeddings=128,
-                  remat_policy=policy)
+                  remat_policy=policy, cpu_paths=True)
   task = make_task("classification", config, None, None,
                    ml_collections.ConfigDict({"max_seq_length": 128}))
   cfg = pretrain_defaults()

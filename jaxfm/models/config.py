@@ -34,6 +34,9 @@ class BertConfig:
   dtype: str = "float32"  # compute dtype; parameters are always float32
   remat_policy: str = "none"
   scan_layers: bool = False
+  # XLA:CPU forms of the matmuls, dropout and remat'd backward order (`jaxfm.cpu`): the same
+  # values, scheduled for CPU. Set by the run from its devices, not saved with the model.
+  cpu_paths: bool = False
   # The MLM loss runs the tied decoder over this many vocabulary rows at a time and never
   # holds the whole logits (`jaxfm.train.cross_entropy`); 0 = the whole vocabulary at once.
   loss_vocab_chunk: int = 4096

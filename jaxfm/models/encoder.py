@@ -5,20 +5,23 @@ that map them onto a mesh); activations are constrained with logical names
 too, which is a no-op outside a mesh context. Parameters are float32; the
 compute dtype comes from the config; LayerNorm statistics, softmax and logits
 used by losses are float32.
+
+With `config.cpu_paths` the matmuls, dropout and the remat'd backward order take
+`jaxfm.cpu`'s XLA:CPU forms (the same values); otherwise this is plain Flax.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxfm.cpu import dropout as cpu_dropout
+from jaxfm.cpu import layers as cpu_layers
 from jaxfm.models.config import BertConfig
-from jaxfm.models.dropout import Dropout
 
 Array = jax.Array
 
@@ -34,8 +37,8 @@ def activation(name: str) -> Callable[[Array], Array]:
   """HF naming: 'gelu' is the exact erf form BERT uses, 'gelu_new' the tanh one.
 
   Checkpointed: autodiff keeps only the input and recomputes the function's internals in the
-  backward pass. Left to itself it keeps two more [tokens, intermediate] arrays per layer for
-  the erf form (measured: bert-small MLM step temporaries 1,605 -> 1,351 MiB).
+  backward pass; left to itself it keeps two more [tokens, intermediate] arrays per layer for
+  the erf form.
   """
   return jax.checkpoint({
       "gelu": functools.partial(nn.gelu, approximate=False),
@@ -53,21 +56,17 @@ def _zeros(names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def matmul_over_tokens(x: Array, kernel: Array, contracting: int = 1, **dot_kwargs) -> Array:
-  """x [*tokens, *features] · kernel [*features, *out] -> [*tokens, *out]: x's last
-  `contracting` axes with kernel's first, as one 2-D matmul over the flattened token axes.
+def contract(config: BertConfig, x: Array, kernel: Array, axes: int = 1) -> Array:
+  """x [*tokens, *features] · kernel [*features, *out] -> [*tokens, *out] (x's last `axes`
+  axes with kernel's first), as `jnp.tensordot` or, with `config.cpu_paths`, one 2-D GEMM."""
+  if config.cpu_paths:
+    return cpu_layers.matmul_over_tokens(x, kernel, axes)
+  return jnp.tensordot(x, kernel, axes)
 
-  The values are the einsum's; the point is the weight gradient. For a 3-D x it contracts two
-  axes (batch and length), which XLA:CPU computes through transposed copies of the output
-  gradient; in 2-D it is one GEMM with a transposed operand (bert-mini and bert-small train
-  steps ~20% faster on CPU, BENCHMARKS.md). Merged axes keep the sharding of their first
-  (major) axis: batch leads the token axes, and a kernel sharded on an output or feature axis
-  must have that axis first among them, or GSPMD gathers the kernel whole.
-  """
-  tokens, features = x.shape[:x.ndim - contracting], x.shape[x.ndim - contracting:]
-  size = math.prod(features)
-  y = jnp.matmul(x.reshape(-1, size), kernel.reshape(size, -1), **dot_kwargs)  # [tokens, out]
-  return y.reshape(*tokens, *kernel.shape[contracting:])
+
+def dropout(config: BertConfig, rate: float) -> nn.Module:
+  """`nn.Dropout(rate)`, or with `config.cpu_paths` its cheaper-to-draw CPU form."""
+  return cpu_dropout.Dropout(rate) if config.cpu_paths else nn.Dropout(rate)
 
 
 def at_positions(x: Array, positions: Array | None) -> Array:
@@ -77,20 +76,11 @@ def at_positions(x: Array, positions: Array | None) -> Array:
   return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
-                       preferred_element_type=None) -> Array:
-  """`lax.dot_general` as `nn.Dense` calls it ([..., in] · [in, out]), by `matmul_over_tokens`."""
-  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
-    raise ValueError(f"expected nn.Dense's contraction, got {dimension_numbers}")
-  return matmul_over_tokens(lhs, rhs, precision=precision,
-                            preferred_element_type=preferred_element_type)
-
-
 def dense(config: BertConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
   """A float32-parameter Dense layer computing in the config's dtype."""
   return nn.Dense(features, dtype=config.dtype, param_dtype=jnp.float32,
                   kernel_init=_normal(config, names), bias_init=_zeros(names[1:]), name=name,
-                  dot_general=_dense_dot_general)
+                  dot_general=cpu_layers.dense_dot_general if config.cpu_paths else None)
 
 
 def layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
@@ -114,7 +104,7 @@ class Embeddings(nn.Module):
                                      embedding_init=_normal(cfg, (None, EMBED)))
     self.token_type_embeddings = embed(cfg.type_vocab_size, embedding_init=_normal(cfg, (None, EMBED)))
     self.layer_norm = layer_norm(cfg, "layer_norm")
-    self.dropout = Dropout(cfg.hidden_dropout)
+    self.dropout = dropout(cfg, cfg.hidden_dropout)
     if cfg.embedding_dim != cfg.hidden_size:
       self.projection = dense(cfg, cfg.hidden_size, (EMBED_OUT, EMBED), "projection")
 
@@ -152,10 +142,11 @@ class SelfAttention(nn.Module):
     qkv_bias = param("qkv_bias", _zeros((None, HEADS, KV)), (3, cfg.num_heads, cfg.head_dim))
 
     def project(inputs: Array, parts: slice) -> Array:  # -> [batch, length, heads, parts, head_dim]
-      # Heads (tensor-sharded) first among the kernel's output axes: see `matmul_over_tokens`.
+      # Heads (tensor-sharded) lead the kernel's output axes, as `cpu_layers.matmul_over_tokens`
+      # needs to keep their sharding.
       kernel = jnp.swapaxes(qkv_kernel[:, parts], 1, 2)  # [hidden, heads, parts, head_dim]
       bias = jnp.swapaxes(qkv_bias[parts], 0, 1)  # [heads, parts, head_dim]
-      return matmul_over_tokens(inputs, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
+      return contract(cfg, inputs, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
 
     if query_positions is None:  # one fused QKV matmul
       qkv = project(x, slice(0, 3))
@@ -173,13 +164,13 @@ class SelfAttention(nn.Module):
       # Dropout on the attention probabilities needs them materialised.
       logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32)
       logits = jnp.where(mask, logits * cfg.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
-      probs = Dropout(cfg.attention_dropout)(jax.nn.softmax(logits, axis=-1),
-                                                deterministic=False)
+      probs = dropout(cfg, cfg.attention_dropout)(jax.nn.softmax(logits, axis=-1),
+                                                  deterministic=False)
       context = jnp.einsum("bnqk,bknh->bqnh", probs.astype(cfg.dtype), v)
     out_kernel = param("out_kernel", _normal(cfg, (HEADS, KV, EMBED)),
                        (cfg.num_heads, cfg.head_dim, cfg.hidden_size))
     out_bias = param("out_bias", _zeros((EMBED,)), (cfg.hidden_size,))
-    return (matmul_over_tokens(context, out_kernel.astype(cfg.dtype), contracting=2)
+    return (contract(cfg, context, out_kernel.astype(cfg.dtype), axes=2)
             + out_bias.astype(cfg.dtype))  # [batch, length, hidden]
 
 
@@ -194,7 +185,7 @@ class TransformerLayer(nn.Module):
     # x: [batch, length, hidden] -> [batch, outputs, hidden]: with `positions` ([batch, outputs]
     # int) the layer computes its output only there (keys and values still see every position).
     cfg = self.config
-    drop = Dropout(cfg.hidden_dropout)
+    drop = dropout(cfg, cfg.hidden_dropout)
     attended = SelfAttention(cfg, name="attention")(x, mask, deterministic, positions)
     x = layer_norm(cfg, "attention_norm")(at_positions(x, positions)
                                           + drop(attended, deterministic=deterministic))
@@ -218,47 +209,6 @@ def _layer_class(config: BertConfig, scanned: bool) -> type[nn.Module]:
     return TransformerLayer
   return nn.remat(TransformerLayer, policy=_REMAT_POLICIES[config.remat_policy],
                   prevent_cse=not scanned, static_argnums=(3,))
-
-
-def _call_with_layerwise_grads(layer: nn.Module, x: Array, mask: Array, deterministic: bool,
-                               positions: Array | None) -> Array:
-  """`layer(x, mask, deterministic, positions)[0]` whose backward pass computes the layer's
-  parameter gradients before it hands the gradient of `x` on to the layer below.
-
-  The gradient of `x` is made to depend on them (NaN where one is not finite; the train step
-  skips such a step anyway). Left alone, XLA's CPU memory scheduler computes every weight
-  gradient at the very end of the backward pass, so each layer's output gradient and
-  recomputed activations stay alive until then and remat saves little (bert-small fine-tuning
-  step, remat=full: temporaries 697 -> 444 MiB, 6% faster). `jax.lax.optimization_barrier`
-  cannot express this order: XLA:CPU removes barriers before it schedules.
-
-  Barriers being gone, under remat=full the recomputation starts from the saved input plus
-  0 * an element of the output gradient: the same numbers, but a value XLA's CSE cannot merge
-  with the forward pass's input, which it otherwise does, folding the recomputed projections
-  and attention scores into the forward pass's and keeping them alive through the backward
-  pass (fine-tuning step, remat=full: temporaries bert-mini 218 -> 162 MiB, bert-small 443 ->
-  337 MiB, for 2% / 4.5% more step time: they are really recomputed now). The other policies
-  save activations of the input's shape too, and gained nothing from it (bert-mini, dots:
-  294 -> 301 MiB).
-  """
-  offset_input = layer.config.remat_policy == "full"  # the input: its only residual of x's shape
-
-  def call(module: nn.Module, x: Array, mask: Array, positions: Array | None) -> Array:
-    return module(x, mask, deterministic, positions)[0]
-
-  def forward(module: nn.Module, x: Array, mask: Array, positions: Array | None):
-    return nn.vjp(call, module, x, mask, positions)
-
-  def backward(vjp_fn, y_grad: Array):
-    zero = jnp.zeros((), y_grad.dtype) * y_grad.ravel()[0]  # 0, or NaN if y_grad is not finite
-    residuals, structure = jax.tree_util.tree_flatten(vjp_fn)
-    residuals = [r + zero.astype(r.dtype) if offset_input and r.shape == x.shape
-                 and jnp.issubdtype(r.dtype, jnp.floating) else r for r in residuals]
-    params_grad, x_grad, *other_grads = jax.tree_util.tree_unflatten(structure, residuals)(y_grad)
-    finite = jnp.stack([jnp.isfinite(g).all() for g in jax.tree_util.tree_leaves(params_grad)])
-    return params_grad, jnp.where(finite.all(), x_grad, jnp.nan), *other_grads
-
-  return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(layer, x, mask, positions)
 
 
 def _scanned_depth(config: BertConfig) -> int:
@@ -304,10 +254,11 @@ class BertEncoder(nn.Module):
     mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1(heads), 1(query), key]
     if _scanned_depth(self.config):
       x, _ = self.scanned_layers(x, mask, deterministic, None)
-    # Only under remat: without it every activation is kept anyway, and the order costs time
-    # (bert-mini fine-tuning step: 7.5% slower for 5% fewer temporaries).
-    call = _call_with_layerwise_grads if self.config.remat_policy != "none" else (
-        lambda layer, *args: layer(*args)[0])
+    # The layer-by-layer backward order pays only under remat: without it every activation is
+    # kept anyway.
+    call = (cpu_layers.call_with_layerwise_grads
+            if self.config.cpu_paths and self.config.remat_policy != "none"
+            else lambda layer, *args: layer(*args)[0])
     for index, layer in enumerate(self.layers):
       last = index == len(self.layers) - 1
       x = call(layer, x, mask, deterministic, output_positions if last else None)

@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxfm.models.config import BertConfig
-from jaxfm.models.dropout import Dropout
 from jaxfm.models.encoder import (ACT_BATCH, ACT_LENGTH, CLASSES, EMBED, EMBED_OUT, VOCAB,
-                                  BertEncoder, activation, dense, layer_norm)
+                                  BertEncoder, activation, dense, dropout, layer_norm)
 
 Array = jax.Array
 
@@ -94,7 +93,7 @@ class BertForSequenceClassification(nn.Module):
     first = jnp.zeros((input_ids.shape[0], 1), jnp.int32)  # [batch, 1]: position 0
     pooled = encoder.pool(encoder(input_ids, token_type_ids, attention_mask, deterministic,
                                   output_positions=first))
-    pooled = Dropout(self.config.hidden_dropout)(pooled, deterministic=deterministic)
+    pooled = dropout(self.config, self.config.hidden_dropout)(pooled, deterministic=deterministic)
     logits = dense(self.config, self.num_labels, (EMBED, CLASSES), "classifier")(pooled)
     return logits.astype(jnp.float32)  # [batch, num_labels]
 
@@ -110,7 +109,7 @@ class BertForTokenClassification(nn.Module):
                deterministic: bool = True) -> Array:
     hidden = BertEncoder(self.config, name="encoder")(
         input_ids, token_type_ids, attention_mask, deterministic)
-    hidden = Dropout(self.config.hidden_dropout)(hidden, deterministic=deterministic)
+    hidden = dropout(self.config, self.config.hidden_dropout)(hidden, deterministic=deterministic)
     logits = dense(self.config, self.num_labels, (EMBED, CLASSES), "classifier")(hidden)
     return nn.with_logical_constraint(logits.astype(jnp.float32),
                                       (ACT_BATCH, ACT_LENGTH, None))  # [batch, length, labels]

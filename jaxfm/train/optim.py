@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxfm.train import adamw
+from jaxfm.cpu import adamw as cpu_adamw
 
 # Parameter leaf names that get weight decay; LayerNorm scales and all biases do not.
 _DECAYED = ("kernel", "embedding", "qkv_kernel", "out_kernel")
@@ -75,14 +75,28 @@ def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformationExtraArgs:
-  """AdamW or LAMB with decoupled weight decay (masked), optional global-norm clipping and
-  optional layer-wise learning-rate decay (`optim.layer_decay` < 1, fine-tuning configs).
+def applied_if(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`tx` with the train step's extra `update` arguments: `apply` (False on a skipped step:
+  zero updates, state unchanged) and `grad_norm` (unused here; the CPU AdamW folds its clip
+  factor from it)."""
 
-  The state is that of the optax chain clip -> adamw|lamb -> layer decay; AdamW's update is
-  `adamw.fused_adamw`'s one-pass form of it. Both take the train step's `grad_norm` and
-  `apply` (False: a skipped step) as extra arguments of `update`.
+  def update(grads: Any, state: Any, params: Any = None, *, grad_norm: jax.Array,
+             apply: jax.Array) -> tuple[Any, Any]:
+    del grad_norm
+    updates, new_state = tx.update(grads, state, params)
+    return (jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), updates),
+            jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, state))
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, fused: bool = False
+                   ) -> optax.GradientTransformationExtraArgs:
+  """optax's AdamW or LAMB with decoupled weight decay (masked), optional global-norm clipping
+  and optional layer-wise learning-rate decay (`optim.layer_decay` < 1, fine-tuning configs).
+
+  The chain is clip -> adamw|lamb -> layer decay, behind `applied_if`. `fused` (CPU runs)
+  computes AdamW's update in `jaxfm.cpu.adamw`'s one pass per array, on the same state.
   """
   schedule = learning_rate_schedule(optim, total_steps)
   kwargs = dict(learning_rate=schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
@@ -93,10 +107,10 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
   layer_decay = optim.get("layer_decay", 1.0)
   if layer_decay < 1.0:
     parts.append(scale_by_layer_decay(layer_decay))
-  reference = parts[0] if len(parts) == 1 else optax.chain(*parts)
-  if optim.name != "adamw":
-    return adamw.applied_if(reference)
-  return adamw.fused_adamw(
-      reference, schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+  chain = parts[0] if len(parts) == 1 else optax.chain(*parts)
+  if not (fused and optim.name == "adamw"):
+    return applied_if(chain)
+  return cpu_adamw.fused_adamw(
+      chain, schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
       weight_decay=optim.weight_decay, decay_mask=weight_decay_mask, clip_norm=optim.clip_norm,
       update_scales=(lambda p: layer_lr_scales(p, layer_decay)) if layer_decay < 1.0 else None)

@@ -1,17 +1,15 @@
-"""AdamW with global-norm clipping and step skipping, one pass per array on any backend.
+"""AdamW with global-norm clipping and step skipping in one pass per array.
 
 It computes what optax's `clip_by_global_norm -> adamw -> layer decay` chain followed by a
 "keep the old state if the step is not applied" select computes, on that chain's own state
-(`reference.init`), so checkpoints and state shardings do not change. Why not the chain:
-XLA:CPU has no multi-output fusion, and there the chain materialises the clipped gradients
-(the norm's reduction cannot take them fused), and the select re-reads the old moments
-after the new ones overwrite them, so XLA copies both moments every step: ~23 passes over
-the parameters' size where 11 will do (bert-base: 455-540 -> 82-144 ms per update on 2 cores,
-BENCHMARKS.md). Here the clip factor is a scalar folded into the moment updates, the new
-moments are materialised once (an optimization barrier) and the parameter update reads them,
-not the old ones: per array (mu, g) -> mu, (nu, g) -> nu, (p, mu, nu) -> p. On backends that
-fuse multiple outputs the barrier should cost 3 more reads of the parameters' size per step
-(not measured: no accelerator yet).
+(`reference.init`), so checkpoints and state shardings do not change. Why not the chain on
+CPU: XLA:CPU has no multi-output fusion, and there the chain materialises the clipped
+gradients (the norm's reduction cannot take them fused), and the select re-reads the old
+moments after the new ones overwrite them, so XLA copies both moments every step: about twice
+the passes over the parameters that the update needs. Here the clip factor is a scalar folded
+into the moment updates, the new moments are materialised once (an optimization barrier) and
+the parameter update reads them, not the old ones: per array (mu, g) -> mu, (nu, g) -> nu,
+(p, mu, nu) -> p.
 """
 
 from __future__ import annotations
@@ -82,15 +80,3 @@ def fused_adamw(reference: optax.GradientTransformation, learning_rate: optax.Sc
 
   return optax.GradientTransformationExtraArgs(reference.init, update)
 
-
-def applied_if(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """Any optax `tx` behind `fused_adamw`'s update signature (`grad_norm` unused)."""
-
-  def update(grads: Any, state: Any, params: Any = None, *, grad_norm: jax.Array,
-             apply: jax.Array) -> tuple[Any, Any]:
-    del grad_norm
-    updates, new_state = tx.update(grads, state, params)
-    return (jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), updates),
-            jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, state))
-
-  return optax.GradientTransformationExtraArgs(tx.init, update)

@@ -1,11 +1,11 @@
-"""jaxfm.models.dropout: 16-bit draws with the statistics of Bernoulli dropout."""
+"""jaxfm.cpu.dropout: 16-bit draws with the statistics of Bernoulli dropout."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxfm.models.dropout import Dropout, keep_mask
+from jaxfm.cpu.dropout import Dropout, keep_mask
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])

@@ -1,5 +1,5 @@
-"""The fused AdamW equals optax's clip -> adamw -> layer-decay chain on that chain's own state,
-skips bitwise, and compiles without copies of the moments (the reason it exists)."""
+"""jaxfm.cpu.adamw: the fused AdamW equals optax's clip -> adamw -> layer-decay chain on that
+chain's own state, skips bitwise, and compiles without copies of the moments (why it exists)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from jaxfm.config import finetune_defaults
-from jaxfm.train import adamw, optim
+from jaxfm.cpu import adamw
+from jaxfm.train import optim
 
 # Scanned-layer shapes (stacked on axis 0) so layer decay gives [L, 1, ...] scales.
 SHAPES = {"encoder": {"layers": {"dense": {"kernel": (3, 6, 5), "bias": (3, 5)},
@@ -61,7 +62,7 @@ def _fused_step(tx):
                          ids=["clip", "no_clip", "clip_layer_decay"])
 def test_fused_update_equals_the_optax_chain(overrides):
   cfg, total = _optim(**overrides), 6
-  tx, chain = optim.make_optimizer(cfg, total), _optax_chain(cfg, total)
+  tx, chain = optim.make_optimizer(cfg, total, fused=True), _optax_chain(cfg, total)
   rng = np.random.default_rng(0)
   params = _tree(rng)
   state = tx.init(params)
@@ -77,9 +78,9 @@ def test_fused_update_equals_the_optax_chain(overrides):
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["adamw", "lamb"])
-def test_a_step_not_applied_keeps_params_and_state_bitwise_even_with_nan_grads(name):
-  tx = optim.make_optimizer(_optim(name=name, clip_norm=1.0), 10)
+@pytest.mark.parametrize("name, fused", [("adamw", True), ("adamw", False), ("lamb", False)])
+def test_a_step_not_applied_keeps_params_and_state_bitwise_even_with_nan_grads(name, fused):
+  tx = optim.make_optimizer(_optim(name=name, clip_norm=1.0), 10, fused=fused)
   rng = np.random.default_rng(1)
   params = _tree(rng)
   state = tx.init(params)  # count 0: Adam's bias correction would divide by zero
@@ -92,7 +93,7 @@ def test_a_step_not_applied_keeps_params_and_state_bitwise_even_with_nan_grads(n
 
 def test_the_compiled_update_copies_no_array():
   """optax's chain plus the select made XLA:CPU copy both moments of every parameter."""
-  tx = optim.make_optimizer(_optim(clip_norm=1.0), 10)
+  tx = optim.make_optimizer(_optim(clip_norm=1.0), 10, fused=True)
   params = _tree(np.random.default_rng(2))
   state = tx.init(params)
   text = jax.jit(_fused_step(tx), donate_argnums=(0, 1)).lower(
