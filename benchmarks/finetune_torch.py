@@ -32,7 +32,7 @@ from jaxfm import sharding
 from jaxfm.data import loader
 from jaxfm.data.tokenizer import load_tokenizer
 from jaxfm.finetuning import tasks
-from jaxfm.train import run_setup
+from jaxfm import weights
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A jaxfm fine-tuning config.",
                                           lock_config=True)
@@ -53,7 +53,7 @@ def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 def _copy_jaxfm_head(model: torch.nn.Module, cfg, hf_dir: str, labels: list[str]) -> None:
   """Starts the new head where `jaxfm.finetune` starts it (same seed), so only the dropout
   stream and the arithmetic differ between the two runs."""
-  source_config, _, _ = run_setup.read_pretrained(f"hf:{hf_dir}", "auto")
+  source_config = weights.read_pretrained(f"hf:{hf_dir}", "auto").config
   task = tasks.make_task(cfg.task, source_config, labels, None, cfg.data)
   head = sharding.unbox(task.init_params(jax.random.key(cfg.train.seed)))["classifier"]
   with torch.no_grad():

@@ -25,8 +25,8 @@ import jax
 from absl import flags
 
 from benchmarks import common, jaxfm_impl, xla_ops
+from jaxfm import runtime
 from jaxfm.cpu import process as cpu_process
-from jaxfm.train import run_setup
 
 _MODEL = flags.DEFINE_string("model", "mini", "BERT size preset: tiny, mini, small, base, large.")
 _TASK = flags.DEFINE_enum("task", "cls", ["mlm", "cls"], "MLM pretraining or classification.")
@@ -67,4 +67,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  run_setup.run_program(main)
+  runtime.run_program(main)

@@ -12,7 +12,7 @@ import dataclasses
 
 import ml_collections
 
-from jaxfm.models.config import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, preset
+from jaxfm.models.config import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, BertConfig, preset
 from jaxfm.trees import flatten
 
 
@@ -26,6 +26,12 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   # ConfigDict needs a concrete type for fields that may be None.
   fields["embedding_size"] = fields["embedding_size"] or 0
   return ml_collections.ConfigDict(fields)
+
+
+def bert_config(cfg: ml_collections.ConfigDict) -> BertConfig:
+  """The model's dataclass from a config's `model` section (also a saved config.json's)."""
+  return BertConfig.from_mapping({**cfg.model, "embedding_size": cfg.model.get("embedding_size")
+                                  or None})
 
 
 def pretrain_defaults() -> ml_collections.ConfigDict:

@@ -8,16 +8,14 @@ Prints the accounting report; on error prints one line and exits with status 1.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import jax
 from absl import app, flags
 
+from jaxfm import weights, workdir
 from jaxfm.interop import checkpoint_dir, hf
-from jaxfm.models import BertConfig
-from jaxfm.train import best, checkpoint
 
 flags.DEFINE_string("from_hf", None, "Hugging Face model dir to import.")
 flags.DEFINE_bool("to_hf", False, "Export --from to a Hugging Face model dir.")
@@ -31,24 +29,6 @@ flags.DEFINE_bool("init_missing_head", False,
 FLAGS = flags.FLAGS
 
 
-def load_model(path: str) -> tuple[BertConfig, checkpoint_dir.Params, str | None, str]:
-  """(config, params, tokenizer dir, origin) of a jaxfm model dir or a training workdir.
-
-  A workdir gives its best checkpoint when it keeps one (what evaluate and predict use too;
-  origin says which step), else its newest (origin "").
-  """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path}: no such directory")
-  if os.path.isfile(os.path.join(path, checkpoint_dir.CONFIG_FILE)):
-    return (*checkpoint_dir.load_model_dir(path), "")
-  config, tokenizer_dir = checkpoint.read_model_config(path)
-  found = best.restore_best(path)
-  if found is None:
-    return config, checkpoint.restore_latest_params(path), tokenizer_dir, ""
-  return (config, jax.device_get(found[1]), tokenizer_dir,
-          f"best checkpoint (step {found[0]})")
-
-
 def _from_hf(hf_dir: str, out: str) -> str:
   result = hf.import_hf(hf_dir, task=FLAGS.task, init_missing_head=FLAGS.init_missing_head)
   checkpoint_dir.save_model_dir(out, result.config, result.params,
@@ -56,19 +36,9 @@ def _from_hf(hf_dir: str, out: str) -> str:
   return f"{result.summary()}\nwrote jaxfm model dir {os.path.abspath(out)}"
 
 
-def label_names(path: str) -> list[str] | None:
-  """The label vocabulary a fine-tuning workdir recorded beside its checkpoints (None if none)."""
-  from jaxfm.finetuning.run import TASK_FILE  # pylint: disable=import-outside-toplevel
-  task_file = os.path.join(path, TASK_FILE)
-  if not os.path.isfile(task_file):
-    return None
-  with open(task_file) as f:
-    return json.load(f).get("label_names")
-
-
 def _to_hf(source: str, out: str) -> str:
-  config, params, tokenizer_dir, origin = load_model(source)
-  report = hf.export_hf(params, config, out, tokenizer_dir, label_names(source)).summary()
+  config, params, tokenizer_dir, origin = weights.load_jaxfm(source)
+  report = hf.export_hf(params, config, out, tokenizer_dir, workdir.label_names(source)).summary()
   return report + (f"\nparams: {origin}" if origin else "")
 
 

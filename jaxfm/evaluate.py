@@ -14,8 +14,8 @@ import sys
 import jax
 from absl import flags
 
+from jaxfm import runtime
 from jaxfm.finetuning import run
-from jaxfm.train import run_setup
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir.")
 _SPLIT = flags.DEFINE_enum("split", "dev", ["train", "dev", "test"],
@@ -37,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  run_setup.run_program(main)
+  runtime.run_program(main)

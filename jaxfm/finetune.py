@@ -17,8 +17,8 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
+from jaxfm import runtime
 from jaxfm.finetuning import run
-from jaxfm.train import run_setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -32,7 +32,7 @@ def main(argv):
   del argv
   try:
     run.initialize(_CONFIG.value)
-    run_setup.use_compilation_cache(_WORKDIR.value)
+    runtime.use_compilation_cache(_WORKDIR.value)
     result, best_step = run.finetune(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except run.USER_ERRORS as e:
     logging.error("%s", e)
@@ -45,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  run_setup.run_program(main)
+  runtime.run_program(main)

@@ -15,8 +15,8 @@ import sys
 import jax
 from absl import flags
 
+from jaxfm import runtime
 from jaxfm.finetuning import run
-from jaxfm.train import run_setup
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir.")
 _INPUT = flags.DEFINE_string("input", None, "JSONL inputs.")
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  run_setup.run_program(main)
+  runtime.run_program(main)

@@ -14,12 +14,13 @@ import sys
 
 import jax
 from absl import flags, logging
-from etils import epath
 from ml_collections import config_flags
 
 from jaxfm import config as config_lib
+from jaxfm import runtime, weights
+from jaxfm import workdir as workdir_lib
 from jaxfm.data import loader
-from jaxfm.train import checkpoint, loop, run_setup, tasks
+from jaxfm.train import checkpoint, loop, tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -32,23 +33,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 def pretrain(cfg, workdir: str, allow_config_change: bool = False) -> loop.TrainResult:
   """Builds data, model and task from `cfg` and runs the loop."""
   config_lib.validate(cfg)
-  run_setup.prepare_workdir(workdir, cfg, allow_config_change)
-  layout = loader.HostLayout.of_process(run_setup.per_host_batch_size(cfg), cfg.data.num_shards)
-  data = loader.build_pretraining_data(cfg.data, str(epath.Path(workdir) / "tokenizer"),
+  workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
+  layout = loader.HostLayout.of_process(runtime.per_host_batch_size(cfg), cfg.data.num_shards)
+  data = loader.build_pretraining_data(cfg.data, str(workdir_lib.tokenizer_dir(workdir)),
                                        max_position_embeddings=cfg.model.max_position_embeddings,
                                        shards=layout.shards)
   with cfg.unlocked():
     cfg.model.vocab_size = data.tokenizer.vocab_size
-  run_setup.write_resolved_config(workdir, cfg)
-  model_config = run_setup.model_config(cfg)
+  workdir_lib.write_resolved_config(workdir, cfg)
+  model_config = config_lib.bert_config(cfg)
   task = tasks.mlm_task(model_config, cfg.data.max_seq_length, cfg.data.max_predictions_per_seq)
   train_iter = data.train_iterator(layout, seed=cfg.data.seed, worker_count=cfg.data.worker_count)
   eval_batches = lambda: itertools.islice(data.eval_batches(layout), cfg.train.eval_batches)
   meta = {"config": cfg.to_dict(), "data_counters": data.counters}
   try:
     return loop.train(cfg, workdir, task, train_iter, eval_batches, meta,
-                      initial_params=(run_setup.load_initial_params(cfg.init_from, model_config,
-                                                                    "mlm")
+                      initial_params=(weights.load_initial_params(cfg.init_from, model_config,
+                                                                  "mlm")
                                       if cfg.init_from else None))
   finally:
     train_iter.close()
@@ -56,7 +57,7 @@ def pretrain(cfg, workdir: str, allow_config_change: bool = False) -> loop.Train
 
 def _report(workdir: str, result: loop.TrainResult) -> None:
   """Prints held-out MLM loss/accuracy at the first and last evaluation."""
-  evals = [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").open()
+  evals = [json.loads(line) for line in workdir_lib.metrics_file(workdir).open()
            if '"split": "eval"' in line]
   if not evals or jax.process_index() != 0:
     return
@@ -68,12 +69,12 @@ def _report(workdir: str, result: loop.TrainResult) -> None:
 
 def main(argv):
   del argv
-  run_setup.initialize_runtime(_CONFIG.value.model.hidden_size)
+  runtime.initialize_runtime(_CONFIG.value.model.hidden_size)
   try:
-    run_setup.preflight(_CONFIG.value)
-    run_setup.use_compilation_cache(_WORKDIR.value)
+    runtime.preflight(_CONFIG.value)
+    runtime.use_compilation_cache(_WORKDIR.value)
     result = pretrain(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
-  except (config_lib.ConfigError, run_setup.WorkdirError, checkpoint.CheckpointError,
+  except (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
           loop.NonFiniteError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
@@ -82,7 +83,7 @@ def main(argv):
 
 
 def run():
-  run_setup.run_program(main)
+  runtime.run_program(main)
 
 
 if __name__ == "__main__":

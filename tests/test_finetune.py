@@ -18,10 +18,11 @@ import sklearn.metrics
 
 from tests import finetune_fixtures as ff
 from jaxfm import config as config_lib
-from jaxfm import sharding
+from jaxfm import sharding, weights
+from jaxfm import workdir as workdir_lib
 from jaxfm.finetuning import run, tasks
 from jaxfm.models import stack_layers
-from jaxfm.train import optim, run_setup
+from jaxfm.train import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,8 +98,8 @@ def test_cli_exports_the_best_checkpoint_as_a_transformers_classifier(sentiment_
   assert "exported BertForSequenceClassification" in report
   assert f"params: best checkpoint (step {best_step})" in report
   hf_model = transformers.BertForSequenceClassification.from_pretrained(str(out)).eval()
-  assert hf_model.config.id2label == dict(enumerate(run.load_run(workdir).label_names))
-  config = checkpoint.load_params(workdir)[0]
+  assert hf_model.config.id2label == dict(enumerate(workdir_lib.load_run(workdir).label_names))
+  config = workdir_lib.read_model_config(workdir)
   params = jax.device_get(best.restore_best(workdir)[1])
   ids = np.random.default_rng(0).integers(1, config.vocab_size, (2, 12)).astype(np.int32)
   ours = BertForSequenceClassification(config, 2).apply({"params": params}, ids,
@@ -286,10 +287,10 @@ def test_unknown_dev_label_names_file_and_line(files, tmp_path):
 def test_init_report_drops_mlm_head_and_initialises_new_heads(files):
   root, model_dir = files
   cfg = ff.config("classification", model_dir, *ff.write_sentiment(root))
-  source_config, pretrained, _ = run_setup.read_pretrained(model_dir, "auto")
+  source_config, pretrained, _, _ = weights.read_pretrained(model_dir, "auto")
   task = tasks.make_task("classification", source_config, ["0", "1"], None, cfg.data)
   fresh = jax.device_get(sharding.unbox(task.init_params(jax.random.key(0))))
-  merged = tasks.merge_pretrained(fresh, pretrained, model_dir)
+  merged = weights.merge_pretrained(fresh, pretrained, model_dir)
   assert {n.split("/")[0] for n in merged.dropped} == {"mlm_head"}
   assert sorted({"/".join(n.split("/")[:2]) for n in merged.initialised}) == [
       "classifier/bias", "classifier/kernel", "encoder/pooler"]

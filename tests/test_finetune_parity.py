@@ -14,7 +14,8 @@ import pytest
 from jaxfm import config as config_lib
 from jaxfm import sharding
 from jaxfm.finetuning import tasks
-from jaxfm.train import optim, run_setup
+from jaxfm import weights
+from jaxfm.train import optim
 from jaxfm.train.state import create_train_state
 from jaxfm.train.step import make_train_step
 
@@ -47,11 +48,11 @@ def _config():
 
 
 def _jaxfm(cfg, batches):
-  source_config, pretrained, _ = run_setup.read_pretrained(f"hf:{MODEL_DIR}", "auto")
+  source_config, pretrained, _, _ = weights.read_pretrained(f"hf:{MODEL_DIR}", "auto")
   config = source_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
   task = tasks.make_task("ner", config, [str(i) for i in range(LABELS)], None, cfg.data)
   fresh = jax.device_get(sharding.unbox(task.init_params(jax.random.key(0))))
-  params = tasks.merge_pretrained(fresh, pretrained, MODEL_DIR).params
+  params = weights.merge_pretrained(fresh, pretrained, MODEL_DIR).params
   tx = optim.make_optimizer(cfg.optim, STEPS)
   step = jax.jit(make_train_step(task.loss_fn, tx, optim.learning_rate_schedule(cfg.optim, STEPS)))
   state = create_train_state(params, tx, 0)

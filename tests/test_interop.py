@@ -281,11 +281,11 @@ def test_task_head_export_errors_name_the_problem(tmp_path):
 
 
 def test_convert_reads_label_names_of_a_fine_tuning_workdir(tmp_path):
-  from jaxfm import convert  # pylint: disable=import-outside-toplevel
-  assert convert.label_names(str(tmp_path)) is None
+  from jaxfm import workdir  # pylint: disable=import-outside-toplevel
+  assert workdir.label_names(str(tmp_path)) is None
   (tmp_path / "task.json").write_text(json.dumps({"task": "classification",
                                                    "label_names": ["no", "yes"]}))
-  assert convert.label_names(str(tmp_path)) == ["no", "yes"]
+  assert workdir.label_names(str(tmp_path)) == ["no", "yes"]
 
 
 def test_export_refuses_params_without_hf_equivalent(tiny_mlm, tmp_path):
@@ -511,14 +511,14 @@ def test_convert_cli_failure_leaves_nothing(tiny_hf_dir, tmp_path):
 
 
 def test_convert_load_model_dispatch(tiny_mlm, tmp_path):
-  from jaxfm import convert
-  from jaxfm.train.checkpoint import CheckpointError
-  with pytest.raises(CheckpointError, match="not a jaxfm workdir"):
-    convert.load_model(str(tmp_path))
+  from jaxfm import weights
+  from jaxfm.workdir import WorkdirError
+  with pytest.raises(WorkdirError, match="not a jaxfm workdir"):
+    weights.load_jaxfm(str(tmp_path))
   model_dir = tmp_path / "model"
   save_model_dir(str(model_dir), TINY, tiny_mlm)
-  config, params, _, origin = convert.load_model(str(model_dir))
+  config, params, _, origin = weights.load_jaxfm(str(model_dir))
   assert config == TINY and origin == ""
   assert jax.tree.structure(params) == jax.tree.structure(tiny_mlm)
   with pytest.raises(FileNotFoundError):
-    convert.load_model(str(tmp_path / "missing"))
+    weights.load_jaxfm(str(tmp_path / "missing"))

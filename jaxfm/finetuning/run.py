@@ -17,21 +17,22 @@ from jaxfm import config as config_lib
 from jaxfm import sharding
 from jaxfm.data import loader
 from jaxfm.data.tokenizer import load_tokenizer
+from jaxfm import runtime, weights
+from jaxfm import workdir as workdir_lib
 from jaxfm.finetuning.tasks import (ARCHITECTURE, TASKS, Features, TaskSplit, load_split,
-                                    load_unlabelled, make_task, merge_pretrained)
-from jaxfm.train import best, checkpoint, loop, run_setup
+                                    load_unlabelled, make_task)
+from jaxfm.train import best, checkpoint, loop
 
-TASK_FILE = "task.json"
 # Errors the entry points turn into one `error: ...` line and exit code 1.
-USER_ERRORS = (config_lib.ConfigError, run_setup.WorkdirError, checkpoint.CheckpointError,
+USER_ERRORS = (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
                loop.NonFiniteError, best.BestMetricError, ValueError, FileNotFoundError)
 
 
 def initialize(cfg: ml_collections.ConfigDict | None = None) -> None:
   """Runtime setup shared by the fine-tuning entry points (+ the preflight, given a config)."""
-  run_setup.initialize_runtime()
+  runtime.initialize_runtime()
   if cfg is not None:
-    run_setup.preflight(cfg)
+    runtime.preflight(cfg)
 
 
 def _split_path(data: ml_collections.ConfigDict, split: str) -> str:
@@ -50,7 +51,7 @@ def _resolve_schedule(cfg: ml_collections.ConfigDict, num_train: int,
     t.eval_every = t.eval_every or per_epoch
     t.checkpoint_every = t.checkpoint_every or t.eval_every
     t.eval_batches = 0 if dev is None else dev.num_eval_batches(
-        run_setup.per_host_batch_size(cfg), jax.process_count())
+        runtime.per_host_batch_size(cfg), jax.process_count())
     if cfg.optim.warmup_ratio > 0:
       cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * t.steps)
 
@@ -64,7 +65,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   config_lib.validate_finetune(cfg)
   pretrained = tokenizer_dir = None
   if cfg.init_from:
-    source_config, pretrained, tokenizer_dir = run_setup.read_pretrained(cfg.init_from, "auto")
+    source_config, pretrained, tokenizer_dir, _ = weights.read_pretrained(cfg.init_from, "auto")
     with cfg.unlocked():
       for field in ARCHITECTURE:
         cfg.model[field] = getattr(source_config, field) or 0  # embedding_size None -> 0
@@ -88,24 +89,24 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
                len(dev) if dev else 0, label_names)
   _resolve_schedule(cfg, len(train), dev)
   config_lib.validate(cfg)
-  run_setup.prepare_workdir(workdir, cfg, allow_config_change)
-  run_setup.write_resolved_config(workdir, cfg)
-  save_run_files(workdir, kind, label_names, tokenizer)
+  workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
+  workdir_lib.write_resolved_config(workdir, cfg)
+  workdir_lib.save_run_files(workdir, kind, label_names, tokenizer)
 
-  model_config = run_setup.model_config(cfg)
+  model_config = config_lib.bert_config(cfg)
   task = make_task(kind, model_config, label_names, dev, data)
   initial = None
   if pretrained is not None:  # new heads keep the loop's own initialisation (same seed)
     fresh = jax.device_get(sharding.unbox(
         jax.jit(task.init_params)(jax.random.key(cfg.train.seed))))
-    initial = merge_pretrained(fresh, run_setup.in_layout(pretrained, model_config),
-                               cfg.init_from).params
+    initial = weights.merge_pretrained(fresh, weights.in_layout(pretrained, model_config),
+                                       cfg.init_from).params
   keeper = None
   if dev is not None:
     keeper = best.BestCheckpoint(workdir, cfg.train.best_metric or TASKS[kind].main_metric,
                                  cfg.train.best_mode, cfg.train.early_stopping_patience,
                                  cfg.train.eval_every)
-  per_host = run_setup.per_host_batch_size(cfg)
+  per_host = runtime.per_host_batch_size(cfg)
   buckets = config_lib.length_buckets(data)
   train_iter = loader.feature_train_iterator(train.device_arrays(),
                                              loader.HostLayout.of_process(per_host),
@@ -122,85 +123,37 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   return result, keeper.best_step() if keeper is not None else None
 
 
-# ---------------------------------------------------------------- a fine-tuning workdir
-
-
-@dataclasses.dataclass(frozen=True)
-class SavedRun:
-  """What `evaluate` and `predict` need from a fine-tuning workdir, and nothing else."""
-
-  cfg: ml_collections.ConfigDict
-  label_names: list[str] | None
-  tokenizer: Any  # jaxfm.data.tokenizer.WordPieceTokenizer
-
-
-def save_run_files(workdir: str, kind: str, label_names: Sequence[str] | None,
-                   tokenizer: Any) -> None:
-  """Writes the label vocabulary and tokenizer beside the checkpoints (process 0, atomically)."""
-  if jax.process_index() != 0:
-    return
-  root = epath.Path(workdir)
-  tokenizer.save(root / "tokenizer")
-  tmp = root / (TASK_FILE + ".tmp")
-  tmp.write_text(json.dumps({"task": kind, "label_names": label_names}, indent=2))
-  tmp.replace(root / TASK_FILE)
-
-
-def load_run(workdir: str) -> SavedRun:
-  """Reads a fine-tuning workdir's resolved config, labels and tokenizer."""
-  root = epath.Path(workdir)
-  for name in ("config.json", TASK_FILE, "tokenizer"):
-    if not (root / name).exists():
-      raise FileNotFoundError(f"{workdir} is not a jaxfm fine-tuning workdir: {name} is missing")
-  cfg = ml_collections.ConfigDict(json.loads((root / "config.json").read_text())["config"])
-  task = json.loads((root / TASK_FILE).read_text())
-  return SavedRun(cfg, task["label_names"], load_tokenizer(root / "tokenizer"))
-
-
-def restore_params(workdir: str, abstract_state: Any) -> tuple[Any, str]:
-  """The best checkpoint's params, else the latest checkpoint's; and which one it was."""
-  found = best.restore_best(workdir, abstract_state.params)
-  if found is not None:
-    return found[1], f"best checkpoint (step {found[0]})"
-  manager = checkpoint.make_manager(workdir, keep=1)
-  restored = checkpoint.restore_latest(manager, abstract_state)
-  manager.close()
-  if restored is None:
-    raise FileNotFoundError(f"{workdir} holds no checkpoint to evaluate")
-  return restored.state.params, f"latest checkpoint (step {restored.step})"
-
-
 @dataclasses.dataclass(frozen=True)
 class Inference:
   """A saved run's model on a mesh with restored params, ready to score or predict `split`."""
 
-  run: SavedRun
+  run: workdir_lib.SavedRun
   split: TaskSplit
-  task: Task
+  task: loop.Task
   steps: loop.Steps
   mesh: jax.sharding.Mesh
   params: Any
   source: str  # which checkpoint the params came from
 
   def batches(self) -> Iterator[Features]:
-    return self.split.eval_batches(run_setup.per_host_batch_size(self.run.cfg),
+    return self.split.eval_batches(runtime.per_host_batch_size(self.run.cfg),
                                    jax.process_index(), jax.process_count(),
                                    config_lib.length_buckets(self.run.cfg.data))
 
 
-def inference(workdir: str, run: SavedRun, split: TaskSplit) -> Inference:
+def inference(workdir: str, run: workdir_lib.SavedRun, split: TaskSplit) -> Inference:
   """Builds the run's task model and steps on its mesh and restores the best params."""
-  task = make_task(run.cfg.task, run_setup.model_config(run.cfg), run.label_names, split,
+  task = make_task(run.cfg.task, config_lib.bert_config(run.cfg), run.label_names, split,
                    run.cfg.data)
   mesh = loop.make_mesh(run.cfg)
   steps = loop.build_steps(run.cfg, task, mesh)
-  params, source = restore_params(workdir, steps.abstract_state)
-  return Inference(run, split, task, steps, mesh, params, source)
+  loaded = weights.workdir_params(workdir, steps.abstract_state)
+  return Inference(run, split, task, steps, mesh, loaded.params, loaded.describe())
 
 
 def evaluate(workdir: str, split: str, input_path: str = "") -> dict[str, float]:
   """Metrics of the workdir's best (else latest) checkpoint on a labelled split."""
-  run = load_run(workdir)
+  run = workdir_lib.load_run(workdir)
   path = input_path or _split_path(run.cfg.data, split)
   if not path:
     raise ValueError(f"no {split} data: the run's config has no data.{split}_file; pass --input")
@@ -215,7 +168,7 @@ def evaluate(workdir: str, split: str, input_path: str = "") -> dict[str, float]
 
 def predict(workdir: str, input_path: str) -> list[dict[str, Any]]:
   """One prediction row per input row of a JSONL file (fields per task: see jaxfm.predict)."""
-  run = load_run(workdir)
+  run = workdir_lib.load_run(workdir)
   split = load_unlabelled(run.cfg.task, run.cfg.data, input_path, run.tokenizer.backend,
                           run.label_names)
   job = inference(workdir, run, split)

@@ -12,19 +12,15 @@ import math
 from typing import Any
 
 import orbax.checkpoint as ocp
-from etils import epath
 
 from jaxfm.train import checkpoint
+from jaxfm.workdir import best_dir
 
 PARAMS, METRICS = "params", "metrics"
 
 
 class BestMetricError(KeyError):
   """The chosen metric is not among the evaluation's metrics."""
-
-
-def best_dir(workdir: str) -> epath.Path:
-  return checkpoint.absolute(workdir) / "best"
 
 
 class BestCheckpoint:

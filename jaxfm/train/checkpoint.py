@@ -17,9 +17,7 @@ import dataclasses
 import gc
 import json
 import logging as std_logging
-import os
 import re
-import uuid
 from typing import Any, Iterator
 
 import jax
@@ -27,6 +25,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from jaxfm.workdir import checkpoint_dir, probe_write
 
 STATE, DATA, META = "state", "data", "meta"
 QUARANTINE = ".corrupt"
@@ -46,15 +46,6 @@ class Restored:
   state: Any
   data: Any  # loader iterator state (JSON)
   meta: dict[str, Any]
-
-
-def absolute(workdir: str) -> epath.Path:
-  """`workdir` as an absolute path (Orbax's tensorstore layer refuses relative local paths)."""
-  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
-
-
-def checkpoint_dir(workdir: str) -> epath.Path:
-  return absolute(workdir) / "checkpoints"
 
 
 class Manager(ocp.CheckpointManager):
@@ -163,13 +154,6 @@ def _probe_writable(directory: epath.Path) -> None:
     probe_write(directory)
   except OSError as e:
     raise CheckpointError(f"checkpoint directory {directory} is not writable: {e}") from e
-
-
-def probe_write(directory: epath.Path) -> None:
-  """Writes and removes a small file in `directory`; OSError if it takes no writes."""
-  probe = directory / f".write-probe-{uuid.uuid4().hex}"
-  probe.write_text("ok")
-  probe.unlink()
 
 
 def _first_line(e: BaseException) -> str:
@@ -346,10 +330,6 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
-def read_json(path: epath.Path) -> Any:
-  return json.loads(path.read_text())
-
-
 def on_first_device(metadata: Any) -> Any:
   """Restore target for a saved tree's metadata: each array whole on this process's first
   device, whatever topology wrote the checkpoint."""
@@ -358,21 +338,8 @@ def on_first_device(metadata: Any) -> Any:
                       metadata)
 
 
-def read_model_config(workdir: str) -> tuple[Any, str | None]:
-  """(BertConfig, tokenizer dir | None) recorded in a training workdir."""
-  from jaxfm.models.config import BertConfig  # pylint: disable=g-import-not-at-top
-  root = epath.Path(workdir)
-  config_file = root / "config.json"
-  if not config_file.exists():
-    raise CheckpointError(f"{workdir} is not a jaxfm workdir: {config_file} is missing")
-  model = dict(read_json(config_file)["config"]["model"])
-  model["embedding_size"] = model.get("embedding_size") or None
-  tokenizer = root / "tokenizer"
-  return BertConfig.from_mapping(model), str(tokenizer) if tokenizer.exists() else None
-
-
-def restore_latest_params(workdir: str) -> Any:
-  """The params (as numpy) of a workdir's newest checkpoint, whatever topology wrote it."""
+def restore_latest_params(workdir: str) -> tuple[int, Any]:
+  """(step, params as numpy) of a workdir's newest checkpoint, whatever topology wrote it."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA, META),
                                   item_handlers={STATE: ocp.StandardCheckpointHandler()})
   step = manager.latest_step()
@@ -382,10 +349,4 @@ def restore_latest_params(workdir: str) -> Any:
   restored = manager.restore(step, args=ocp.args.Composite(**{
       STATE: ocp.args.StandardRestore(target)}))
   manager.close()
-  return jax.device_get(restored[STATE]["params"])
-
-
-def load_params(workdir: str) -> tuple[Any, Any, str | None]:
-  """(BertConfig, params as numpy, tokenizer dir | None) of a workdir's newest checkpoint."""
-  config, tokenizer = read_model_config(workdir)
-  return config, restore_latest_params(workdir), tokenizer
+  return step, jax.device_get(restored[STATE]["params"])

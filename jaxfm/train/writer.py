@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 import jax
 from absl import logging
-from etils import epath
+
+from jaxfm import workdir as workdir_lib
 
 
 class MetricWriter:
@@ -19,8 +20,8 @@ class MetricWriter:
     if not self._active:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
-    self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
+    self._tb = SummaryWriter(str(workdir_lib.tensorboard_dir(workdir)))
+    self._jsonl = workdir_lib.metrics_file(workdir).open("a")
     if wandb_project:
       try:
         import wandb  # pylint: disable=g-import-not-at-top

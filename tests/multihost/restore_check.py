@@ -3,7 +3,7 @@ r"""Restores a workdir's newest checkpoint onto another mesh and reports what it
   python -m tests.multihost.restore_check --workdir=W --mesh=2,4,1 --out=report.json
 
 The report: the step, the restored params' mesh shapes, the leaves that differ bitwise from a
-second restore onto one device, what `checkpoint.load_params` (no target sharding) gives, and
+second restore onto one device, what `weights.load_jaxfm` (no target sharding) gives, and
 the held-out MLM metrics of the restored params over the run's eval batches on the new mesh.
 """
 
@@ -18,9 +18,10 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from jaxfm import sharding
+from jaxfm import config as config_lib
+from jaxfm import sharding, weights
 from jaxfm.data import loader
-from jaxfm.train import checkpoint, loop, run_setup, tasks
+from jaxfm.train import checkpoint, loop, tasks
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm pretraining workdir.", required=True)
 _MESH = flags.DEFINE_list("mesh", None, "data,fsdp,tensor of the new mesh.", required=True)
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> None:
   cfg = ml_collections.ConfigDict(
       json.loads((epath.Path(workdir) / "config.json").read_text())["config"])
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = map(int, _MESH.value)
-  task = tasks.mlm_task(run_setup.model_config(cfg), cfg.data.max_seq_length,
+  task = tasks.mlm_task(config_lib.bert_config(cfg), cfg.data.max_seq_length,
                         cfg.data.max_predictions_per_seq)
   mesh = loop.make_mesh(cfg)
   steps = loop.build_steps(cfg, task, mesh)
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
           steps.abstract_state))]
   params = restored.state.params
   try:
-    load_params = _differ(params, checkpoint.load_params(workdir)[1])
+    load_params = _differ(params, weights.load_jaxfm(workdir).params)
   except Exception as e:  # noqa: BLE001 - reported, the test decides
     load_params = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
   data = loader.build_pretraining_data(cfg.data, str(epath.Path(workdir) / "tokenizer"),

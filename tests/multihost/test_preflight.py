@@ -1,11 +1,11 @@
-"""run_setup.preflight in this process (8 fake CPU devices, see tests/conftest.py)."""
+"""runtime.preflight in this process (8 fake CPU devices, see tests/conftest.py)."""
 
 import re
 
 import pytest
 
 from jaxfm.config import ConfigError, pretrain_defaults
-from jaxfm.train import run_setup
+from jaxfm import runtime
 
 
 def _cfg(data: int, fsdp: int = 1, tensor: int = 1, batch_size: int = 16):
@@ -16,7 +16,7 @@ def _cfg(data: int, fsdp: int = 1, tensor: int = 1, batch_size: int = 16):
 
 
 def test_prints_the_resolved_topology(capsys):
-  run_setup.preflight(_cfg(-1, fsdp=2))
+  runtime.preflight(_cfg(-1, fsdp=2))
   assert capsys.readouterr().out == ("topology: 1 process(es), 8 local / 8 global cpu devices, "
                                      "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}\n")
 
@@ -30,5 +30,5 @@ def test_prints_the_resolved_topology(capsys):
 ])
 def test_mismatches_name_the_fields(mesh, batch_size, message, capsys):
   with pytest.raises(ConfigError, match="^" + re.escape(message)):
-    run_setup.preflight(_cfg(*mesh, batch_size=batch_size))
+    runtime.preflight(_cfg(*mesh, batch_size=batch_size))
   assert "topology:" not in capsys.readouterr().out

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from jaxfm import config as config_lib
-from jaxfm.train import run_setup
+from jaxfm import workdir as workdir_lib
 from tests.reliability.conftest import LAUNCH_TIMEOUT_S, ROOT
 
 _CHECKS = ("_fail", "_positive", "_one_of")
@@ -218,7 +218,7 @@ def test_cli_refuses_typos_changed_configs_and_unwritable_workdirs(tmp_path):
   changed = tmp_path / "changed"
   changed.mkdir()
   cli_config = runpy.run_path(str(ROOT / "configs" / "pretrain" / "bert_tiny_cpu.py"))
-  run_setup.write_resolved_config(str(changed), cli_config["get_config"]())
+  workdir_lib.write_resolved_config(str(changed), cli_config["get_config"]())
   (tmp_path / "a_file").write_text("")
   unwritable = tmp_path / "a_file" / "workdir"
   procs = {
@@ -239,14 +239,14 @@ def test_cli_refuses_typos_changed_configs_and_unwritable_workdirs(tmp_path):
 
 def test_changed_config_is_accepted_when_allowed(tmp_path):
   cfg = config_lib.pretrain_defaults()
-  run_setup.write_resolved_config(str(tmp_path), cfg)
+  workdir_lib.write_resolved_config(str(tmp_path), cfg)
   cfg.optim.peak_learning_rate = 0.5
-  with pytest.raises(run_setup.WorkdirError, match=r"optim.peak_learning_rate: 0.001 -> 0.5"):
-    run_setup.prepare_workdir(str(tmp_path), cfg, allow_config_change=False)
-  run_setup.prepare_workdir(str(tmp_path), cfg, allow_config_change=True)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"optim.peak_learning_rate: 0.001 -> 0.5"):
+    workdir_lib.prepare_workdir(str(tmp_path), cfg, allow_config_change=False)
+  workdir_lib.prepare_workdir(str(tmp_path), cfg, allow_config_change=True)
   cfg.train.steps = 5000  # a resumable change needs no permission
   cfg.optim.peak_learning_rate = 1e-3
-  run_setup.prepare_workdir(str(tmp_path), cfg, allow_config_change=False)
+  workdir_lib.prepare_workdir(str(tmp_path), cfg, allow_config_change=False)
   assert json.loads((tmp_path / "config.json").read_text())["config"]["train"]["steps"] == 1000
 
 
@@ -254,7 +254,7 @@ def test_changed_config_is_accepted_when_allowed(tmp_path):
 def test_read_only_workdir_is_refused(tmp_path):
   tmp_path.chmod(0o555)
   try:
-    with pytest.raises(run_setup.WorkdirError, match="is not writable"):
-      run_setup.prepare_workdir(str(tmp_path), config_lib.pretrain_defaults(), False)
+    with pytest.raises(workdir_lib.WorkdirError, match="is not writable"):
+      workdir_lib.prepare_workdir(str(tmp_path), config_lib.pretrain_defaults(), False)
   finally:
     tmp_path.chmod(0o755)

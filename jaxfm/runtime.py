@@ -1,29 +1,20 @@
-"""What every entry point does before training: runtime init, workdir checks, config resolution."""
+"""Process start-up of every entry point: absl, XLA flags, logging, the multi-controller
+runtime, the compilation cache, and the preflight check of the mesh against the devices."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import logging as logging_std
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import ml_collections
 from absl import app, logging
-from etils import epath
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
-from jaxfm.models import BertConfig, stack_layers, unstack_layers
+from jaxfm import workdir as workdir_lib
 from jaxfm.cpu import process as cpu_process
-from jaxfm.train import checkpoint
-
-_VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tokenizers")
-
-
-class WorkdirError(RuntimeError):
-  """The workdir is unusable, or holds a run with a different config."""
 
 
 class _LibraryChatterFilter(logging_std.Filter):
@@ -86,7 +77,7 @@ def use_compilation_cache(workdir: str) -> None:
   JAX_COMPILATION_CACHE_DIR wins. Entry points only: it sets process-wide JAX config."""
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir",
-                      str(checkpoint.absolute(workdir) / "compile_cache"))
+                      str(workdir_lib.compile_cache_dir(workdir)))
 
 
 def preflight(cfg: ml_collections.ConfigDict) -> None:
@@ -117,87 +108,8 @@ def preflight(cfg: ml_collections.ConfigDict) -> None:
     print(f"topology: {sharding.describe(mesh)}", flush=True)
 
 
-def _versions() -> dict[str, str]:
-  out = {}
-  for name in _VERSIONED:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      out[name] = "absent"
-  return out
-
-
-def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict, allow_config_change: bool) -> None:
-  """Creates the workdir, proves it writable, and guards a resume against a changed config."""
-  root = epath.Path(workdir)
-  try:
-    root.mkdir(parents=True, exist_ok=True)
-    checkpoint.probe_write(root)
-  except OSError as e:
-    raise WorkdirError(f"workdir {workdir} is not writable: {e}") from e
-  saved_file = root / "config.json"
-  current = cfg.to_dict()
-  if saved_file.exists():
-    saved = json.loads(saved_file.read_text())["config"]
-    saved.get("model", {}).pop("vocab_size", None)  # resolved from the tokenizer at run time
-    compare = json.loads(json.dumps(current))
-    compare.get("model", {}).pop("vocab_size", None)
-    changes = config_lib.config_changes(saved, compare)
-    if changes and not allow_config_change:
-      raise WorkdirError(f"{workdir} holds a run with a different config; pass "
-                         "--allow_config_change to resume anyway, or use a new workdir:\n  "
-                         + "\n  ".join(changes))
-
-
-def write_resolved_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-  """Writes the resolved config and package versions to `workdir/config.json` (process 0)."""
-  if jax.process_index() == 0:
-    root = epath.Path(workdir)
-    tmp = root / "config.json.tmp"
-    tmp.write_text(json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2))
-    tmp.replace(root / "config.json")
-
-
-def model_config(cfg: ml_collections.ConfigDict) -> BertConfig:
-  return BertConfig.from_mapping({**cfg.model, "embedding_size": cfg.model.embedding_size or None})
-
-
 def per_host_batch_size(cfg: ml_collections.ConfigDict) -> int:
   if cfg.train.batch_size % jax.process_count():
     raise config_lib.ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                                  f"the {jax.process_count()} processes")
   return cfg.train.batch_size // jax.process_count()
-
-
-def read_pretrained(init_from: str, task: str) -> tuple[BertConfig, Any, str | None]:
-  """(config, params, tokenizer dir | None) from 'hf:DIR', a jaxfm model dir or a workdir.
-
-  `task` is the interop task for HF folders ("mlm", or "auto" to take the MLM head only
-  when the checkpoint has one); a missing head is initialised and reported.
-  """
-  from jaxfm import interop  # pylint: disable=g-import-not-at-top
-  if init_from.startswith("hf:"):
-    result = interop.import_hf(init_from[3:], task=task, init_missing_head=True)
-    logging.info("init_from %s: initialised %s", init_from, result.initialised or "nothing")
-    return result.config, result.params, init_from[3:]
-  if (epath.Path(init_from) / "model_config.json").exists():
-    return interop.load_model_dir(init_from)
-  return checkpoint.load_params(init_from)
-
-
-def in_layout(params: Any, config: BertConfig) -> Any:
-  """`params` (any layout, also an older jaxfm's scanned stack of every layer) in the layer
-  layout `config.scan_layers` asks for."""
-  params = unstack_layers(params)
-  return stack_layers(params) if config.scan_layers else params
-
-
-def load_initial_params(init_from: str, config: BertConfig, task: str) -> Any:
-  """Weights from 'hf:DIR', a jaxfm model dir or a jaxfm workdir, in `config`'s layout."""
-  source_config, params, _ = read_pretrained(init_from, task)
-  for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
-    if getattr(source_config, field) != getattr(config, field):
-      raise config_lib.ConfigError(
-          f"init_from={init_from}: its {field}={getattr(source_config, field)} differs from "
-          f"model.{field}={getattr(config, field)}")
-  return in_layout(params, config)

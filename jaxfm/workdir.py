@@ -1,0 +1,185 @@
+"""Every file a run folder (workdir) holds, written and read here.
+
+  config.json     the resolved config and package versions; guards a resume against a change
+  task.json       fine-tuning: the task kind and its label vocabulary
+  tokenizer/      the run's tokenizer (trained, or copied from `init_from`)
+  checkpoints/    Orbax steps of the train state (`jaxfm.train.checkpoint`)
+  best/           fine-tuning: the best evaluation's params (`jaxfm.train.best`)
+  metrics.jsonl   one JSON line per logged step and split (`jaxfm.train.writer`)
+  tensorboard/    TensorBoard events
+  compile_cache/  XLA's persistent compilation cache (`jaxfm.runtime.use_compilation_cache`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import uuid
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+from etils import epath
+
+from jaxfm import config as config_lib
+from jaxfm.data.tokenizer import load_tokenizer
+from jaxfm.models import BertConfig
+
+CONFIG_FILE = "config.json"
+TASK_FILE = "task.json"
+TOKENIZER_DIR = "tokenizer"
+METRICS_FILE = "metrics.jsonl"
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tokenizers")
+
+
+class WorkdirError(RuntimeError):
+  """The workdir is unusable, or holds a run with a different config."""
+
+
+def absolute(workdir: str) -> epath.Path:
+  """`workdir` as an absolute path (Orbax's tensorstore layer refuses relative local paths)."""
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return absolute(workdir) / "checkpoints"
+
+
+def best_dir(workdir: str) -> epath.Path:
+  return absolute(workdir) / "best"
+
+
+def compile_cache_dir(workdir: str) -> epath.Path:
+  return absolute(workdir) / "compile_cache"
+
+
+def tensorboard_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "tensorboard"
+
+
+def metrics_file(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / METRICS_FILE
+
+
+def tokenizer_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / TOKENIZER_DIR
+
+
+def probe_write(directory: epath.Path) -> None:
+  """Writes and removes a small file in `directory`; OSError if it takes no writes."""
+  probe = directory / f".write-probe-{uuid.uuid4().hex}"
+  probe.write_text("ok")
+  probe.unlink()
+
+
+def _write_atomically(path: epath.Path, text: str) -> None:
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+# ---------------------------------------------------------------- config.json
+
+
+def _versions() -> dict[str, str]:
+  out = {}
+  for name in _VERSIONED:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = "absent"
+  return out
+
+
+def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict, allow_config_change: bool) -> None:
+  """Creates the workdir, proves it writable, and guards a resume against a changed config."""
+  root = epath.Path(workdir)
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    probe_write(root)
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable: {e}") from e
+  saved_file = root / CONFIG_FILE
+  if saved_file.exists():
+    saved = json.loads(saved_file.read_text())["config"]
+    saved.get("model", {}).pop("vocab_size", None)  # resolved from the tokenizer at run time
+    compare = json.loads(json.dumps(cfg.to_dict()))
+    compare.get("model", {}).pop("vocab_size", None)
+    changes = config_lib.config_changes(saved, compare)
+    if changes and not allow_config_change:
+      raise WorkdirError(f"{workdir} holds a run with a different config; pass "
+                         "--allow_config_change to resume anyway, or use a new workdir:\n  "
+                         + "\n  ".join(changes))
+
+
+def write_resolved_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+  """Writes the resolved config and package versions to `workdir/config.json` (process 0)."""
+  if jax.process_index() == 0:
+    _write_atomically(epath.Path(workdir) / CONFIG_FILE,
+                      json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote to its workdir."""
+  return ml_collections.ConfigDict(
+      json.loads((epath.Path(workdir) / CONFIG_FILE).read_text())["config"])
+
+
+def read_model_config(workdir: str) -> BertConfig:
+  """The architecture recorded in a training workdir.
+
+  Raises:
+    WorkdirError: `workdir` holds no config.json.
+  """
+  if not (epath.Path(workdir) / CONFIG_FILE).exists():
+    raise WorkdirError(f"{workdir} is not a jaxfm workdir: "
+                       f"{epath.Path(workdir) / CONFIG_FILE} is missing")
+  return config_lib.bert_config(read_config(workdir))
+
+
+def existing_tokenizer_dir(workdir: str) -> str | None:
+  """The workdir's tokenizer folder, None when it has none."""
+  path = tokenizer_dir(workdir)
+  return str(path) if path.exists() else None
+
+
+# ---------------------------------------------------------------- task.json + tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+  """What `evaluate` and `predict` need from a fine-tuning workdir, and nothing else."""
+
+  cfg: ml_collections.ConfigDict
+  label_names: list[str] | None
+  tokenizer: Any  # jaxfm.data.tokenizer.WordPieceTokenizer
+
+
+def save_run_files(workdir: str, kind: str, label_names: Sequence[str] | None,
+                   tokenizer: Any) -> None:
+  """Writes the label vocabulary and tokenizer beside the checkpoints (process 0, atomically)."""
+  if jax.process_index() != 0:
+    return
+  tokenizer.save(tokenizer_dir(workdir))
+  _write_atomically(epath.Path(workdir) / TASK_FILE,
+                    json.dumps({"task": kind, "label_names": label_names}, indent=2))
+
+
+def label_names(workdir: str) -> list[str] | None:
+  """The label vocabulary a fine-tuning workdir recorded (None if none, or not fine-tuning)."""
+  task_file = epath.Path(workdir) / TASK_FILE
+  if not task_file.exists():
+    return None
+  return json.loads(task_file.read_text()).get("label_names")
+
+
+def load_run(workdir: str) -> SavedRun:
+  """Reads a fine-tuning workdir's resolved config, labels and tokenizer."""
+  root = epath.Path(workdir)
+  for name in (CONFIG_FILE, TASK_FILE, TOKENIZER_DIR):
+    if not (root / name).exists():
+      raise FileNotFoundError(f"{workdir} is not a jaxfm fine-tuning workdir: {name} is missing")
+  return SavedRun(read_config(workdir), label_names(workdir),
+                  load_tokenizer(tokenizer_dir(workdir)))
