@@ -196,7 +196,7 @@ def _mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> jax.
   try:
     sharding.local_batch_size(cfg.train.batch_size, mesh)
   except ValueError as e:
-    raise AotError(f"train.batch_size={cfg.train.batch_size}: {e}") from e
+    raise AotError(f"train.batch_size={cfg.train.batch_size} {e}") from e
   return mesh
 
 

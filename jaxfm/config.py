@@ -215,6 +215,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
 
 
 def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
+  """The mesh sizes alone; `jaxfm.runtime.preflight` checks them against the devices."""
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
   for name, size in zip(("data", "fsdp", "tensor"), sizes):
     if size == 0 or size < -1:
@@ -259,6 +260,12 @@ def validate_train(cfg: ml_collections.ConfigDict) -> None:
                       f"train.steps={t.steps}")
 
 
+def validate_sequence_length(cfg: ml_collections.ConfigDict) -> None:
+  """`data.max_seq_length` leaves room for special tokens and some text (both kinds of run)."""
+  if cfg.data.max_seq_length < 8:
+    _fail("data.max_seq_length", cfg.data.max_seq_length, "must be >= 8")
+
+
 def validate_pretrain_data(cfg: ml_collections.ConfigDict) -> None:
   d = cfg.data
   _one_of(cfg, "data.format", ("text", "jsonl", "tfds"))
@@ -270,8 +277,7 @@ def validate_pretrain_data(cfg: ml_collections.ConfigDict) -> None:
   if d.max_seq_length > cfg.model.max_position_embeddings:
     raise ConfigError(f"data.max_seq_length={d.max_seq_length} exceeds "
                       f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
-  if d.max_seq_length < 8:
-    _fail("data.max_seq_length", d.max_seq_length, "must be >= 8")
+  validate_sequence_length(cfg)
   if not 0.0 < d.mask_prob < 1.0:
     _fail("data.mask_prob", d.mask_prob, "must be in (0, 1)")
   if d.max_predictions_per_seq > d.max_seq_length:
@@ -305,8 +311,7 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
   fields = [f for f in d.text_fields.split(",") if f]
   if cfg.task in ("classification", "regression") and len(fields) not in (1, 2):
     _fail("data.text_fields", d.text_fields, "must name one field or two (comma-separated)")
-  if d.max_seq_length < 8:
-    _fail("data.max_seq_length", d.max_seq_length, "must be >= 8")
+  validate_sequence_length(cfg)
   length_buckets(d)
   for field in ("data.max_train_examples", "data.max_eval_examples", "train.epochs",
                 "train.eval_every", "train.checkpoint_every", "train.early_stopping_patience",

@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  run.initialize()
+  runtime.initialize_runtime()
   try:
     metrics = run.evaluate(_WORKDIR.value, _SPLIT.value, _INPUT.value)
   except run.USER_ERRORS as e:

@@ -31,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   try:
-    run.initialize(_CONFIG.value)
+    runtime.initialize_runtime()
     runtime.use_compilation_cache(_WORKDIR.value)
     result, best_step = run.finetune(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except run.USER_ERRORS as e:

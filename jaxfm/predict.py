@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["workdir", "input", "output"])
 
 def main(argv):
   del argv
-  run.initialize()
+  runtime.initialize_runtime()
   try:
     rows = run.predict(_WORKDIR.value, _INPUT.value)
   except run.USER_ERRORS as e:

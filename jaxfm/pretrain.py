@@ -33,6 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def pretrain(cfg, workdir: str, allow_config_change: bool = False) -> loop.TrainResult:
   """Builds data, model and task from `cfg` and runs the loop."""
   config_lib.validate(cfg)
+  runtime.preflight(cfg)
   workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
   layout = loader.HostLayout.of_process(runtime.per_host_batch_size(cfg), cfg.data.num_shards)
   data = loader.build_pretraining_data(cfg.data, str(workdir_lib.tokenizer_dir(workdir)),
@@ -71,7 +72,6 @@ def main(argv):
   del argv
   runtime.initialize_runtime(_CONFIG.value.model.hidden_size)
   try:
-    runtime.preflight(_CONFIG.value)
     runtime.use_compilation_cache(_WORKDIR.value)
     result = pretrain(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,

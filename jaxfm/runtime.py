@@ -80,36 +80,48 @@ def use_compilation_cache(workdir: str) -> None:
                       str(workdir_lib.compile_cache_dir(workdir)))
 
 
-def preflight(cfg: ml_collections.ConfigDict) -> None:
-  """Checks `cfg.mesh` and the batch against the devices of the run; prints the topology once.
+def _mesh_fields(cfg: ml_collections.ConfigDict) -> str:
+  return ", ".join(f"mesh.{name}={cfg.mesh[name]}" for name in sharding.MESH_AXES)
 
-  Call after `initialize_runtime`. Process 0 prints one `topology:` line (processes,
-  local and global devices, the resolved mesh).
+
+def run_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """`cfg.mesh` over the devices of this run.
 
   Raises:
-    ConfigError: naming the mesh.* fields when they do not multiply to `jax.device_count()`,
-      or train.batch_size when it does not split over the data-parallel shards.
+    ConfigError: naming the mesh.* fields when they do not multiply to `jax.device_count()`.
   """
-  config_lib.validate_mesh(cfg)
-  shape = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  fields = ", ".join(f"mesh.{name}={size}" for name, size in zip(sharding.MESH_AXES, shape))
   try:
-    data, fsdp, _ = sharding.resolve_mesh_shape(shape, jax.device_count())
+    return sharding.make_mesh([cfg.mesh[name] for name in sharding.MESH_AXES])
   except ValueError as e:
     raise config_lib.ConfigError(
-        f"{fields} does not match the {jax.device_count()} devices of this run "
+        f"{_mesh_fields(cfg)} does not match the {jax.device_count()} devices of this run "
         f"({jax.process_count()} process(es) x {jax.local_device_count()} local): {e}") from e
-  if cfg.train.batch_size % (data * fsdp):
-    raise config_lib.ConfigError(
-        f"train.batch_size={cfg.train.batch_size} does not split over the {data * fsdp} "
-        f"data-parallel shards (mesh.data x mesh.fsdp) of {fields}")
-  mesh = sharding.make_mesh(shape)
-  if jax.process_index() == 0:
-    print(f"topology: {sharding.describe(mesh)}", flush=True)
 
 
 def per_host_batch_size(cfg: ml_collections.ConfigDict) -> int:
-  if cfg.train.batch_size % jax.process_count():
-    raise config_lib.ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
-                                 f"the {jax.process_count()} processes")
-  return cfg.train.batch_size // jax.process_count()
+  """This process's rows of each `train.batch_size` batch on the run's mesh.
+
+  Raises:
+    ConfigError: naming train.batch_size when it does not split over the data-parallel
+      shards or the processes (`sharding.local_batch_size`), or the mesh as `run_mesh` does.
+  """
+  mesh = run_mesh(cfg)
+  try:
+    return sharding.local_batch_size(cfg.train.batch_size, mesh)
+  except ValueError as e:
+    raise config_lib.ConfigError(
+        f"train.batch_size={cfg.train.batch_size} {e} of {_mesh_fields(cfg)}") from e
+
+
+def preflight(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the (validated) `cfg.mesh` and batch against the devices of the run; process 0
+  prints one `topology:` line (processes, local and global devices, the resolved mesh).
+
+  Call after `initialize_runtime` and `config.validate_mesh`.
+
+  Raises:
+    ConfigError: as `per_host_batch_size`.
+  """
+  per_host_batch_size(cfg)
+  if jax.process_index() == 0:
+    print(f"topology: {sharding.describe(run_mesh(cfg))}", flush=True)

@@ -39,13 +39,14 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Fills a single -1 entry so that the product equals `num_devices`."""
+  """Fills a -1 entry so that the product equals `num_devices`.
+
+  The sizes themselves (positive or a single -1) are `jaxfm.config.validate_mesh`'s rule.
+  """
   shape = tuple(int(s) for s in shape)
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh shape {shape}: use positive sizes and at most one -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if num_devices % known:
+    if known < 1 or num_devices % known:
       raise ValueError(f"mesh shape {shape}: {num_devices} devices are not divisible by {known}")
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
@@ -113,14 +114,18 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """This process's share of a global batch, after checking it divides evenly."""
+  """This process's share of a global batch, after checking that it splits evenly over the
+  data-parallel shards of `mesh` and over the processes.
+
+  Raises:
+    ValueError: saying what it does not split over (the caller names the batch).
+  """
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if global_batch_size % shards:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by the "
-                     f"{shards} data-parallel shards of mesh {dict(mesh.shape)}")
+    raise ValueError(f"does not split over the {shards} data-parallel shards "
+                     "(mesh.data x mesh.fsdp)")
   if global_batch_size % jax.process_count():
-    raise ValueError(f"global batch {global_batch_size} is not divisible by "
-                     f"{jax.process_count()} processes")
+    raise ValueError(f"is not divisible by the {jax.process_count()} processes")
   return global_batch_size // jax.process_count()
 
 

@@ -28,13 +28,6 @@ USER_ERRORS = (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.Chec
                loop.NonFiniteError, best.BestMetricError, ValueError, FileNotFoundError)
 
 
-def initialize(cfg: ml_collections.ConfigDict | None = None) -> None:
-  """Runtime setup shared by the fine-tuning entry points (+ the preflight, given a config)."""
-  runtime.initialize_runtime()
-  if cfg is not None:
-    runtime.preflight(cfg)
-
-
 def _split_path(data: ml_collections.ConfigDict, split: str) -> str:
   """The file (or tfds split name) of 'train', 'dev' or 'test'; '' when not configured."""
   return data[f"{split}_split"] if data.tfds_name else data[f"{split}_file"]
@@ -56,19 +49,19 @@ def _resolve_schedule(cfg: ml_collections.ConfigDict, num_train: int,
       cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * t.steps)
 
 
-def finetune(cfg: ml_collections.ConfigDict, workdir: str,
-             allow_config_change: bool = False) -> tuple[loop.TrainResult, int | None]:
-  """Reads the data, resolves the config, starts from `init_from` and runs the shared loop.
+def _take_architecture(cfg: ml_collections.ConfigDict) -> tuple[Any, str | None]:
+  """The `init_from` params and tokenizer folder (None, None without one); its architecture
+  replaces the config's."""
+  if not cfg.init_from:
+    return None, None
+  source = weights.read_pretrained(cfg.init_from, "auto")
+  with cfg.unlocked():
+    for field in ARCHITECTURE:
+      cfg.model[field] = getattr(source.config, field) or 0  # embedding_size None -> 0
+  return source.params, source.tokenizer_dir
 
-  Returns the loop's result and the step of the best checkpoint (None without a dev set).
-  """
-  config_lib.validate_finetune(cfg)
-  pretrained = tokenizer_dir = None
-  if cfg.init_from:
-    source_config, pretrained, tokenizer_dir, _ = weights.read_pretrained(cfg.init_from, "auto")
-    with cfg.unlocked():
-      for field in ARCHITECTURE:
-        cfg.model[field] = getattr(source_config, field) or 0  # embedding_size None -> 0
+
+def _tokenizer(cfg: ml_collections.ConfigDict, tokenizer_dir: str | None) -> Any:
   tokenizer_path = cfg.data.tokenizer or tokenizer_dir
   if not tokenizer_path:
     raise config_lib.ConfigError("data.tokenizer is required when init_from has no tokenizer")
@@ -77,7 +70,12 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
     raise config_lib.ConfigError(
         f"the tokenizer at {tokenizer_path} has {tokenizer.vocab_size} tokens, more than "
         f"model.vocab_size={cfg.model.vocab_size}")
+  return tokenizer
 
+
+def _read_splits(cfg: ml_collections.ConfigDict, tokenizer: Any
+                 ) -> tuple[TaskSplit, TaskSplit | None, list[str] | None]:
+  """The train split, the dev split (None without one) and the label names."""
   kind, data = cfg.task, cfg.data
   train, label_names = load_split(kind, data, _split_path(data, "train"), tokenizer.backend,
                                   None, data.max_train_examples)
@@ -87,8 +85,29 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
                         data.max_eval_examples)
   logging.info("%s: %d train features, %d dev features, labels %s", kind, len(train),
                len(dev) if dev else 0, label_names)
+  return train, dev, label_names
+
+
+def finetune(cfg: ml_collections.ConfigDict, workdir: str,
+             allow_config_change: bool = False) -> tuple[loop.TrainResult, int | None]:
+  """Reads the data, resolves the config, starts from `init_from` and runs the shared loop.
+
+  Each part of the config is checked once, as soon as it is final: the task's fields first,
+  the model and mesh once `init_from` gave the architecture (then the topology), the
+  schedule once the data gave its size. Returns the loop's result and the step of the best
+  checkpoint (None without a dev set).
+  """
+  config_lib.validate_finetune(cfg)
+  pretrained, tokenizer_dir = _take_architecture(cfg)
+  config_lib.validate_model(cfg)
+  config_lib.validate_mesh(cfg)
+  runtime.preflight(cfg)
+  tokenizer = _tokenizer(cfg, tokenizer_dir)
+  train, dev, label_names = _read_splits(cfg, tokenizer)
   _resolve_schedule(cfg, len(train), dev)
-  config_lib.validate(cfg)
+  config_lib.validate_optim(cfg)
+  config_lib.validate_train(cfg)
+  kind, data = cfg.task, cfg.data
   workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
   workdir_lib.write_resolved_config(workdir, cfg)
   workdir_lib.save_run_files(workdir, kind, label_names, tokenizer)

@@ -19,11 +19,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from jaxfm.data import loader
 from jaxfm.data.tasks import classification, ner, qa
-from jaxfm.trees import flatten, unflatten
 from jaxfm.metrics import classification as cls_metrics
 from jaxfm.metrics import ner as ner_metrics
 from jaxfm.metrics import squad as squad_metrics
@@ -389,37 +387,3 @@ def load_unlabelled(kind: str, data: ml_collections.ConfigDict, path: str, token
     raise ValueError(f"{path}: no inputs")
   return TaskSplit(examples, spec.convert(examples, tokenizer, data, label_names),
                    spec.device_fields)
-
-
-@dataclasses.dataclass(frozen=True)
-class MergedParams:
-  params: Any
-  initialised: list[str]  # task-model params not in the checkpoint (new heads)
-  dropped: list[str]  # checkpoint params the task model has no use for (e.g. the MLM head)
-
-
-def merge_pretrained(fresh: Any, pretrained: Any, source: str) -> MergedParams:
-  """Takes every parameter of `fresh` from `pretrained` where it exists (shapes must agree)."""
-  new, old = flatten(fresh), flatten(pretrained)
-  merged, initialised = {}, []
-  for name, value in new.items():
-    if name not in old:
-      merged[name] = value
-      initialised.append(name)
-      continue
-    if tuple(old[name].shape) != tuple(value.shape):
-      raise ValueError(f"init_from={source}: {name} has shape {tuple(old[name].shape)}, the "
-                       f"task model needs {tuple(value.shape)}")
-    merged[name] = np.asarray(old[name], value.dtype)
-  if not any(n.startswith("encoder/") and n not in initialised for n in new):
-    raise ValueError(f"init_from={source}: no encoder parameter matched; is it a BERT checkpoint?")
-  dropped = sorted(set(old) - set(new))
-  logging.info("init_from %s: %d params loaded; initialised %s; dropped %s", source,
-               len(new) - len(initialised), initialised or "nothing",
-               _prefixes(dropped) or "nothing")
-  return MergedParams(unflatten(merged), initialised, dropped)
-
-
-def _prefixes(names: Sequence[str]) -> list[str]:
-  """The distinct top-two-level groups of parameter names (for concise reports)."""
-  return sorted({"/".join(n.split("/")[:2]) for n in names})

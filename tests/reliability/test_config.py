@@ -37,8 +37,8 @@ def _positive(check: str, *fields: str, value: Any = 0) -> list[Rule]:
   return [Rule(check, f, value, f"{f}={value!r} must be > 0") for f in fields]
 
 
-M, MESH, O, T, D, F = ("validate_model", "validate_mesh", "validate_optim", "validate_train",
-                       "validate_pretrain_data", "validate_finetune")
+M, MESH, O, T, S, D, F = ("validate_model", "validate_mesh", "validate_optim", "validate_train",
+                          "validate_sequence_length", "validate_pretrain_data", "validate_finetune")
 QA = {"task": "qa"}
 RULES = [
     *_positive(M, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
@@ -84,6 +84,7 @@ RULES = [
     Rule(D, "data.format", "tfds", "data.format='tfds' needs data.tfds_name"),
     Rule(D, "data.max_seq_length", 1024, "data.max_seq_length=1024 exceeds "
          "model.max_position_embeddings=512"),
+    Rule(S, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
     Rule(D, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
     Rule(D, "data.mask_prob", 1.0, "data.mask_prob=1.0 must be in (0, 1)"),
     Rule(D, "data.max_predictions_per_seq", 200, "data.max_predictions_per_seq=200 exceeds "
