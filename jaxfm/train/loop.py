@@ -1,36 +1,36 @@
-"""The one training loop: pretraining and every fine-tuning task run through `train`."""
+"""The one training loop: pretraining and every fine-tuning task run through `train`.
+
+The periodic work around the step (reports, evaluation, checkpoints, early and preempted
+stops) lives in `jaxfm.train.actions`; one pass of the eval step in `jaxfm.train.evaluation`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
 import time
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
-from jax.experimental import multihost_utils
 
 from jaxfm import sharding
 from jaxfm.cpu import process as cpu_process
-from jaxfm.train import checkpoint, optim
+from jaxfm.train import actions, checkpoint, optim
+from jaxfm.train.actions import NonFiniteError
 from jaxfm.train.best import BestCheckpoint
-from jaxfm.train.flops import peak_flops_per_device
+from jaxfm.train.evaluation import LocalBatch, evaluate, gather_outputs, predict
 from jaxfm.train.state import TrainState, create_train_state
-from jaxfm.train.step import LossFn, Sums, make_eval_step, make_train_step
+from jaxfm.train.step import LossFn, make_eval_step, make_train_step
 from jaxfm.train.writer import MetricWriter, log_line
 
-LocalBatch = dict[str, np.ndarray]
-
-
-class NonFiniteError(RuntimeError):
-  """Too many consecutive steps with non-finite loss or gradients."""
+__all__ = ["NonFiniteError", "StatefulIterator", "Steps", "Task", "TrainResult", "build_steps",
+           "compile_train_step", "evaluate", "gather_outputs", "make_mesh", "predict", "train"]
 
 
 class StatefulIterator(Protocol):
@@ -67,39 +67,6 @@ class Task:
 
   def init_params(self, rng: jax.Array) -> Any:
     return self.model.init(rng, *self.init_inputs)["params"]
-
-
-class _StopSignal:
-  """Turns SIGTERM into a request to save at the next step boundary and exit cleanly.
-
-  With several processes, JAX's own preemption notifier (started by
-  `jax.distributed.initialize`) catches SIGTERM and `reached_preemption_sync_point`
-  makes every host stop at the same step; a Python handler would hide the signal
-  from it and let hosts disagree, so none is installed then.
-  """
-
-  def __init__(self):
-    self.requested = False
-
-  @contextlib.contextmanager
-  def installed(self) -> Iterator[None]:
-    if jax.process_count() > 1:
-      yield
-      return
-    previous = signal.signal(signal.SIGTERM, self._handle)
-    try:
-      yield
-    finally:
-      signal.signal(signal.SIGTERM, previous)
-
-  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving at the next step boundary, then exiting")
-    self.requested = True
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
 
 
 def make_mesh(cfg: ml_collections.ConfigDict,
@@ -183,7 +150,7 @@ class _TrainExecutables:
   (fine-tuning's `data.length_buckets` gives batches of several lengths)."""
 
   def __init__(self, steps: Steps, mesh: jax.sharding.Mesh):
-    self._steps, self._mesh = steps, mesh
+    self._steps, self.mesh = steps, mesh
     self.compiled: dict[tuple[int, ...], Any] = {}  # input_ids shape -> executable
     self.compile_s = 0.0  # all compiles so far
 
@@ -191,61 +158,11 @@ class _TrainExecutables:
     """The executable for `batch` (arrays or ShapeDtypeStructs), compiling it if new."""
     shape = tuple(batch["input_ids"].shape)
     if shape not in self.compiled:
-      self.compiled[shape], seconds = compile_train_step(self._steps, batch, self._mesh)
+      self.compiled[shape], seconds = compile_train_step(self._steps, batch, self.mesh)
       self.compile_s += seconds
       if len(self.compiled) > 1:
         logging.info("compiled the train step for batches of shape %s in %.1f s", shape, seconds)
     return self.compiled[shape]
-
-
-def gather_outputs(outputs: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
-  """Per-batch predict outputs -> numpy arrays of the real rows, sorted by `feature_index`.
-
-  Per-position outputs of batches cut to different lengths (`data.length_buckets`) are
-  padded with zeros on axis 1 to the longest: those positions were padding.
-  """
-  host = jax.device_get(outputs)
-  merged = {k: np.concatenate(_padded_on_axis_1([o[k] for o in host])) for k in host[0]}
-  keep = np.flatnonzero(merged["feature_index"] >= 0)
-  keep = keep[np.argsort(merged["feature_index"][keep], kind="stable")]
-  return {k: v[keep] for k, v in merged.items()}
-
-
-def _eval_pass(steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
-               mesh: jax.sharding.Mesh) -> list[tuple[Sums, dict[str, jax.Array]]]:
-  """`eval_step` (sums, outputs) over one pass of this host's batches."""
-  return [steps.eval_step(params, sharding.global_batch(local, mesh)) for local in local_batches]
-
-
-def predict(steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
-            mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
-  """All predict outputs of one pass over this host's batches (see `gather_outputs`)."""
-  return gather_outputs([outputs for _, outputs in _eval_pass(steps, params, local_batches, mesh)])
-
-
-def evaluate(task: Task, steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Loss summary (and the task's scores) over one pass of this host's eval batches."""
-  results = _eval_pass(steps, params, local_batches, mesh)
-  if not results:
-    return {}
-  metrics = task.summarize(_summed([sums for sums, _ in results]))
-  if task.score is not None:
-    metrics.update(task.score(gather_outputs([outputs for _, outputs in results])))
-  return metrics
-
-
-def _padded_on_axis_1(arrays: list[np.ndarray]) -> list[np.ndarray]:
-  """`arrays` with zeros appended on axis 1 to the widest (unchanged if all are as wide)."""
-  if arrays[0].ndim < 2:
-    return arrays
-  width = max(a.shape[1] for a in arrays)
-  return [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
-
-
-def _summed(metrics: list[Sums]) -> dict[str, float]:
-  host = jax.device_get(metrics)
-  return {k: float(np.sum([m[k] for m in host])) for k in host[0]}
 
 
 @dataclasses.dataclass
@@ -277,24 +194,74 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   t = cfg.train
   mesh = make_mesh(cfg)
   steps = build_steps(cfg, task, mesh)
-  tx, schedule, state_shardings = steps.tx, steps.schedule, steps.state_shardings
-
-  def complete(step: int) -> bool:
-    return step >= t.steps or (best is not None and best.should_stop(step))
-
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints, t.keep_every,
                                     t.async_checkpointing)
-  latest = manager.latest_step()
   executables = _TrainExecutables(steps, mesh)
-  batch = None  # the next global batch to train on, once fetched
-  resuming = latest is not None and not complete(latest)
+  state, batch = _restore_or_init(cfg, steps, manager, executables, train_iter, initial_params,
+                                  best)
+  start = int(jax.device_get(state.step))
+  if _complete(t.steps, best, start):  # a relaunch of a finished run: nothing to compile or train
+    logging.info("step %d: training is already complete in %s", start, workdir)
+    manager.close()
+    return TrainResult(step=start, train={}, eval={}, preempted=False)
+
+  writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict())
+  evaluation = actions.Evaluation(
+      lambda params: evaluate(task, steps, params, eval_batches(), mesh), writer, t.eval_every,
+      t.steps)
+  stop = actions.StopSignal()
+  ended_by = None  # the action that ended the run before `t.steps`, if one did
+  with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
+      tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
+                disable=not (t.progress_bar and jax.process_index() == 0)) as bar:
+    log_line(start, {"compile_s": executables.compile_s}, "compile")
+    if start == 0 and t.eval_batches:
+      evaluation.run(0, state.params)
+      cpu_process.release_free_heap()  # what the eval step's compiler freed
+    progress = actions.ReportProgress(task.summarize, task.flops_per_token, steps.schedule,
+                                      lambda: executables.compile_s, writer, bar, t.log_every,
+                                      t.steps)
+    after_step = [progress, *_after_report(cfg, manager, train_iter, meta, evaluation, best, stop)]
+    for step in range(start, t.steps):
+      if batch is None:
+        batch = sharding.global_batch(next(train_iter), mesh)
+      state, metrics = executables.for_batch(batch)(state, batch)
+      info = actions.StepInfo(step + 1, state, metrics, tuple(batch["input_ids"].shape))
+      batch = None
+      # The first action that ends the run does so at once: those after it do not run.
+      ended_by = next((action for action in after_step if action(info)), None)
+      if ended_by is not None:
+        break
+  writer.close()
+  if progress.metrics:
+    log_line(int(jax.device_get(state.step)), progress.metrics, "train")
+  return TrainResult(step=int(jax.device_get(state.step)), train=progress.metrics,
+                     eval=evaluation.metrics, preempted=isinstance(ended_by, actions.Preemption),
+                     stopped_early=isinstance(ended_by, actions.KeepBest))
+
+
+def _complete(total_steps: int, best: BestCheckpoint | None, step: int) -> bool:
+  """Whether a run at `step` has nothing left to train."""
+  return step >= total_steps or (best is not None and best.should_stop(step))
+
+
+def _restore_or_init(cfg: ml_collections.ConfigDict, steps: Steps, manager: ocp.CheckpointManager,
+                     executables: _TrainExecutables, train_iter: StatefulIterator,
+                     initial_params: Any | None, best: BestCheckpoint | None
+                     ) -> tuple[TrainState, dict[str, jax.Array] | None]:
+  """The state to train from (the newest checkpoint, `initial_params` or a random init) and the
+  first global batch when it was fetched already, its step compiled."""
+  t = cfg.train
+  latest = manager.latest_step()
+  batch = None
+  resuming = latest is not None and not _complete(t.steps, best, latest)
   data_state = checkpoint.read_data_state(manager, latest) if resuming else None
   if latest is None or data_state is not None:
     # The first batch's step is compiled before any state exists (a lower peak), for the
     # shape that batch has (fine-tuning's length buckets cut it), not for one it may not need.
     if data_state is not None:
       train_iter.set_state(data_state)
-    batch = sharding.global_batch(next(train_iter), mesh)
+    batch = sharding.global_batch(next(train_iter), executables.mesh)
     executables.for_batch(batch)
   restored = checkpoint.restore_latest(manager, steps.abstract_state)
   if restored is not None:
@@ -304,117 +271,30 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
       batch = None
     logging.info("resumed from step %d of %s", restored.step, manager.directory)
   elif initial_params is not None:
-    params = jax.device_put(initial_params, state_shardings.params)
-    state = jax.jit(lambda p: create_train_state(p, tx, t.seed),
-                    out_shardings=state_shardings)(params)
+    params = jax.device_put(initial_params, steps.state_shardings.params)
+    state = jax.jit(lambda p: create_train_state(p, steps.tx, t.seed),
+                    out_shardings=steps.state_shardings)(params)
   else:
-    state = jax.jit(steps.init_state, out_shardings=state_shardings)(jax.random.key(t.seed))
+    state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(jax.random.key(t.seed))
   cpu_process.release_free_heap()  # what restoring or initialising (and its compiler) freed
-  start = int(jax.device_get(state.step))
-  if complete(start):  # a relaunch of a finished run: nothing to compile or train
-    logging.info("step %d: training is already complete in %s", start, workdir)
-    manager.close()
-    return TrainResult(step=start, train={}, eval={}, preempted=False)
+  return state, batch
 
-  writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict())
-  stop = _StopSignal()
-  peak = peak_flops_per_device(jax.devices()[0].device_kind)
 
-  def run_eval(params: Any) -> dict[str, float]:
-    return evaluate(task, steps, params, eval_batches(), mesh)
-
-  def save(step: int, force: bool = False) -> None:
-    if not t.skip_nonfinite and int(jax.device_get(state.consecutive_nonfinite)):
-      logging.warning("step %d: not checkpointing non-finite params (train.skip_nonfinite=False)",
-                      step)
-      return
-    checkpoint.save(manager, step, state, train_iter.get_state(), meta, force=force)
-
-  train_metrics: dict[str, float] = {}
-  eval_metrics: dict[str, float] = {}
-  preempted = stopped_early = False
-  with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
-      tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
-                disable=not (t.progress_bar and jax.process_index() == 0)) as bar:
-    log_line(start, {"compile_s": executables.compile_s}, "compile")
-    if start == 0 and t.eval_batches:
-      eval_metrics = run_eval(state.params)
-      writer.write(0, eval_metrics, "eval")
-      log_line(0, eval_metrics, "eval")
-      cpu_process.release_free_heap()  # what the eval step's compiler freed
-    pending: list[Sums] = []
-    interval_start = time.perf_counter()
-    interval_steps, interval_tokens, interval_flops = 0, 0, 0.0
-    last_save_time = time.monotonic()
-    for step in range(start, t.steps):
-      if batch is None:
-        batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = executables.for_batch(batch)(state, batch)
-      length = batch["input_ids"].shape[1]
-      interval_tokens += batch["input_ids"].size
-      interval_flops += batch["input_ids"].size * task.flops_per_token(length)
-      batch = None
-      pending.append(metrics)
-      interval_steps += 1
-      done = step + 1
-      bar.update(1)
-      if done % t.log_every == 0 or done == t.steps:
-        sums = _summed(pending)
-        elapsed = time.perf_counter() - interval_start
-        tokens_per_s = interval_tokens / elapsed
-        train_metrics = {
-            **task.summarize(sums),
-            "grad_norm": sums["grad_norm"] / interval_steps,
-            "learning_rate": float(jax.device_get(schedule(step))),
-            "nonfinite_steps": interval_steps - sums["finite"],
-            "skipped_steps_total": float(jax.device_get(state.skipped_steps)),
-            "tokens_per_s": tokens_per_s,
-            "compile_s": executables.compile_s,
-        }
-        if peak:
-          train_metrics["mfu"] = interval_flops / elapsed / (peak * jax.device_count())
-        writer.write(done, train_metrics, "train")
-        bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        if not bar.disable and done % (t.log_every * 10) == 0:
-          log_line(done, train_metrics, "train")
-        streak = int(jax.device_get(state.consecutive_nonfinite))
-        if streak >= t.max_consecutive_nonfinite:
-          manager.wait_until_finished()
-          raise NonFiniteError(
-              f"{streak} consecutive steps up to step {done} had non-finite loss or gradients "
-              f"(train.skip_nonfinite={t.skip_nonfinite}); stopping. The last good checkpoint "
-              f"is step {manager.latest_step()} in {manager.directory}.")
-        pending, interval_start, interval_steps, interval_tokens, interval_flops = (
-            [], time.perf_counter(), 0, 0, 0.0)
-        if t.checkpoint_every_seconds and done < t.steps:
-          overdue = time.monotonic() - last_save_time >= t.checkpoint_every_seconds
-          if multihost_utils.broadcast_one_to_all(np.asarray(overdue)):
-            save(done, force=True)
-            last_save_time = time.monotonic()
-      evaluated = t.eval_batches and (done % t.eval_every == 0 or done == t.steps)
-      if evaluated:
-        eval_metrics = run_eval(state.params)
-        writer.write(done, eval_metrics, "eval")
-        log_line(done, eval_metrics, "eval")
-        if best is not None:
-          best.update(done, state.params, eval_metrics)
-      stopped_early = bool(evaluated) and best is not None and best.should_stop(done)
-      if stopped_early:
-        logging.info("early stopping at step %d: no better %s than step %d for %d evaluations",
-                     done, best.metric, best.best_step(), best.patience)
-        if manager.latest_step() != done:
-          save(done, force=True)
-        break
-      if done % t.checkpoint_every == 0 or done == t.steps:
-        save(done)
-        last_save_time = time.monotonic()
-      if stop.should_stop(done):
-        if manager.latest_step() != done:
-          save(done, force=True)
-        preempted = True
-        break
-  writer.close()
-  if train_metrics:
-    log_line(int(jax.device_get(state.step)), train_metrics, "train")
-  return TrainResult(step=int(jax.device_get(state.step)), train=train_metrics,
-                     eval=eval_metrics, preempted=preempted, stopped_early=stopped_early)
+def _after_report(cfg: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
+                  train_iter: StatefulIterator, meta: dict[str, Any],
+                  evaluation: actions.Evaluation, best: BestCheckpoint | None,
+                  stop: actions.StopSignal) -> list[actions.Action]:
+  """The actions after the train metrics' report, in the order they run within a step."""
+  t = cfg.train
+  saver = actions.Checkpointer(manager, train_iter.get_state, meta, t.skip_nonfinite)
+  every_step: list[actions.Action | None] = [
+      actions.NonFiniteGuard(manager, t.max_consecutive_nonfinite, t.skip_nonfinite,
+                             t.log_every, t.steps),
+      (actions.TimedCheckpoint(saver, t.checkpoint_every_seconds, t.log_every, t.steps)
+       if t.checkpoint_every_seconds else None),
+      evaluation if t.eval_batches else None,
+      actions.KeepBest(best, evaluation, saver) if best is not None else None,
+      actions.PeriodicCheckpoint(saver, t.checkpoint_every, t.steps),
+      actions.Preemption(stop, saver),
+  ]
+  return [action for action in every_step if action is not None]

@@ -1,0 +1,84 @@
+"""The loop's actions alone: each one's cadence and when it ends the run (nothing compiled)."""
+
+import types
+
+from jaxfm.train import actions
+
+
+class _Writer:
+  def __init__(self):
+    self.written = []
+
+  def write(self, step, scalars, prefix):
+    self.written.append((step, prefix))
+
+
+class _Saver:
+  """Records the saves asked of a `actions.Checkpointer`."""
+
+  def __init__(self):
+    self.saves, self.last_save = [], float("-inf")
+
+  def save(self, state, step, force=False):
+    self.saves.append((step, force))
+
+  def save_last(self, state, step):
+    self.save(state, step, force=True)
+
+
+def _run(every_step, last):
+  """Calls the actions after each of steps 1..`last` as the loop does; the step that ended it."""
+  state = types.SimpleNamespace(params="params")
+  for step in range(1, last + 1):
+    info = actions.StepInfo(step, state, {}, (2, 8))
+    if any(action(info) for action in every_step):
+      return step
+  return None
+
+
+def test_periodic_work_runs_every_n_steps_and_at_the_last():
+  writer, saver = _Writer(), _Saver()
+  evaluation = actions.Evaluation(lambda params: {"loss": 1.0}, writer, every=4, last=10)
+  assert _run([evaluation, actions.PeriodicCheckpoint(saver, every=3, last=10)], 10) is None
+  assert writer.written == [(4, "eval"), (8, "eval"), (10, "eval")]
+  assert saver.saves == [(3, False), (6, False), (9, False), (10, False)]
+
+
+def test_timed_checkpoint_looks_at_reports_before_the_last_step_only():
+  saver = _Saver()
+  _run([actions.TimedCheckpoint(saver, seconds=1, every=2, last=7)], 7)
+  assert saver.saves == [(2, True), (4, True), (6, True)]
+
+
+class _Best:
+  """A `BestCheckpoint` whose only best is step 2's."""
+  metric, patience = "loss", 2
+
+  def __init__(self):
+    self.updates = []
+
+  def update(self, step, params, metrics):
+    self.updates.append(step)
+
+  def best_step(self):
+    return 2
+
+  def should_stop(self, step):
+    return step - 2 >= self.patience * 2
+
+
+def test_keep_best_follows_the_evaluations_and_stops_with_a_save():
+  writer, saver, best = _Writer(), _Saver(), _Best()
+  evaluation = actions.Evaluation(lambda params: {"loss": 1.0}, writer, every=2, last=20)
+  evaluation.run(0, "params")  # the loop's step-0 evaluation keeps no best
+  assert _run([evaluation, actions.KeepBest(best, evaluation, saver)], 20) == 6
+  assert best.updates == [2, 4, 6] and saver.saves == [(6, True)]
+
+
+def test_preemption_saves_and_stops_at_the_step_after_the_signal():
+  stop, saver = actions.StopSignal(), _Saver()
+  preemption = actions.Preemption(stop, saver)
+  state = types.SimpleNamespace()
+  assert not preemption(actions.StepInfo(3, state, {}, (2, 8)))
+  stop.requested = True
+  assert preemption(actions.StepInfo(4, state, {}, (2, 8))) and saver.saves == [(4, True)]
