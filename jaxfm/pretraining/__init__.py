@@ -1,0 +1,1 @@
+"""MLM pretraining: the run that `python -m jaxfm.pretrain` starts."""

@@ -1,0 +1,59 @@
+"""MLM pretraining runs: `pretrain` builds the corpus, tokenizer, masked batches and the MLM
+task from a config and runs the shared loop in a workdir; `report` sums the run up."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import jax
+import ml_collections
+
+from jaxfm import config as config_lib
+from jaxfm import runtime, weights
+from jaxfm import workdir as workdir_lib
+from jaxfm.data import loader
+from jaxfm.train import checkpoint, loop, tasks
+
+# Errors the entry point turns into one `error: ...` line and exit code 1.
+USER_ERRORS = (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
+               loop.NonFiniteError)
+
+
+def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
+             allow_config_change: bool = False) -> loop.TrainResult:
+  """Builds data, model and task from `cfg` and runs the loop."""
+  config_lib.validate(cfg)
+  runtime.preflight(cfg)
+  workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
+  layout = loader.HostLayout.of_process(runtime.per_host_batch_size(cfg), cfg.data.num_shards)
+  data = loader.build_pretraining_data(cfg.data, str(workdir_lib.tokenizer_dir(workdir)),
+                                       max_position_embeddings=cfg.model.max_position_embeddings,
+                                       shards=layout.shards)
+  with cfg.unlocked():
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+  workdir_lib.write_resolved_config(workdir, cfg)
+  model_config = config_lib.bert_config(cfg)
+  task = tasks.mlm_task(model_config, cfg.data.max_seq_length, cfg.data.max_predictions_per_seq)
+  train_iter = data.train_iterator(layout, seed=cfg.data.seed, worker_count=cfg.data.worker_count)
+  eval_batches = lambda: itertools.islice(data.eval_batches(layout), cfg.train.eval_batches)
+  meta = {"config": cfg.to_dict(), "data_counters": data.counters}
+  try:
+    return loop.train(cfg, workdir, task, train_iter, eval_batches, meta,
+                      initial_params=(weights.load_initial_params(cfg.init_from, model_config,
+                                                                  "mlm")
+                                      if cfg.init_from else None))
+  finally:
+    train_iter.close()
+
+
+def report(workdir: str, result: loop.TrainResult) -> None:
+  """Prints held-out MLM loss/accuracy at the first and last evaluation (process 0)."""
+  evals = [json.loads(line) for line in workdir_lib.metrics_file(workdir).open()
+           if '"split": "eval"' in line]
+  if not evals or jax.process_index() != 0:
+    return
+  first, last = evals[0], evals[-1]
+  print(f"held-out MLM: step {first['step']}: loss {first['loss']:.3f} accuracy "
+        f"{first['accuracy']:.3f}  ->  step {last['step']}: loss {last['loss']:.3f} accuracy "
+        f"{last['accuracy']:.3f}" + ("  (preempted; rerun to resume)" if result.preempted else ""))
