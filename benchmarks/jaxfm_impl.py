@@ -19,9 +19,11 @@ from jaxfm.train.flops import classification_flops_per_token
 
 
 def model_config(case: Case) -> BertConfig:
-  """The jaxfm model config of `case` (vocab 30,522, float32 parameters)."""
+  """The jaxfm model config of `case` (vocab 30,522, float32 parameters), with `jaxfm.cpu`'s
+  paths where the entry points take them (`model.cpu_paths=auto`: on CPU devices)."""
   return BertConfig(**case.arch, vocab_size=VOCAB_SIZE, max_position_embeddings=case.max_positions,
-                    dtype=case.dtype, scan_layers=case.scan_layers, remat_policy=case.remat)
+                    dtype=case.dtype, scan_layers=case.scan_layers, remat_policy=case.remat,
+                    cpu_paths=jax.devices()[0].platform == "cpu")
 
 
 def classification_task(config: BertConfig, seq_len: int) -> loop.Task:

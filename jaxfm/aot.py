@@ -223,7 +223,8 @@ def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device],
   config_lib.validate(cfg)
   mesh = _mesh(cfg, devices)
   seq_len = cfg.data.max_seq_length
-  task = tasks.mlm_task(config_lib.bert_config(cfg), seq_len, cfg.data.max_predictions_per_seq)
+  task = tasks.mlm_task(config_lib.bert_config(cfg, devices[0].platform), seq_len,
+                        cfg.data.max_predictions_per_seq)
   steps = loop.build_steps(cfg, task, mesh)
   batch = steps.abstract_batch(task, cfg.train.batch_size)
   with sharding.activation_sharding(mesh):

@@ -22,16 +22,27 @@ class ConfigError(ValueError):
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """The `model` section for a named size preset (see `jaxfm.models.PRESETS`)."""
+  # auto: `jaxfm.cpu`'s XLA:CPU paths exactly when the run's devices are CPUs; on | off.
+  cpu_paths = overrides.pop("cpu_paths", "auto")
   fields = dataclasses.asdict(preset(name, **overrides))
   # ConfigDict needs a concrete type for fields that may be None.
   fields["embedding_size"] = fields["embedding_size"] or 0
+  fields["cpu_paths"] = cpu_paths
   return ml_collections.ConfigDict(fields)
 
 
-def bert_config(cfg: ml_collections.ConfigDict) -> BertConfig:
-  """The model's dataclass from a config's `model` section (also a saved config.json's)."""
+def use_cpu_paths(cfg: ml_collections.ConfigDict, platform: str | None) -> bool:
+  """Whether a run on `platform` devices ('cpu', 'tpu', 'gpu'; None: no devices, e.g. an
+  export) takes `jaxfm.cpu`'s paths: `model.cpu_paths` 'on', or 'auto' on CPUs."""
+  setting = cfg.model.get("cpu_paths", "auto")
+  return setting == "on" or (setting == "auto" and platform == "cpu")
+
+
+def bert_config(cfg: ml_collections.ConfigDict, platform: str | None) -> BertConfig:
+  """The model's dataclass from a config's `model` section (also a saved config.json's), for a
+  run on `platform` devices (see `use_cpu_paths`)."""
   return BertConfig.from_mapping({**cfg.model, "embedding_size": cfg.model.get("embedding_size")
-                                  or None})
+                                  or None, "cpu_paths": use_cpu_paths(cfg, platform)})
 
 
 def pretrain_defaults() -> ml_collections.ConfigDict:
@@ -212,6 +223,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
   _one_of(cfg, "model.hidden_act", ACTIVATIONS)
   _one_of(cfg, "model.dtype", COMPUTE_DTYPES)
   _one_of(cfg, "model.remat_policy", REMAT_POLICIES)
+  _one_of(cfg, "model.cpu_paths", ("auto", "on", "off"))
 
 
 def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
@@ -359,16 +371,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     validate_pretrain_data(cfg)
 
 
-
-
-
-
 # Fields a resumed run may change without --allow_config_change: they don't alter the math.
 RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
     "train.keep_every", "train.async_checkpointing", "train.progress_bar", "train.wandb_project",
-    "data.worker_count",
+    "data.worker_count", "model.cpu_paths",
 )
 
 

@@ -136,7 +136,7 @@ def read_model_config(workdir: str) -> BertConfig:
   if not (epath.Path(workdir) / CONFIG_FILE).exists():
     raise WorkdirError(f"{workdir} is not a jaxfm workdir: "
                        f"{epath.Path(workdir) / CONFIG_FILE} is missing")
-  return config_lib.bert_config(read_config(workdir))
+  return config_lib.bert_config(read_config(workdir), platform=None)
 
 
 def existing_tokenizer_dir(workdir: str) -> str | None:

@@ -7,15 +7,15 @@ import sys
 import pytest
 
 from jaxfm.cpu import process as cpu_process
-from jaxfm.train import run_setup
+from jaxfm import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Imports an entry point (nothing may start JAX's backends at import), does what its main()
 # does first, then compiles a matmul and says who runs it.
 PROBE = """
 import jaxfm.{module}
-from jaxfm.train import run_setup
-run_setup.initialize_runtime({width})
+from jaxfm import runtime
+runtime.initialize_runtime({width})
 import jax, jax.numpy as jnp
 x = jnp.ones((64, 64))
 print("YNNPACK" if "__ynn_fusion" in jax.jit(jnp.dot).lower(x, x).compile().as_text() else "XLA")

@@ -112,7 +112,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   workdir_lib.write_resolved_config(workdir, cfg)
   workdir_lib.save_run_files(workdir, kind, label_names, tokenizer)
 
-  model_config = config_lib.bert_config(cfg)
+  model_config = config_lib.bert_config(cfg, jax.devices()[0].platform)
   task = make_task(kind, model_config, label_names, dev, data)
   initial = None
   if pretrained is not None:  # new heads keep the loop's own initialisation (same seed)
@@ -162,8 +162,8 @@ class Inference:
 
 def inference(workdir: str, run: workdir_lib.SavedRun, split: TaskSplit) -> Inference:
   """Builds the run's task model and steps on its mesh and restores the best params."""
-  task = make_task(run.cfg.task, config_lib.bert_config(run.cfg), run.label_names, split,
-                   run.cfg.data)
+  task = make_task(run.cfg.task, config_lib.bert_config(run.cfg, jax.devices()[0].platform),
+                   run.label_names, split, run.cfg.data)
   mesh = loop.make_mesh(run.cfg)
   steps = loop.build_steps(run.cfg, task, mesh)
   loaded = weights.workdir_params(workdir, steps.abstract_state)

@@ -33,7 +33,7 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
   with cfg.unlocked():
     cfg.model.vocab_size = data.tokenizer.vocab_size
   workdir_lib.write_resolved_config(workdir, cfg)
-  model_config = config_lib.bert_config(cfg)
+  model_config = config_lib.bert_config(cfg, jax.devices()[0].platform)
   task = tasks.mlm_task(model_config, cfg.data.max_seq_length, cfg.data.max_predictions_per_seq)
   train_iter = data.train_iterator(layout, seed=cfg.data.seed, worker_count=cfg.data.worker_count)
   eval_batches = lambda: itertools.islice(data.eval_batches(layout), cfg.train.eval_batches)

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 
+from jaxfm import config as config_lib
 from jaxfm import sharding
 from jaxfm.cpu import process as cpu_process
 from jaxfm.train import actions, checkpoint, optim
@@ -105,7 +106,8 @@ def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.M
   """Optimiser, state shardings and jitted train/eval steps for `task` on `mesh`."""
   t = cfg.train
   schedule = optim.learning_rate_schedule(cfg.optim, t.steps)
-  tx = optim.make_optimizer(cfg.optim, t.steps)
+  tx = optim.make_optimizer(
+      cfg.optim, t.steps, fused=config_lib.use_cpu_paths(cfg, mesh.devices.flat[0].platform))
 
   def init_state(rng: jax.Array) -> TrainState:
     return create_train_state(task.init_params(rng), tx, t.seed)

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
   cfg = ml_collections.ConfigDict(
       json.loads((epath.Path(workdir) / "config.json").read_text())["config"])
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = map(int, _MESH.value)
-  task = tasks.mlm_task(config_lib.bert_config(cfg), cfg.data.max_seq_length,
+  task = tasks.mlm_task(config_lib.bert_config(cfg, jax.devices()[0].platform), cfg.data.max_seq_length,
                         cfg.data.max_predictions_per_seq)
   mesh = loop.make_mesh(cfg)
   steps = loop.build_steps(cfg, task, mesh)
