@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,9 @@ import numpy as np
 import safetensors.numpy
 
 from jaxfm.interop import torch_pickle
+from jaxfm.interop.hf_names import (BERT, ELECTRA, Dialect, InteropError, Rule, TaskHead,
+                                    check_head_activation, config_from_hf, config_to_hf,
+                                    dialect_of, labels_to_hf, linear, param_rules, task_head)
 from jaxfm.interop.checkpoint_dir import (Params, atomic_directory, copy_tokenizer_files,
                                           numpy_params, read_safetensors, tokenizer_files)
 from jaxfm.trees import flatten, unflatten
@@ -35,175 +38,9 @@ CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "pytorch_model.bin"
 
-# HF config.json key -> BertConfig field.
-_CONFIG_FIELDS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "num_hidden_layers": "num_layers",
-    "num_attention_heads": "num_heads",
-    "intermediate_size": "intermediate_size",
-    "max_position_embeddings": "max_position_embeddings",
-    "type_vocab_size": "type_vocab_size",
-    "layer_norm_eps": "layer_norm_eps",
-    "hidden_act": "hidden_act",
-    "hidden_dropout_prob": "hidden_dropout",
-    "attention_probs_dropout_prob": "attention_dropout",
-    "initializer_range": "initializer_range",
-    "embedding_size": "embedding_size",
-}
-_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-               "intermediate_size")
-# HF activation name -> jaxfm's.
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh",
-                "relu": "relu"}
-# Top-level modules of the encoder; inside task models they carry the model prefix.
 _ENCODER_MODULES = ("embeddings.", "embeddings_project.", "encoder.", "pooler.")
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _MAX_NAMES = 12
-
-
-class InteropError(ValueError):
-  """A checkpoint cannot be converted: unsupported, inconsistent or unreadable."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Dialect:
-  """Where one HF model family keeps each part of the network."""
-
-  model_type: str
-  prefix: str  # of the encoder's tensors inside task models
-  architectures: tuple[str, str]  # (bare encoder, masked LM)
-  mlm_transform: str
-  mlm_norm: str
-  mlm_bias: str
-  tied: tuple[tuple[str, str], ...]  # (tied copy, the tensor it duplicates)
-  unsupported: tuple[tuple[str, str], ...]  # (name prefix, why it is ignored)
-  has_pooler: bool
-
-  @property
-  def mlm_modules(self) -> tuple[str, ...]:
-    return (self.mlm_transform, self.mlm_norm, self.mlm_bias)
-
-
-_BERT = _Dialect(
-    model_type="bert", prefix="bert.", architectures=("BertModel", "BertForMaskedLM"),
-    mlm_transform="cls.predictions.transform.dense",
-    mlm_norm="cls.predictions.transform.LayerNorm", mlm_bias="cls.predictions.bias",
-    tied=(("cls.predictions.decoder.weight", "embeddings.word_embeddings.weight"),
-          ("cls.predictions.decoder.bias", "cls.predictions.bias")),
-    unsupported=(("cls.seq_relationship.", "next-sentence-prediction head (not supported)"),),
-    has_pooler=True)
-_ELECTRA = _Dialect(
-    model_type="electra", prefix="electra.", architectures=("ElectraModel", "ElectraForMaskedLM"),
-    mlm_transform="generator_predictions.dense", mlm_norm="generator_predictions.LayerNorm",
-    mlm_bias="generator_lm_head.bias",
-    tied=(("generator_lm_head.weight", "embeddings.word_embeddings.weight"),),
-    unsupported=(("discriminator_predictions.",
-                  "ELECTRA replaced-token-detection head (not supported)"),),
-    has_pooler=False)
-_DIALECTS = {d.model_type: d for d in (_BERT, _ELECTRA)}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-  """One jaxfm parameter and the HF tensors (names without the model prefix) it is made of.
-
-  `to_hf` uses array methods only, so it also runs on tracers to derive HF shapes.
-  """
-
-  path: str
-  sources: tuple[str, ...]
-  to_jax: Callable[..., np.ndarray]
-  to_hf: Callable[[Any], tuple[Any, ...]]
-
-
-def _copy(path: str, name: str) -> _Rule:
-  return _Rule(path, (name,), lambda x: x, lambda x: (x,))
-
-
-def _linear(path: str, name: str) -> list[_Rule]:
-  # torch Linear weights are [out, in], Flax kernels [in, out].
-  return [_Rule(f"{path}/kernel", (f"{name}.weight",), lambda w: w.T, lambda k: (k.T,)),
-          _copy(f"{path}/bias", f"{name}.bias")]
-
-
-def _layer_norm(path: str, name: str) -> list[_Rule]:
-  return [_copy(f"{path}/scale", f"{name}.weight"), _copy(f"{path}/bias", f"{name}.bias")]
-
-
-def _attention(path: str, name: str, config: BertConfig) -> list[_Rule]:
-  hidden, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
-  qkv = tuple(f"{name}.self.{p}" for p in ("query", "key", "value"))
-  return [
-      # 3 x [heads * head_dim, hidden] <-> [hidden, 3, heads, head_dim]
-      _Rule(f"{path}/qkv_kernel", tuple(f"{n}.weight" for n in qkv),
-            lambda *ws: np.stack([w.T.reshape(hidden, heads, head_dim) for w in ws], axis=1),
-            lambda k: tuple(k[:, i].reshape(hidden, heads * head_dim).T for i in range(3))),
-      # 3 x [heads * head_dim] <-> [3, heads, head_dim]
-      _Rule(f"{path}/qkv_bias", tuple(f"{n}.bias" for n in qkv),
-            lambda *bs: np.stack([b.reshape(heads, head_dim) for b in bs]),
-            lambda b: tuple(b[i].reshape(heads * head_dim) for i in range(3))),
-      # [hidden, heads * head_dim] <-> [heads, head_dim, hidden]
-      _Rule(f"{path}/out_kernel", (f"{name}.output.dense.weight",),
-            lambda w: w.T.reshape(heads, head_dim, hidden),
-            lambda k: (k.reshape(heads * head_dim, hidden).T,)),
-      _copy(f"{path}/out_bias", f"{name}.output.dense.bias"),
-  ]
-
-
-def _rules(config: BertConfig, dialect: _Dialect, *, pooler: bool, mlm: bool) -> list[_Rule]:
-  """Every parameter of the unscanned jaxfm tree with its HF source tensors."""
-  rules = [
-      _copy("encoder/embeddings/word_embeddings/embedding", "embeddings.word_embeddings.weight"),
-      _copy("encoder/embeddings/position_embeddings/embedding",
-            "embeddings.position_embeddings.weight"),
-      _copy("encoder/embeddings/token_type_embeddings/embedding",
-            "embeddings.token_type_embeddings.weight"),
-      *_layer_norm("encoder/embeddings/layer_norm", "embeddings.LayerNorm"),
-  ]
-  if config.embedding_dim != config.hidden_size:
-    rules += _linear("encoder/embeddings/projection", "embeddings_project")
-  for i in range(config.num_layers):
-    path, name = f"encoder/layer_{i}", f"encoder.layer.{i}"
-    rules += [*_attention(f"{path}/attention", f"{name}.attention", config),
-              *_layer_norm(f"{path}/attention_norm", f"{name}.attention.output.LayerNorm"),
-              *_linear(f"{path}/intermediate", f"{name}.intermediate.dense"),
-              *_linear(f"{path}/output", f"{name}.output.dense"),
-              *_layer_norm(f"{path}/output_norm", f"{name}.output.LayerNorm")]
-  if pooler:
-    rules += _linear("encoder/pooler", "pooler.dense")
-  if mlm:
-    rules += [*_linear("mlm_head/transform", dialect.mlm_transform),
-              *_layer_norm("mlm_head/transform_norm", dialect.mlm_norm),
-              _copy("mlm_head/bias", dialect.mlm_bias)]
-  return rules
-
-
-@dataclasses.dataclass(frozen=True)
-class _TaskHead:
-  """A fine-tuning head: its jaxfm params and the HF task model that has the same one."""
-
-  path: str  # jaxfm: {path}/kernel [hidden, outputs], {path}/bias [outputs]
-  module: str  # HF Linear of the task model
-  architecture: str
-
-
-def _task_head(flat: Mapping[str, np.ndarray], pooler: bool) -> _TaskHead | None:
-  """The fine-tuning head among `flat`'s params (the pooler tells sequence from token heads)."""
-  if "span/kernel" in flat:
-    return _TaskHead("span", "qa_outputs", "BertForQuestionAnswering")
-  if "classifier/kernel" in flat:
-    return _TaskHead("classifier", "classifier", "BertForSequenceClassification" if pooler
-                     else "BertForTokenClassification")
-  return None
-
-
-def _labels_to_hf(outputs: int, label_names: Sequence[str] | None) -> dict[str, Any]:
-  """HF's id2label / label2id for a head with `outputs` labels (LABEL_i when unnamed)."""
-  names = list(label_names) if label_names else [f"LABEL_{i}" for i in range(outputs)]
-  if len(names) != outputs:
-    raise InteropError(f"{len(names)} label names for a head with {outputs} outputs")
-  return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
 def _model(config: BertConfig, mlm: bool) -> nn.Module:
@@ -233,7 +70,7 @@ def _initial_head(config: BertConfig, mlm: bool) -> dict[str, np.ndarray]:
           for k, v in flatten(unbox(variables["params"])).items()}
 
 
-def _hf_shapes(rule: _Rule, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+def _hf_shapes(rule: Rule, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
   outs = jax.eval_shape(rule.to_hf, jax.ShapeDtypeStruct(shape, jnp.float32))
   return [tuple(o.shape) for o in outs]
 
@@ -241,60 +78,6 @@ def _hf_shapes(rule: _Rule, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
 def _names(names: Sequence[str]) -> str:
   shown = ", ".join(names[:_MAX_NAMES])
   return shown + (f" and {len(names) - _MAX_NAMES} more" if len(names) > _MAX_NAMES else "")
-
-
-def _dialect(hf_config: Mapping[str, Any], source: str) -> _Dialect:
-  model_type = hf_config.get("model_type")
-  if model_type not in _DIALECTS:
-    raise InteropError(f"{source}: model_type {model_type!r} is not supported "
-                       f"(BERT-like types: {', '.join(_DIALECTS)})")
-  dialect = _DIALECTS[model_type]
-  family = dialect.architectures[0].removesuffix("Model")
-  foreign = [a for a in hf_config.get("architectures") or () if not a.startswith(family)]
-  if foreign:
-    raise InteropError(f"{source}: architectures {foreign} are not {family} models")
-  return dialect
-
-
-def _config_from_hf(hf_config: Mapping[str, Any], dialect: _Dialect, source: str) -> BertConfig:
-  required = _SHAPE_KEYS + (("embedding_size",) if dialect is _ELECTRA else ())
-  absent = [k for k in required if k not in hf_config]
-  if absent:
-    raise InteropError(f"{source}: missing {', '.join(absent)}")
-  if hf_config.get("position_embedding_type", "absolute") != "absolute":
-    raise InteropError(f"{source}: position_embedding_type "
-                       f"{hf_config['position_embedding_type']!r} is not supported (only absolute)")
-  if hf_config.get("is_decoder") or hf_config.get("add_cross_attention"):
-    raise InteropError(f"{source}: decoder / cross-attention models are not supported")
-  act = hf_config.get("hidden_act", "gelu")
-  if act not in _ACTIVATIONS:
-    raise InteropError(f"{source}: hidden_act {act!r} is not supported ({', '.join(_ACTIVATIONS)})")
-  fields = {field: hf_config[key] for key, field in _CONFIG_FIELDS.items() if key in hf_config}
-  fields["hidden_act"] = _ACTIVATIONS[act]
-  if dialect is _BERT:
-    fields.pop("embedding_size", None)  # not a BERT field: HF itself ignores it
-  if fields["hidden_size"] % fields["num_heads"]:
-    raise InteropError(f"{source}: hidden_size {fields['hidden_size']} is not a multiple of "
-                       f"num_attention_heads {fields['num_heads']}")
-  return BertConfig(**fields)
-
-
-def _config_to_hf(config: BertConfig, dialect: _Dialect, architecture: str) -> dict[str, Any]:
-  hf_config = {"architectures": [architecture], "model_type": dialect.model_type,
-               "position_embedding_type": "absolute", "tie_word_embeddings": True}
-  hf_config.update({key: getattr(config, field) for key, field in _CONFIG_FIELDS.items()})
-  hf_config["hidden_act"] = {v: k for k, v in _ACTIVATIONS.items()}[config.hidden_act]
-  if dialect is _ELECTRA:
-    hf_config["embedding_size"] = config.embedding_dim
-  else:
-    del hf_config["embedding_size"]
-  return hf_config
-
-
-def _check_head_activation(config: BertConfig, dialect: _Dialect, mlm: bool) -> None:
-  if mlm and dialect is _ELECTRA and config.hidden_act != "gelu":
-    raise InteropError(f"HF's ELECTRA MLM head always uses gelu, but hidden_act is "
-                       f"{config.hidden_act!r}")
 
 
 def _read_checkpoint(hf_dir: str) -> tuple[str, dict[str, np.ndarray]]:
@@ -311,7 +94,7 @@ def _read_checkpoint(hf_dir: str) -> tuple[str, dict[str, np.ndarray]]:
   raise InteropError(f"{hf_dir}: no {SAFETENSORS_FILE} or {TORCH_FILE}")
 
 
-def _canonical(tensors: Mapping[str, np.ndarray], dialect: _Dialect,
+def _canonical(tensors: Mapping[str, np.ndarray], dialect: Dialect,
                source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Strips the model prefix and legacy LayerNorm gamma/beta names.
 
@@ -334,7 +117,7 @@ def _canonical(tensors: Mapping[str, np.ndarray], dialect: _Dialect,
 
 
 def _ignore_reason(name: str, tensors: Mapping[str, np.ndarray], origin: Mapping[str, str],
-                   dialect: _Dialect, mlm: bool, source: str) -> str | None:
+                   dialect: Dialect, mlm: bool, source: str) -> str | None:
   """Why an unused tensor may be left out, or None when leaving it out would lose weights."""
   if name in _BUFFERS:
     return "buffer, recomputed by the model"
@@ -403,24 +186,46 @@ def import_hf(hf_dir: str, *, task: str = "mlm", init_missing_head: bool = False
   """
   if task not in TASKS:
     raise InteropError(f"task {task!r} is not one of {TASKS}")
+  config, dialect = _read_config(hf_dir)
+  source, raw = _read_checkpoint(hf_dir)
+  tensors, origin = _canonical(raw, dialect, source)
+  if task == "auto":
+    task = "mlm" if any(n.startswith(dialect.mlm_modules) for n in tensors) else "base"
+  mlm = task == "mlm"
+  check_head_activation(config, dialect, mlm)
+  flat, used, missing = _convert(param_rules(config, dialect, pooler=not mlm, mlm=mlm),
+                                 _param_shapes(config, mlm), tensors, origin, source)
+  ignored, unexpected = _unused(tensors, origin, set(used), dialect, mlm, source)
+  head = "mlm_head/" if mlm else "encoder/pooler/"
+  initialised = [p for p in missing if p.startswith(head)] if init_missing_head else []
+  _check_complete(missing, initialised, unexpected, head, source)
+  if initialised:
+    fresh = _initial_head(config, mlm)
+    flat.update({p: fresh[p] for p in initialised})
+  params = unflatten(flat)
+  if scan_layers:
+    params = stack_layers(params)
+  return ImportResult(config.replace(scan_layers=scan_layers), params, task, source, used,
+                      ignored, initialised)
+
+
+def _read_config(hf_dir: str) -> tuple[BertConfig, Dialect]:
+  """The architecture and naming dialect of an HF model dir's config.json."""
   config_path = os.path.join(hf_dir, CONFIG_FILE)
   try:
     with open(config_path) as f:
       hf_config = json.load(f)
   except json.JSONDecodeError as e:
     raise InteropError(f"{config_path}: not valid JSON ({e})") from None
-  dialect = _dialect(hf_config, config_path)
-  config = _config_from_hf(hf_config, dialect, config_path)
-  source, raw = _read_checkpoint(hf_dir)
-  tensors, origin = _canonical(raw, dialect, source)
-  if task == "auto":
-    task = "mlm" if any(n.startswith(dialect.mlm_modules) for n in tensors) else "base"
-  mlm = task == "mlm"
-  _check_head_activation(config, dialect, mlm)
-  rules = _rules(config, dialect, pooler=not mlm, mlm=mlm)
-  shapes = _param_shapes(config, mlm)
-  assert {r.path for r in rules} == set(shapes), "conversion rules out of sync with the model"
+  dialect = dialect_of(hf_config, config_path)
+  return config_from_hf(hf_config, dialect, config_path), dialect
 
+
+def _convert(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]],
+             tensors: Mapping[str, np.ndarray], origin: Mapping[str, str], source: str
+             ) -> tuple[dict[str, np.ndarray], list[str], dict[str, list[str]]]:
+  """(flat params, source tensors used, {param: its absent source tensors}) by `rules`."""
+  assert {r.path for r in rules} == set(shapes), "conversion rules out of sync with the model"
   flat, used, missing = {}, [], {}
   for rule in rules:
     absent = [s for s in rule.sources if s not in tensors]
@@ -434,20 +239,27 @@ def import_hf(hf_dir: str, *, task: str = "mlm", init_missing_head: bool = False
     sources = [np.asarray(tensors[s], np.float32) for s in rule.sources]
     flat[rule.path] = np.asarray(rule.to_jax(*sources), np.float32)
     used += [origin[s] for s in rule.sources]
+  return flat, used, missing
 
-  used_names = set(used)
+
+def _unused(tensors: Mapping[str, np.ndarray], origin: Mapping[str, str], used: set[str],
+            dialect: Dialect, mlm: bool, source: str) -> tuple[dict[str, str], list[str]]:
+  """The source tensors no parameter used: ({ignored: why}, [unexpected])."""
   ignored, unexpected = {}, []
   for name in tensors:
-    if origin[name] in used_names:
+    if origin[name] in used:
       continue
     reason = _ignore_reason(name, tensors, origin, dialect, mlm, source)
     if reason is None:
       unexpected.append(origin[name])
     else:
       ignored[origin[name]] = reason
+  return ignored, unexpected
 
-  head = "mlm_head/" if mlm else "encoder/pooler/"
-  initialised = [p for p in missing if p.startswith(head)] if init_missing_head else []
+
+def _check_complete(missing: Mapping[str, list[str]], initialised: Sequence[str],
+                    unexpected: Sequence[str], head: str, source: str) -> None:
+  """Raises naming the tensors a parameter lacks (unless initialised) or no parameter takes."""
   unfilled = [p for p in missing if p not in initialised]
   problems = []
   if unfilled:
@@ -459,15 +271,6 @@ def import_hf(hf_dir: str, *, task: str = "mlm", init_missing_head: bool = False
     problems.append(f"unexpected tensor(s) {_names(unexpected)}")
   if problems:
     raise InteropError(f"{source}: {'; '.join(problems)}")
-  if initialised:
-    fresh = _initial_head(config, mlm)
-    flat.update({p: fresh[p] for p in initialised})
-
-  params = unflatten(flat)
-  if scan_layers:
-    params = stack_layers(params)
-  return ImportResult(config.replace(scan_layers=scan_layers), params, task, source, used,
-                      ignored, initialised)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -488,7 +291,40 @@ class ExportResult:
     return "\n".join(lines)
 
 
-def _hf_name(name: str, dialect: _Dialect) -> str:
+def _export_rules(flat: Mapping[str, np.ndarray], config: BertConfig, dialect: Dialect,
+                  mlm: bool, pooler: bool, head: TaskHead | None) -> list[Rule]:
+  """The rules that write `flat` in `dialect`, after checking it is a model HF has."""
+  if head and (mlm or dialect is not BERT):
+    raise InteropError(f"a {head.path!r} head can be written only as a BERT task model "
+                       f"({head.architecture}), not beside an MLM head or in "
+                       f"{dialect.model_type} naming (factorised embeddings)")
+  if pooler and (mlm or not dialect.has_pooler):
+    raise InteropError(f"params with a pooler cannot be written as "
+                       f"{dialect.architectures[mlm]}, which has none")
+  check_head_activation(config, dialect, mlm)
+  rules = param_rules(config, dialect, pooler=pooler, mlm=mlm)
+  expected = {**_param_shapes(config, False), **_param_shapes(config, True)}
+  if head:
+    rules += linear(head.path, head.module)
+    outputs = flat[f"{head.path}/kernel"].shape[-1]
+    if head.path == "span" and outputs != 2:
+      raise InteropError(f"span/kernel has {outputs} outputs; a span head has 2 (start, end)")
+    expected.update({f"{head.path}/kernel": (config.hidden_size, outputs),
+                     f"{head.path}/bias": (outputs,)})
+  unknown = sorted(set(flat) - {r.path for r in rules})
+  if unknown:
+    raise InteropError(f"params without a Hugging Face equivalent: {_names(unknown)}")
+  absent = [r.path for r in rules if r.path not in flat]
+  if absent:
+    raise InteropError(f"params are missing {_names(absent)}")
+  wrong = [f"{p} {flat[p].shape} (config needs {expected[p]})"
+           for p in flat if flat[p].shape != expected[p]]
+  if wrong:
+    raise InteropError(f"params do not match the config: {_names(wrong)}")
+  return rules
+
+
+def _hf_name(name: str, dialect: Dialect) -> str:
   return dialect.prefix + name if name.startswith(_ENCODER_MODULES) else name
 
 
@@ -505,38 +341,11 @@ def export_hf(params: Params, config: BertConfig, out_dir: str,
   """
   flat = numpy_params(params)
   config = config.replace(scan_layers=False)
-  dialect = _ELECTRA if config.embedding_dim != config.hidden_size else _BERT
+  dialect = ELECTRA if config.embedding_dim != config.hidden_size else BERT
   mlm = any(p.startswith("mlm_head/") for p in flat)
   pooler = any(p.startswith("encoder/pooler/") for p in flat)
-  head = _task_head(flat, pooler)
-  if head and (mlm or dialect is not _BERT):
-    raise InteropError(f"a {head.path!r} head can be written only as a BERT task model "
-                       f"({head.architecture}), not beside an MLM head or in "
-                       f"{dialect.model_type} naming (factorised embeddings)")
-  if pooler and (mlm or not dialect.has_pooler):
-    raise InteropError(f"params with a pooler cannot be written as "
-                       f"{dialect.architectures[mlm]}, which has none")
-  _check_head_activation(config, dialect, mlm)
-  rules = _rules(config, dialect, pooler=pooler, mlm=mlm)
-  expected = {**_param_shapes(config, False), **_param_shapes(config, True)}
-  if head:
-    rules += _linear(head.path, head.module)
-    outputs = flat[f"{head.path}/kernel"].shape[-1]
-    if head.path == "span" and outputs != 2:
-      raise InteropError(f"span/kernel has {outputs} outputs; a span head has 2 (start, end)")
-    expected.update({f"{head.path}/kernel": (config.hidden_size, outputs),
-                     f"{head.path}/bias": (outputs,)})
-  unknown = sorted(set(flat) - {r.path for r in rules})
-  if unknown:
-    raise InteropError(f"params without a Hugging Face equivalent: {_names(unknown)}")
-  absent = [r.path for r in rules if r.path not in flat]
-  if absent:
-    raise InteropError(f"params are missing {_names(absent)}")
-  wrong = [f"{p} {flat[p].shape} (config needs {expected[p]})"
-           for p in flat if flat[p].shape != expected[p]]
-  if wrong:
-    raise InteropError(f"params do not match the config: {_names(wrong)}")
-
+  head = task_head(flat, pooler)
+  rules = _export_rules(flat, config, dialect, mlm, pooler, head)
   tensors, origins = {}, {}
   for rule in rules:
     for name, value in zip(rule.sources, rule.to_hf(flat[rule.path])):
@@ -547,9 +356,9 @@ def export_hf(params: Params, config: BertConfig, out_dir: str,
       tensors[copy] = tensors[_hf_name(original, dialect)]
       origins[copy] = f"tied copy of {_hf_name(original, dialect)}"
   architecture = head.architecture if head else dialect.architectures[mlm]
-  hf_config = _config_to_hf(config, dialect, architecture)
+  hf_config = config_to_hf(config, dialect, architecture)
   if head and head.path == "classifier":
-    hf_config.update(_labels_to_hf(outputs, label_names))
+    hf_config.update(labels_to_hf(flat["classifier/kernel"].shape[-1], label_names))
   with atomic_directory(out_dir) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(hf_config, f, indent=2, sort_keys=True)
