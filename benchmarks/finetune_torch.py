@@ -31,8 +31,7 @@ from jaxfm import config as config_lib
 from jaxfm import sharding
 from jaxfm.data import loader
 from jaxfm.data.tokenizer import load_tokenizer
-from jaxfm.finetuning import tasks
-from jaxfm import weights
+from jaxfm import tasks, weights
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A jaxfm fine-tuning config.",
                                           lock_config=True)

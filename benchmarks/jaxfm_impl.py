@@ -14,7 +14,8 @@ from jaxfm import sharding
 from jaxfm.config import pretrain_defaults
 from jaxfm.models import BertConfig, BertForSequenceClassification
 from jaxfm.cpu import process as cpu_process
-from jaxfm.train import loop, losses, tasks
+from jaxfm.tasks import classification, mlm
+from jaxfm.train import loop
 from jaxfm.train.flops import classification_flops_per_token
 
 
@@ -27,11 +28,11 @@ def model_config(case: Case) -> BertConfig:
 
 
 def classification_task(config: BertConfig, seq_len: int) -> loop.Task:
-  """Sequence classification (pooler + linear layer) with `losses.classification_loss`."""
+  """Sequence classification (pooler + linear layer) with `jaxfm.tasks.classification.loss`."""
   model = BertForSequenceClassification(config, NUM_LABELS)
   ids = np.zeros((1, seq_len), np.int32)
   return loop.Task(model=model, init_inputs=(ids, ids, np.ones_like(ids)),
-                   loss_fn=losses.classification_loss(model), summarize=tasks.mlm_summary,
+                   loss_fn=classification.loss(model), summarize=mlm.summarize,
                    flops_per_token=functools.partial(classification_flops_per_token, config),
                    batch_spec={"input_ids": ((seq_len,), "int32"),
                                "token_type_ids": ((seq_len,), "int32"),
@@ -65,7 +66,7 @@ def compile_train_step(case: Case, batch: dict[str, np.ndarray],
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   config = model_config(case).replace(**(model_overrides or {}))
   if case.task == "mlm":
-    task = tasks.mlm_task(config, case.seq, case.predictions)
+    task = mlm.mlm_task(config, case.seq, case.predictions)
   else:
     task = classification_task(config, case.seq)
   cfg = pretrain_defaults()

@@ -28,7 +28,8 @@ from ml_collections import config_flags
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
-from jaxfm.train import flops, loop, tasks
+from jaxfm.tasks import mlm_task
+from jaxfm.train import flops, loop
 
 GiB = 2**30
 MFU = 0.5
@@ -223,8 +224,8 @@ def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device],
   config_lib.validate(cfg)
   mesh = _mesh(cfg, devices)
   seq_len = cfg.data.max_seq_length
-  task = tasks.mlm_task(config_lib.bert_config(cfg, devices[0].platform), seq_len,
-                        cfg.data.max_predictions_per_seq)
+  task = mlm_task(config_lib.bert_config(cfg, devices[0].platform), seq_len,
+                  cfg.data.max_predictions_per_seq)
   steps = loop.build_steps(cfg, task, mesh)
   batch = steps.abstract_batch(task, cfg.train.batch_size)
   with sharding.activation_sharding(mesh):

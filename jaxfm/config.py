@@ -110,9 +110,6 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   return cfg
 
 
-TASK_KINDS = ("classification", "regression", "ner", "qa")
-
-
 def finetune_defaults() -> ml_collections.ConfigDict:
   """Every fine-tuning field with its default; configs/finetune/*.py override a few.
 
@@ -122,7 +119,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   the data (`epochs`, once per epoch, the dev set size, `warmup_ratio`) before validation.
   """
   cfg = pretrain_defaults()
-  cfg.task = "classification"  # one of TASK_KINDS
+  cfg.task = "classification"  # a key of jaxfm.tasks.TASKS: classification, regression, ner, qa
   cfg.model.hidden_dropout = 0.1
   cfg.model.attention_dropout = 0.1
 
@@ -180,15 +177,17 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   return cfg
 
 
-def _fail(field: str, value, why: str) -> None:
+def fail(field: str, value, why: str) -> None:
+  """Raises the `ConfigError` `field=value why`."""
   raise ConfigError(f"{field}={value!r} {why}")
 
 
-def _positive(cfg: ml_collections.ConfigDict, *fields: str) -> None:
+def positive(cfg: ml_collections.ConfigDict, *fields: str) -> None:
+  """Each dotted field must be > 0."""
   for field in fields:
     value = _get(cfg, field)
     if not value > 0:
-      _fail(field, value, "must be > 0")
+      fail(field, value, "must be > 0")
 
 
 def _get(cfg: ml_collections.ConfigDict, dotted: str):
@@ -198,32 +197,33 @@ def _get(cfg: ml_collections.ConfigDict, dotted: str):
   return node
 
 
-def _one_of(cfg: ml_collections.ConfigDict, field: str, choices) -> None:
+def one_of(cfg: ml_collections.ConfigDict, field: str, choices) -> None:
+  """The dotted field must be one of `choices`."""
   value = _get(cfg, field)
   if value not in choices:
-    _fail(field, value, f"must be one of {', '.join(map(str, choices))}")
+    fail(field, value, f"must be one of {', '.join(map(str, choices))}")
 
 
 def validate_model(cfg: ml_collections.ConfigDict) -> None:
   """Checks the `model` section (shared by pretraining and fine-tuning)."""
   m = cfg.model
-  _positive(cfg, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+  positive(cfg, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
             "model.intermediate_size", "model.max_position_embeddings", "model.type_vocab_size",
             "model.layer_norm_eps", "model.initializer_range")
   if m.hidden_size % m.num_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} does not divide "
                       f"model.hidden_size={m.hidden_size}")
   if m.embedding_size < 0:
-    _fail("model.embedding_size", m.embedding_size, "must be >= 0 (0 = hidden_size)")
+    fail("model.embedding_size", m.embedding_size, "must be >= 0 (0 = hidden_size)")
   if m.loss_vocab_chunk < 0:
-    _fail("model.loss_vocab_chunk", m.loss_vocab_chunk, "must be >= 0 (0 = whole vocabulary)")
+    fail("model.loss_vocab_chunk", m.loss_vocab_chunk, "must be >= 0 (0 = whole vocabulary)")
   for field in ("model.hidden_dropout", "model.attention_dropout"):
     if not 0.0 <= _get(cfg, field) < 1.0:
-      _fail(field, _get(cfg, field), "must be in [0, 1)")
-  _one_of(cfg, "model.hidden_act", ACTIVATIONS)
-  _one_of(cfg, "model.dtype", COMPUTE_DTYPES)
-  _one_of(cfg, "model.remat_policy", REMAT_POLICIES)
-  _one_of(cfg, "model.cpu_paths", ("auto", "on", "off"))
+      fail(field, _get(cfg, field), "must be in [0, 1)")
+  one_of(cfg, "model.hidden_act", ACTIVATIONS)
+  one_of(cfg, "model.dtype", COMPUTE_DTYPES)
+  one_of(cfg, "model.remat_policy", REMAT_POLICIES)
+  one_of(cfg, "model.cpu_paths", ("auto", "on", "off"))
 
 
 def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
@@ -231,7 +231,7 @@ def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
   for name, size in zip(("data", "fsdp", "tensor"), sizes):
     if size == 0 or size < -1:
-      _fail(f"mesh.{name}", size, "must be a positive size or -1 (fill from the device count)")
+      fail(f"mesh.{name}", size, "must be a positive size or -1 (fill from the device count)")
   if sizes.count(-1) > 1:
     raise ConfigError(f"mesh={sizes}: at most one of mesh.data/fsdp/tensor may be -1")
   if cfg.mesh.tensor > 1 and cfg.model.num_heads % cfg.mesh.tensor:
@@ -240,29 +240,29 @@ def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
 
 
 def validate_optim(cfg: ml_collections.ConfigDict) -> None:
-  _one_of(cfg, "optim.name", ("adamw", "lamb"))
-  _one_of(cfg, "optim.decay", ("linear", "cosine", "constant"))
-  _positive(cfg, "optim.peak_learning_rate", "optim.eps")
+  one_of(cfg, "optim.name", ("adamw", "lamb"))
+  one_of(cfg, "optim.decay", ("linear", "cosine", "constant"))
+  positive(cfg, "optim.peak_learning_rate", "optim.eps")
   for field in ("optim.b1", "optim.b2"):
     if not 0.0 <= _get(cfg, field) < 1.0:
-      _fail(field, _get(cfg, field), "must be in [0, 1)")
+      fail(field, _get(cfg, field), "must be in [0, 1)")
   for field in ("optim.weight_decay", "optim.clip_norm", "optim.warmup_steps",
                 "optim.end_learning_rate_factor"):
     if _get(cfg, field) < 0:
-      _fail(field, _get(cfg, field), "must be >= 0")
+      fail(field, _get(cfg, field), "must be >= 0")
 
 
 def validate_train(cfg: ml_collections.ConfigDict) -> None:
   t = cfg.train
-  _positive(cfg, "train.steps", "train.batch_size", "train.grad_accum_steps", "train.log_every",
+  positive(cfg, "train.steps", "train.batch_size", "train.grad_accum_steps", "train.log_every",
             "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
             "train.max_consecutive_nonfinite")
   if t.eval_batches < 0:
-    _fail("train.eval_batches", t.eval_batches, "must be >= 0")
+    fail("train.eval_batches", t.eval_batches, "must be >= 0")
   if t.checkpoint_every_seconds < 0:
-    _fail("train.checkpoint_every_seconds", t.checkpoint_every_seconds, "must be >= 0")
+    fail("train.checkpoint_every_seconds", t.checkpoint_every_seconds, "must be >= 0")
   if t.keep_every < 0 or t.keep_every % t.checkpoint_every:
-    _fail("train.keep_every", t.keep_every,
+    fail("train.keep_every", t.keep_every,
           f"must be 0 or a multiple of train.checkpoint_every={t.checkpoint_every}")
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} does not divide "
@@ -275,15 +275,15 @@ def validate_train(cfg: ml_collections.ConfigDict) -> None:
 def validate_sequence_length(cfg: ml_collections.ConfigDict) -> None:
   """`data.max_seq_length` leaves room for special tokens and some text (both kinds of run)."""
   if cfg.data.max_seq_length < 8:
-    _fail("data.max_seq_length", cfg.data.max_seq_length, "must be >= 8")
+    fail("data.max_seq_length", cfg.data.max_seq_length, "must be >= 8")
 
 
 def validate_pretrain_data(cfg: ml_collections.ConfigDict) -> None:
   d = cfg.data
-  _one_of(cfg, "data.format", ("text", "jsonl", "tfds"))
-  _one_of(cfg, "data.documents", ("blank_line", "line"))
-  _one_of(cfg, "data.on_decode_error", ("error", "skip", "replace"))
-  _positive(cfg, "data.max_seq_length", "data.max_predictions_per_seq", "data.vocab_size")
+  one_of(cfg, "data.format", ("text", "jsonl", "tfds"))
+  one_of(cfg, "data.documents", ("blank_line", "line"))
+  one_of(cfg, "data.on_decode_error", ("error", "skip", "replace"))
+  positive(cfg, "data.max_seq_length", "data.max_predictions_per_seq", "data.vocab_size")
   if d.format == "tfds" and not d.tfds_name:
     raise ConfigError("data.format='tfds' needs data.tfds_name (e.g. 'wikipedia/20230601.en')")
   if d.max_seq_length > cfg.model.max_position_embeddings:
@@ -291,57 +291,44 @@ def validate_pretrain_data(cfg: ml_collections.ConfigDict) -> None:
                       f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
   validate_sequence_length(cfg)
   if not 0.0 < d.mask_prob < 1.0:
-    _fail("data.mask_prob", d.mask_prob, "must be in (0, 1)")
+    fail("data.mask_prob", d.mask_prob, "must be in (0, 1)")
   if d.max_predictions_per_seq > d.max_seq_length:
     raise ConfigError(f"data.max_predictions_per_seq={d.max_predictions_per_seq} exceeds "
                       f"data.max_seq_length={d.max_seq_length}")
   if not 0.0 <= d.eval_fraction < 1.0:
-    _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+    fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
   if d.worker_count < 0:
-    _fail("data.worker_count", d.worker_count, "must be >= 0")
+    fail("data.worker_count", d.worker_count, "must be >= 0")
   if d.num_shards < 1 or cfg.train.batch_size % d.num_shards:
-    _fail("data.num_shards", d.num_shards,
+    fail("data.num_shards", d.num_shards,
           f"must be >= 1 and divide train.batch_size={cfg.train.batch_size}")
   if not d.tokenizer and d.vocab_size < 128:
-    _fail("data.vocab_size", d.vocab_size, "must be >= 128 to train a tokenizer")
+    fail("data.vocab_size", d.vocab_size, "must be >= 128 to train a tokenizer")
   if d.tokenizer and cfg.model.vocab_size < 1:
-    _fail("model.vocab_size", cfg.model.vocab_size, "must be >= 1")
+    fail("model.vocab_size", cfg.model.vocab_size, "must be >= 1")
 
 
 def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
-  """Checks the fine-tuning fields that do not depend on the data (before reading it)."""
+  """Checks the fine-tuning fields every task kind shares, before the data is read;
+  `jaxfm.tasks.validate_finetune` adds the task kind and the fields it reads."""
   d, t = cfg.data, cfg.train
-  _one_of(cfg, "task", TASK_KINDS)
-  _one_of(cfg, "data.on_error", ("raise", "skip"))
-  _one_of(cfg, "data.tag_scheme", ("iob2", "iob1", "bioes"))
-  _one_of(cfg, "train.best_mode", ("max", "min"))
+  one_of(cfg, "data.on_error", ("raise", "skip"))
+  one_of(cfg, "train.best_mode", ("max", "min"))
   if not (d.train_file or d.tfds_name):
     raise ConfigError("data.train_file is required (or data.tfds_name for a tfds dataset)")
-  if d.tfds_name and cfg.task not in ("classification", "regression"):
-    _fail("data.tfds_name", d.tfds_name, f"is supported for classification only, not "
-          f"task={cfg.task!r}")
-  fields = [f for f in d.text_fields.split(",") if f]
-  if cfg.task in ("classification", "regression") and len(fields) not in (1, 2):
-    _fail("data.text_fields", d.text_fields, "must name one field or two (comma-separated)")
   validate_sequence_length(cfg)
   length_buckets(d)
   for field in ("data.max_train_examples", "data.max_eval_examples", "train.epochs",
                 "train.eval_every", "train.checkpoint_every", "train.early_stopping_patience",
                 "optim.warmup_ratio"):
     if _get(cfg, field) < 0:
-      _fail(field, _get(cfg, field), "must be >= 0")
+      fail(field, _get(cfg, field), "must be >= 0")
   if not 0.0 < cfg.optim.layer_decay <= 1.0:
-    _fail("optim.layer_decay", cfg.optim.layer_decay, "must be in (0, 1]")
+    fail("optim.layer_decay", cfg.optim.layer_decay, "must be in (0, 1]")
   if cfg.optim.warmup_ratio >= 1.0:
-    _fail("optim.warmup_ratio", cfg.optim.warmup_ratio, "must be < 1")
+    fail("optim.warmup_ratio", cfg.optim.warmup_ratio, "must be < 1")
   if t.early_stopping_patience and not (d.dev_file or d.tfds_name):
     raise ConfigError("train.early_stopping_patience needs a dev set (data.dev_file)")
-  if cfg.task == "qa":
-    _positive(cfg, "data.doc_stride", "data.max_query_length", "data.max_answer_length",
-              "data.n_best_size")
-    if d.max_query_length + 4 > d.max_seq_length:
-      raise ConfigError(f"data.max_query_length={d.max_query_length} leaves no room for the "
-                        f"context in data.max_seq_length={d.max_seq_length}")
 
 
 def length_buckets(data: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -354,21 +341,19 @@ def length_buckets(data: ml_collections.ConfigDict) -> tuple[int, ...]:
   """
   entries = [e.strip() for e in data.get("length_buckets", "").split(",") if e.strip()]
   if not all(e.isdigit() and int(e) > 0 for e in entries):
-    _fail("data.length_buckets", data.length_buckets, "must list positive integers")
+    fail("data.length_buckets", data.length_buckets, "must list positive integers")
   below = {int(e) for e in entries if int(e) < data.max_seq_length}
   return tuple(sorted(below)) + (data.max_seq_length,)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises `ConfigError` naming the dotted field and bad value; does no device work."""
+  """Checks a pretraining config: raises `ConfigError` naming the dotted field and bad value;
+  does no device work."""
   validate_model(cfg)
   validate_mesh(cfg)
   validate_optim(cfg)
   validate_train(cfg)
-  if "task" in cfg:
-    validate_finetune(cfg)
-  else:
-    validate_pretrain_data(cfg)
+  validate_pretrain_data(cfg)
 
 
 # Fields a resumed run may change without --allow_config_change: they don't alter the math.

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jaxfm.models import BertForMaskedLM, preset
-from jaxfm.train import losses
+from jaxfm.tasks import mlm
 from jaxfm.train.cross_entropy import tied_decoder_cross_entropy
 
 VOCAB, EMBED, N = 103, 16, 12
@@ -85,7 +85,7 @@ def test_mlm_loss_equals_optax_on_the_models_logits():
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["masked_ids"])
     return jnp.sum(nll * batch["masked_weights"]), logits
 
-  loss_fn = losses.mlm_loss(model)
+  loss_fn = mlm.loss(model)
   (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None)
   (ref_loss, logits), ref_grads = jax.value_and_grad(reference, has_aux=True)(params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)

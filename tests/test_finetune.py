@@ -18,9 +18,10 @@ import sklearn.metrics
 
 from tests import finetune_fixtures as ff
 from jaxfm import config as config_lib
-from jaxfm import sharding, weights
+from jaxfm import sharding, tasks, weights
 from jaxfm import workdir as workdir_lib
-from jaxfm.finetuning import run, tasks
+from jaxfm.data import loader
+from jaxfm.finetuning import run
 from jaxfm.models import stack_layers
 from jaxfm.train import optim
 
@@ -235,8 +236,8 @@ def test_ner_entity_f1_equals_seqeval(files, monkeypatch):
   assert metrics["f1"] == pytest.approx(seqeval.metrics.f1_score(true, predicted))
   assert metrics["f1"] > 0.8, metrics
   _with_length_buckets(workdir, "8,16")  # evaluation on cut batches: the same scores
-  lengths, cut_to_bucket = [], tasks.loader.cut_to_bucket
-  monkeypatch.setattr(tasks.loader, "cut_to_bucket", lambda *args: lengths.append(
+  lengths, cut_to_bucket = [], loader.cut_to_bucket
+  monkeypatch.setattr(loader, "cut_to_bucket", lambda *args: lengths.append(
       cut_to_bucket(*args)["input_ids"].shape[1]) or cut_to_bucket(*args))
   assert run.evaluate(workdir, "dev") == pytest.approx(metrics, rel=1e-5)
   assert lengths and max(lengths) < ff.SEQ, lengths
@@ -336,7 +337,7 @@ def test_finetune_config_rules(field, value, message):
   node[leaf] = value
   with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
                      .replace("[", r"\[").replace("]", r"\]")):
-    config_lib.validate_finetune(cfg)
+    tasks.validate_finetune(cfg)
 
 
 def test_length_buckets_are_sorted_and_end_with_max_seq_length():

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 
 from jaxfm import config as config_lib
-from jaxfm import sharding
-from jaxfm.finetuning import tasks
-from jaxfm import weights
+from jaxfm import sharding, tasks, weights
 from jaxfm.train import optim
 from jaxfm.train.state import create_train_state
 from jaxfm.train.step import make_train_step

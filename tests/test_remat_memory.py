@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
 import ml_collections
 from jaxfm.config import pretrain_defaults
-from jaxfm.finetuning.tasks import make_task
+from jaxfm.tasks import make_task
 from jaxfm.models import preset
 from jaxfm.train import loop
 

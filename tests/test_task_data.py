@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from jaxfm.data.tasks import classification, ner, qa
+from jaxfm.tasks import classification, ner, qa
 from jaxfm.metrics import ner as ner_metrics
 from jaxfm.metrics import squad
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxfm.data.corpus import CorpusCounters, CorpusSpec, read_documents
-from jaxfm.data.tasks import classification
+from jaxfm.tasks import classification
 
 DOCUMENTS = [f"document {i} first sentence.\nits second line {i}." for i in range(7)] + ["   "]
 SENTENCES = [("a good film", 1), ("a bad plot", 0), ("very nice", 1)]

@@ -165,6 +165,22 @@ def cut_to_bucket(batch: Batch, longest: int, buckets: Sequence[int]) -> Batch:
           for k, v in batch.items()}
 
 
+def padded_eval_windows(share_sizes: Sequence[int], host: int,
+                        batch_size: int) -> Iterator[tuple[slice, int]]:
+  """The per-host padded eval batches: each host evaluates its share of the rows
+  (`share_sizes[h]` rows for host h) in batches of `batch_size`, and every host runs as many
+  batches as the busiest one needs, so all join the same eval steps. Yields, per batch, the
+  window into `host`'s share and how many zero-weight padding rows fill it up."""
+  for b in range(num_padded_batches(share_sizes, batch_size)):
+    window = slice(b * batch_size, (b + 1) * batch_size)
+    yield window, batch_size - len(range(share_sizes[host])[window])
+
+
+def num_padded_batches(share_sizes: Sequence[int], batch_size: int) -> int:
+  """Batches `padded_eval_windows` yields on every host."""
+  return -(-max(share_sizes, default=0) // batch_size)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _CutToBucket:
   """A host's batch with its length axis cut to the shortest bucket that holds the longest
@@ -324,12 +340,14 @@ class PretrainingData:
     """(shard, indices of its eval examples) that the host `layout` evaluates."""
     return [(v, layout.eval_indices(v, int(self.shard_table[v, 1]))) for v in layout.shards]
 
+  def _eval_share_sizes(self, layout: HostLayout) -> list[int]:
+    """Eval examples per host."""
+    return [sum(len(share) for _, share in self._eval_shares(dataclasses.replace(layout, host=h)))
+            for h in range(layout.hosts)]
+
   def num_eval_batches(self, layout: HostLayout) -> int:
     """Batches `eval_batches` yields on every host: enough for the busiest host."""
-    most = max(sum(len(share) for _, share in
-                   self._eval_shares(dataclasses.replace(layout, host=h)))
-               for h in range(layout.hosts))
-    return -(-most // layout.batch_size)
+    return num_padded_batches(self._eval_share_sizes(layout), layout.batch_size)
 
   def eval_batches(self, layout: HostLayout) -> Iterator[Batch]:
     """One pass over this host's share of the eval examples of its shards (fixed masks),
@@ -341,11 +359,9 @@ class PretrainingData:
     mask = _MaskBatch(self.eval, self.eval_starts, self.masking, self.seed)
     padding = padding_example(self.eval.max_seq_length, self.masking.max_predictions,
                               self.tokenizer.special_ids)
-    size = layout.batch_size
-    for b in range(self.num_eval_batches(layout)):
-      here = slice(b * size, (b + 1) * size)
+    for here, fill in padded_eval_windows(self._eval_share_sizes(layout), layout.host,
+                                          layout.batch_size):
       batch = mask(shards[here], np.zeros_like(indices[here]), indices[here])
-      fill = size - len(indices[here])
       yield {k: np.concatenate([v, np.repeat(padding[k][None], fill, axis=0)])
              for k, v in batch.items()}
 

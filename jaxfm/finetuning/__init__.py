@@ -1,1 +1,1 @@
-"""Fine-tuning: task kinds (`tasks`) and runs (`run`: finetune, evaluate, predict)."""
+"""Fine-tuning runs (`run`: finetune, evaluate, predict); the task kinds are `jaxfm.tasks`."""

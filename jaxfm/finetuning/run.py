@@ -19,13 +19,17 @@ from jaxfm.data import loader
 from jaxfm.data.tokenizer import load_tokenizer
 from jaxfm import runtime, weights
 from jaxfm import workdir as workdir_lib
-from jaxfm.finetuning.tasks import (ARCHITECTURE, TASKS, Features, TaskSplit, load_split,
-                                    load_unlabelled, make_task)
+from jaxfm.tasks import (TASKS, Features, TaskSplit, load_split, load_unlabelled, make_task,
+                         validate_finetune)
 from jaxfm.train import best, checkpoint, loop
 
 # Errors the entry points turn into one `error: ...` line and exit code 1.
 USER_ERRORS = (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
                loop.NonFiniteError, best.BestMetricError, ValueError, FileNotFoundError)
+# Architecture fields that come from the `init_from` checkpoint, not from the config.
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size", "embedding_size", "hidden_act",
+                "layer_norm_eps")
 
 
 def _split_path(data: ml_collections.ConfigDict, split: str) -> str:
@@ -97,7 +101,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   schedule once the data gave its size. Returns the loop's result and the step of the best
   checkpoint (None without a dev set).
   """
-  config_lib.validate_finetune(cfg)
+  validate_finetune(cfg)
   pretrained, tokenizer_dir = _take_architecture(cfg)
   config_lib.validate_model(cfg)
   config_lib.validate_mesh(cfg)

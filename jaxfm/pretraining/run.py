@@ -13,7 +13,8 @@ from jaxfm import config as config_lib
 from jaxfm import runtime, weights
 from jaxfm import workdir as workdir_lib
 from jaxfm.data import loader
-from jaxfm.train import checkpoint, loop, tasks
+from jaxfm.tasks import mlm_task
+from jaxfm.train import checkpoint, loop
 
 # Errors the entry point turns into one `error: ...` line and exit code 1.
 USER_ERRORS = (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
@@ -34,7 +35,7 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
     cfg.model.vocab_size = data.tokenizer.vocab_size
   workdir_lib.write_resolved_config(workdir, cfg)
   model_config = config_lib.bert_config(cfg, jax.devices()[0].platform)
-  task = tasks.mlm_task(model_config, cfg.data.max_seq_length, cfg.data.max_predictions_per_seq)
+  task = mlm_task(model_config, cfg.data.max_seq_length, cfg.data.max_predictions_per_seq)
   train_iter = data.train_iterator(layout, seed=cfg.data.seed, worker_count=cfg.data.worker_count)
   eval_batches = lambda: itertools.islice(data.eval_batches(layout), cfg.train.eval_batches)
   meta = {"config": cfg.to_dict(), "data_counters": data.counters}

@@ -21,7 +21,8 @@ from etils import epath
 from jaxfm import config as config_lib
 from jaxfm import sharding, weights
 from jaxfm.data import loader
-from jaxfm.train import checkpoint, loop, tasks
+from jaxfm.tasks import mlm_task
+from jaxfm.train import checkpoint, loop
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm pretraining workdir.", required=True)
 _MESH = flags.DEFINE_list("mesh", None, "data,fsdp,tensor of the new mesh.", required=True)
@@ -43,8 +44,8 @@ def main(argv: list[str]) -> None:
   cfg = ml_collections.ConfigDict(
       json.loads((epath.Path(workdir) / "config.json").read_text())["config"])
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = map(int, _MESH.value)
-  task = tasks.mlm_task(config_lib.bert_config(cfg, jax.devices()[0].platform), cfg.data.max_seq_length,
-                        cfg.data.max_predictions_per_seq)
+  task = mlm_task(config_lib.bert_config(cfg, jax.devices()[0].platform), cfg.data.max_seq_length,
+                  cfg.data.max_predictions_per_seq)
   mesh = loop.make_mesh(cfg)
   steps = loop.build_steps(cfg, task, mesh)
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -1,12 +1,14 @@
 """5. Config: every validation rule, override typos, changed configs on resume, unwritable workdirs.
 
-`RULES` has one row per rule of `jaxfm.config`'s `validate_*` functions; a meta-test parses
-those functions and fails when a check (or a field of a multi-field check) has no row.
+`RULES` has one row per rule of the `validate_*` functions of `jaxfm.config` and of the task
+kinds in `jaxfm.tasks`; a meta-test parses those functions and fails when a check (or a field
+of a multi-field check) has no row.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import json
 import os
@@ -19,14 +21,18 @@ from typing import Any, NamedTuple
 import pytest
 
 from jaxfm import config as config_lib
+from jaxfm import tasks
 from jaxfm import workdir as workdir_lib
 from tests.reliability.conftest import LAUNCH_TIMEOUT_S, ROOT
 
-_CHECKS = ("_fail", "_positive", "_one_of")
+_CHECKS = ("fail", "positive", "one_of")
+# The modules whose validate_* functions the rules cover.
+_MODULES = (config_lib, tasks, *(importlib.import_module(f"jaxfm.tasks.{kind}")
+                                 for kind in ("classification", "ner", "qa")))
 
 
 class Rule(NamedTuple):
-  check: str  # the validate_* function holding the rule
+  check: str  # the validate_* function to call: jaxfm.config's, or the fine-tuning entry K
   field: str
   value: Any
   message: str  # a fragment of the expected error
@@ -39,7 +45,10 @@ def _positive(check: str, *fields: str, value: Any = 0) -> list[Rule]:
 
 M, MESH, O, T, S, D, F = ("validate_model", "validate_mesh", "validate_optim", "validate_train",
                           "validate_sequence_length", "validate_pretrain_data", "validate_finetune")
-QA = {"task": "qa"}
+K = "tasks.validate_finetune"  # the task kind and its fields, then F
+VALIDATORS = {**{name: getattr(config_lib, name) for name in (M, MESH, O, T, S, D, F)},
+              K: tasks.validate_finetune}
+QA, NER = {"task": "qa"}, {"task": "ner"}
 RULES = [
     *_positive(M, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
                "model.intermediate_size", "model.max_position_embeddings",
@@ -53,6 +62,7 @@ RULES = [
     Rule(M, "model.hidden_act", "swish", "model.hidden_act='swish' must be one of gelu"),
     Rule(M, "model.dtype", "int8", "model.dtype='int8' must be one of float32"),
     Rule(M, "model.remat_policy", "most", "model.remat_policy='most' must be one of none"),
+    Rule(M, "model.cpu_paths", "always", "model.cpu_paths='always' must be one of auto, on, off"),
     Rule(MESH, "mesh.data", 0, "mesh.data=0 must be a positive size or -1"),
     Rule(MESH, "mesh.fsdp", -2, "mesh.fsdp=-2 must be a positive size or -1"),
     Rule(MESH, "mesh.tensor", 0, "mesh.tensor=0 must be a positive size or -1"),
@@ -95,14 +105,14 @@ RULES = [
     Rule(D, "data.num_shards", 5, "data.num_shards=5 must be >= 1 and divide train.batch_size=32"),
     Rule(D, "data.vocab_size", 100, "data.vocab_size=100 must be >= 128 to train a tokenizer"),
     Rule(D, "model.vocab_size", 0, "model.vocab_size=0 must be >= 1", {"data.tokenizer": "v.txt"}),
-    Rule(F, "task", "seq2seq", "task='seq2seq' must be one of classification"),
+    Rule(K, "task", "seq2seq", "task='seq2seq' must be one of classification"),
     Rule(F, "data.on_error", "ignore", "data.on_error='ignore' must be one of raise, skip"),
-    Rule(F, "data.tag_scheme", "bio", "data.tag_scheme='bio' must be one of iob2"),
+    Rule(K, "data.tag_scheme", "bio", "data.tag_scheme='bio' must be one of iob2", NER),
     Rule(F, "train.best_mode", "median", "train.best_mode='median' must be one of max, min"),
     Rule(F, "data.train_file", "", "data.train_file is required"),
-    Rule(F, "data.tfds_name", "conll2003", "data.tfds_name='conll2003' is supported for "
-         "classification only", {"task": "ner"}),
-    Rule(F, "data.text_fields", "a,b,c", "data.text_fields='a,b,c' must name one field or two"),
+    Rule(K, "data.tfds_name", "conll2003", "data.tfds_name='conll2003' is supported for "
+         "classification only", NER),
+    Rule(K, "data.text_fields", "a,b,c", "data.text_fields='a,b,c' must name one field or two"),
     Rule(F, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
     *(Rule(F, f, v, f"{f}={v!r} must be >= 0") for f, v in (
         ("data.max_train_examples", -1), ("data.max_eval_examples", -1), ("train.epochs", -1.0),
@@ -111,15 +121,15 @@ RULES = [
     Rule(F, "optim.layer_decay", 0.0, "optim.layer_decay=0.0 must be in (0, 1]"),
     Rule(F, "optim.warmup_ratio", 1.0, "optim.warmup_ratio=1.0 must be < 1"),
     Rule(F, "train.early_stopping_patience", 3, "train.early_stopping_patience needs a dev set"),
-    *(Rule(F, f, 0, f"{f}=0 must be > 0", QA) for f in (
+    *(Rule(K, f, 0, f"{f}=0 must be > 0", QA) for f in (
         "data.doc_stride", "data.max_query_length", "data.max_answer_length", "data.n_best_size")),
-    Rule(F, "data.max_query_length", 126, "data.max_query_length=126 leaves no room", QA),
+    Rule(K, "data.max_query_length", 126, "data.max_query_length=126 leaves no room", QA),
 ]
 
 
 def _base(check: str):
   """A config that passes `check`: the pretraining defaults, or fine-tuning with a train file."""
-  if check != F:
+  if check not in (F, K):
     return config_lib.pretrain_defaults()
   cfg = config_lib.finetune_defaults()
   cfg.data.train_file = "train.tsv"
@@ -138,39 +148,51 @@ def _violate(rule: Rule) -> config_lib.ConfigError:
   cfg = _base(rule.check)
   for field, value in rule.context.items():
     _set(cfg, field, value)
-  getattr(config_lib, rule.check)(cfg)  # the context alone is fine
+  VALIDATORS[rule.check](cfg)  # the context alone is fine
   _set(cfg, rule.field, rule.value)
   with pytest.raises(config_lib.ConfigError) as caught:
-    getattr(config_lib, rule.check)(cfg)
+    VALIDATORS[rule.check](cfg)
   return caught.value
 
 
-@pytest.mark.parametrize("rule", RULES, ids=[f"{r.check[9:]}:{r.field}={r.value!r}" for r in RULES])
+@pytest.mark.parametrize("rule", RULES,
+                         ids=[f"{r.check.split('validate_')[1]}:{r.field}={r.value!r}"
+                              for r in RULES])
 def test_rule(rule):
   assert rule.message in str(_violate(rule))
 
 
-def _raising_line(error: BaseException) -> int:
-  """The line of the validate_* function from which `error` was raised."""
+Site = tuple[str, str, int]  # (file, function, line)
+
+
+def _raising_site(error: BaseException) -> Site:
+  """The line of the innermost validate_* function from which `error` was raised."""
   frames = traceback.extract_tb(error.__traceback__)
-  return next(f.lineno for f in reversed(frames) if f.name.startswith("validate_"))
+  return next((f.filename, f.name, f.lineno) for f in reversed(frames)
+              if f.name.startswith("validate_"))
 
 
-def _sites() -> dict[tuple[str, int], set[str]]:
-  """(function, line) of every check in jaxfm.config's validate_* -> the fields it checks."""
-  tree = ast.parse(inspect.getsource(config_lib))
-  sites: dict[tuple[str, int], set[str]] = {}
-  for fn in tree.body:
-    if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith("validate_")):
-      continue
-    loops = {id(node): loop for loop in ast.walk(fn) if isinstance(loop, ast.For)
-             for node in ast.walk(loop)}
-    for node in ast.walk(fn):
-      if isinstance(node, ast.Raise):
-        sites[(fn.name, node.lineno)] = set()
-      elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            and node.func.id in _CHECKS):
-        sites[(fn.name, node.lineno)] = _checked_fields(node, loops.get(id(node)))
+def _check_name(func: ast.expr) -> str:
+  """`fail` for both `fail(...)` and `config_lib.fail(...)`."""
+  return func.id if isinstance(func, ast.Name) else func.attr if isinstance(
+      func, ast.Attribute) else ""
+
+
+def _sites() -> dict[Site, set[str]]:
+  """Every check in the validate_* functions of `_MODULES` -> the fields it checks."""
+  sites: dict[Site, set[str]] = {}
+  for module in _MODULES:
+    path = inspect.getsourcefile(module)
+    for fn in ast.parse(inspect.getsource(module)).body:
+      if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith("validate_")):
+        continue
+      loops = {id(node): loop for loop in ast.walk(fn) if isinstance(loop, ast.For)
+               for node in ast.walk(loop)}
+      for node in ast.walk(fn):
+        if isinstance(node, ast.Raise):
+          sites[(path, fn.name, node.lineno)] = set()
+        elif isinstance(node, ast.Call) and _check_name(node.func) in _CHECKS:
+          sites[(path, fn.name, node.lineno)] = _checked_fields(node, loops.get(id(node)))
   return sites
 
 
@@ -190,12 +212,12 @@ def _checked_fields(call: ast.Call, loop: ast.For | None) -> set[str]:
 
 def test_every_rule_has_a_row():
   sites = _sites()
-  hit: dict[tuple[str, int], set[str]] = {}
+  hit: dict[Site, set[str]] = {}
   for rule in RULES:
-    hit.setdefault((rule.check, _raising_line(_violate(rule))), set()).add(rule.field)
+    hit.setdefault(_raising_site(_violate(rule)), set()).add(rule.field)
   missing = {site: fields - hit.get(site, set()) for site, fields in sites.items()
              if site not in hit or fields - hit[site]}
-  assert not missing, f"validation checks without a row in RULES (function, line): {missing}"
+  assert not missing, f"validation checks without a row in RULES (file, function, line): {missing}"
 
 
 def _cli(*args: str) -> subprocess.Popen:

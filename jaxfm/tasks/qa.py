@@ -1,8 +1,10 @@
-"""Extractive QA (SQuAD v1.1 / v2.0): reader, doc-stride features and answer post-processing.
+"""Extractive QA (SQuAD v1.1 / v2.0): reader, doc-stride features, span loss, answer
+post-processing and scores.
 
 Features are windows `[CLS] question [SEP] context-window [SEP]` over the context's tokens.
 The fast tokenizer's offsets map every context token back to its character span in the
-original context, so a predicted span is sliced from the context text itself.
+original context, so a predicted span is sliced from the context text itself. The head is
+`models.heads.BertForQuestionAnswering`; scores are the SQuAD script's (`metrics.squad`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,19 @@ import dataclasses
 import json
 from typing import Any, Sequence
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 
-from jaxfm.data.tasks import RowError, RowPolicy, token_ids
+from jaxfm import config as config_lib
+from jaxfm.metrics import squad as squad_metrics
+from jaxfm.models import BertConfig, BertForQuestionAnswering
+from jaxfm.tasks.base import (RowError, RowPolicy, TaskKind, TaskSplit, encode, json_field,
+                              jsonl_objects, token_ids)
+from jaxfm.train.step import Batch, LossFn, Sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +109,41 @@ def doc_spans(length: int, budget: int, doc_stride: int) -> list[tuple[int, int]
     start += min(end - start, doc_stride)
 
 
+def _windows(e: int, example: QAExample, tokenizer: Any, max_seq_length: int, doc_stride: int,
+             max_query_length: int) -> list[dict[str, Any]]:
+  """The doc-stride windows of example number `e`: its query and context tokens, offsets,
+  max-context marks and the answer's token span inside the window (None when not inside)."""
+  query = tokenizer.encode(example.question, add_special_tokens=False).ids
+  encoding = tokenizer.encode(example.context, add_special_tokens=False)
+  offsets = np.asarray(encoding.offsets, np.int32).reshape(-1, 2)  # [tokens, 2]
+  budget = max_seq_length - min(len(query), max_query_length) - 3
+  if budget < 1 or doc_stride < 1:
+    raise ValueError(f"max_seq_length {max_seq_length} leaves no room for the context after "
+                     f"max_query_length {max_query_length}, or doc_stride < 1")
+  answer = None
+  if example.answers:
+    first = example.answers[0]
+    answer = _token_span(offsets, first.start, first.start + len(first.text))
+    if answer[0] > answer[1]:
+      raise ValueError(f"question {example.qid!r}: answer {first.text!r} has no tokens")
+  spans = doc_spans(len(encoding.ids), budget, doc_stride)
+  # A token's context in a window: min(left, right) tokens; the window's length breaks ties.
+  scores = np.full((len(spans), len(encoding.ids)), -1.0)  # [windows, tokens]
+  for k, (start, end) in enumerate(spans):
+    position = np.arange(start, end)
+    scores[k, start:end] = np.minimum(position - start, end - 1 - position) + 0.01 * (end - start)
+  best = scores.argmax(0)  # [tokens]
+  windows = []
+  for k, (start, end) in enumerate(spans):
+    inside = answer is not None and start <= answer[0] and answer[1] < end
+    windows.append({"example": e, "query": query[:max_query_length],
+                    "query_truncated": len(query) > max_query_length,
+                    "ids": encoding.ids[start:end], "offsets": offsets[start:end],
+                    "max_context": best[start:end] == k,
+                    "answer": (answer[0] - start, answer[1] - start) if inside else None})
+  return windows
+
+
 def convert_examples(examples: Sequence[QAExample], tokenizer: Any, max_seq_length: int = 384,
                      doc_stride: int = 128, max_query_length: int = 64) -> dict[str, np.ndarray]:
   """Tokenizes examples into doc-stride windows of fixed length.
@@ -117,35 +164,9 @@ def convert_examples(examples: Sequence[QAExample], tokenizer: Any, max_seq_leng
     is taken from exactly one window); "query_truncated": bool [N].
   """
   cls_id, sep_id, pad_id = token_ids(tokenizer, "[CLS]", "[SEP]", "[PAD]")
-  windows = []  # one dict per feature
-  for e, example in enumerate(examples):
-    query = tokenizer.encode(example.question, add_special_tokens=False).ids
-    encoding = tokenizer.encode(example.context, add_special_tokens=False)
-    offsets = np.asarray(encoding.offsets, np.int32).reshape(-1, 2)  # [tokens, 2]
-    budget = max_seq_length - min(len(query), max_query_length) - 3
-    if budget < 1 or doc_stride < 1:
-      raise ValueError(f"max_seq_length {max_seq_length} leaves no room for the context after "
-                       f"max_query_length {max_query_length}, or doc_stride < 1")
-    answer = None
-    if example.answers:
-      first = example.answers[0]
-      answer = _token_span(offsets, first.start, first.start + len(first.text))
-      if answer[0] > answer[1]:
-        raise ValueError(f"question {example.qid!r}: answer {first.text!r} has no tokens")
-    spans = doc_spans(len(encoding.ids), budget, doc_stride)
-    # A token's context in a window: min(left, right) tokens; the window's length breaks ties.
-    scores = np.full((len(spans), len(encoding.ids)), -1.0)
-    for k, (start, end) in enumerate(spans):
-      position = np.arange(start, end)
-      scores[k, start:end] = np.minimum(position - start, end - 1 - position) + 0.01 * (end - start)
-    best = scores.argmax(0)
-    for k, (start, end) in enumerate(spans):
-      inside = answer is not None and start <= answer[0] and answer[1] < end
-      windows.append({"example": e, "query": query[:max_query_length],
-                      "query_truncated": len(query) > max_query_length,
-                      "ids": encoding.ids[start:end], "offsets": offsets[start:end],
-                      "max_context": best[start:end] == k,
-                      "answer": (answer[0] - start, answer[1] - start) if inside else None})
+  windows = [window for e, example in enumerate(examples)  # one dict per feature
+             for window in _windows(e, example, tokenizer, max_seq_length, doc_stride,
+                                    max_query_length)]
   n = len(windows)
   features = {"input_ids": np.full((n, max_seq_length), pad_id, np.int32),
               "token_type_ids": np.zeros((n, max_seq_length), np.int32),
@@ -218,3 +239,95 @@ def postprocess(examples: Sequence[QAExample], features: dict[str, np.ndarray],
                                     null[e] - best[e][0] > null_score_diff_threshold)
     predictions[example.qid] = "" if no_answer else best[e][1]
   return predictions
+
+
+# ---------------------------------------------------------------- the task kind
+
+def validate_data(cfg: ml_collections.ConfigDict) -> None:
+  """Window, query and answer sizes are positive, and a window leaves room for context."""
+  d = cfg.data
+  config_lib.positive(cfg, "data.doc_stride", "data.max_query_length", "data.max_answer_length",
+                      "data.n_best_size")
+  if d.max_query_length + 4 > d.max_seq_length:
+    raise config_lib.ConfigError(f"data.max_query_length={d.max_query_length} leaves no room "
+                                 f"for the context in data.max_seq_length={d.max_seq_length}")
+
+
+def loss(model: nn.Module) -> LossFn:
+  """Mean of the start and end cross-entropies over the sequence.
+
+  Batch: input_ids, token_type_ids, attention_mask int32 [b, t]; start_positions,
+  end_positions int32 [b] (0 = [CLS] when the window holds no answer); weights float32 [b].
+  """
+  def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
+    start_logits, end_logits = encode(model, params, batch, rng)  # [b, t] each
+    weights = batch["weights"]
+    nll = 0.5 * (
+        optax.softmax_cross_entropy_with_integer_labels(start_logits, batch["start_positions"])
+        + optax.softmax_cross_entropy_with_integer_labels(end_logits, batch["end_positions"]))
+    loss_sum = jnp.sum(nll * weights)
+    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights)}
+  return loss_fn
+
+
+def _read(data: ml_collections.ConfigDict, path: str,
+          label_names: Sequence[str] | None) -> list[QAExample]:
+  del label_names
+  return read_squad(path, on_error=data.on_error)
+
+
+def read_unlabelled(data: ml_collections.ConfigDict, path: str,
+                    label_names: Sequence[str] | None) -> list[QAExample]:
+  """JSONL rows with "question", "context" and optionally "id"."""
+  del data, label_names
+  return [QAExample(str(row.get("id", where)), json_field(row, "question", where, str),
+                    json_field(row, "context", where, str), (), is_impossible=True)
+          for where, row in jsonl_objects(path)]
+
+
+def _convert(examples: Sequence[QAExample], tokenizer: Any, data: ml_collections.ConfigDict,
+             label_names: Sequence[str] | None) -> dict[str, np.ndarray]:
+  del label_names
+  return convert_examples(examples, tokenizer, data.max_seq_length, data.doc_stride,
+                          data.max_query_length)
+
+
+def _answers(split: TaskSplit, outputs: dict[str, np.ndarray],
+             data: ml_collections.ConfigDict) -> dict[str, str]:
+  features = {k: v[outputs["feature_index"]] for k, v in split.features.items()}
+  return postprocess(split.examples, features, outputs["start_logits"], outputs["end_logits"],
+                     n_best_size=data.n_best_size, max_answer_length=data.max_answer_length,
+                     version_2=data.version_2,
+                     null_score_diff_threshold=data.null_score_diff_threshold)
+
+
+def score(split: TaskSplit, outputs: dict[str, np.ndarray], label_names: Sequence[str] | None,
+          data: ml_collections.ConfigDict) -> dict[str, float]:
+  """Exact match and F1 (with the v2.0 has-answer / no-answer parts when `version_2`)."""
+  del label_names
+  gold = [{"paragraphs": [{"qas": [
+      {"id": e.qid, "answers": [{"text": a.text} for a in e.answers],
+       **({"is_impossible": e.is_impossible} if data.version_2 else {})}
+      for e in split.examples]}]}]
+  return squad_metrics.compute(_answers(split, outputs, data), gold, version_2=data.version_2)
+
+
+def predictions(split: TaskSplit, outputs: dict[str, np.ndarray],
+                label_names: Sequence[str] | None,
+                data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """Per question: its id and the answer text ("" for no answer)."""
+  del label_names
+  answers = _answers(split, outputs, data)
+  return [{"id": e.qid, "answer": answers[e.qid]} for e in split.examples]
+
+
+def _model(config: BertConfig, label_names: Sequence[str] | None) -> nn.Module:
+  del label_names
+  return BertForQuestionAnswering(config)
+
+
+QA = TaskKind(
+    model=_model, loss=loss, outputs=("start_logits", "end_logits"),
+    labels=lambda seq_len: {"start_positions": ((), "int32"), "end_positions": ((), "int32")},
+    validate=validate_data, read=_read, read_unlabelled=read_unlabelled, label_vocab=None,
+    convert=_convert, score=score, predictions=predictions, main_metric="f1")

@@ -1,9 +1,10 @@
-"""Sentence and sentence-pair classification (or regression) data: readers and features.
+"""Sentence and sentence-pair classification, and regression: readers, features, loss, scores.
 
 Files: GLUE-style TSV (with or without a header; quotes are not special), CSV, or JSONL, or a
 tfds dataset by name. Fields are header names / JSON keys, or 0-based column indices for files
 without a header. Labels stay strings (class names) or become floats (regression); class
-names map to ids through a label vocabulary taken from the training split.
+names map to ids through a label vocabulary taken from the training split. The head is
+`models.heads.BertForSequenceClassification` (pooler + linear layer; one output for regression).
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ import math
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
+from absl import logging
 
-from jaxfm.data.tasks import RowError, RowPolicy, token_ids
+from jaxfm import config as config_lib
+from jaxfm.metrics import classification as cls_metrics
+from jaxfm.models import BertConfig, BertForSequenceClassification
+from jaxfm.tasks.base import (RowError, RowPolicy, TaskKind, TaskSplit, encode, json_field,
+                              jsonl_objects, token_ids)
+from jaxfm.train.flops import classification_flops_per_token
+from jaxfm.train.step import Batch, LossFn, Sums
 
 Field = str | int
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -280,3 +292,114 @@ def convert_examples(examples: Sequence[TextExample], tokenizer: Any, max_seq_le
   if truncated := int(features["truncated"].sum()):
     logging.info("truncated %d of %d examples to %d tokens", truncated, n, max_seq_length)
   return features
+
+
+# ---------------------------------------------------------------- the task kind
+
+def validate_data(cfg: ml_collections.ConfigDict) -> None:
+  """The text fields name one sentence or a pair."""
+  if len([f for f in cfg.data.text_fields.split(",") if f]) not in (1, 2):
+    config_lib.fail("data.text_fields", cfg.data.text_fields,
+                    "must name one field or two (comma-separated)")
+
+
+def loss(model: nn.Module, regression: bool = False) -> LossFn:
+  """Cross-entropy over classes, or squared error when `regression` (one output).
+
+  Batch: input_ids, token_type_ids, attention_mask int32 [b, t]; labels int32 [b] (float32
+  for regression); weights float32 [b] (0 = padding example).
+  """
+  def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
+    logits = encode(model, params, batch, rng)  # [b, classes]
+    weights = batch["weights"]
+    if regression:
+      per_example = jnp.square(logits[:, 0] - batch["labels"])  # [b]
+      sums = {}
+    else:
+      per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+      sums = {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * weights)}
+    loss_sum = jnp.sum(per_example * weights)
+    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights), **sums}
+  return loss_fn
+
+
+def _fields(data: ml_collections.ConfigDict) -> tuple[list[Field], Field]:
+  """The text fields and the label field; digits are column indices in files without a header."""
+  def field(name: str) -> Field:
+    return int(name) if not data.has_header and name.isdigit() else name
+  texts = [field(f.strip()) for f in data.text_fields.split(",") if f.strip()]
+  return texts, field(str(data.label_field))
+
+
+def _reader(regression: bool) -> Callable[..., list[TextExample]]:
+  def read(data: ml_collections.ConfigDict, path: str,
+           label_names: Sequence[str] | None) -> list[TextExample]:
+    text_fields, label_field = _fields(data)
+    kwargs = dict(text_fields=text_fields, label_field=label_field, label_names=label_names,
+                  regression=regression, on_error=data.on_error)
+    if data.tfds_name:
+      return read_tfds(data.tfds_name, path, data_dir=data.tfds_data_dir or None, **kwargs)
+    return read_examples(path, fmt=data.format or None, has_header=data.has_header, **kwargs)
+  return read
+
+
+def read_unlabelled(data: ml_collections.ConfigDict, path: str,
+                    label_names: Sequence[str] | None) -> list[TextExample]:
+  """JSONL rows holding the text fields (by name)."""
+  fields = [str(f) for f in _fields(data)[0]]
+  placeholder = label_names[0] if label_names else 0.0  # converters need a label; unused
+  examples = []
+  for where, row in jsonl_objects(path):
+    text_b = json_field(row, fields[1], where, str) if len(fields) == 2 else None
+    examples.append(TextExample(where, json_field(row, fields[0], where, str), text_b,
+                                placeholder))
+  return examples
+
+
+def _convert(examples: Sequence[TextExample], tokenizer: Any, data: ml_collections.ConfigDict,
+             label_names: Sequence[str] | None) -> dict[str, np.ndarray]:
+  return convert_examples(examples, tokenizer, data.max_seq_length, label_names)
+
+
+def score(split: TaskSplit, outputs: dict[str, np.ndarray], label_names: Sequence[str] | None,
+          data: ml_collections.ConfigDict) -> dict[str, float]:
+  """Accuracy and F1 (binary), macro F1 (multiclass), or Pearson/Spearman (regression)."""
+  del data
+  task_type = ("regression" if label_names is None else
+               "binary" if len(label_names) == 2 else "multiclass")
+  return cls_metrics.compute(task_type, outputs["logits"],
+                             split.features["labels"][outputs["feature_index"]])
+
+
+def predictions(split: TaskSplit, outputs: dict[str, np.ndarray],
+                label_names: Sequence[str] | None,
+                data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """Per example: the score (regression), or the label and every label's probability."""
+  del data
+  logits = outputs["logits"]  # [n, labels]
+  if label_names is None:
+    return [{"guid": e.guid, "score": float(s)} for e, s in zip(split.examples, logits[:, 0])]
+  probs = np.asarray(jax.nn.softmax(logits, -1))  # [n, labels]
+  return [{"guid": e.guid, "label": label_names[int(p.argmax())],
+           "probabilities": {name: float(x) for name, x in zip(label_names, p)}}
+          for e, p in zip(split.examples, probs)]
+
+
+def _kind(regression: bool) -> TaskKind:
+  def model(config: BertConfig, label_names: Sequence[str] | None) -> nn.Module:
+    count = 1 if regression else len(label_names) if label_names else 2
+    return BertForSequenceClassification(config, num_labels=count)
+
+  label_dtype = "float32" if regression else "int32"
+  return TaskKind(
+      model=model, loss=lambda m: loss(m, regression=regression), outputs=("logits",),
+      labels=lambda seq_len: {"labels": ((), label_dtype)}, validate=validate_data,
+      read=_reader(regression), read_unlabelled=read_unlabelled,
+      label_vocab=None if regression else label_vocab, convert=_convert, score=score,
+      predictions=predictions,
+      main_metric="pearson" if regression else "accuracy", reads_tfds=True,
+      flops_per_token=classification_flops_per_token)
+
+
+CLASSIFICATION = _kind(regression=False)
+REGRESSION = _kind(regression=True)

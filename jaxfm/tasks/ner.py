@@ -1,9 +1,10 @@
-"""Token classification (NER) data: CoNLL reader, tag schemes, sub-word windows and back.
+"""Token classification (NER): CoNLL reader, tag schemes, sub-word windows and back, loss, scores.
 
 Each word's label sits on its first sub-word (the others get IGNORE, or with
 `all_subwords=True` the word's label with B- turned into I-). A sentence longer than one
 window is split into windows of whole words that overlap by up to `stride` tokens; every word
-is labelled in exactly one window, the one giving it the most context on both sides.
+is labelled in exactly one window, the one giving it the most context on both sides. The head
+is `models.heads.BertForTokenClassification`; scores are seqeval's entity F1 (`metrics.ner`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,19 @@ import dataclasses
 import re
 from typing import Any, Iterable, Sequence
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 
-from jaxfm.data.tasks import RowError, RowPolicy, token_ids
+from jaxfm import config as config_lib
+from jaxfm.metrics import ner as ner_metrics
+from jaxfm.models import BertConfig, BertForTokenClassification
+from jaxfm.tasks.base import (RowError, RowPolicy, TaskKind, TaskSplit, encode, json_field,
+                              jsonl_objects, token_ids)
+from jaxfm.train.step import Batch, LossFn, Sums
 
 IGNORE = -100  # label of positions that carry no loss
 SCHEMES = {"iob2": "BIO", "iob1": "BIO", "bioes": "BIOES"}  # scheme -> allowed tag prefixes
@@ -244,3 +255,86 @@ def tags_from_predictions(examples: Sequence[NerExample], features: dict[str, np
       raise ValueError(f"{example.guid}: features do not label every word; were they made from "
                        "these examples?")
   return tags
+
+
+# ---------------------------------------------------------------- the task kind
+
+def validate_data(cfg: ml_collections.ConfigDict) -> None:
+  """The file's tag scheme is one the reader knows."""
+  config_lib.one_of(cfg, "data.tag_scheme", tuple(SCHEMES))
+
+
+def loss(model: nn.Module) -> LossFn:
+  """Cross-entropy per labelled token; label IGNORE marks positions without a loss.
+
+  Batch: input_ids, token_type_ids, attention_mask, labels int32 [b, t]; weights float32 [b].
+  """
+  def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
+    logits = encode(model, params, batch, rng)  # [b, t, labels]
+    labels = batch["labels"]
+    weights = (labels >= 0) * batch["weights"][:, None]  # [b, t]
+    safe = jnp.maximum(labels, 0)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)  # [b, t]
+    loss_sum = jnp.sum(nll * weights)
+    correct = jnp.sum((jnp.argmax(logits, -1) == safe) * weights)
+    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(weights), "correct": correct}
+  return loss_fn
+
+
+def _read(data: ml_collections.ConfigDict, path: str,
+          label_names: Sequence[str] | None) -> list[NerExample]:
+  return read_conll(path, tag_column=data.tag_column, scheme=data.tag_scheme,
+                    label_names=label_names, on_error=data.on_error)
+
+
+def read_unlabelled(data: ml_collections.ConfigDict, path: str,
+                    label_names: Sequence[str]) -> list[NerExample]:
+  """JSONL rows with "tokens": a list of words."""
+  del data
+  examples = []
+  for where, row in jsonl_objects(path):
+    words = json_field(row, "tokens", where, list)
+    if not all(isinstance(w, str) and w.strip() for w in words):
+      raise ValueError(f"{where}: 'tokens' must be a list of non-empty strings")
+    examples.append(NerExample(where, tuple(words), (label_names[0],) * len(words)))
+  return examples
+
+
+def _convert(examples: Sequence[NerExample], tokenizer: Any, data: ml_collections.ConfigDict,
+             label_names: Sequence[str]) -> dict[str, np.ndarray]:
+  return convert_examples(examples, tokenizer, label_names, data.max_seq_length,
+                          stride=None if data.stride < 0 else data.stride,
+                          all_subwords=data.all_subwords)
+
+
+def _tags(split: TaskSplit, outputs: dict[str, np.ndarray],
+          label_names: Sequence[str]) -> list[list[str]]:
+  features = {k: v[outputs["feature_index"]] for k, v in split.features.items()}
+  return tags_from_predictions(split.examples, features, outputs["logits"], label_names)
+
+
+def score(split: TaskSplit, outputs: dict[str, np.ndarray], label_names: Sequence[str],
+          data: ml_collections.ConfigDict) -> dict[str, float]:
+  """Entity precision, recall and F1 over the split's sentences."""
+  del data
+  predicted = _tags(split, outputs, label_names)
+  return ner_metrics.compute([e.tags for e in split.examples], predicted)
+
+
+def predictions(split: TaskSplit, outputs: dict[str, np.ndarray], label_names: Sequence[str],
+                data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """Per sentence: its words and their IOB2 tags."""
+  del data
+  return [{"guid": e.guid, "tokens": list(e.words), "tags": tags}
+          for e, tags in zip(split.examples, _tags(split, outputs, label_names))]
+
+
+def _model(config: BertConfig, label_names: Sequence[str] | None) -> nn.Module:
+  return BertForTokenClassification(config, num_labels=len(label_names) if label_names else 2)
+
+
+NER = TaskKind(
+    model=_model, loss=loss, outputs=("logits",),
+    labels=lambda seq_len: {"labels": ((seq_len,), "int32")}, validate=validate_data,
+    read=_read, read_unlabelled=read_unlabelled, label_vocab=tag_vocab, convert=_convert,
+    score=score, predictions=predictions, main_metric="f1")
