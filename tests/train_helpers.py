@@ -4,7 +4,7 @@ import numpy as np
 
 from jaxfm.config import pretrain_defaults
 from jaxfm.models import BertConfig
-from jaxfm.tasks import mlm_task
+from jaxfm.tasks import mlm
 from jaxfm.train import loop
 
 SEQ, PREDS, VOCAB = 16, 4, 128
@@ -51,7 +51,7 @@ def tiny_config(**train):
 
 def mlm_task(cfg):
   config = BertConfig.from_mapping({**cfg.model, "embedding_size": cfg.model.embedding_size or None})
-  return mlm_task(config, SEQ, PREDS)
+  return mlm.mlm_task(config, SEQ, PREDS)
 
 
 def run(cfg, workdir, seed=0):
