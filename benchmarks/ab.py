@@ -18,13 +18,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 from absl import app, flags
 
 from benchmarks import common, jaxfm_impl
 from jaxfm import runtime
 from jaxfm.models import BertConfig
-from jaxfm.cpu import process as cpu_process
 
 _MODEL = flags.DEFINE_string("model", "mini", "BERT size preset: tiny, mini, small, base, large.")
 _TASK = flags.DEFINE_enum("task", "cls", ["mlm", "cls"], "MLM pretraining or classification.")
@@ -56,11 +54,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  arch = common.preset_arch(_MODEL.value)
-  cpu_process.use_default_xla_flags(arch["hidden_size"])  # as jaxfm.pretrain, before JAX starts
-  jax.config.update("jax_platforms", "cpu")
-  case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
-                     batch=_BATCH.value, arch=arch)
+  case = jaxfm_impl.cpu_case(_MODEL.value, _TASK.value, _SEQ.value, _BATCH.value)
   batch = common.synthetic_batch(case)
   variants = {"A": parse_overrides(_A.value), "B": parse_overrides(_B.value)}
   steps = {name: jaxfm_impl.compile_train_step(case, batch, overrides)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from benchmarks import common
 from benchmarks.common import NUM_LABELS, VOCAB_SIZE, Case, peak_rss_mib
 from jaxfm import sharding
 from jaxfm.config import pretrain_defaults
@@ -25,6 +26,15 @@ def model_config(case: Case) -> BertConfig:
   return BertConfig(**case.arch, vocab_size=VOCAB_SIZE, max_position_embeddings=case.max_positions,
                     dtype=case.dtype, scan_layers=case.scan_layers, remat_policy=case.remat,
                     cpu_paths=jax.devices()[0].platform == "cpu")
+
+
+def cpu_case(model: str, task: str, seq: int, batch: int) -> Case:
+  """A jaxfm case on this host's CPU, with the XLA flags jaxfm's entry points set for its width.
+  Call before JAX starts its backends."""
+  arch = common.preset_arch(model)
+  jax.config.update("jax_platforms", "cpu")
+  cpu_process.use_default_xla_flags(arch["hidden_size"])
+  return Case(impl="jaxfm", model=model, task=task, seq=seq, batch=batch, arch=arch)
 
 
 def classification_task(config: BertConfig, seq_len: int) -> loop.Task:

@@ -26,7 +26,6 @@ from absl import flags
 
 from benchmarks import common, jaxfm_impl, xla_ops
 from jaxfm import runtime
-from jaxfm.cpu import process as cpu_process
 
 _MODEL = flags.DEFINE_string("model", "mini", "BERT size preset: tiny, mini, small, base, large.")
 _TASK = flags.DEFINE_enum("task", "cls", ["mlm", "cls"], "MLM pretraining or classification.")
@@ -36,11 +35,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (after 3 untimed ones)."
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  arch = common.preset_arch(_MODEL.value)
-  cpu_process.use_default_xla_flags(arch["hidden_size"])  # as jaxfm.pretrain, before JAX starts
-  jax.config.update("jax_platforms", "cpu")
-  case = common.Case(impl="jaxfm", model=_MODEL.value, task=_TASK.value, seq=_SEQ.value,
-                     batch=_BATCH.value, arch=arch)
+  case = jaxfm_impl.cpu_case(_MODEL.value, _TASK.value, _SEQ.value, _BATCH.value)
   step = jaxfm_impl.compile_train_step(case, common.synthetic_batch(case))
   kinds = xla_ops.op_kinds(step.compiled.as_text())
   for _ in range(3):

@@ -9,7 +9,6 @@ are read from there.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 from absl import flags
@@ -27,11 +26,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   runtime.initialize_runtime()
-  try:
+  with runtime.exit_on(run.USER_ERRORS):
     metrics = run.evaluate(_WORKDIR.value, _SPLIT.value, _INPUT.value)
-  except run.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   if jax.process_index() == 0:
     print(json.dumps(metrics))
 

@@ -11,33 +11,22 @@ checkpoint's step and the last dev metrics.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
-from absl import flags, logging
-from ml_collections import config_flags
 
 from jaxfm import runtime
 from jaxfm.finetuning import run
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, labels and tokenizer.")
-_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Resume even though the config differs from the saved one.")
-flags.mark_flags_as_required(["config", "workdir"])
+_FLAGS = runtime.define_run_flags("Checkpoints, logs, labels and tokenizer.")
 
 
 def main(argv):
   del argv
-  try:
+  with runtime.exit_on(run.USER_ERRORS):
     runtime.initialize_runtime()
-    runtime.use_compilation_cache(_WORKDIR.value)
-    result, best_step = run.finetune(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
-  except run.USER_ERRORS as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    runtime.use_compilation_cache(_FLAGS.workdir.value)
+    result, best_step = run.finetune(_FLAGS.config.value, _FLAGS.workdir.value,
+                                     _FLAGS.allow_config_change.value)
   if jax.process_index() == 0:
     print(json.dumps({"step": result.step, "best_step": best_step,
                       "early_stopped": result.stopped_early, "preempted": result.preempted,

@@ -10,7 +10,6 @@ answer), written atomically.
 
 from __future__ import annotations
 
-import sys
 
 import jax
 from absl import flags
@@ -27,11 +26,8 @@ flags.mark_flags_as_required(["workdir", "input", "output"])
 def main(argv):
   del argv
   runtime.initialize_runtime()
-  try:
+  with runtime.exit_on(run.USER_ERRORS):
     rows = run.predict(_WORKDIR.value, _INPUT.value)
-  except run.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   if jax.process_index() == 0:
     run.write_jsonl(rows, _OUTPUT.value)
     print(f"wrote {len(rows)} predictions to {_OUTPUT.value}")

@@ -3,13 +3,17 @@ runtime, the compilation cache, and the preflight check of the mesh against the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging as logging_std
 import os
-from typing import Callable
+import sys
+from typing import Callable, Iterator
 
 import jax
 import ml_collections
-from absl import app, logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
@@ -25,6 +29,40 @@ class _LibraryChatterFilter(logging_std.Filter):
   def filter(self, record: logging_std.LogRecord) -> bool:
     return record.levelno >= logging_std.WARNING or not any(
         part in record.pathname for part in self._QUIET)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFlags:
+  """The flags of a training entry point."""
+
+  config: flags.FlagHolder  # --config=FILE plus --config.a.b=value overrides, locked
+  workdir: flags.FlagHolder
+  allow_config_change: flags.FlagHolder
+
+
+def define_run_flags(workdir_help: str) -> RunFlags:
+  """Defines --config, --workdir and --allow_config_change (the first two required)."""
+  holders = RunFlags(
+      config=config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                             lock_config=True),
+      workdir=flags.DEFINE_string("workdir", None, workdir_help),
+      allow_config_change=flags.DEFINE_bool(
+          "allow_config_change", False,
+          "Resume even though the config differs from the saved one."))
+  flags.mark_flags_as_required(["config", "workdir"])
+  return holders
+
+
+@contextlib.contextmanager
+def exit_on(errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+  """Turns `errors` (a bad config, workdir, input or checkpoint: the user's to fix) into one
+  `error: ...` line on stderr and exit status 1, instead of a traceback."""
+  try:
+    yield
+  except errors as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run_program(main: Callable[[list[str]], None]) -> None:
