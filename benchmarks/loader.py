@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from jaxfm.config import pretrain_defaults
-from jaxfm.data.loader import HostLayout, build_pretraining_data
+from jaxfm.data.loader import HostLayout
+from jaxfm.data.mlm_data import build_pretraining_data
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Per-host batch size.")
 _MAX_SEQ_LENGTH = flags.DEFINE_integer("max_seq_length", 128, "Sequence length.")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxfm.config import pretrain_defaults
-from jaxfm.data import loader
+from jaxfm.data import loader, mlm_data
 from jaxfm.data.corpus import CorpusError
 from tests.data_helpers import random_documents, unmasked
 
@@ -32,7 +32,7 @@ def _cfg(train_files: str, num_shards: int, tokenizer: str = ""):
 @pytest.fixture(scope="module")
 def tokenizer_dir(corpus, tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("tok") / "tokenizer")
-  loader.build_pretraining_data(_cfg(corpus, 1), folder, max_position_embeddings=64)
+  mlm_data.build_pretraining_data(_cfg(corpus, 1), folder, max_position_embeddings=64)
   return folder
 
 
@@ -55,13 +55,13 @@ def test_layout_rows_and_shards():
 def test_hosts_reading_their_shards_make_the_one_host_batches(corpus, tokenizer_dir, num_shards,
                                                               hosts, per_host):
   cfg = _cfg(corpus, num_shards, tokenizer=tokenizer_dir)
-  whole = loader.build_pretraining_data(cfg, None, max_position_embeddings=64)
+  whole = mlm_data.build_pretraining_data(cfg, None, max_position_embeddings=64)
   one = whole.train_iterator(loader.HostLayout(hosts * per_host, num_shards=num_shards))
   want = [next(one) for _ in range(12)]
   got = [[] for _ in want]
   for h in range(hosts):
     layout = loader.HostLayout(per_host, h, hosts, num_shards)
-    part = loader.build_pretraining_data(cfg, None, max_position_embeddings=64,
+    part = mlm_data.build_pretraining_data(cfg, None, max_position_embeddings=64,
                                          shards=layout.shards)
     if num_shards >= hosts:  # whole files per shard: the host opened only its own
       assert part.counters["corpus/files"] == sum(k % num_shards in layout.shards
@@ -76,7 +76,7 @@ def test_hosts_reading_their_shards_make_the_one_host_batches(corpus, tokenizer_
 
 
 def test_every_example_once_per_shard_epoch(corpus, tokenizer_dir):
-  data = loader.build_pretraining_data(_cfg(corpus, 2, tokenizer=tokenizer_dir), None,
+  data = mlm_data.build_pretraining_data(_cfg(corpus, 2, tokenizer=tokenizer_dir), None,
                                        max_position_embeddings=64)
   layout = loader.HostLayout(8, num_shards=2)  # 4 rows per shard
   it = data.train_iterator(layout)
@@ -96,7 +96,7 @@ def test_every_example_once_per_shard_epoch(corpus, tokenizer_dir):
 
 @pytest.mark.parametrize("num_shards,hosts,per_host", [(2, 2, 4), (3, 2, 6), (1, 3, 4)])
 def test_eval_examples_once_across_hosts(corpus, tokenizer_dir, num_shards, hosts, per_host):
-  data = loader.build_pretraining_data(_cfg(corpus, num_shards, tokenizer=tokenizer_dir), None,
+  data = mlm_data.build_pretraining_data(_cfg(corpus, num_shards, tokenizer=tokenizer_dir), None,
                                        max_position_embeddings=64)
   layouts = [loader.HostLayout(per_host, h, hosts, num_shards) for h in range(hosts)]
   count = data.num_eval_batches(layouts[0])
@@ -114,13 +114,13 @@ def test_eval_examples_once_across_hosts(corpus, tokenizer_dir, num_shards, host
 def test_documents_are_dealt_when_files_are_few(corpus, tokenizer_dir):
   first_file = corpus.replace("*", "part-0")
   cfg = _cfg(first_file, 2, tokenizer=tokenizer_dir)
-  halves = [loader.build_pretraining_data(cfg, None, max_position_embeddings=64, shards=[v])
+  halves = [mlm_data.build_pretraining_data(cfg, None, max_position_embeddings=64, shards=[v])
             for v in (0, 1)]
   for v, half in enumerate(halves):
     c = half.counters
     assert c["corpus/documents"] == 40 and c["corpus/documents_of_other_shards"] == 20
     assert c["train/documents"] + c["eval/documents"] == 20
-  whole = loader.build_pretraining_data(cfg, None, max_position_embeddings=64)
+  whole = mlm_data.build_pretraining_data(cfg, None, max_position_embeddings=64)
   np.testing.assert_array_equal(
       whole.train.tokens, np.concatenate([h.train.tokens for h in halves]))
 
@@ -128,13 +128,13 @@ def test_documents_are_dealt_when_files_are_few(corpus, tokenizer_dir):
 def test_tokenizer_comes_from_shard_zero(corpus, tmp_path):
   folder = str(tmp_path / "tokenizer")
   with pytest.raises(CorpusError, match="did not read shard 0"):
-    loader.build_pretraining_data(_cfg(corpus, 2), folder, max_position_embeddings=64, shards=[1])
-  first = loader.build_pretraining_data(_cfg(corpus, 2), folder, max_position_embeddings=64,
+    mlm_data.build_pretraining_data(_cfg(corpus, 2), folder, max_position_embeddings=64, shards=[1])
+  first = mlm_data.build_pretraining_data(_cfg(corpus, 2), folder, max_position_embeddings=64,
                                         shards=[0])
-  second = loader.build_pretraining_data(_cfg(corpus, 2), folder, max_position_embeddings=64,
+  second = mlm_data.build_pretraining_data(_cfg(corpus, 2), folder, max_position_embeddings=64,
                                          shards=[1])  # loads what the shard-0 host saved
   assert first.tokenizer.vocab_size == second.tokenizer.vocab_size
-  whole = loader.build_pretraining_data(_cfg(corpus, 2), str(tmp_path / "again"),
+  whole = mlm_data.build_pretraining_data(_cfg(corpus, 2), str(tmp_path / "again"),
                                         max_position_embeddings=64)
   assert (whole.tokenizer.backend.get_vocab() == first.tokenizer.backend.get_vocab())
 
@@ -142,5 +142,5 @@ def test_tokenizer_comes_from_shard_zero(corpus, tmp_path):
 def test_a_shard_without_examples_is_an_error(corpus, tokenizer_dir):
   one_file = corpus.replace("*", "part-0")
   with pytest.raises(CorpusError, match=r"shard\(s\) \[\d+"):
-    loader.build_pretraining_data(_cfg(one_file, 64, tokenizer=tokenizer_dir), None,
+    mlm_data.build_pretraining_data(_cfg(one_file, 64, tokenizer=tokenizer_dir), None,
                                   max_position_embeddings=64)

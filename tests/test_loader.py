@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxfm.config import pretrain_defaults
-from jaxfm.data import loader
+from jaxfm.data import loader, mlm_data
 from jaxfm.data.pretraining import mask_batch
 from tests.data_helpers import random_documents, unmasked
 
@@ -35,7 +35,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(corpus, tmp_path_factory):
-  return loader.build_pretraining_data(_data_cfg(corpus[0]),
+  return mlm_data.build_pretraining_data(_data_cfg(corpus[0]),
                                        str(tmp_path_factory.mktemp("run") / "tokenizer"),
                                        max_position_embeddings=64)
 
@@ -50,7 +50,7 @@ def _assert_same(batches_a, batches_b):
 
 def test_build_counters_and_splits(data, corpus):
   c = data.counters
-  assert sum(c[f"corpus/{k}"] for k in loader.CorpusCounters.LINE_FATES) == corpus[1]
+  assert sum(c[f"corpus/{k}"] for k in mlm_data.CorpusCounters.LINE_FATES) == corpus[1]
   assert c["corpus/documents"] == 150 == c["train/documents"] + c["eval/documents"]
   assert 0 < c["eval/documents"] < 40
   assert c["train/examples"] == len(data.train) and c["eval/examples"] == len(data.eval)
@@ -62,19 +62,19 @@ def test_build_counters_and_splits(data, corpus):
 
 def test_saved_tokenizer_is_reused(corpus, tmp_path, monkeypatch):
   folder = str(tmp_path / "tok")
-  first = loader.build_pretraining_data(_data_cfg(corpus[0]), folder, max_position_embeddings=T)
+  first = mlm_data.build_pretraining_data(_data_cfg(corpus[0]), folder, max_position_embeddings=T)
 
   def no_training(*args, **kwargs):
     raise AssertionError("retrained although the run folder holds a tokenizer")
 
-  monkeypatch.setattr(loader, "train_tokenizer", no_training)
-  again = loader.build_pretraining_data(_data_cfg(corpus[0]), folder, max_position_embeddings=T)
+  monkeypatch.setattr(mlm_data, "train_tokenizer", no_training)
+  again = mlm_data.build_pretraining_data(_data_cfg(corpus[0]), folder, max_position_embeddings=T)
   np.testing.assert_array_equal(first.train.tokens, again.train.tokens)
-  configured = loader.build_pretraining_data(_data_cfg(corpus[0], tokenizer=folder), None,
+  configured = mlm_data.build_pretraining_data(_data_cfg(corpus[0], tokenizer=folder), None,
                                              max_position_embeddings=T)
   np.testing.assert_array_equal(first.eval.tokens, configured.eval.tokens)
   with pytest.raises(ValueError, match="max_position_embeddings=16"):
-    loader.build_pretraining_data(_data_cfg(corpus[0]), folder, max_position_embeddings=16)
+    mlm_data.build_pretraining_data(_data_cfg(corpus[0]), folder, max_position_embeddings=16)
 
 
 def test_batch_layout(data):
@@ -178,11 +178,11 @@ def test_eval_batches(data, shards):
 def test_default_corpus_end_to_end(tmp_path):
   cfg = pretrain_defaults().data
   start = time.perf_counter()
-  data = loader.build_pretraining_data(cfg, str(tmp_path / "tok"), max_position_embeddings=512)
+  data = mlm_data.build_pretraining_data(cfg, str(tmp_path / "tok"), max_position_embeddings=512)
   elapsed = time.perf_counter() - start
   assert elapsed < 60, elapsed
   c = data.counters
-  assert c["corpus/text_lines"] == sum(c[f"corpus/{k}"] for k in loader.CorpusCounters.LINE_FATES)
+  assert c["corpus/text_lines"] == sum(c[f"corpus/{k}"] for k in mlm_data.CorpusCounters.LINE_FATES)
   assert c["tokenizer/vocab_size"] == 8192 and len(data.train) > 2000 and len(data.eval) > 0
   assert c["train/pad_tokens"] < 0.15 * len(data.train) * 128  # packing leaves little padding
   batch = next(data.train_iterator(loader.HostLayout(32, 0, 1)))

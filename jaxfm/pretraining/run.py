@@ -12,7 +12,7 @@ import ml_collections
 from jaxfm import config as config_lib
 from jaxfm import runtime, weights
 from jaxfm import workdir as workdir_lib
-from jaxfm.data import loader
+from jaxfm.data import loader, mlm_data
 from jaxfm.tasks import mlm_task
 from jaxfm.train import checkpoint, loop
 
@@ -28,7 +28,7 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
   runtime.preflight(cfg)
   workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
   layout = loader.HostLayout.of_process(runtime.per_host_batch_size(cfg), cfg.data.num_shards)
-  data = loader.build_pretraining_data(cfg.data, str(workdir_lib.tokenizer_dir(workdir)),
+  data = mlm_data.build_pretraining_data(cfg.data, str(workdir_lib.tokenizer_dir(workdir)),
                                        max_position_embeddings=cfg.model.max_position_embeddings,
                                        shards=layout.shards)
   with cfg.unlocked():

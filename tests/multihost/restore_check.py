@@ -20,7 +20,7 @@ from etils import epath
 
 from jaxfm import config as config_lib
 from jaxfm import sharding, weights
-from jaxfm.data import loader
+from jaxfm.data import loader, mlm_data
 from jaxfm.tasks import mlm_task
 from jaxfm.train import checkpoint, loop
 
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
     load_params = _differ(params, weights.load_jaxfm(workdir).params)
   except Exception as e:  # noqa: BLE001 - reported, the test decides
     load_params = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-  data = loader.build_pretraining_data(cfg.data, str(epath.Path(workdir) / "tokenizer"),
+  data = mlm_data.build_pretraining_data(cfg.data, str(epath.Path(workdir) / "tokenizer"),
                                        max_position_embeddings=cfg.model.max_position_embeddings)
   with sharding.activation_sharding(mesh):
     layout = loader.HostLayout(cfg.train.batch_size, num_shards=cfg.data.num_shards)

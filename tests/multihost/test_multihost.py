@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from jaxfm.config import pretrain_defaults
-from jaxfm.data import loader
+from jaxfm.data import loader, mlm_data
 from tests.data_helpers import random_documents, unmasked
 from tests.multihost import harness as h
 
@@ -114,14 +114,14 @@ def _examples(batch: dict[str, np.ndarray]) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> loader.PretrainingData:
+def small_data(tmp_path_factory) -> mlm_data.PretrainingData:
   docs = random_documents(np.random.default_rng(0), 120)
   folder = tmp_path_factory.mktemp("small-data")
   (folder / "corpus.txt").write_text("\n\n".join(docs) + "\n")
   cfg = pretrain_defaults().data
   cfg.update(dict(train_files=str(folder / "corpus.txt"), vocab_size=200, max_seq_length=32,
                   max_predictions_per_seq=5, eval_fraction=0.15, seed=1))
-  return loader.build_pretraining_data(cfg, str(folder / "tokenizer"),
+  return mlm_data.build_pretraining_data(cfg, str(folder / "tokenizer"),
                                        max_position_embeddings=64)
 
 
