@@ -98,6 +98,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   cfg.train.eval_batches = 10
   cfg.train.checkpoint_every = 500
   cfg.train.checkpoint_every_seconds = 0  # 0 disables the wall-clock interval
+  # > 0: a profiler trace of that many steps after step `profile_start_step`, in WORKDIR/profile.
+  cfg.train.profile_steps = 0
+  cfg.train.profile_start_step = 10
   cfg.train.keep_checkpoints = 3
   cfg.train.keep_every = 0  # > 0: also keep every step divisible by this forever (0 = off)
   # Async saves overlap the write with training, so a kill during one loses up to
@@ -259,8 +262,10 @@ def validate_train(cfg: ml_collections.ConfigDict) -> None:
             "train.max_consecutive_nonfinite")
   if t.eval_batches < 0:
     fail("train.eval_batches", t.eval_batches, "must be >= 0")
-  if t.checkpoint_every_seconds < 0:
-    fail("train.checkpoint_every_seconds", t.checkpoint_every_seconds, "must be >= 0")
+  for field in ("train.checkpoint_every_seconds", "train.profile_steps",
+                "train.profile_start_step"):
+    if _get(cfg, field) < 0:
+      fail(field, _get(cfg, field), "must be >= 0")
   if t.keep_every < 0 or t.keep_every % t.checkpoint_every:
     fail("train.keep_every", t.keep_every,
           f"must be 0 or a multiple of train.checkpoint_every={t.checkpoint_every}")
@@ -360,6 +365,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
+    "train.profile_steps", "train.profile_start_step",
     "train.keep_every", "train.async_checkpointing", "train.progress_bar", "train.wandb_project",
     "data.worker_count", "model.cpu_paths",
 )

@@ -130,3 +130,14 @@ def test_nonfinite_update_is_skipped_and_counted(tmp_path):
   assert result.train["skipped_steps_total"] == 1
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["nonfinite_steps"] for r in records if r["split"] == "train"] == [0, 0, 1, 0]
+
+
+def test_profile_traces_the_chosen_steps_and_closes_a_trace_the_run_ends_inside(tmp_path):
+  cfg = th.tiny_config(steps=4, eval_every=4)
+  cfg.train.profile_start_step, cfg.train.profile_steps = 1, 2
+  th.run(cfg, tmp_path / "window")
+  cfg.train.profile_start_step, cfg.train.profile_steps = 3, 5  # past the run's last step
+  th.run(cfg, tmp_path / "to_the_end")
+  for run in ("window", "to_the_end"):
+    traces = list((tmp_path / run / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, run

@@ -3,8 +3,8 @@
 Each action owns one concern and its cadence, in the manner of clu's periodic actions and
 Levanter's hooks: `action(info)` runs after each step and returns True to end the run, and
 then the actions after it in the loop's list do not run for that step. The list's order is
-the order of the work within a step: report, guard, timed save, evaluate, keep the best (and
-stop early), periodic save, preemption.
+the order of the work within a step: profile, report, guard, timed save, evaluate, keep the best
+(and stop early), periodic save, preemption.
 """
 
 from __future__ import annotations
@@ -231,6 +231,39 @@ class KeepBest:
                  info.step, self._best.metric, self._best.best_step(), self._best.patience)
     self._checkpointer.save_last(info.state, info.step)
     return True
+
+
+class Profile:
+  """A profiler trace of the steps after `start` up to `start + count` (or the run's end) into
+  `directory`, for TensorBoard's profile plugin or Perfetto; every host traces its own devices.
+  Used as a context too, so that a run ending inside the window still closes the trace."""
+
+  def __init__(self, directory: str, start: int, count: int):
+    self._directory, self._start, self._stop = directory, start, start + count
+    self._tracing = False
+
+  def __call__(self, info: StepInfo) -> bool:
+    if info.step == self._start:
+      jax.profiler.start_trace(self._directory)
+      self._tracing = True
+    elif info.step == self._stop and self._tracing:
+      self._finish(info.metrics)
+    return False
+
+  def _finish(self, pending: Any = None) -> None:
+    jax.block_until_ready(pending)  # the traced steps' device work, not just their dispatch
+    jax.profiler.stop_trace()
+    self._tracing = False
+    logging.info("profiler trace of steps %d-%d written to %s", self._start + 1, self._stop,
+                 self._directory)
+
+  @contextlib.contextmanager
+  def closing(self) -> Iterator[None]:
+    try:
+      yield
+    finally:
+      if self._tracing:
+        self._finish()
 
 
 class StopSignal:

@@ -21,6 +21,7 @@ from absl import logging
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
+from jaxfm import workdir as workdir_lib
 from jaxfm.cpu import process as cpu_process
 from jaxfm.train import actions, checkpoint, optim
 from jaxfm.train.actions import NonFiniteError
@@ -212,10 +213,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
       lambda params: evaluate(task, steps, params, eval_batches(), mesh), writer, t.eval_every,
       t.steps)
   stop = actions.StopSignal()
+  profile = actions.Profile(str(workdir_lib.profile_dir(workdir)), t.profile_start_step,
+                            t.profile_steps)
   ended_by = None  # the action that ended the run before `t.steps`, if one did
   with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
-      tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
-                disable=not (t.progress_bar and jax.process_index() == 0)) as bar:
+      profile.closing(), tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
+                                   disable=not (t.progress_bar and jax.process_index() == 0)
+                                   ) as bar:
     log_line(start, {"compile_s": executables.compile_s}, "compile")
     if start == 0 and t.eval_batches:
       evaluation.run(0, state.params)
@@ -223,7 +227,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     progress = actions.ReportProgress(task.summarize, task.flops_per_token, steps.schedule,
                                       lambda: executables.compile_s, writer, bar, t.log_every,
                                       t.steps)
-    after_step = [progress, *_after_report(cfg, manager, train_iter, meta, evaluation, best, stop)]
+    after_step = [*([profile] if t.profile_steps else []), progress,
+                  *_after_report(cfg, manager, train_iter, meta, evaluation, best, stop)]
     for step in range(start, t.steps):
       if batch is None:
         batch = sharding.global_batch(next(train_iter), mesh)
