@@ -50,67 +50,78 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.model = model_config("tiny")
   cfg.init_from = ""  # '' | a jaxfm workdir/checkpoint dir | 'hf:/path/to/folder'
-
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  cfg.data = _pretrain_data_defaults()
+  cfg.optim = _optim_defaults()
+  cfg.train = _train_defaults()
+  return cfg
 
-  cfg.data = ml_collections.ConfigDict()
-  cfg.data.train_files = ""  # '' = the embedded default corpus; else comma-separated globs
-  cfg.data.format = "text"  # text | jsonl | tfds
-  cfg.data.text_field = "text"  # JSONL field holding the document text
-  cfg.data.documents = "blank_line"  # blank_line | line: how documents are separated in text
-  cfg.data.tfds_name = ""  # e.g. 'wikipedia/20230601.en' with format=tfds
-  cfg.data.tfds_data_dir = ""
-  cfg.data.on_decode_error = "error"  # error | skip | replace
-  cfg.data.eval_fraction = 0.02  # share of documents held out for evaluation
-  cfg.data.tokenizer = ""  # '' = train a WordPiece vocab on the corpus; else vocab.txt/tokenizer.json
-  cfg.data.vocab_size = 8192  # only when training a tokenizer
-  cfg.data.lowercase = True
-  cfg.data.max_seq_length = 128
-  cfg.data.max_predictions_per_seq = 20
-  cfg.data.mask_prob = 0.15
-  cfg.data.whole_word_masking = False
-  cfg.data.worker_count = 1  # background loader processes (0 = in the main process)
+
+def _pretrain_data_defaults() -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict()
+  data.train_files = ""  # '' = the embedded default corpus; else comma-separated globs
+  data.format = "text"  # text | jsonl | tfds
+  data.text_field = "text"  # JSONL field holding the document text
+  data.documents = "blank_line"  # blank_line | line: how documents are separated in text
+  data.tfds_name = ""  # e.g. 'wikipedia/20230601.en' with format=tfds
+  data.tfds_data_dir = ""
+  data.on_decode_error = "error"  # error | skip | replace
+  data.eval_fraction = 0.02  # share of documents held out for evaluation
+  data.tokenizer = ""  # '' = train a WordPiece vocab on the corpus; else vocab.txt/tokenizer.json
+  data.vocab_size = 8192  # only when training a tokenizer
+  data.lowercase = True
+  data.max_seq_length = 128
+  data.max_predictions_per_seq = 20
+  data.mask_prob = 0.15
+  data.whole_word_masking = False
+  data.worker_count = 1  # background loader processes (0 = in the main process)
   # Corpus shards: a host reads only the shards its rows of the global batch come from, and
   # the global batch does not depend on the host count. Divides train.batch_size; on a pod,
   # the host count or a multiple of it (a shard is whole files when there are enough).
-  cfg.data.num_shards = 1
-  cfg.data.seed = 0
+  data.num_shards = 1
+  data.seed = 0
+  return data
 
-  cfg.optim = ml_collections.ConfigDict()
-  cfg.optim.name = "adamw"  # adamw | lamb
-  cfg.optim.peak_learning_rate = 1e-3
-  cfg.optim.warmup_steps = 100
-  cfg.optim.decay = "linear"  # linear | cosine | constant
-  cfg.optim.end_learning_rate_factor = 0.0
-  cfg.optim.weight_decay = 0.01
-  cfg.optim.b1 = 0.9
-  cfg.optim.b2 = 0.999
-  cfg.optim.eps = 1e-6
-  cfg.optim.clip_norm = 1.0  # 0 disables global-norm clipping
 
-  cfg.train = ml_collections.ConfigDict()
-  cfg.train.steps = 1000
-  cfg.train.batch_size = 32  # global, across all hosts and accumulation micro-steps
-  cfg.train.grad_accum_steps = 1
-  cfg.train.seed = 0
-  cfg.train.log_every = 50
-  cfg.train.eval_every = 500
-  cfg.train.eval_batches = 10
-  cfg.train.checkpoint_every = 500
-  cfg.train.checkpoint_every_seconds = 0  # 0 disables the wall-clock interval
+def _optim_defaults() -> ml_collections.ConfigDict:
+  optim = ml_collections.ConfigDict()
+  optim.name = "adamw"  # adamw | lamb
+  optim.peak_learning_rate = 1e-3
+  optim.warmup_steps = 100
+  optim.decay = "linear"  # linear | cosine | constant
+  optim.end_learning_rate_factor = 0.0
+  optim.weight_decay = 0.01
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-6
+  optim.clip_norm = 1.0  # 0 disables global-norm clipping
+  return optim
+
+
+def _train_defaults() -> ml_collections.ConfigDict:
+  train = ml_collections.ConfigDict()
+  train.steps = 1000
+  train.batch_size = 32  # global, across all hosts and accumulation micro-steps
+  train.grad_accum_steps = 1
+  train.seed = 0
+  train.log_every = 50
+  train.eval_every = 500
+  train.eval_batches = 10
+  train.checkpoint_every = 500
+  train.checkpoint_every_seconds = 0  # 0 disables the wall-clock interval
   # > 0: a profiler trace of that many steps after step `profile_start_step`, in WORKDIR/profile.
-  cfg.train.profile_steps = 0
-  cfg.train.profile_start_step = 10
-  cfg.train.keep_checkpoints = 3
-  cfg.train.keep_every = 0  # > 0: also keep every step divisible by this forever (0 = off)
+  train.profile_steps = 0
+  train.profile_start_step = 10
+  train.keep_checkpoints = 3
+  train.keep_every = 0  # > 0: also keep every step divisible by this forever (0 = off)
   # Async saves overlap the write with training, so a kill during one loses up to
   # 2 * checkpoint_every steps; False commits each save first (at most checkpoint_every).
-  cfg.train.async_checkpointing = True
-  cfg.train.skip_nonfinite = True  # skip updates whose gradients are not finite
-  cfg.train.max_consecutive_nonfinite = 10
-  cfg.train.progress_bar = True
-  cfg.train.wandb_project = ""  # '' disables Weights & Biases
-  return cfg
+  train.async_checkpointing = True
+  train.skip_nonfinite = True  # skip updates whose gradients are not finite
+  train.max_consecutive_nonfinite = 10
+  train.progress_bar = True
+  train.wandb_project = ""  # '' disables Weights & Biases
+  return train
 
 
 def finetune_defaults() -> ml_collections.ConfigDict:
@@ -126,42 +137,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   cfg.model.hidden_dropout = 0.1
   cfg.model.attention_dropout = 0.1
 
-  cfg.data = ml_collections.ConfigDict()
-  cfg.data.train_file = ""  # TSV/CSV/JSONL (classification), CoNLL (ner), SQuAD JSON (qa)
-  cfg.data.dev_file = ""
-  cfg.data.test_file = ""
-  cfg.data.tfds_name = ""  # classification from tfds instead of files, e.g. 'glue/sst2'
-  cfg.data.tfds_data_dir = ""
-  cfg.data.train_split = "train"
-  cfg.data.dev_split = "validation"
-  cfg.data.test_split = "test"
-  cfg.data.format = ""  # '' = from the file extension (tsv, csv, jsonl)
-  cfg.data.has_header = True
-  cfg.data.text_fields = "sentence"  # comma-separated: one field, or two for sentence pairs
-  cfg.data.label_field = "label"
-  cfg.data.tag_column = -1  # ner: the CoNLL column holding the tag
-  cfg.data.tag_scheme = "iob2"  # ner: iob2 | iob1 | bioes (normalised to IOB2)
-  cfg.data.all_subwords = False  # ner: label every sub-word, not only the first
-  cfg.data.stride = -1  # ner: tokens shared by windows of a long sentence (-1 = a quarter)
-  cfg.data.doc_stride = 128  # qa
-  cfg.data.max_query_length = 64  # qa
-  cfg.data.max_answer_length = 30  # qa
-  cfg.data.n_best_size = 20  # qa
-  cfg.data.version_2 = False  # qa: SQuAD v2.0 (unanswerable questions)
-  cfg.data.null_score_diff_threshold = 0.0  # qa v2.0
-  cfg.data.max_seq_length = 128
-  # Comma-separated lengths, e.g. '32,64': each training batch is cut to the shortest of them
-  # (or max_seq_length; lengths not below it are ignored) that holds its longest row, so short
-  # texts do not pay for padding; one compiled train step per length used. '' = always
-  # max_seq_length.
-  cfg.data.length_buckets = ""
-  cfg.data.tokenizer = ""  # '' = the init_from checkpoint's tokenizer
-  cfg.data.lowercase = True  # for a bare vocab.txt
-  cfg.data.max_train_examples = 0  # 0 = all; else the first N (quick runs)
-  cfg.data.max_eval_examples = 0
-  cfg.data.on_error = "raise"  # raise | skip (counted and logged)
-  cfg.data.seed = 0
-
+  cfg.data = _finetune_data_defaults()
   cfg.optim.peak_learning_rate = 3e-5
   cfg.optim.warmup_steps = 0
   cfg.optim.warmup_ratio = 0.1  # > 0 overrides warmup_steps: this share of train.steps
@@ -178,6 +154,45 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   cfg.train.best_mode = "max"  # max | min
   cfg.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
   return cfg
+
+
+def _finetune_data_defaults() -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict()
+  data.train_file = ""  # TSV/CSV/JSONL (classification), CoNLL (ner), SQuAD JSON (qa)
+  data.dev_file = ""
+  data.test_file = ""
+  data.tfds_name = ""  # classification from tfds instead of files, e.g. 'glue/sst2'
+  data.tfds_data_dir = ""
+  data.train_split = "train"
+  data.dev_split = "validation"
+  data.test_split = "test"
+  data.format = ""  # '' = from the file extension (tsv, csv, jsonl)
+  data.has_header = True
+  data.text_fields = "sentence"  # comma-separated: one field, or two for sentence pairs
+  data.label_field = "label"
+  data.tag_column = -1  # ner: the CoNLL column holding the tag
+  data.tag_scheme = "iob2"  # ner: iob2 | iob1 | bioes (normalised to IOB2)
+  data.all_subwords = False  # ner: label every sub-word, not only the first
+  data.stride = -1  # ner: tokens shared by windows of a long sentence (-1 = a quarter)
+  data.doc_stride = 128  # qa
+  data.max_query_length = 64  # qa
+  data.max_answer_length = 30  # qa
+  data.n_best_size = 20  # qa
+  data.version_2 = False  # qa: SQuAD v2.0 (unanswerable questions)
+  data.null_score_diff_threshold = 0.0  # qa v2.0
+  data.max_seq_length = 128
+  # Comma-separated lengths, e.g. '32,64': each training batch is cut to the shortest of them
+  # (or max_seq_length; lengths not below it are ignored) that holds its longest row, so short
+  # texts do not pay for padding; one compiled train step per length used. '' = always
+  # max_seq_length.
+  data.length_buckets = ""
+  data.tokenizer = ""  # '' = the init_from checkpoint's tokenizer
+  data.lowercase = True  # for a bare vocab.txt
+  data.max_train_examples = 0  # 0 = all; else the first N (quick runs)
+  data.max_eval_examples = 0
+  data.on_error = "raise"  # raise | skip (counted and logged)
+  data.seed = 0
+  return data
 
 
 def fail(field: str, value, why: str) -> None:

@@ -9,8 +9,7 @@ the gradients (d_x, the table rows, the bias). Every [n, chunk] intermediate sta
 the unchunked head makes several passes over [n, 30522] float32 arrays (78 MB at n = 640), and
 on a CPU those passes, not the matmuls, dominate it. The cost is the logits matmul twice (once
 per pass). The logits and their gradient are never whole, though at pretraining's 20
-predictions per sequence the step's peak memory lies elsewhere (XLA's temporaries for bert-small
-MLM: 1,615 MiB unchunked, 1,664 MiB chunked).
+predictions per sequence the step's peak memory lies elsewhere.
 
 "Correct" is `label logit >= max logit`, which differs from `argmax == label` only on an exact
 tie (argmax picks the first index).

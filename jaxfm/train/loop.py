@@ -135,10 +135,9 @@ def compile_train_step(steps: Steps, batch: dict[str, Any],
   """AOT-compiles `steps.train_step` for the abstract state and `batch`'s shapes and shardings
   (arrays or `steps.abstract_batch(...)`): (executable, seconds).
 
-  The heap the compiler freed is handed back to the OS (`jaxfm.cpu.process`); `train` compiles the
-  first batch's step before any state exists, so the compiler's peak is not added to the
-  state's (bert-mini fine-tuning step with remat=full, `python -m benchmarks.step`: peak RSS
-  866 -> 820 MiB).
+  The heap the compiler freed is handed back to the OS (`jaxfm.cpu.process`); `train` compiles
+  the first batch's step before any state exists, so the compiler's peak is not added to the
+  state's.
   """
   start = time.perf_counter()
   with sharding.activation_sharding(mesh):
@@ -190,8 +189,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     train_iter: this host's batches (per-host batch size), with loader state.
     eval_batches: returns a fresh pass over this host's eval batches.
     meta: JSON-able run metadata stored with every checkpoint (config, counters...).
-    initial_params: weights to start from instead of a random init (fine-tuning);
-      ignored when the workdir already holds a checkpoint.
+    initial_params: weights to start from instead of a random init (unused on a resume).
     best: keeps the best evaluation's params and stops early (fine-tuning).
   """
   t = cfg.train
@@ -217,9 +215,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
                             t.profile_steps)
   ended_by = None  # the action that ended the run before `t.steps`, if one did
   with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
-      profile.closing(), tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
-                                   disable=not (t.progress_bar and jax.process_index() == 0)
-                                   ) as bar:
+      profile.closing(), _progress_bar(t, start) as bar:
     log_line(start, {"compile_s": executables.compile_s}, "compile")
     if start == 0 and t.eval_batches:
       evaluation.run(0, state.params)
@@ -227,7 +223,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     progress = actions.ReportProgress(task.summarize, task.flops_per_token, steps.schedule,
                                       lambda: executables.compile_s, writer, bar, t.log_every,
                                       t.steps)
-    after_step = [*([profile] if t.profile_steps else []), progress,
+    after_step = [profile, progress,
                   *_after_report(cfg, manager, train_iter, meta, evaluation, best, stop)]
     for step in range(start, t.steps):
       if batch is None:
@@ -245,6 +241,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   return TrainResult(step=int(jax.device_get(state.step)), train=progress.metrics,
                      eval=evaluation.metrics, preempted=isinstance(ended_by, actions.Preemption),
                      stopped_early=isinstance(ended_by, actions.KeepBest))
+
+
+def _progress_bar(t: ml_collections.ConfigDict, start: int) -> tqdm.tqdm:
+  """Steps done of `t.steps`, on process 0 when `t.progress_bar` asks for it."""
+  return tqdm.tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True,
+                   disable=not (t.progress_bar and jax.process_index() == 0))
 
 
 def _complete(total_steps: int, best: BestCheckpoint | None, step: int) -> bool:
