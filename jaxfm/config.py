@@ -109,9 +109,9 @@ def _train_defaults() -> ml_collections.ConfigDict:
   train.eval_batches = 10
   train.checkpoint_every = 500
   train.checkpoint_every_seconds = 0  # 0 disables the wall-clock interval
-  # > 0: a profiler trace of that many steps after step `profile_start_step`, in WORKDIR/profile.
-  train.profile_steps = 0
-  train.profile_start_step = 10
+  # 'START,STOP', e.g. '10,15': a jax.profiler trace of the steps after START up to STOP, beside
+  # the TensorBoard events (WORKDIR/tensorboard/plugins/profile); '' = none.
+  train.profile_steps = ""
   train.keep_checkpoints = 3
   train.keep_every = 0  # > 0: also keep every step divisible by this forever (0 = off)
   # Async saves overlap the write with training, so a kill during one loses up to
@@ -277,10 +277,9 @@ def validate_train(cfg: ml_collections.ConfigDict) -> None:
             "train.max_consecutive_nonfinite")
   if t.eval_batches < 0:
     fail("train.eval_batches", t.eval_batches, "must be >= 0")
-  for field in ("train.checkpoint_every_seconds", "train.profile_steps",
-                "train.profile_start_step"):
-    if _get(cfg, field) < 0:
-      fail(field, _get(cfg, field), "must be >= 0")
+  if t.checkpoint_every_seconds < 0:
+    fail("train.checkpoint_every_seconds", t.checkpoint_every_seconds, "must be >= 0")
+  profile_window(t)
   if t.keep_every < 0 or t.keep_every % t.checkpoint_every:
     fail("train.keep_every", t.keep_every,
           f"must be 0 or a multiple of train.checkpoint_every={t.checkpoint_every}")
@@ -351,6 +350,22 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("train.early_stopping_patience needs a dev set (data.dev_file)")
 
 
+def profile_window(train: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """`train.profile_steps` as (START, STOP): trace the steps after START up to STOP; None when
+  '' (or in a config saved before the field existed).
+
+  Raises:
+    ConfigError: naming the field, unless it is '' or 'START,STOP' with 0 <= START < STOP.
+  """
+  text = train.get("profile_steps", "")
+  if not text.strip():
+    return None
+  parts = [p.strip() for p in text.split(",")]
+  if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+    fail("train.profile_steps", text, "must be '' or 'START,STOP' with 0 <= START < STOP")
+  return int(parts[0]), int(parts[1])
+
+
 def length_buckets(data: ml_collections.ConfigDict) -> tuple[int, ...]:
   """`data.length_buckets` as ascending lengths ending with `data.max_seq_length`; entries
   not below it are dropped (a config's buckets still apply with a shorter max_seq_length),
@@ -380,7 +395,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
-    "train.profile_steps", "train.profile_start_step",
+    "train.profile_steps",
     "train.keep_every", "train.async_checkpointing", "train.progress_bar", "train.wandb_project",
     "data.worker_count", "model.cpu_paths",
 )

@@ -55,10 +55,6 @@ def compile_cache_dir(workdir: str) -> epath.Path:
   return absolute(workdir) / "compile_cache"
 
 
-def profile_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / "profile"
-
-
 def tensorboard_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "tensorboard"
 

@@ -134,10 +134,10 @@ def test_nonfinite_update_is_skipped_and_counted(tmp_path):
 
 def test_profile_traces_the_chosen_steps_and_closes_a_trace_the_run_ends_inside(tmp_path):
   cfg = th.tiny_config(steps=4, eval_every=4)
-  cfg.train.profile_start_step, cfg.train.profile_steps = 1, 2
+  cfg.train.profile_steps = "1,3"
   th.run(cfg, tmp_path / "window")
-  cfg.train.profile_start_step, cfg.train.profile_steps = 3, 5  # past the run's last step
+  cfg.train.profile_steps = "3,8"  # past the run's last step
   th.run(cfg, tmp_path / "to_the_end")
   for run in ("window", "to_the_end"):
-    traces = list((tmp_path / run / "profile").rglob("*.xplane.pb"))
+    traces = list((tmp_path / run / "tensorboard" / "plugins" / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0, run

@@ -234,16 +234,18 @@ class KeepBest:
 
 
 class Profile:
-  """A profiler trace of the steps after `start` up to `start + count` (or the run's end; none
-  when `count` is 0) into `directory`, for TensorBoard's profile plugin or Perfetto; every host
-  traces its own devices. `closing()` closes a trace the run ends inside of."""
+  """A profiler trace of the steps after START up to STOP of `window` (or the run's end; none
+  when `window` is None) into `directory`: TensorBoard's logdir, whose profile plugin (or
+  Perfetto) shows it. Every host traces its own devices. `closing()` closes a trace the run
+  ends inside of."""
 
-  def __init__(self, directory: str, start: int, count: int):
-    self._directory, self._start, self._stop = directory, start, start + count
+  def __init__(self, directory: str, window: tuple[int, int] | None):
+    self._directory = directory
+    self._start, self._stop = window or (-1, -1)
     self._tracing = False
 
   def __call__(self, info: StepInfo) -> bool:
-    if info.step == self._start and self._stop > self._start:
+    if info.step == self._start:
       jax.profiler.start_trace(self._directory)
       self._tracing = True
     elif info.step == self._stop and self._tracing:

@@ -211,8 +211,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
       lambda params: evaluate(task, steps, params, eval_batches(), mesh), writer, t.eval_every,
       t.steps)
   stop = actions.StopSignal()
-  profile = actions.Profile(str(workdir_lib.profile_dir(workdir)), t.profile_start_step,
-                            t.profile_steps)
+  profile = actions.Profile(str(workdir_lib.tensorboard_dir(workdir)),
+                            config_lib.profile_window(t))
   ended_by = None  # the action that ended the run before `t.steps`, if one did
   with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
       profile.closing(), _progress_bar(t, start) as bar:

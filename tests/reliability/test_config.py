@@ -82,8 +82,8 @@ RULES = [
                "train.max_consecutive_nonfinite"),
     Rule(T, "train.eval_batches", -1, "train.eval_batches=-1 must be >= 0"),
     Rule(T, "train.checkpoint_every_seconds", -1, "train.checkpoint_every_seconds=-1 must be >= 0"),
-    Rule(T, "train.profile_steps", -1, "train.profile_steps=-1 must be >= 0"),
-    Rule(T, "train.profile_start_step", -1, "train.profile_start_step=-1 must be >= 0"),
+    Rule(T, "train.profile_steps", "15,10", "train.profile_steps='15,10' must be '' or "
+         "'START,STOP' with 0 <= START < STOP"),
     Rule(T, "train.keep_every", 700, "train.keep_every=700 must be 0 or a multiple of "
          "train.checkpoint_every=500"),
     Rule(T, "train.grad_accum_steps", 5, "train.grad_accum_steps=5 does not divide "
