@@ -44,6 +44,8 @@ def _to_hf(source: str, out: str) -> str:
 
 def _run() -> str:
   source = FLAGS["from"].value
+  workdir.require_gcs_support({"--from": source or "", "--from_hf": FLAGS.from_hf or "",
+                                "--out": FLAGS.out or ""})
   if not FLAGS.out:
     raise ValueError("--out is required")
   if FLAGS.to_hf == bool(FLAGS.from_hf):

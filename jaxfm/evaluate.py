@@ -27,6 +27,7 @@ def main(argv):
   del argv
   runtime.initialize_runtime()
   with runtime.exit_on(run.USER_ERRORS):
+    runtime.check_paths(workdir=_WORKDIR.value, input=_INPUT.value)
     metrics = run.evaluate(_WORKDIR.value, _SPLIT.value, _INPUT.value)
   if jax.process_index() == 0:
     print(json.dumps(metrics))

@@ -24,6 +24,7 @@ def main(argv):
   del argv
   with runtime.exit_on(run.USER_ERRORS):
     runtime.initialize_runtime()
+    runtime.check_paths(_FLAGS.config.value, workdir=_FLAGS.workdir.value)
     runtime.use_compilation_cache(_FLAGS.workdir.value)
     result, best_step = run.finetune(_FLAGS.config.value, _FLAGS.workdir.value,
                                      _FLAGS.allow_config_change.value)

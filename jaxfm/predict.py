@@ -27,6 +27,7 @@ def main(argv):
   del argv
   runtime.initialize_runtime()
   with runtime.exit_on(run.USER_ERRORS):
+    runtime.check_paths(workdir=_WORKDIR.value, input=_INPUT.value, output=_OUTPUT.value)
     rows = run.predict(_WORKDIR.value, _INPUT.value)
   if jax.process_index() == 0:
     run.write_jsonl(rows, _OUTPUT.value)

@@ -19,6 +19,7 @@ def main(argv):
   cfg, workdir = _FLAGS.config.value, _FLAGS.workdir.value
   runtime.initialize_runtime(cfg.model.hidden_size)
   with runtime.exit_on(USER_ERRORS):
+    runtime.check_paths(cfg, workdir=workdir)
     runtime.use_compilation_cache(workdir)
     result = pretrain(cfg, workdir, _FLAGS.allow_config_change.value)
   report(workdir, result)

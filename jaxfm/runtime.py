@@ -8,7 +8,7 @@ import dataclasses
 import logging as logging_std
 import os
 import sys
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -116,6 +116,36 @@ def use_compilation_cache(workdir: str) -> None:
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir",
                       str(workdir_lib.compile_cache_dir(workdir)))
+
+
+def _string_fields(tree: Any, prefix: str = "") -> dict[str, str]:
+  """Every string leaf of a nested dict/list, by dotted name."""
+  if isinstance(tree, str):
+    return {prefix: tree}
+  if isinstance(tree, dict):
+    items = tree.items()
+  elif isinstance(tree, (list, tuple)):
+    items = enumerate(tree)
+  else:
+    return {}
+  out = {}
+  for key, value in items:
+    out.update(_string_fields(value, f"{prefix}.{key}" if prefix else str(key)))
+  return out
+
+
+def check_paths(cfg: ml_collections.ConfigDict | None = None, **flag_values: str) -> None:
+  """Checks once at start-up that every gs:// path the run names can be opened: the entry
+  point's path flags (`workdir=...` for --workdir) and every string field of `cfg` (data files,
+  `init_from`, the tokenizer, ...), so a missing gcsfs is one `error:` line, not a traceback.
+
+  Raises:
+    WorkdirError: as `workdir.require_gcs_support`.
+  """
+  named = {f"--{name}": value for name, value in flag_values.items() if value}
+  if cfg is not None:
+    named.update(_string_fields(cfg.to_dict()))
+  workdir_lib.require_gcs_support(named)
 
 
 def _mesh_fields(cfg: ml_collections.ConfigDict) -> str:

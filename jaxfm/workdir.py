@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import os
 import uuid
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -65,6 +66,20 @@ def metrics_file(workdir: str) -> epath.Path:
 
 def tokenizer_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / TOKENIZER_DIR
+
+
+def require_gcs_support(paths: Mapping[str, str]) -> None:
+  """Fails at start-up, naming the fix, when a gs:// path of `paths` (what names it -> the path)
+  cannot be opened: without TensorFlow, etils epath reaches gs:// through fsspec, which imports
+  gcsfs only on the first file access (an ImportError traceback, possibly mid-run).
+
+  Raises:
+    WorkdirError: some path is on gs:// and neither gcsfs nor TensorFlow is installed.
+  """
+  on_gcs = [f"{name}={path}" for name, path in paths.items() if "gs://" in str(path)]
+  if on_gcs and not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
+    raise WorkdirError(f"{', '.join(on_gcs)}: gs:// paths need gcsfs, which is not installed: "
+                       f"pip install 'jaxfm[gcs]'")
 
 
 def probe_write(directory: epath.Path) -> None:

@@ -22,7 +22,7 @@ REMOTE_DIR=${REMOTE_DIR:-jaxfm}                      # project dir on the worker
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}               # jaxfm needs >=3.11; TPU VM images ship 3.10
 VENV=${VENV:-venv-jaxfm}                             # venv on the workers, relative to $HOME
 JAX_VERSION=${JAX_VERSION:-}                         # e.g. 0.10.2: pip install 'jax[tpu]==X' after jaxfm
-EXTRA_PIP=${EXTRA_PIP:-gcsfs}                        # gs:// via etils epath needs gcsfs without TF
+EXTRA_PIP=${EXTRA_PIP:-}                             # more packages; gcsfs (gs://) comes with .[tpu]
 RUN_NAME=${RUN_NAME:-run}                            # log file stem: logs/$RUN_NAME-worker-N.log
 MAX_ATTEMPTS=${MAX_ATTEMPTS:-20}
 SLEEP_S=${SLEEP_S:-60}

@@ -1,0 +1,79 @@
+"""Object-store paths: a gs:// path without gcsfs is one `error:` line at start-up (no network)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tomllib
+
+import ml_collections
+import pytest
+
+from jaxfm import config as config_lib
+from jaxfm import runtime
+from jaxfm import workdir as workdir_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = "pip install 'jaxfm[gcs]'"
+# Runs an entry point in a process where neither gcsfs nor TensorFlow can be imported.
+_WITHOUT_GCSFS = ("import sys; sys.modules['gcsfs'] = sys.modules['tensorflow'] = None; "
+                  "import runpy; sys.argv[0] = sys.argv[1]; del sys.argv[1]; "
+                  "runpy.run_module(sys.argv[0], run_name='__main__')")
+
+
+def test_tpu_extra_brings_gcsfs_and_the_base_install_does_not():
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  extras = project["optional-dependencies"]
+  assert "jaxfm[gcs]" in extras["tpu"] and any(d.startswith("gcsfs") for d in extras["gcs"])
+  assert not any(d.startswith("gcsfs") for d in project["dependencies"])
+
+
+@pytest.fixture
+def no_gcsfs(monkeypatch):
+  monkeypatch.setitem(sys.modules, "gcsfs", None)
+  monkeypatch.setitem(sys.modules, "tensorflow", None)
+
+
+def test_gs_path_without_gcsfs_names_the_fix(no_gcsfs):
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    workdir_lib.require_gcs_support({"--workdir": "gs://bucket/run", "--input": "local.jsonl"})
+  assert str(e.value) == ("--workdir=gs://bucket/run: gs:// paths need gcsfs, which is not "
+                          f"installed: {FIX}")
+
+
+def test_local_paths_or_gcsfs_installed_pass(no_gcsfs, monkeypatch):
+  workdir_lib.require_gcs_support({"--workdir": "runs/x", "data.tokenizer": "/abs/vocab.txt"})
+  present = lambda name, *a: object() if name == "gcsfs" else None
+  monkeypatch.setattr(importlib.util, "find_spec", present)
+  workdir_lib.require_gcs_support({"--workdir": "gs://bucket/run"})
+
+
+def test_every_gs_field_of_the_config_is_named(no_gcsfs):
+  cfg = config_lib.pretrain_defaults()
+  cfg.init_from = "hf:gs://bucket/bert"
+  cfg.data.train_files = "gs://bucket/corpus/*.txt.gz"
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    runtime.check_paths(cfg, workdir="runs/local")
+  named = str(e.value).split(": gs://")[0].split(", ")
+  assert sorted(named) == ["data.train_files=gs://bucket/corpus/*.txt.gz",
+                           "init_from=hf:gs://bucket/bert"]
+  runtime.check_paths(ml_collections.ConfigDict({"a": ["x", {"b": "y"}]}), workdir="runs/local")
+
+
+@pytest.mark.parametrize("argv", [
+    ["jaxfm.pretrain", "--config=configs/pretrain/bert_tiny_cpu.py", "--workdir=gs://b/run"],
+    ["jaxfm.evaluate", "--workdir=gs://b/sst2"],
+    ["jaxfm.convert", "--to_hf", "--out=hf-out", "--from=gs://b/run"],
+], ids=["pretrain", "evaluate", "convert"])
+def test_cli_without_gcsfs_is_one_error_line(argv):
+  env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _WITHOUT_GCSFS, *argv], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  want = f"error: {argv[-1]}: gs:// paths need gcsfs, which is not installed: {FIX}"
+  assert errors == [want], proc.stderr[-3000:]
