@@ -16,6 +16,9 @@ from jaxfm.models.config import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, Ber
 from jaxfm.trees import flatten
 
 
+PLATFORMS = ("auto", "tpu", "gpu", "cpu")  # runtime.platform
+
+
 class ConfigError(ValueError):
   """A configuration value is out of range or inconsistent with another field."""
 
@@ -51,6 +54,9 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
   cfg.model = model_config("tiny")
   cfg.init_from = ""  # '' | a jaxfm workdir/checkpoint dir | 'hf:/path/to/folder'
   cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # The backend the run must come up on: 'auto' takes whatever JAX finds; 'tpu' | 'gpu' | 'cpu'
+  # stop at start-up with JAX's reason when it is not there (JAX falls back to CPU quietly).
+  cfg.runtime = ml_collections.ConfigDict(dict(platform="auto"))
   cfg.data = _pretrain_data_defaults()
   cfg.optim = _optim_defaults()
   cfg.train = _train_defaults()
@@ -245,7 +251,9 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
 
 
 def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
-  """The mesh sizes alone; `jaxfm.runtime.preflight` checks them against the devices."""
+  """The mesh sizes and the expected platform alone; `jaxfm.runtime.preflight` checks them
+  against the devices."""
+  one_of(cfg, "runtime.platform", PLATFORMS)
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
   for name, size in zip(("data", "fsdp", "tensor"), sizes):
     if size == 0 or size < -1:
@@ -397,7 +405,7 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
     "train.profile_steps",
     "train.keep_every", "train.async_checkpointing", "train.progress_bar", "train.wandb_project",
-    "data.worker_count", "model.cpu_paths",
+    "data.worker_count", "model.cpu_paths", "runtime.platform",
 )
 
 

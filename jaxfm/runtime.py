@@ -1,5 +1,6 @@
 """Process start-up of every entry point: absl, XLA flags, logging, the multi-controller
-runtime, the compilation cache, and the preflight check of the mesh against the devices."""
+runtime, the check of gs:// paths, the compilation cache, and the preflight check of the
+platform, mesh and batch against the devices."""
 
 from __future__ import annotations
 
@@ -181,15 +182,38 @@ def per_host_batch_size(cfg: ml_collections.ConfigDict) -> int:
         f"train.batch_size={cfg.train.batch_size} {e} of {_mesh_fields(cfg)}") from e
 
 
+def check_platform(cfg: ml_collections.ConfigDict) -> None:
+  """Fails when the run came up on another backend than `runtime.platform` asks for: JAX
+  registers TPU and GPU backends that fail to start (busy, missing libtpu) quietly and runs on
+  CPU. 'auto' (and a saved config without the field) accepts any backend.
+
+  Raises:
+    ConfigError: naming the field, with JAX's own reason when the backend is not there.
+  """
+  want = cfg.get("runtime", {}).get("platform", "auto")
+  if want == "auto":
+    return
+  got = jax.default_backend()
+  try:
+    jax.devices(want)
+    reason = f"JAX's default backend is {got}"
+  except RuntimeError as e:
+    reason = " ".join(str(e).split())
+  if got != want:
+    raise config_lib.ConfigError(f"runtime.platform={want!r} but this run came up on {got}: "
+                                 f"{reason}")
+
+
 def preflight(cfg: ml_collections.ConfigDict) -> None:
-  """Checks the (validated) `cfg.mesh` and batch against the devices of the run; process 0
-  prints one `topology:` line (processes, local and global devices, the resolved mesh).
+  """Checks the (validated) platform, `cfg.mesh` and batch against the devices of the run;
+  process 0 prints one `topology:` line (processes, local and global devices, the mesh).
 
   Call after `initialize_runtime` and `config.validate_mesh`.
 
   Raises:
-    ConfigError: as `per_host_batch_size`.
+    ConfigError: as `check_platform` and `per_host_batch_size`.
   """
+  check_platform(cfg)
   per_host_batch_size(cfg)
   if jax.process_index() == 0:
     print(f"topology: {sharding.describe(run_mesh(cfg))}", flush=True)

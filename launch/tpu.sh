@@ -144,9 +144,23 @@ cd ~/$REMOTE_DIR && uv pip install --python ~/$VENV -e '.[tpu]' $EXTRA_PIP$pin; 
 ~/$VENV/bin/python -c 'import jax, jaxfm; print(\"jax\", jax.__version__)'"
 }
 
+# Prints --config.runtime.platform=tpu when CMD runs a jaxfm trainer that does not set the field:
+# on a TPU VM it must come up on the TPU (JAX falls back to CPU quietly when the TPU is busy).
+platform_flag() {
+  local a trainer=0
+  for a in "$@"; do
+    case $a in
+      --config.runtime.platform=*) return 0 ;;
+      jaxfm.pretrain|jaxfm.finetune|jaxfm-pretrain) trainer=1 ;;
+    esac
+  done
+  if ((trainer)); then printf '%s' --config.runtime.platform=tpu; fi
+}
+
 run_cmd() {   # run_cmd CMD...: same command on every worker, exit status of the command
-  local cmd="" a
-  for a in "$@"; do cmd+="$(quote "$a") "; done
+  local cmd="" a flag
+  flag=$(platform_flag "$@")
+  for a in "$@" ${flag:+"$flag"}; do cmd+="$(quote "$a") "; done
   # JAXFM_DISTRIBUTED=1: jaxfm calls jax.distributed.initialize() (TPU auto-detection) on every worker.
   ssh_all "set -o pipefail; source ~/$VENV/bin/activate; export JAXFM_DISTRIBUTED=1; cd ~/$REMOTE_DIR && mkdir -p logs; \
 W=\$(curl -sf -m 5 -H Metadata-Flavor:Google $WORKER_ID_URL || hostname); \

@@ -83,8 +83,20 @@ def test_run_same_command_on_all_workers_with_log():
   assert len(lines) == 1
   line = lines[0]
   assert "tpu-vm ssh" in line and "--worker=all" in line
-  assert "python -m jaxfm.pretrain --config=configs/pretrain/bert_base.py --workdir=gs://bucket/run1" in line
+  assert ("python -m jaxfm.pretrain --config=configs/pretrain/bert_base.py "
+          "--workdir=gs://bucket/run1 --config.runtime.platform=tpu") in line
   assert "tee -a logs/" in line
+
+
+@pytest.mark.parametrize("command, flags", [
+    (["python", "-m", "jaxfm.finetune", "--workdir=gs://b/r"], 1),
+    (["python", "-m", "jaxfm.pretrain", "--config.runtime.platform=auto"], 0),
+    (["pkill", "-TERM", "-f", "^python -m jaxfm"], 0),
+])
+def test_run_asks_trainers_for_the_tpu(command, flags):
+  proc, lines = _dry("run", "--", *command)
+  assert proc.returncode == 0, proc.stderr
+  assert lines[0].count("--config.runtime.platform=tpu") == flags
 
 
 def test_logs_and_delete():

@@ -29,7 +29,7 @@ def _run(*args, check=True):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   path = tmp_path_factory.mktemp("pretrain")
-  proc = _run("jaxfm.pretrain", *SMALL, f"--workdir={path}")
+  proc = _run("jaxfm.pretrain", *SMALL, "--config.runtime.platform=cpu", f"--workdir={path}")
   assert "held-out MLM: step 0:" in proc.stdout and "step 6:" in proc.stdout
   return path
 
@@ -54,6 +54,16 @@ def test_changed_config_is_refused_with_a_diff(workdir):
               f"--workdir={workdir}", check=False)
   assert proc.returncode == 1
   assert "optim.peak_learning_rate: 0.002 -> 0.5" in proc.stderr
+
+
+def test_a_run_on_another_platform_than_asked_fails_at_once(tmp_path):
+  proc = _run("jaxfm.pretrain", *SMALL, "--config.runtime.platform=tpu",
+              f"--workdir={tmp_path / 'run'}", check=False)
+  assert proc.returncode == 1
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(
+      "error: runtime.platform='tpu' but this run came up on cpu: "), proc.stderr[-3000:]
+  assert "backend" in errors[0].lower() and not (tmp_path / "run").exists()
 
 
 def test_override_typo_and_bad_value_fail_before_device_work(tmp_path):

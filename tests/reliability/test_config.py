@@ -68,6 +68,8 @@ RULES = [
     Rule(MESH, "mesh.tensor", 0, "mesh.tensor=0 must be a positive size or -1"),
     Rule(MESH, "mesh.fsdp", -1, "at most one of mesh.data/fsdp/tensor may be -1"),
     Rule(MESH, "mesh.tensor", 3, "mesh.tensor=3 does not divide model.num_heads=2"),
+    Rule(MESH, "runtime.platform", "metal",
+         "runtime.platform='metal' must be one of auto, tpu, gpu, cpu"),
     Rule(O, "optim.name", "sgd", "optim.name='sgd' must be one of adamw, lamb"),
     Rule(O, "optim.decay", "step", "optim.decay='step' must be one of linear, cosine, constant"),
     *_positive(O, "optim.peak_learning_rate", "optim.eps", value=0.0),
