@@ -66,6 +66,10 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
 def _pretrain_data_defaults() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.train_files = ""  # '' = the embedded default corpus; else comma-separated globs
+  # '' = read, tokenise and pack the corpus at start-up; else a folder written by
+  # `python -m jaxfm.prepare` from this config, read by index (the corpus fields are then
+  # unused; the packing and tokenizer fields must match its manifest).
+  data.prepared = ""
   data.format = "text"  # text | jsonl | tfds
   data.text_field = "text"  # JSONL field holding the document text
   data.documents = "blank_line"  # blank_line | line: how documents are separated in text
@@ -406,6 +410,7 @@ RESUMABLE_CHANGES = (
     "train.profile_steps",
     "train.keep_every", "train.async_checkpointing", "train.progress_bar", "train.wandb_project",
     "data.worker_count", "model.cpu_paths", "runtime.platform",
+    "data.prepared",  # the same examples either way; the loader's fingerprint refuses others
 )
 
 

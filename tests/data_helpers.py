@@ -19,3 +19,12 @@ def unmasked(batch: dict[str, np.ndarray]) -> np.ndarray:
                                           batch["masked_weights"]):
     row[positions[weights > 0]] = ids[weights > 0]
   return tokens
+
+
+def write_corpus_files(folder, seed: int, docs_per_file: int, files: int = 4) -> str:
+  """`files` text files of random-word documents in `folder` (a pathlib.Path); their glob."""
+  rng = np.random.default_rng(seed)
+  for k in range(files):
+    docs = random_documents(rng, docs_per_file, vocabulary=300, max_lines=6, max_words=20)
+    (folder / f"part-{k}.txt").write_text("\n\n".join(docs) + "\n")
+  return str(folder / "*.txt")

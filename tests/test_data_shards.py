@@ -6,7 +6,7 @@ import pytest
 from jaxfm.config import pretrain_defaults
 from jaxfm.data import loader, mlm_data
 from jaxfm.data.corpus import CorpusError
-from tests.data_helpers import random_documents, unmasked
+from tests.data_helpers import unmasked, write_corpus_files
 
 T, P = 32, 5
 
@@ -14,12 +14,7 @@ T, P = 32, 5
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   """Four files of random-word documents: the glob."""
-  rng = np.random.default_rng(1)
-  folder = tmp_path_factory.mktemp("sharded")
-  for k in range(4):
-    docs = random_documents(rng, 40, vocabulary=300, max_lines=6, max_words=20)
-    (folder / f"part-{k}.txt").write_text("\n\n".join(docs) + "\n")
-  return str(folder / "*.txt")
+  return write_corpus_files(tmp_path_factory.mktemp("sharded"), seed=1, docs_per_file=40)
 
 
 def _cfg(train_files: str, num_shards: int, tokenizer: str = ""):

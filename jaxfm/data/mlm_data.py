@@ -1,4 +1,6 @@
-"""MLM pretraining input: `build_pretraining_data`, the one entry point the trainer calls.
+"""MLM pretraining input: `build_pretraining_data` reads, tokenises and packs the corpus in
+memory (the online path); `jaxfm.data.prepared` reads the same examples, packed once by
+`jaxfm.prepare`, from disk. Both give an `MlmData`, whose iterators are below.
 
 The corpus is split into `data.num_shards` shards (whole files when there are enough, else
 every S-th document; `corpus.read_shards`), laid over the global batch as `loader.HostLayout`
@@ -22,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from typing import Protocol
 
 import grain
 import jax
@@ -40,20 +43,36 @@ from jaxfm.data.tokenizer import (WordPieceTokenizer, has_tokenizer, load_tokeni
                                   train_tokenizer)
 
 
+class ExampleRows(Protocol):
+  """(shards [B], indices in the shard [B]) -> those packed examples; picklable, so grain's
+  workers can take it (a prepared corpus's rows open their files by path)."""
+
+  def __call__(self, shards: np.ndarray, indices: np.ndarray) -> ExampleStore: ...
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StoreRows:
+  """`ExampleRows` of the shards held in memory, back to back in one store."""
+  store: ExampleStore
+  starts: dict[int, int]  # shard -> its first row in `store`
+
+  def __call__(self, shards: np.ndarray, indices: np.ndarray) -> ExampleStore:
+    rows = np.array([self.starts[v] for v in shards.tolist()], np.int64) + indices  # [B]
+    return ExampleStore(self.store.tokens[rows], self.store.lengths[rows],
+                        self.store.b_starts[rows])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _MaskBatch:
   """(shards [B], epochs [B], indices in the shard [B]) -> masked batch."""
-  store: ExampleStore  # the shards read here, back to back
-  starts: dict[int, int]  # shard -> its first row in `store`
+  rows: ExampleRows
   masking: Masking
   seed: int
 
   def __call__(self, shards: np.ndarray, epochs: np.ndarray, indices: np.ndarray) -> Batch:
-    rows = np.array([self.starts[v] for v in shards.tolist()], np.int64) + indices
-    return mask_batch(self.store.tokens[rows], self.store.lengths[rows],
-                      self.store.b_starts[rows], self.masking, seed=self.seed, epochs=epochs,
-                      indices=example_ids(shards, indices))
-
+    examples = self.rows(shards, indices)
+    return mask_batch(examples.tokens, examples.lengths, examples.b_starts, self.masking,
+                      seed=self.seed, epochs=epochs, indices=example_ids(shards, indices))
 
 
 def _all_processes_max(table: np.ndarray) -> np.ndarray:
@@ -64,23 +83,28 @@ def _all_processes_max(table: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class PretrainingData:
-  """Tokenizer, packed train/eval stores of the shards read here, counters, and iterators.
+class MlmData:
+  """Tokenizer, masking, counters and the iterators over the examples of the shards read here;
+  `PretrainingData` holds them in memory, `prepared.PreparedData` reads them from disk.
 
-  `train`/`eval` hold the shards read here back to back (`train_starts`/`eval_starts`: each
-  shard's first row); `shard_table` int32 [S, 3] describes every shard of the corpus
-  (training examples, eval examples, crc32 of its training examples; -1 where no host read
-  it), the same on every host.
+  `shard_table` int32 [S, 3] describes every shard of the corpus (training examples, eval
+  examples, crc32 of its training tokens; -1 where no host read it), the same on every host.
   """
   tokenizer: WordPieceTokenizer
-  train: ExampleStore
-  eval: ExampleStore
-  train_starts: dict[int, int]
-  eval_starts: dict[int, int]
   shard_table: np.ndarray
+  max_seq_length: int  # T
   masking: Masking
   seed: int
   counters: dict[str, int]
+
+  @property
+  def shards_here(self) -> Collection[int]:
+    """The shards whose examples this process can read."""
+    raise NotImplementedError
+
+  def rows(self, split: str) -> ExampleRows:
+    """The examples of split 'train' or 'eval'."""
+    raise NotImplementedError
 
   @property
   def num_shards(self) -> int:
@@ -89,7 +113,7 @@ class PretrainingData:
   def _check(self, layout: HostLayout) -> None:
     if layout.num_shards != self.num_shards:
       raise ValueError(f"layout has {layout.num_shards} shards, the data {self.num_shards}")
-    if missing := [v for v in layout.shards if v not in self.train_starts]:
+    if missing := [v for v in layout.shards if v not in self.shards_here]:
       raise ValueError(f"host {layout.host} needs shards {missing}, which were not read here")
 
   def train_iterator(self, layout: HostLayout, *, seed: int | None = None,
@@ -97,9 +121,9 @@ class PretrainingData:
     """Endless training batches of the host `layout` describes."""
     self._check(layout)
     seed = self.seed if seed is None else seed
-    sizes = tuple(int(n) if v in self.train_starts else 0
+    sizes = tuple(int(n) if v in self.shards_here else 0
                   for v, n in enumerate(self.shard_table[:, 0]))
-    fetch = _MaskBatch(self.train, self.train_starts, self.masking, seed)
+    fetch = _MaskBatch(self.rows("train"), self.masking, seed)
     batches = grain.MapDataset.range(sys.maxsize).map(HostBatch(fetch, sizes, seed, layout))
     fingerprint = {
         "num_examples": int(self.shard_table[:, 0].sum()),
@@ -130,8 +154,8 @@ class PretrainingData:
     shares = self._eval_shares(layout)
     shards = np.concatenate([np.full(len(r), v, np.int64) for v, r in shares])  # [E]
     indices = np.concatenate([np.asarray(r, np.int64) for _, r in shares])  # [E]
-    mask = _MaskBatch(self.eval, self.eval_starts, self.masking, self.seed)
-    padding = padding_example(self.eval.max_seq_length, self.masking.max_predictions,
+    mask = _MaskBatch(self.rows("eval"), self.masking, self.seed)
+    padding = padding_example(self.max_seq_length, self.masking.max_predictions,
                               self.tokenizer.special_ids)
     for here, fill in padded_eval_windows(self._eval_share_sizes(layout), layout.host,
                                           layout.batch_size):
@@ -140,7 +164,25 @@ class PretrainingData:
              for k, v in batch.items()}
 
 
-def _tokenizer(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str | None,
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PretrainingData(MlmData):
+  """`MlmData` of packed train/eval stores of the shards read here, back to back
+  (`train_starts`/`eval_starts`: each shard's first row)."""
+  train: ExampleStore
+  eval: ExampleStore
+  train_starts: dict[int, int]
+  eval_starts: dict[int, int]
+
+  @property
+  def shards_here(self) -> Collection[int]:
+    return self.train_starts.keys()
+
+  def rows(self, split: str) -> ExampleRows:
+    return StoreRows(getattr(self, split), getattr(self, f"{split}_starts"))
+
+
+def run_tokenizer(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str | None,
                shard0_train_docs: list[Document] | None, save: bool) -> WordPieceTokenizer:
   """The configured tokenizer, else the run's saved one, else one trained on shard 0.
 
@@ -178,13 +220,51 @@ def _tokenizer(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str | None,
   return tokenizer
 
 
-def _pack(docs: dict[int, list[Document]], tokenizer: WordPieceTokenizer,
-          data_cfg: ml_collections.ConfigDict, split: int,
-          stats: PackingStats) -> dict[int, ExampleStore]:
-  """Each shard's documents tokenised and packed into examples (rng seeded per split and shard)."""
-  return {v: build_store(shard_docs, tokenizer, data_cfg.max_seq_length,
-                         np.random.default_rng([data_cfg.seed, split, v]), stats)
-          for v, shard_docs in docs.items()}
+SPLITS = ("train", "eval")  # in this order: a split's index seeds its packing
+
+
+def read_splits(data_cfg: ml_collections.ConfigDict, shards: Sequence[int],
+                corpus: CorpusCounters) -> dict[str, dict[int, list[Document]]]:
+  """split -> shard -> documents: the shards `shards` of the corpus, each holding out
+  `eval_fraction` of its documents (by a hash of seed, shard and position)."""
+  docs = read_shards(CorpusSpec.from_config(data_cfg), corpus, data_cfg.num_shards, shards)
+  splits = {split: {} for split in SPLITS}
+  for v, shard_docs in docs.items():
+    is_eval = held_out(len(shard_docs), data_cfg.eval_fraction, data_cfg.seed, v)  # [docs]
+    splits["train"][v] = [d for d, e in zip(shard_docs, is_eval) if not e]
+    splits["eval"][v] = [d for d, e in zip(shard_docs, is_eval) if e]
+  return splits
+
+
+def pack_splits(splits: dict[str, dict[int, list[Document]]], tokenizer: WordPieceTokenizer,
+                data_cfg: ml_collections.ConfigDict, stats: dict[str, PackingStats],
+                corpus: CorpusCounters) -> dict[str, dict[int, ExampleStore]]:
+  """split -> shard -> its documents tokenised and packed (rng seeded per split and shard).
+
+  Raises:
+    CorpusError: a shard without training examples.
+  """
+  packed = {split: {v: build_store(shard_docs, tokenizer, data_cfg.max_seq_length,
+                                   np.random.default_rng([data_cfg.seed, i, v]), stats[split])
+                    for v, shard_docs in splits[split].items()}
+            for i, split in enumerate(SPLITS)}
+  if empty := [v for v, store in packed["train"].items() if not len(store)]:
+    raise CorpusError(f"no training example in corpus shard(s) {empty} of data.num_shards="
+                      f"{data_cfg.num_shards} ({corpus.as_dict()}); use fewer shards")
+  return packed
+
+
+def tokens_crc32(store: ExampleStore) -> int:
+  """The crc32 of a shard's training tokens (as int32) that `shard_table` and the iterator's
+  fingerprint carry."""
+  return zlib.crc32(np.ascontiguousarray(store.tokens, np.int32).tobytes()) & 0x7FFFFFFF
+
+
+def masking_of(tokenizer: WordPieceTokenizer, data_cfg: ml_collections.ConfigDict) -> Masking:
+  """The masking `cfg.data` asks for."""
+  return Masking.for_tokenizer(tokenizer, max_predictions=data_cfg.max_predictions_per_seq,
+                               mask_prob=data_cfg.mask_prob,
+                               whole_word=data_cfg.whole_word_masking)
 
 
 def _shard_table(packed: dict[str, dict[int, ExampleStore]], num_shards: int) -> np.ndarray:
@@ -192,7 +272,7 @@ def _shard_table(packed: dict[str, dict[int, ExampleStore]], num_shards: int) ->
   same on every host (-1 where no host read a shard)."""
   table = np.full((num_shards, 3), -1, np.int32)
   for v, store in packed["train"].items():
-    table[v] = len(store), len(packed["eval"][v]), zlib.crc32(store.tokens.tobytes()) & 0x7FFFFFFF
+    table[v] = len(store), len(packed["eval"][v]), tokens_crc32(store)
   return _all_processes_max(table) if num_shards > 1 else table
 
 
@@ -226,19 +306,10 @@ def build_pretraining_data(data_cfg: ml_collections.ConfigDict, tokenizer_dir: s
   shards = list(range(num_shards) if shards is None else shards)
   save = jax.process_index() == 0 if save_tokenizer is None else save_tokenizer
   corpus = CorpusCounters()
-  docs = read_shards(CorpusSpec.from_config(data_cfg), corpus, num_shards, shards)
-  splits = {"train": {}, "eval": {}}  # split -> shard -> documents
-  for v, shard_docs in docs.items():
-    is_eval = held_out(len(shard_docs), data_cfg.eval_fraction, data_cfg.seed, v)  # [docs]
-    splits["train"][v] = [d for d, e in zip(shard_docs, is_eval) if not e]
-    splits["eval"][v] = [d for d, e in zip(shard_docs, is_eval) if e]
-  tokenizer = _tokenizer(data_cfg, tokenizer_dir, splits["train"].get(0), save)
-  stats = {"train": PackingStats(), "eval": PackingStats()}
-  packed = {split: _pack(by_shard, tokenizer, data_cfg, i, stats[split])
-            for i, (split, by_shard) in enumerate(splits.items())}
-  if empty := [v for v, store in packed["train"].items() if not len(store)]:
-    raise CorpusError(f"no training example in corpus shard(s) {empty} of data.num_shards="
-                      f"{num_shards} ({corpus.as_dict()}); use fewer shards")
+  splits = read_splits(data_cfg, shards, corpus)
+  tokenizer = run_tokenizer(data_cfg, tokenizer_dir, splits["train"].get(0), save)
+  stats = {split: PackingStats() for split in SPLITS}
+  packed = pack_splits(splits, tokenizer, data_cfg, stats, corpus)
   stores = {split: ExampleStore.concatenate(list(by_shard.values()), data_cfg.max_seq_length)
             for split, by_shard in packed.items()}
   starts = {split: dict(zip(by_shard, np.cumsum([0, *map(len, by_shard.values())]).tolist()))
@@ -251,8 +322,8 @@ def build_pretraining_data(data_cfg: ml_collections.ConfigDict, tokenizer_dir: s
   counters["shards/read"] = len(shards)
   counters["shards/total"] = num_shards
   logging.info("Pretraining data: shards %s of %d read here: %s", shards, num_shards, counters)
-  masking = Masking.for_tokenizer(tokenizer, max_predictions=data_cfg.max_predictions_per_seq,
-                                  mask_prob=data_cfg.mask_prob,
-                                  whole_word=data_cfg.whole_word_masking)
-  return PretrainingData(tokenizer, stores["train"], stores["eval"], starts["train"],
-                         starts["eval"], table, masking, data_cfg.seed, counters)
+  return PretrainingData(tokenizer=tokenizer, shard_table=table,
+                         max_seq_length=data_cfg.max_seq_length,
+                         masking=masking_of(tokenizer, data_cfg), seed=data_cfg.seed,
+                         counters=counters, train=stores["train"], eval=stores["eval"],
+                         train_starts=starts["train"], eval_starts=starts["eval"])

@@ -12,13 +12,27 @@ import ml_collections
 from jaxfm import config as config_lib
 from jaxfm import runtime, weights
 from jaxfm import workdir as workdir_lib
-from jaxfm.data import loader, mlm_data
+from jaxfm.data import loader, mlm_data, prepared
 from jaxfm.tasks import mlm_task
 from jaxfm.train import checkpoint, loop
 
 # Errors the entry point turns into one `error: ...` line and exit code 1.
 USER_ERRORS = (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
-               loop.NonFiniteError)
+               loop.NonFiniteError, prepared.PreparedError)
+
+
+def pretraining_data(cfg: ml_collections.ConfigDict, workdir: str,
+                     layout: loader.HostLayout) -> mlm_data.MlmData:
+  """This host's shards: from `data.prepared` when set, else read and packed now."""
+  tokenizer_dir = str(workdir_lib.tokenizer_dir(workdir))
+  if not cfg.data.prepared:
+    return mlm_data.build_pretraining_data(
+        cfg.data, tokenizer_dir, max_position_embeddings=cfg.model.max_position_embeddings,
+        shards=layout.shards)
+  try:
+    return prepared.load_prepared(cfg.data, tokenizer_dir, shards=layout.shards)
+  except prepared.SettingsMismatch as e:
+    raise config_lib.ConfigError(str(e)) from e
 
 
 def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
@@ -28,9 +42,7 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
   runtime.preflight(cfg)
   workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
   layout = loader.HostLayout.of_process(runtime.per_host_batch_size(cfg), cfg.data.num_shards)
-  data = mlm_data.build_pretraining_data(cfg.data, str(workdir_lib.tokenizer_dir(workdir)),
-                                       max_position_embeddings=cfg.model.max_position_embeddings,
-                                       shards=layout.shards)
+  data = pretraining_data(cfg, workdir, layout)
   with cfg.unlocked():
     cfg.model.vocab_size = data.tokenizer.vocab_size
   workdir_lib.write_resolved_config(workdir, cfg)

@@ -1,0 +1,397 @@
+"""A corpus tokenised and packed once, then read back by index: `prepare` (behind
+`python -m jaxfm.prepare`) writes it, `load_prepared` gives the `MlmData` a run with
+`data.prepared=DIR` trains from.
+
+The examples are the online path's: the same shards, held-out split, tokenizer (trained on
+shard 0 unless configured) and packing seeds (`mlm_data.read_splits`, `mlm_data.pack_splits`),
+so a run gives the same batches and masks from DIR as from the corpus, and its start-up reads
+no text. Masking stays at training time, a function of (seed, epoch, example id).
+
+Why ArrayRecord: grain reads it natively with random access by record index (its
+`ArrayRecordDataSource`), each file carries its own index and block checksums, and a reader
+opens a file by path, so grain's workers open the shards themselves instead of receiving
+them pickled. TFRecord has no index; Parquet or Arrow would bring a columnar reader to
+fixed-size rows.
+
+DIR holds
+  tokenizer/                        the run's tokenizer (vocab.txt, tokenizer.json)
+  settings.json                     what the examples depend on; a resumed prepare must match
+  {train,eval}-VVVVV-of-SSSSS.arrayrecord  one fixed-size record per example of shard V
+  shard-VVVVV-of-SSSSS.json         shard V is finished: its files' counts and checksums
+  manifest.json                     written last; from then on DIR is immutable
+
+Each file appears whole or not at all (written as `.tmp`, then renamed); a rerun skips the
+finished shards, and with a manifest present only verifies. `prepare(shards=...)` lets each
+process of a parallel preparation take its own shards; the manifest follows the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import zlib
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from etils import epath
+
+from jaxfm.data import mlm_data
+from jaxfm.data.corpus import CorpusCounters, CorpusSpec, expand_globs
+from jaxfm.data.pretraining import ExampleStore, PackingStats
+from jaxfm.data.tokenizer import WordPieceTokenizer, has_tokenizer, load_tokenizer
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
+TOKENIZER_DIR = "tokenizer"
+# Groups of a few uncompressed records: a random read decodes little beside its record.
+_WRITER_OPTIONS = "group_size:16,uncompressed"
+_RANDOM_ACCESS = "readahead_buffer_size:0,max_parallelism:0"
+_VERIFY_CHUNK = 1 << 14  # records read at a time when checksumming a whole file
+# `cfg.data` fields the packed examples depend on; a run from DIR must have the same.
+PACKING_FIELDS = ("max_seq_length", "eval_fraction", "seed", "num_shards", "lowercase")
+# Where the documents and the vocabulary come from; a resumed prepare must have the same.
+SOURCE_FIELDS = ("train_files", "format", "text_field", "documents", "tfds_name",
+                 "tfds_data_dir", "on_decode_error", "tokenizer", "vocab_size")
+SPLITS = mlm_data.SPLITS
+
+
+class PreparedError(ValueError):
+  """A prepared directory is missing, unfinished or damaged; the message names the file."""
+
+
+class SettingsMismatch(PreparedError):
+  """The config asks for other examples than the prepared directory holds."""
+
+  def __init__(self, field: str, prepared: Any, current: Any, where: epath.Path):
+    self.field = field
+    super().__init__(f"{field}={current!r} but {where} was prepared with {field}={prepared!r}")
+
+
+def settings(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """'data.<field>' -> value of the fields the prepared examples depend on."""
+  return {f"data.{k}": data_cfg[k] for k in PACKING_FIELDS + SOURCE_FIELDS}
+
+
+def tokenizer_sha256(tokenizer: WordPieceTokenizer) -> str:
+  """A digest of the whole tokenizer pipeline (vocabulary, normaliser), stable across save/load."""
+  return hashlib.sha256(tokenizer.to_json().encode("utf-8")).hexdigest()
+
+
+def record_dtype(max_seq_length: int, vocab_size: int) -> np.dtype:
+  """One example: tokens [T] (uint16 when every id fits, else int32), length, b_start."""
+  tokens = "<u2" if vocab_size <= 1 << 16 else "<i4"
+  return np.dtype([("tokens", tokens, (max_seq_length,)), ("length", "<i4"), ("b_start", "<i4")])
+
+
+def _shard_name(shard: int, num_shards: int) -> str:
+  return f"{shard:05d}-of-{num_shards:05d}"
+
+
+def split_file(split: str, shard: int, num_shards: int) -> str:
+  """The file name of `split` of `shard`."""
+  return f"{split}-{_shard_name(shard, num_shards)}.arrayrecord"
+
+
+def _write_json(path: epath.Path, value: Any) -> None:
+  """Writes `value` as JSON to `path` atomically (a `.tmp`, then a rename)."""
+  partial = path.parent / (path.name + ".tmp")
+  partial.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+  partial.replace(path)
+
+
+def _read_json(path: epath.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise PreparedError(f"{path}: unreadable: {e}") from e
+
+
+def _check_same(prepared: dict[str, Any], current: dict[str, Any], fields: Sequence[str],
+                where: epath.Path) -> None:
+  """Raises `SettingsMismatch` naming the first of `fields` that differs."""
+  for field in fields:
+    if prepared.get(field) != current.get(field):
+      raise SettingsMismatch(field, prepared.get(field), current.get(field), where)
+
+
+def _write_split(path: epath.Path, store: ExampleStore, dtype: np.dtype) -> dict[str, Any]:
+  """Writes `store` as one record per example; returns the file's manifest entry."""
+  records = np.empty(len(store), dtype)  # [N]
+  records["tokens"], records["length"], records["b_start"] = (store.tokens, store.lengths,
+                                                              store.b_starts)
+  raw = records.tobytes()
+  partial = path.parent / (path.name + ".tmp")
+  writer = ArrayRecordWriter(str(partial), _WRITER_OPTIONS)
+  for i in range(len(records)):
+    writer.write(raw[i * dtype.itemsize:(i + 1) * dtype.itemsize])
+  writer.close()
+  partial.replace(path)
+  return {"file": path.name, "examples": len(store), "records_crc32": zlib.crc32(raw),
+          "bytes": path.stat().length}
+
+
+def _prepare_shard(data_cfg: ml_collections.ConfigDict, out: epath.Path, shard: int,
+                   tokenizer: WordPieceTokenizer, dtype: np.dtype,
+                   read: tuple[dict, CorpusCounters] | None) -> dict[str, Any]:
+  """Reads (unless `read` holds its documents), packs and writes one shard, then its entry."""
+  splits, corpus = read or (None, CorpusCounters())
+  splits = splits or mlm_data.read_splits(data_cfg, [shard], corpus)
+  stats = {split: PackingStats() for split in SPLITS}
+  packed = mlm_data.pack_splits(splits, tokenizer, data_cfg, stats, corpus)
+  entry = {"shard": shard, "corpus": corpus.as_dict(),
+           "tokens_crc32": mlm_data.tokens_crc32(packed["train"][shard])}
+  for split in SPLITS:
+    path = out / split_file(split, shard, data_cfg.num_shards)
+    entry[split] = {**_write_split(path, packed[split][shard], dtype),
+                    "packing": stats[split].as_dict()}
+  _write_json(out / f"shard-{_shard_name(shard, data_cfg.num_shards)}.json", entry)
+  logging.info("Prepared shard %d: %d train, %d eval examples", shard,
+               entry["train"]["examples"], entry["eval"]["examples"])
+  return entry
+
+
+def _finished(out: epath.Path, shard: int, num_shards: int) -> dict[str, Any] | None:
+  """The entry of a finished shard (its record and both files present), else None."""
+  record = out / f"shard-{_shard_name(shard, num_shards)}.json"
+  if not record.exists():
+    return None
+  entry = _read_json(record)
+  return entry if all((out / entry[split]["file"]).exists() for split in SPLITS) else None
+
+
+def _tokenizer(data_cfg: ml_collections.ConfigDict,
+               out: epath.Path) -> tuple[WordPieceTokenizer, tuple[dict, CorpusCounters] | None]:
+  """DIR's tokenizer, chosen as the online path chooses (configured, else trained on shard 0's
+  training documents, which are returned as read to spare reading them twice)."""
+  folder = out / TOKENIZER_DIR
+  read = None
+  if not data_cfg.tokenizer and not has_tokenizer(folder):
+    corpus = CorpusCounters()
+    read = mlm_data.read_splits(data_cfg, [0], corpus), corpus
+  tokenizer = mlm_data.run_tokenizer(data_cfg, str(folder), read and read[0]["train"][0],
+                                     save=True)
+  saved = load_tokenizer(folder, lowercase=data_cfg.lowercase)
+  if tokenizer_sha256(saved) != tokenizer_sha256(tokenizer):
+    raise SettingsMismatch("data.tokenizer", f"the tokenizer in {folder}", data_cfg.tokenizer,
+                           out)
+  return saved, read
+
+
+def _sources(data_cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The corpus's files and their sizes (a tfds or the embedded corpus: its name)."""
+  spec = CorpusSpec.from_config(data_cfg)
+  if spec.format == "tfds":
+    return [{"name": f"tfds:{spec.tfds_name}", "bytes": None}]
+  if not spec.train_files:
+    return [{"name": "the embedded default corpus", "bytes": None}]
+  return [{"name": str(p), "bytes": p.stat().length} for p in expand_globs(spec.train_files)]
+
+
+def prepare(data_cfg: ml_collections.ConfigDict, out: str,
+            shards: Sequence[int] | None = None) -> dict[str, Any] | None:
+  """Writes the shards `shards` (default: all) of the corpus of `data_cfg` to `out`, skipping
+  finished ones, then the manifest once every shard is finished (returned; else None).
+
+  With a manifest present, checks it against `data_cfg` and every file against it instead.
+
+  Raises:
+    SettingsMismatch: `out` was (partly) prepared from another config; names the field.
+    PreparedError: a damaged file (named); CorpusError, TokenizerError: as the online path.
+  """
+  out = epath.Path(out)
+  if (out / MANIFEST).exists():
+    manifest = read_manifest(out)
+    _check_same(manifest["settings"], settings(data_cfg), list(settings(data_cfg)), out / MANIFEST)
+    verify(out, manifest)
+    return manifest
+  out.mkdir(parents=True, exist_ok=True)
+  if (out / SETTINGS).exists():
+    _check_same(_read_json(out / SETTINGS), settings(data_cfg), list(settings(data_cfg)),
+                out / SETTINGS)
+  else:
+    _write_json(out / SETTINGS, settings(data_cfg))
+  tokenizer, read = _tokenizer(data_cfg, out)
+  num_shards = data_cfg.num_shards
+  dtype = record_dtype(data_cfg.max_seq_length, tokenizer.vocab_size)
+  for v in range(num_shards) if shards is None else shards:
+    if _finished(out, v, num_shards) is None:
+      _prepare_shard(data_cfg, out, v, tokenizer, dtype, read if v == 0 else None)
+  entries = [_finished(out, v, num_shards) for v in range(num_shards)]
+  if any(entry is None for entry in entries):
+    return None
+  manifest = {"format_version": FORMAT_VERSION, "settings": settings(data_cfg),
+              "tokenizer": {"sha256": tokenizer_sha256(tokenizer),
+                            "vocab_size": tokenizer.vocab_size,
+                            "trained": not data_cfg.tokenizer},
+              "record": {"token_dtype": dtype["tokens"].base.name,
+                         "max_seq_length": data_cfg.max_seq_length, "bytes": dtype.itemsize},
+              "sources": _sources(data_cfg), "shards": entries}
+  _write_json(out / MANIFEST, manifest)
+  return manifest
+
+
+def read_manifest(root: epath.Path) -> dict[str, Any]:
+  """DIR's manifest.
+
+  Raises:
+    PreparedError: none (an unfinished prepare), unreadable, or of another format version.
+  """
+  path = root / MANIFEST
+  if not path.exists():
+    raise PreparedError(f"{path} does not exist: run python -m jaxfm.prepare --out={root} "
+                        "(an unfinished preparation resumes)")
+  manifest = _read_json(path)
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise PreparedError(f"{path}: format_version={manifest.get('format_version')!r}, this "
+                        f"jaxfm reads {FORMAT_VERSION}; prepare the corpus again")
+  return manifest
+
+
+def _open(path: epath.Path, entry: dict[str, Any], options: str) -> ArrayRecordReader:
+  """A reader of `path` after checking its size and record count against `entry`."""
+  if not path.exists():
+    raise PreparedError(f"shard file {path} is missing")
+  if (size := path.stat().length) != entry["bytes"]:
+    raise PreparedError(f"shard file {path} has {size} bytes, the manifest says "
+                        f"{entry['bytes']} (truncated or replaced)")
+  try:
+    reader = ArrayRecordReader(str(path), options)
+  except RuntimeError as e:
+    raise PreparedError(f"shard file {path}: unreadable: {e}") from e
+  if reader.num_records() != entry["examples"]:
+    raise PreparedError(f"shard file {path} holds {reader.num_records()} records, the "
+                        f"manifest says {entry['examples']}")
+  return reader
+
+
+def verify(root: epath.Path, manifest: dict[str, Any]) -> None:
+  """Reads every file of `root` whole and checks its size, records and crc32.
+
+  Raises:
+    PreparedError: naming the first damaged file.
+  """
+  for entry in manifest["shards"]:
+    for split in SPLITS:
+      path = root / entry[split]["file"]
+      reader = _open(path, entry[split], "")
+      crc, n = 0, entry[split]["examples"]
+      try:
+        for start in range(0, n, _VERIFY_CHUNK):
+          crc = zlib.crc32(b"".join(reader.read(start, min(n, start + _VERIFY_CHUNK))), crc)
+      except RuntimeError as e:
+        raise PreparedError(f"shard file {path}: corrupt: {e}") from e
+      finally:
+        reader.close()
+      if crc != entry[split]["records_crc32"]:
+        raise PreparedError(f"shard file {path}: crc32 {crc} of its records, the manifest "
+                            f"says {entry[split]['records_crc32']} (corrupt)")
+
+
+@dataclasses.dataclass(eq=False)
+class ShardFiles:
+  """`mlm_data.ExampleRows` read by index from one split's files. Readers open lazily, in the
+  process that reads (a grain worker too): pickling copies the paths only."""
+  paths: dict[int, str]  # shard -> its file of this split
+  dtype: np.dtype  # `record_dtype`
+  _readers: dict[int, ArrayRecordReader] = dataclasses.field(default_factory=dict, init=False,
+                                                             repr=False)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "_readers": {}}
+
+  def _reader(self, shard: int) -> ArrayRecordReader:
+    if shard not in self._readers:
+      try:
+        self._readers[shard] = ArrayRecordReader(self.paths[shard], _RANDOM_ACCESS)
+      except RuntimeError as e:
+        raise PreparedError(f"shard file {self.paths[shard]}: unreadable: {e}") from e
+    return self._readers[shard]
+
+  def __call__(self, shards: np.ndarray, indices: np.ndarray) -> ExampleStore:
+    records = np.empty(len(shards), self.dtype)  # [B]
+    for v in np.unique(shards).tolist():
+      here = shards == v
+      try:
+        raw = b"".join(self._reader(v).read(indices[here].tolist()))
+        records[here] = np.frombuffer(raw, self.dtype)
+      except (RuntimeError, ValueError) as e:
+        raise PreparedError(f"shard file {self.paths[v]}: corrupt: {e}") from e
+    return ExampleStore(records["tokens"].astype(np.int32), records["length"].copy(),
+                        records["b_start"].copy())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedData(mlm_data.MlmData):
+  """`mlm_data.MlmData` whose examples are read from a prepared directory's files."""
+  files: dict[str, dict[int, str]]  # split -> shard read here -> file
+  dtype: np.dtype
+
+  @property
+  def shards_here(self) -> Collection[int]:
+    return self.files["train"].keys()
+
+  def rows(self, split: str) -> mlm_data.ExampleRows:
+    return ShardFiles(self.files[split], self.dtype)
+
+
+def check_run(manifest: dict[str, Any], data_cfg: ml_collections.ConfigDict,
+              root: epath.Path) -> None:
+  """Raises `SettingsMismatch` naming the first `cfg.data` field whose examples would differ
+  from DIR's: the packing fields, and the tokenizer (its digest when `data.tokenizer` is
+  set, else DIR's must have been trained with the same `data.vocab_size`)."""
+  prepared, current = manifest["settings"], settings(data_cfg)
+  fields = [f"data.{k}" for k in PACKING_FIELDS] + ([] if data_cfg.tokenizer else
+                                                    ["data.tokenizer", "data.vocab_size"])
+  _check_same(prepared, current, fields, root / MANIFEST)
+  if data_cfg.tokenizer:
+    configured = load_tokenizer(data_cfg.tokenizer, lowercase=data_cfg.lowercase)
+    if tokenizer_sha256(configured) != manifest["tokenizer"]["sha256"]:
+      raise SettingsMismatch("data.tokenizer", prepared["data.tokenizer"] or "a trained one",
+                             data_cfg.tokenizer, root / MANIFEST)
+
+
+def load_prepared(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str | None, *,
+                  shards: Sequence[int] | None = None,
+                  save_tokenizer: bool | None = None) -> PreparedData:
+  """The examples of the shards `shards` (default: all) of `data_cfg.prepared`.
+
+  Reads only the manifest and DIR's tokenizer (copied to `tokenizer_dir` by process 0, or
+  when `save_tokenizer`), and checks the size and record count of the files read here.
+
+  Raises:
+    SettingsMismatch: `data_cfg` asks for other examples, naming the field.
+    PreparedError: no manifest, or a missing or damaged file (named).
+  """
+  root = epath.Path(data_cfg.prepared)
+  manifest = read_manifest(root)
+  check_run(manifest, data_cfg, root)
+  tokenizer = load_tokenizer(root / TOKENIZER_DIR, lowercase=data_cfg.lowercase)
+  save = jax.process_index() == 0 if save_tokenizer is None else save_tokenizer
+  if tokenizer_dir and save and not has_tokenizer(tokenizer_dir):
+    tokenizer.save(tokenizer_dir)
+  entries = manifest["shards"]
+  shards = list(range(len(entries)) if shards is None else shards)
+  files = {split: {v: str(root / entries[v][split]["file"]) for v in shards} for split in SPLITS}
+  for v in shards:
+    for split in SPLITS:
+      _open(root / entries[v][split]["file"], entries[v][split], _RANDOM_ACCESS).close()
+  table = np.array([[e["train"]["examples"], e["eval"]["examples"], e["tokens_crc32"]]
+                    for e in entries], np.int32)  # [S, 3]
+  counters = {f"{split}/{k}": sum(entries[v][split]["packing"][k] for v in shards)
+              for split in SPLITS for k in PackingStats().as_dict()}
+  counters.update({"tokenizer/vocab_size": tokenizer.vocab_size, "shards/read": len(shards),
+                   "shards/total": len(entries)})
+  logging.info("Prepared data %s: shards %s of %d read here: %s", root, shards, len(entries),
+               counters)
+  return PreparedData(tokenizer=tokenizer, shard_table=table,
+                      max_seq_length=data_cfg.max_seq_length,
+                      masking=mlm_data.masking_of(tokenizer, data_cfg), seed=data_cfg.seed,
+                      counters=counters, files=files,
+                      dtype=record_dtype(data_cfg.max_seq_length, tokenizer.vocab_size))
