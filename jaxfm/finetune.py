@@ -5,7 +5,9 @@ r"""Task fine-tuning: classification / regression, NER, extractive QA.
 
 Running the same command again resumes. `python -m jaxfm.evaluate` and `python -m
 jaxfm.predict` then need only the workdir. Prints one JSON line: the final step, the best
-checkpoint's step and the last dev metrics.
+checkpoint's step and the last dev metrics. Exit status: 0 when finished (`train.steps` or early
+stopping; the workdir then holds DONE), 143 after a SIGTERM save (relaunch to resume), 1 on a
+user error.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main(argv):
     print(json.dumps({"step": result.step, "best_step": best_step,
                       "early_stopped": result.stopped_early, "preempted": result.preempted,
                       "dev": result.eval}))
+  runtime.finish_training(_FLAGS.workdir.value, result.step, result.preempted)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ r"""MLM pretraining.
   python -m jaxfm.pretrain --config=configs/pretrain/bert_tiny_cpu.py --workdir=runs/tiny \
       [--config.train.steps=100 ...]
 
-Running the same command again in the same workdir resumes where it stopped.
+Running the same command again in the same workdir resumes where it stopped. Exit status: 0
+when `train.steps` is reached (the workdir then holds DONE), 143 after a SIGTERM save (relaunch
+to resume), 1 on a user error.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main(argv):
     runtime.use_compilation_cache(workdir)
     result = pretrain(cfg, workdir, _FLAGS.allow_config_change.value)
   report(workdir, result)
+  runtime.finish_training(workdir, result.step, result.preempted)
 
 
 def run():

@@ -66,6 +66,21 @@ def exit_on(errors: tuple[type[BaseException], ...]) -> Iterator[None]:
     sys.exit(1)
 
 
+# Exit status of a training entry point stopped by SIGTERM after saving (128 + SIGTERM, as a
+# process killed by it): not finished, relaunch it to resume. A finished run exits 0 and leaves
+# the workdir's DONE marker.
+PREEMPTED_EXIT = 143
+
+
+def finish_training(workdir: str, step: int, preempted: bool) -> None:
+  """Ends a training entry point: after a preemption save, exits with `PREEMPTED_EXIT` so a
+  supervisor does not take the run for finished; else writes the workdir's DONE marker."""
+  if preempted:
+    logging.info("saved step %d after SIGTERM; exiting with status %d", step, PREEMPTED_EXIT)
+    sys.exit(PREEMPTED_EXIT)
+  workdir_lib.mark_done(workdir, step)
+
+
 def run_program(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` for an entry point started as a program, after restarting it with glibc's
   malloc in huge pages when it will run on CPUs (`jaxfm.cpu.process`)."""

@@ -8,6 +8,7 @@
   metrics.jsonl   one JSON line per logged step and split (`jaxfm.train.writer`)
   tensorboard/    TensorBoard events
   compile_cache/  XLA's persistent compilation cache (`jaxfm.runtime.use_compilation_cache`)
+  DONE            the run reached `train.steps` (or stopped early): nothing left to train
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CONFIG_FILE = "config.json"
 TASK_FILE = "task.json"
 TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.jsonl"
+DONE_FILE = "DONE"
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tokenizers")
 
 
@@ -116,6 +118,8 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict, allow_config_c
     probe_write(root)
   except OSError as e:
     raise WorkdirError(f"workdir {workdir} is not writable: {e}") from e
+  if jax.process_index() == 0:  # this launch trains (again) until it writes the marker anew
+    (root / DONE_FILE).unlink(missing_ok=True)
   saved_file = root / CONFIG_FILE
   if saved_file.exists():
     saved = json.loads(saved_file.read_text())["config"]
@@ -134,6 +138,13 @@ def write_resolved_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
     _write_atomically(epath.Path(workdir) / CONFIG_FILE,
                       json.dumps({"config": cfg.to_dict(), "versions": _versions()}, indent=2))
+
+
+def mark_done(workdir: str, step: int) -> None:
+  """Writes the DONE marker (process 0): the run is finished, not stopped by a preemption, so a
+  supervisor (`launch/tpu.sh babysit`) need not relaunch it."""
+  if jax.process_index() == 0:
+    _write_atomically(epath.Path(workdir) / DONE_FILE, f"step {step}\n")
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -5,6 +5,7 @@
 #   launch/tpu.sh run -- CMD...       same CMD on every worker, tee'd to logs/ on each worker
 #   launch/tpu.sh logs                copy every worker's logs/ to ./logs/$TPU_NAME/
 #   launch/tpu.sh babysit -- CMD...   (re)create + install when preempted/missing, rerun CMD until it exits 0
+#                                     (finished; 143 is a preemption save: rerun)
 #
 # DRY_RUN=1 prints every gcloud call as one shell-quoted line "+ gcloud ..." instead of running it.
 set -euo pipefail
@@ -30,11 +31,12 @@ QUEUED_WAIT_S=${QUEUED_WAIT_S:-3600}                 # create with QUEUED=1 wait
 DRY_RUN=${DRY_RUN:-0}
 DRY_RUN_STATE=${DRY_RUN_STATE:-PREEMPTED}            # the state babysit pretends to see in dry-run
 
+PREEMPTED_EXIT=143   # jaxfm's trainers after a SIGTERM save (jaxfm.runtime.PREEMPTED_EXIT): not finished
 WORKER_ID_URL=http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
-  sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   echo "Variables: TPU_NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION SPOT QUEUED REPO_URL" \
        "REPO_REF JAX_VERSION EXTRA_PIP RUN_NAME MAX_ATTEMPTS SLEEP_S DRY_RUN (see the top of this file)" >&2
   exit 2
@@ -174,7 +176,7 @@ collect_logs() {
 }
 
 babysit() {
-  local attempt
+  local attempt rc
   for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
     get_state
     log "attempt $attempt/$MAX_ATTEMPTS: $TPU_NAME is $STATE"
@@ -191,8 +193,11 @@ babysit() {
          [[ $DRY_RUN == 1 ]] && return 1
          sleep "$SLEEP_S"; continue ;;
     esac
-    if run_cmd "$@"; then log "command exited 0${DRY_RUN/#1/ (dry-run: not run)}"; return 0; fi
-    log "command failed or the connection dropped"
+    rc=0
+    run_cmd "$@" || rc=$?
+    if ((rc == 0)); then log "command exited 0: finished${DRY_RUN/#1/ (dry-run: not run)}"; return 0; fi
+    if ((rc == PREEMPTED_EXIT)); then log "command saved after SIGTERM (exit $rc); relaunching"
+    else log "command failed (exit $rc) or the connection dropped"; fi
     [[ $DRY_RUN == 1 ]] && return 0   # dry-run: a single iteration
     sleep "$SLEEP_S"
   done

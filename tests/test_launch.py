@@ -122,6 +122,28 @@ def test_babysit_dry_run_single_iteration():
   assert len(lines) == 2 and "describe" in lines[0] and "tpu-vm ssh" in lines[1]
 
 
+def test_babysit_reruns_a_preemption_save_and_stops_when_finished(tmp_path):
+  """A fake gcloud: the TPU is READY; the first run exits 143 (saved after SIGTERM), the next 0."""
+  calls = tmp_path / "calls"
+  fake = tmp_path / "bin" / "gcloud"
+  fake.parent.mkdir()
+  fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+case "$*" in
+  *describe*) echo READY ;;
+  *ssh*) [ "$(grep -c ' ssh ' {calls})" = 1 ] && exit 143; exit 0 ;;
+esac
+""")
+  fake.chmod(0o755)
+  proc = _run([TPU_SH, "babysit", "--", "python", "-m", "jaxfm.pretrain", "--workdir=gs://b/r"],
+              env={"PATH": f"{fake.parent}:{os.environ['PATH']}", "SLEEP_S": "0",
+                   "MAX_ATTEMPTS": "3"})
+  assert proc.returncode == 0, proc.stderr
+  assert "saved after SIGTERM (exit 143); relaunching" in proc.stderr
+  assert "command exited 0: finished" in proc.stderr
+  assert calls.read_text().count(" ssh ") == 2
+
+
 @pytest.mark.parametrize("args", [[], ["bogus"], ["run"], ["run", "--"], ["babysit"], ["create", "x"]])
 def test_usage_exit_2(args):
   proc, lines = _dry(*args)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,9 +19,11 @@ SMALL = ["--config=configs/pretrain/bert_tiny_cpu.py", "--config.train.steps=6",
          "--config.optim.warmup_steps=1"]
 
 
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
 def _run(*args, check=True):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True,
                         text=True, timeout=300)
   if check and proc.returncode:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -40,6 +44,29 @@ def test_run_writes_checkpoints_metrics_config(workdir):
   assert saved["config"]["model"]["vocab_size"] <= 512 and "jax" in saved["versions"]
   steps = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert 6 in steps and list((workdir / "tensorboard").iterdir())
+  assert (workdir / "DONE").read_text() == "step 6\n"  # finished: the babysitter stops
+
+
+@pytest.mark.slow  # two launches of the CLI; tests/multihost covers the exit status in the fast set
+def test_sigterm_saves_and_exits_143_then_a_relaunch_finishes(tmp_path):
+  run = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-m", "jaxfm.pretrain", *SMALL,
+                           "--config.train.steps=100000", f"--workdir={run}"], cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics, deadline = run / "metrics.jsonl", time.monotonic() + 240
+  try:
+    while not metrics.exists() or '"eval"' not in metrics.read_text():  # the step-0 evaluation
+      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, out[-3000:]  # saved, not finished: relaunch to resume
+  assert "(preempted; rerun to resume)" in out and not (run / "DONE").exists()
+  saved = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  _run("jaxfm.pretrain", *SMALL, f"--config.train.steps={saved + 1}", f"--workdir={run}")
+  assert (run / "DONE").read_text() == f"step {saved + 1}\n"
 
 
 def test_rerun_resumes_and_more_steps_continue(workdir):

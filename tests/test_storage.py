@@ -77,3 +77,13 @@ def test_cli_without_gcsfs_is_one_error_line(argv):
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   want = f"error: {argv[-1]}: gs:// paths need gcsfs, which is not installed: {FIX}"
   assert errors == [want], proc.stderr[-3000:]
+
+
+def test_finish_training_exits_143_after_a_preemption_else_marks_done(tmp_path):
+  with pytest.raises(SystemExit) as e:
+    runtime.finish_training(str(tmp_path), 5, preempted=True)
+  assert e.value.code == runtime.PREEMPTED_EXIT == 143 and not (tmp_path / "DONE").exists()
+  runtime.finish_training(str(tmp_path), 9, preempted=False)
+  assert (tmp_path / "DONE").read_text() == "step 9\n"
+  workdir_lib.prepare_workdir(str(tmp_path), config_lib.pretrain_defaults(), False)
+  assert not (tmp_path / "DONE").exists()  # a launch that trains again writes it anew

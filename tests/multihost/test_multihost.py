@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 
+from jaxfm import runtime
 from jaxfm.config import pretrain_defaults
 from jaxfm.data import loader, mlm_data
 from tests.data_helpers import random_documents, unmasked
@@ -194,7 +195,7 @@ def _sigterm_one_then_resume(runs: pathlib.Path, reference: pathlib.Path, overri
     _wait_lines(group, workdir, after=_line_count(workdir))
     group.signal(target, signal.SIGTERM)
     start = time.monotonic()
-    group.wait(timeout_s=30)
+    group.wait(timeout_s=30, codes=[runtime.PREEMPTED_EXIT] * 2)  # saved, not finished
     took = time.monotonic() - start
     saved = max(h.committed_steps(workdir))
     last = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()][-1]
@@ -206,7 +207,7 @@ def _sigterm_one_then_resume(runs: pathlib.Path, reference: pathlib.Path, overri
   for process in (0, 1):  # both hosts took part in saving the same step
     assert (workdir / "checkpoints" / str(saved) / "state" / "array_metadatas"
             / f"process_{process}").exists()
-  print(f"{name}: SIGTERM to process {target} -> both exited 0 after {took:.1f} s, saved "
+  print(f"{name}: SIGTERM to process {target} -> both exited {runtime.PREEMPTED_EXIT} after {took:.1f} s, saved "
         f"step {saved}", file=sys.stderr)
   with h.launched(argv, 2, 4, runs, f"{name}-c") as group:
     group.wait()
