@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
-from jaxfm.data import loader
+from jaxfm.data import length_groups, loader
 from jaxfm.data.tokenizer import load_tokenizer
 from jaxfm import tasks, weights
 
@@ -87,10 +87,16 @@ def main(argv):
       cfg.optim.warmup_steps
   optimizer = _optimizer(model, cfg)
   schedule = transformers.get_linear_schedule_with_warmup(optimizer, warmup, steps)
+  lengths = train.features["attention_mask"].sum(axis=1)  # [n]
+  data = cfg.data
+  buckets = (length_groups.auto_buckets(lengths, cfg.train.batch_size, data.seed,
+                                        data.group_by_length, data.max_seq_length,
+                                        data.max_buckets, data.bucket_multiple)
+             if data.length_buckets == "auto" else config_lib.length_buckets(data))
   batches = loader.feature_train_iterator(train.device_arrays(),
                                           loader.HostLayout(cfg.train.batch_size),
-                                          seed=cfg.data.seed,
-                                          length_buckets=config_lib.length_buckets(cfg.data))
+                                          seed=data.seed, length_buckets=buckets,
+                                          group_by_length=data.group_by_length)
   loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)  # mean over labelled targets
   start = time.perf_counter()
   model.train()

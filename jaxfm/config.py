@@ -191,11 +191,18 @@ def _finetune_data_defaults() -> ml_collections.ConfigDict:
   data.version_2 = False  # qa: SQuAD v2.0 (unanswerable questions)
   data.null_score_diff_threshold = 0.0  # qa v2.0
   data.max_seq_length = 128
-  # Comma-separated lengths, e.g. '32,64': each training batch is cut to the shortest of them
-  # (or max_seq_length; lengths not below it are ignored) that holds its longest row, so short
-  # texts do not pay for padding; one compiled train step per length used. '' = always
-  # max_seq_length.
-  data.length_buckets = ""
+  # Comma-separated lengths, e.g. '32,64': each batch is cut to the shortest of them (or
+  # max_seq_length; lengths not below it are ignored) that holds its longest row, so short texts
+  # do not pay for padding; one compiled step per length used. '' = always max_seq_length.
+  # 'auto': up to max_buckets lengths, multiples of bucket_multiple, chosen from the training
+  # set's batches to compute the fewest tokens (`jaxfm.data.length_groups`), recorded in
+  # config.json; evaluate and predict cut their batches to the same lengths.
+  data.length_buckets = "auto"
+  data.max_buckets = 4
+  data.bucket_multiple = 8
+  # Each training batch holds rows of similar length: far less padding, but batches whose
+  # labels correlate with length where the data has such a correlation.
+  data.group_by_length = False
   data.tokenizer = ""  # '' = the init_from checkpoint's tokenizer
   data.lowercase = True  # for a bare vocab.txt
   data.max_train_examples = 0  # 0 = all; else the first N (quick runs)
@@ -348,7 +355,9 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
   if not (d.train_file or d.tfds_name):
     raise ConfigError("data.train_file is required (or data.tfds_name for a tfds dataset)")
   validate_sequence_length(cfg)
-  length_buckets(d)
+  if d.length_buckets != "auto":
+    length_buckets(d)
+  positive(cfg, "data.max_buckets", "data.bucket_multiple")
   for field in ("data.max_train_examples", "data.max_eval_examples", "train.epochs",
                 "train.eval_every", "train.checkpoint_every", "train.early_stopping_patience",
                 "optim.warmup_ratio"):

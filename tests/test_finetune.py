@@ -326,6 +326,8 @@ def test_layer_decay_follows_depth_in_both_layouts():
     ("data.on_error", "ignore", "must be one of"),
     ("data.length_buckets", "32,short", "must list positive integers"),
     ("data.length_buckets", "0,32", "must list positive integers"),
+    ("data.max_buckets", 0, "must be > 0"),
+    ("data.bucket_multiple", 0, "must be > 0"),
 ])
 def test_finetune_config_rules(field, value, message):
   cfg = config_lib.finetune_defaults()
@@ -342,6 +344,7 @@ def test_finetune_config_rules(field, value, message):
 
 def test_length_buckets_are_sorted_and_end_with_max_seq_length():
   data = config_lib.finetune_defaults().data
+  data.length_buckets = ""
   assert config_lib.length_buckets(data) == (128,)
   data.length_buckets = " 64, 32,64 "
   assert config_lib.length_buckets(data) == (32, 64, 128)

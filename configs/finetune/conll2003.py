@@ -15,7 +15,6 @@ def get_config():
   cfg.data.tag_column = -1
   cfg.data.tag_scheme = "iob2"
   cfg.data.max_seq_length = 128
-  cfg.data.length_buckets = "32,64"  # short texts: batches cut to 32 or 64 tokens when they fit
   cfg.train.batch_size = 32
   cfg.train.epochs = 3.0
   cfg.optim.peak_learning_rate = 5e-5

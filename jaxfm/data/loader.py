@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from absl import flags
 
+from jaxfm.data import length_groups
+
 Batch = dict[str, np.ndarray]
 
 
@@ -97,12 +99,14 @@ class HostBatch:
 
   Row r of global batch j is position p = j * R + r % R of shard v = r // R (R rows per
   shard); position p is example `order(v, epoch)[p % n_v]` of the shard's epoch p // n_v,
-  fetched by `fetch(shards, epochs, indices)`.
+  fetched by `fetch(shards, epochs, indices)`. With `lengths` (one shard) the order puts rows
+  of similar length into the same global batch (`length_groups.grouped_order`).
   """
   fetch: Callable[[np.ndarray, np.ndarray, np.ndarray], Batch]
   shard_sizes: tuple[int, ...]  # n_v, training examples per shard (0: not read here)
   seed: int
   layout: HostLayout
+  lengths: np.ndarray | None = None  # int [n_0]: each row's length, to group batches by
 
   def __call__(self, batch_number: int) -> Batch:
     shards, offsets = np.divmod(self.layout.rows, self.layout.shard_rows)  # [B], [B]
@@ -111,7 +115,10 @@ class HostBatch:
     indices = np.empty_like(within)
     for shard, epoch in set(zip(shards.tolist(), epochs.tolist())):
       here = (shards == shard) & (epochs == epoch)
-      indices[here] = _epoch_order(int(sizes[here][0]), self.seed, shard, epoch)[within[here]]
+      order = (_epoch_order(int(sizes[here][0]), self.seed, shard, epoch) if self.lengths is None
+               else length_groups.grouped_order(self.lengths, self.layout.shard_rows, self.seed,
+                                                epoch))
+      indices[here] = order[within[here]]
     return self.fetch(shards, epochs, indices)
 
 
@@ -167,30 +174,35 @@ class _CutToBucket:
 
 
 def feature_train_iterator(features: dict[str, np.ndarray], layout: HostLayout, *,
-                           seed: int, length_buckets: Sequence[int] = ()) -> TrainIterator:
+                           seed: int, length_buckets: Sequence[int] = (),
+                           group_by_length: bool = False) -> TrainIterator:
   """Endless, per-epoch reshuffled batches of fixed-shape task features, split by host.
 
   Every host holds all the features (`layout` has one shard); the same global order and
   checkpointable state as pretraining's `train_iterator`. With `length_buckets` (ascending
   lengths ending with the features' length T), every field of length T on axis 1 is cut to
-  the shortest bucket that holds the global batch's longest row (by `attention_mask`).
+  the shortest bucket that holds the global batch's longest row (by `attention_mask`). With
+  `group_by_length` each global batch holds rows of similar length (`length_groups`).
   """
   num_examples = len(next(iter(features.values())))
-  host_batch = HostBatch(_TakeRows(features), (num_examples,), seed, layout)
+  lengths = features["attention_mask"].sum(axis=1).astype(np.int32)  # [n]
+  grouping = lengths if group_by_length else None
+  host_batch = HostBatch(_TakeRows(features), (num_examples,), seed, layout, grouping)
   if len(length_buckets) > 1:
     if length_buckets[-1] != features["attention_mask"].shape[1]:
       raise ValueError(f"length_buckets {tuple(length_buckets)} must end with the features' "
                        f"length {features['attention_mask'].shape[1]}")
-    lengths = {"length": features["attention_mask"].sum(axis=1)}
     whole_batch = HostLayout(layout.global_batch_size)
-    host_batch = _CutToBucket(host_batch, HostBatch(_TakeRows(lengths), (num_examples,), seed,
-                                                     whole_batch), tuple(length_buckets))
+    host_batch = _CutToBucket(host_batch, HostBatch(_TakeRows({"length": lengths}),
+                                                     (num_examples,), seed, whole_batch, grouping),
+                              tuple(length_buckets))
   batches = grain.MapDataset.range(sys.maxsize).map(host_batch)
   fingerprint = {
       "num_examples": num_examples,
       "examples_crc32": zlib.crc32(b"".join(v.tobytes() for _, v in sorted(features.items()))),
       "seed": seed,
       "global_batch_size": layout.global_batch_size,
+      **({"group_by_length": 1} if group_by_length else {}),
   }
   return TrainIterator(batches, worker_count=0, fingerprint=fingerprint)
 

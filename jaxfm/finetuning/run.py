@@ -15,7 +15,7 @@ from etils import epath
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
-from jaxfm.data import loader
+from jaxfm.data import length_groups, loader
 from jaxfm.data.tokenizer import load_tokenizer
 from jaxfm import runtime, weights
 from jaxfm import workdir as workdir_lib
@@ -51,6 +51,25 @@ def _resolve_schedule(cfg: ml_collections.ConfigDict, num_train: int,
         runtime.per_host_batch_size(cfg), jax.process_count())
     if cfg.optim.warmup_ratio > 0:
       cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * t.steps)
+
+
+def _resolve_length_buckets(cfg: ml_collections.ConfigDict, train: TaskSplit) -> None:
+  """Replaces `data.length_buckets=auto` by the lengths `length_groups.choose_buckets` picks for
+  the training set's batches (config.json records them: a resume, evaluate and predict use the
+  same), and logs the lengths and the padding share they give."""
+  data, batch_size = cfg.data, cfg.train.batch_size
+  lengths = train.features["attention_mask"].sum(axis=1)  # [n]
+  if data.length_buckets == "auto":
+    chosen = length_groups.auto_buckets(lengths, batch_size, data.seed, data.group_by_length,
+                                        data.max_seq_length, data.max_buckets,
+                                        data.bucket_multiple)
+    with cfg.unlocked():
+      data.length_buckets = ",".join(map(str, chosen))
+  buckets = config_lib.length_buckets(data)
+  share = length_groups.padding_share(lengths, batch_size, data.seed, buckets,
+                                      data.group_by_length)
+  logging.info("length buckets %s%s: %.3f tokens computed per real token in epoch 0's batches",
+               buckets, " (batches grouped by length)" if data.group_by_length else "", share)
 
 
 def _take_architecture(cfg: ml_collections.ConfigDict) -> tuple[Any, str | None]:
@@ -109,6 +128,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   tokenizer = _tokenizer(cfg, tokenizer_dir)
   train, dev, label_names = _read_splits(cfg, tokenizer)
   _resolve_schedule(cfg, len(train), dev)
+  _resolve_length_buckets(cfg, train)
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
   kind, data = cfg.task, cfg.data
@@ -133,7 +153,8 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   buckets = config_lib.length_buckets(data)
   train_iter = loader.feature_train_iterator(train.device_arrays(),
                                              loader.HostLayout.of_process(per_host),
-                                             seed=data.seed, length_buckets=buckets)
+                                             seed=data.seed, length_buckets=buckets,
+                                             group_by_length=data.group_by_length)
   eval_batches = (lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count(),
                                             buckets)) if dev is not None else (lambda: [])
   meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}

@@ -118,6 +118,7 @@ RULES = [
          "classification only", NER),
     Rule(K, "data.text_fields", "a,b,c", "data.text_fields='a,b,c' must name one field or two"),
     Rule(F, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
+    *_positive(F, "data.max_buckets", "data.bucket_multiple"),
     *(Rule(F, f, v, f"{f}={v!r} must be >= 0") for f, v in (
         ("data.max_train_examples", -1), ("data.max_eval_examples", -1), ("train.epochs", -1.0),
         ("train.eval_every", -1), ("train.checkpoint_every", -1),
