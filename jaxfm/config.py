@@ -117,6 +117,7 @@ def _train_defaults() -> ml_collections.ConfigDict:
   train.log_every = 50
   train.eval_every = 500
   train.eval_batches = 10
+  train.eval_at_start = True  # also evaluate the initial params (step 0)
   train.checkpoint_every = 500
   train.checkpoint_every_seconds = 0  # 0 disables the wall-clock interval
   # 'START,STOP', e.g. '10,15': a jax.profiler trace of the steps after START up to STOP, beside
@@ -158,6 +159,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   cfg.train.steps = 1
   cfg.train.eval_every = 0  # 0 = once per epoch
   cfg.train.eval_batches = 0  # resolved: the whole dev set (0 without one)
+  cfg.train.eval_at_start = False  # the pretrained encoder under a random head: not worth a pass
   cfg.train.checkpoint_every = 0  # 0 = at every evaluation
   cfg.train.log_every = 10
   cfg.train.best_metric = ""  # '' = the task's main metric
@@ -416,7 +418,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
-    "train.profile_steps",
+    "train.profile_steps", "train.eval_at_start",
     "train.keep_every", "train.async_checkpointing", "train.progress_bar", "train.wandb_project",
     "data.worker_count", "model.cpu_paths", "runtime.platform",
     "data.prepared",  # the same examples either way; the loader's fingerprint refuses others

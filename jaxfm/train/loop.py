@@ -217,7 +217,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
       profile.closing(), _progress_bar(t, start) as bar:
     log_line(start, {"compile_s": executables.compile_s}, "compile")
-    if start == 0 and t.eval_batches:
+    if start == 0 and t.eval_batches and t.eval_at_start:
       evaluation.run(0, state.params)
       cpu_process.release_free_heap()  # what the eval step's compiler freed
     progress = actions.ReportProgress(task.summarize, task.flops_per_token, steps.schedule,
