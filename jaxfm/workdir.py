@@ -5,7 +5,8 @@
   tokenizer/      the run's tokenizer (trained, or copied from `init_from`)
   checkpoints/    Orbax steps of the train state (`jaxfm.train.checkpoint`)
   best/           fine-tuning: the best evaluation's params (`jaxfm.train.best`)
-  metrics.jsonl   one JSON line per logged step and split (`jaxfm.train.writer`)
+  metrics.jsonl   one JSON line per logged step and split (`jaxfm.train.writer`); on an object
+                  store one file per run segment instead, metrics-<start step>.jsonl
   tensorboard/    TensorBoard events
   compile_cache/  XLA's persistent compilation cache (`jaxfm.runtime.use_compilation_cache`)
   DONE            the run reached `train.steps` (or stopped early): nothing left to train
@@ -64,6 +65,30 @@ def tensorboard_dir(workdir: str) -> epath.Path:
 
 def metrics_file(workdir: str) -> epath.Path:
   return epath.Path(workdir) / METRICS_FILE
+
+
+def on_object_store(workdir: str) -> bool:
+  """Whether `workdir` is on an object store (gs://, s3://, ...), where files take no appends."""
+  return "://" in str(workdir) and not str(workdir).startswith("file://")
+
+
+def metrics_segment(workdir: str, start_step: int) -> epath.Path:
+  """Where the run segment that starts at `start_step` logs its metrics: metrics.jsonl,
+  appended to, on a local disk; on an object store, whose append mode overwrites (gcsfs) and
+  whose files appear only when closed, a file of its own, `metrics-<start_step>.jsonl`."""
+  if not on_object_store(workdir):
+    return metrics_file(workdir)
+  return epath.Path(workdir) / f"metrics-{start_step:09d}.jsonl"
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """Every metrics record of a run, segment after segment in the order they logged them (a
+  resumed segment's records of a step come after the ones it replaces)."""
+  paths = sorted(epath.Path(workdir).glob("metrics-*.jsonl"))
+  if metrics_file(workdir).exists():
+    paths.insert(0, metrics_file(workdir))
+  return [json.loads(line) for path in paths for line in path.read_text().splitlines()
+          if line.strip()]
 
 
 def tokenizer_dir(workdir: str) -> epath.Path:

@@ -1,4 +1,5 @@
-"""Object-store paths: a gs:// path without gcsfs is one `error:` line at start-up (no network)."""
+"""Object-store workdirs without a network: a gs:// path without gcsfs is one `error:` line at
+start-up, metrics never rely on append, and the end of a training run (exit status, DONE)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import tomllib
 
 import ml_collections
 import pytest
+from etils import epath
 
 from jaxfm import config as config_lib
 from jaxfm import runtime
 from jaxfm import workdir as workdir_lib
+from jaxfm.pretraining import run as pretraining_run
+from jaxfm.train import loop, writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = "pip install 'jaxfm[gcs]'"
@@ -87,3 +91,61 @@ def test_finish_training_exits_143_after_a_preemption_else_marks_done(tmp_path):
   assert (tmp_path / "DONE").read_text() == "step 9\n"
   workdir_lib.prepare_workdir(str(tmp_path), config_lib.pretrain_defaults(), False)
   assert not (tmp_path / "DONE").exists()  # a launch that trains again writes it anew
+
+
+@pytest.fixture
+def object_store(monkeypatch):
+  """Local folders acting as an object store: opening a file for append fails (gcsfs would
+  silently overwrite it instead)."""
+  original = epath.Path.open
+
+  def no_append(self, mode="r", *args, **kwargs):
+    assert "a" not in mode, f"append to {self} on an object store"
+    return original(self, mode, *args, **kwargs)
+
+  monkeypatch.setattr(workdir_lib, "on_object_store", lambda workdir: True)
+  monkeypatch.setattr(epath.Path, "open", no_append)
+
+
+def _segment(workdir, start: int, stop: int) -> None:
+  """One launch's metrics: the step-`start` evaluation and train steps up to `stop`."""
+  metric_writer = writer.MetricWriter(str(workdir), start_step=start)
+  metric_writer.write(start, {"loss": 9.0 - start, "accuracy": 0.1}, "eval")
+  for step in range(start + 1, stop + 1):
+    metric_writer.write(step, {"loss": 10.0 - step})
+  metric_writer.close()
+
+
+def _steps(workdir) -> list[tuple[str, int]]:
+  return [(r["split"], r["step"]) for r in workdir_lib.read_metrics(str(workdir))]
+
+
+def test_object_store_metrics_one_file_per_segment_read_in_order(object_store, tmp_path, capsys):
+  _segment(tmp_path, 0, 3)
+  _segment(tmp_path, 2, 4)  # resumed from step 2: its steps 3.. replace the first segment's
+  assert sorted(p.name for p in tmp_path.glob("metrics*")) == [
+      "metrics-000000000.jsonl", "metrics-000000002.jsonl"]
+  assert _steps(tmp_path) == [("eval", 0), ("train", 1), ("train", 2), ("train", 3),
+                              ("eval", 2), ("train", 3), ("train", 4)]
+  pretraining_run.report(str(tmp_path), loop.TrainResult(4, {}, {}, preempted=False))
+  assert "held-out MLM: step 0: loss 9.000 accuracy 0.100  ->  step 2: loss 7.000" in (
+      capsys.readouterr().out)
+
+
+def test_object_store_segment_is_rewritten_whole_at_most_every_rewrite_s(object_store, tmp_path):
+  lines = writer.JsonLines(str(tmp_path), 7, rewrite_s=3600)
+  path = tmp_path / "metrics-000000007.jsonl"
+  lines.write('{"step": 8}\n')
+  assert path.read_text() == '{"step": 8}\n'  # the first line at once: the file exists early
+  lines.write('{"step": 9}\n')
+  assert path.read_text() == '{"step": 8}\n'
+  lines.close()
+  assert path.read_text() == '{"step": 8}\n{"step": 9}\n'
+
+
+def test_local_metrics_stay_one_appended_file(tmp_path):
+  _segment(tmp_path, 0, 2)
+  _segment(tmp_path, 1, 3)
+  assert [p.name for p in tmp_path.glob("metrics*")] == ["metrics.jsonl"]
+  assert _steps(tmp_path) == [("eval", 0), ("train", 1), ("train", 2), ("eval", 1), ("train", 2),
+                              ("train", 3)]

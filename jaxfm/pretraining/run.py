@@ -4,7 +4,6 @@ task from a config and runs the shared loop in a workdir; `report` sums the run 
 from __future__ import annotations
 
 import itertools
-import json
 
 import jax
 import ml_collections
@@ -61,10 +60,12 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
 
 
 def report(workdir: str, result: loop.TrainResult) -> None:
-  """Prints held-out MLM loss/accuracy at the first and last evaluation (process 0)."""
-  evals = [json.loads(line) for line in workdir_lib.metrics_file(workdir).open()
-           if '"split": "eval"' in line]
-  if not evals or jax.process_index() != 0:
+  """Prints held-out MLM loss/accuracy at the first and last evaluation (process 0, the only
+  one that writes the metrics: on an object store they appear only once written whole)."""
+  if jax.process_index() != 0:
+    return
+  evals = [r for r in workdir_lib.read_metrics(workdir) if r["split"] == "eval"]
+  if not evals:
     return
   first, last = evals[0], evals[-1]
   print(f"held-out MLM: step {first['step']}: loss {first['loss']:.3f} accuracy "

@@ -206,7 +206,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     manager.close()
     return TrainResult(step=start, train={}, eval={}, preempted=False)
 
-  writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict())
+  writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict(), start_step=start)
   evaluation = actions.Evaluation(
       lambda params: evaluate(task, steps, params, eval_batches(), mesh), writer, t.eval_every,
       t.steps)
