@@ -13,7 +13,6 @@ import dataclasses
 import ml_collections
 
 from jaxfm.models.config import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, BertConfig, preset
-from jaxfm.trees import flatten
 
 
 PLATFORMS = ("auto", "tpu", "gpu", "cpu")  # runtime.platform
@@ -412,22 +411,3 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   validate_optim(cfg)
   validate_train(cfg)
   validate_pretrain_data(cfg)
-
-
-# Fields a resumed run may change without --allow_config_change: they don't alter the math.
-RESUMABLE_CHANGES = (
-    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
-    "train.profile_steps", "train.eval_at_start",
-    "train.keep_every", "train.async_checkpointing", "train.progress_bar", "train.wandb_project",
-    "data.worker_count", "model.cpu_paths", "runtime.platform",
-    "data.prepared",  # the same examples either way; the loader's fingerprint refuses others
-)
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-  """Lines `field: saved -> current` for changed fields that a resume must not silently accept."""
-  old, new = flatten(saved, "."), flatten(current, ".")
-  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-          for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]

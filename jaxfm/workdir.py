@@ -29,6 +29,7 @@ from etils import epath
 from jaxfm import config as config_lib
 from jaxfm.data.tokenizer import load_tokenizer
 from jaxfm.models import BertConfig
+from jaxfm.trees import flatten
 
 CONFIG_FILE = "config.json"
 TASK_FILE = "task.json"
@@ -135,6 +136,25 @@ def _versions() -> dict[str, str]:
   return out
 
 
+# Fields a resumed run may change without --allow_config_change: they don't alter the math.
+RESUMABLE_CHANGES = (
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
+    "train.profile_steps", "train.eval_at_start",
+    "train.keep_every", "train.async_checkpointing", "train.progress_bar", "train.wandb_project",
+    "data.worker_count", "model.cpu_paths", "runtime.platform",
+    "data.prepared",  # the same examples either way; the loader's fingerprint refuses others
+)
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """Lines `field: saved -> current` for changed fields that a resume must not silently accept."""
+  old, new = flatten(saved, "."), flatten(current, ".")
+  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+          for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+
+
 def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict, allow_config_change: bool) -> None:
   """Creates the workdir, proves it writable, and guards a resume against a changed config."""
   root = epath.Path(workdir)
@@ -151,7 +171,7 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict, allow_config_c
     saved.get("model", {}).pop("vocab_size", None)  # resolved from the tokenizer at run time
     compare = json.loads(json.dumps(cfg.to_dict()))
     compare.get("model", {}).pop("vocab_size", None)
-    changes = config_lib.config_changes(saved, compare)
+    changes = config_changes(saved, compare)
     if changes and not allow_config_change:
       raise WorkdirError(f"{workdir} holds a run with a different config; pass "
                          "--allow_config_change to resume anyway, or use a new workdir:\n  "
