@@ -52,19 +52,22 @@ class Chip:
   Attributes:
     hbm_bytes: HBM per chip.
     host_chips: chips per host (x, y, z) of the VM type that multi-host slices use.
+    single_host_chips: the most chips a slice served by one VM has (v5e/v6e: up to 8 chips on
+      one VM; their larger slices use 4-chip VMs).
     chip_config: libtpu's chip config; "megacore" fuses a chip's two TensorCores.
   """
 
   hbm_bytes: int
   host_chips: tuple[int, int, int]
+  single_host_chips: int = 4
   chip_config: str = "default"
 
 
 CHIPS = {
-    "v4": Chip(32 * GiB, (2, 2, 1), "megacore"),
-    "v5e": Chip(16 * GiB, (2, 4, 1)),
-    "v5p": Chip(95 * GiB, (2, 2, 1), "megacore"),
-    "v6e": Chip(32 * GiB, (2, 4, 1)),
+    "v4": Chip(32 * GiB, (2, 2, 1), chip_config="megacore"),
+    "v5e": Chip(16 * GiB, (2, 2, 1), single_host_chips=8),
+    "v5p": Chip(95 * GiB, (2, 2, 1), chip_config="megacore"),
+    "v6e": Chip(32 * GiB, (2, 2, 1), single_host_chips=8),
 }
 
 
@@ -92,10 +95,11 @@ def tpu_devices(name: str) -> tuple[list[jax.Device], Chip]:
     raise AotError("--topology needs libtpu, which is not installed: pip install -e '.[tpu]' "
                    "(or run `make aot-check`)")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  one_host = math.prod(dims) <= chip.single_host_chips
   try:
     desc = topologies.get_topology_desc(
         topology_name=name, platform="tpu", chip_config_name=chip.chip_config,
-        chips_per_host_bounds=tuple(min(h, d) for h, d in zip(chip.host_chips, dims)))
+        chips_per_host_bounds=dims if one_host else chip.host_chips)
   except jax.errors.JaxRuntimeError as e:
     raise AotError(f"--topology={name!r}: libtpu rejects it: {e}") from e
   return list(desc.devices), chip

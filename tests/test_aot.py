@@ -153,7 +153,8 @@ def test_cli_without_libtpu_says_how_to_install_it():
 
 @needs_libtpu
 def test_topologies_have_one_device_per_chip_and_their_hosts():
-  for name, chips, hosts in [("v5e:2x4", 8, 1), ("v5e:4x4", 16, 2), ("v4:2x2x2", 8, 2)]:
+  for name, chips, hosts in [("v5e:2x4", 8, 1), ("v5e:4x4", 16, 4), ("v4:2x2x2", 8, 2),
+                             ("v4:2x2x4", 16, 4), ("v5e:2x2", 4, 1)]:
     devices, chip = aot.tpu_devices(name)
     assert len(devices) == chips and len({d.process_index for d in devices}) == hosts
     assert chip is aot.CHIPS[name.split(":")[0]]
