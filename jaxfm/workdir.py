@@ -10,6 +10,7 @@
   tensorboard/    TensorBoard events
   compile_cache/  XLA's persistent compilation cache (`jaxfm.runtime.use_compilation_cache`)
   DONE            the run reached `train.steps` (or stopped early): nothing left to train
+  wandb_run_id    with `train.wandb_project`: the W&B run every launch of this run logs to
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ TASK_FILE = "task.json"
 TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.jsonl"
 DONE_FILE = "DONE"
+WANDB_RUN_ID_FILE = "wandb_run_id"
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tokenizers")
 
 
@@ -190,6 +192,15 @@ def mark_done(workdir: str, step: int) -> None:
   supervisor (`launch/tpu.sh babysit`) need not relaunch it."""
   if jax.process_index() == 0:
     _write_atomically(epath.Path(workdir) / DONE_FILE, f"step {step}\n")
+
+
+def wandb_run_id(workdir: str) -> str:
+  """The W&B run id of this workdir, made and saved by its first launch, so that a relaunch
+  after a preemption continues the same W&B run (process 0 only: it alone logs to W&B)."""
+  path = epath.Path(workdir) / WANDB_RUN_ID_FILE
+  if not path.exists():
+    _write_atomically(path, uuid.uuid4().hex[:16] + "\n")
+  return path.read_text().strip()
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

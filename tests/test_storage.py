@@ -149,3 +149,44 @@ def test_local_metrics_stay_one_appended_file(tmp_path):
   assert [p.name for p in tmp_path.glob("metrics*")] == ["metrics.jsonl"]
   assert _steps(tmp_path) == [("eval", 0), ("train", 1), ("train", 2), ("eval", 1), ("train", 2),
                               ("train", 3)]
+
+
+class _FakeWandb:
+  """Records `wandb.init` calls as W&B would receive them (wandb itself is not installed here)."""
+
+  def __init__(self):
+    self.inits = []
+
+  def init(self, **kwargs):
+    self.inits.append(kwargs)
+    return self
+
+  def log(self, *args, **kwargs):
+    del args, kwargs
+
+  def finish(self):
+    pass
+
+
+def test_every_launch_of_a_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
+  from jaxfm.train.writer import MetricWriter
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  for start in (0, 7):  # the first launch, then a relaunch after a preemption
+    MetricWriter(str(tmp_path / "run"), "proj", {}, start_step=start).close()
+  MetricWriter(str(tmp_path / "other"), "proj", {}).close()
+  ids = [init["id"] for init in fake.inits]
+  assert ids[0] == ids[1] != ids[2] and all(init["resume"] == "allow" for init in fake.inits)
+  assert (tmp_path / "run" / "wandb_run_id").read_text().strip() == ids[0]
+
+
+def test_wandb_offline_run_resumes_by_id(tmp_path, monkeypatch):
+  wandb = pytest.importorskip("wandb")
+  from jaxfm.train.writer import MetricWriter
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  for step in (1, 2):
+    writer = MetricWriter(str(tmp_path), "jaxfm-test", {})
+    writer.write(step, {"loss": 1.0 / step})
+    run_id = wandb.run.id
+    writer.close()
+  assert run_id == (tmp_path / "wandb_run_id").read_text().strip()

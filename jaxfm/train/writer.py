@@ -60,8 +60,8 @@ class MetricWriter:
       except ImportError as e:
         raise RuntimeError("train.wandb_project is set but wandb is not installed: "
                            "pip install 'jaxfm[wandb]'") from e
-      self._wandb = wandb.init(project=wandb_project, config=dict(config or {}),
-                               dir=workdir, resume="allow")
+      self._wandb = wandb.init(project=wandb_project, config=dict(config or {}), dir=workdir,
+                               id=workdir_lib.wandb_run_id(workdir), resume="allow")
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = "train") -> None:
     if not self._active:
