@@ -12,6 +12,7 @@ import itertools
 import pathlib
 import unicodedata
 
+import numpy as np
 import pytest
 
 from jaxfm.data.tokenizer import load_tokenizer, train_tokenizer
@@ -129,3 +130,12 @@ def test_edge_characters_match_rust_bert_tokenizer():
           "👩\u200d💻🇯🇵"]
   got = ref(edge, add_special_tokens=False)["input_ids"]
   assert ours.encode_batch(edge) == got
+
+
+def test_training_keeps_thousands_of_cjk_characters():
+  """A Chinese corpus needs more than the 1,000-character alphabet an English one does."""
+  chars = [chr(0x4E00 + i) for i in range(1500)]  # 1,500 distinct CJK characters
+  rng = np.random.default_rng(0)
+  lines = ["".join(rng.choice(chars, 40)) for _ in range(600)]  # each character ~16 times
+  vocab = train_tokenizer(lines, vocab_size=4000).backend.get_vocab()
+  assert all(c in vocab for c in chars)

@@ -170,8 +170,13 @@ def _continuation_pieces(texts: Sequence[str], normalizer: normalizers.Normalize
 
 
 def train_tokenizer(texts: Sequence[str], *, vocab_size: int, lowercase: bool = True,
-                    min_frequency: int = 2, limit_alphabet: int = 1000) -> WordPieceTokenizer:
+                    min_frequency: int = 2,
+                    limit_alphabet: int | None = None) -> WordPieceTokenizer:
   """Trains a BERT WordPiece vocabulary ([PAD]=0, [UNK], [CLS], [SEP], [MASK]) on `texts`.
+
+  `limit_alphabet` characters at most are kept (the most frequent); None keeps up to
+  max(1000, vocab_size // 2), room for the thousands of characters Chinese text needs, as
+  bert-base-chinese's vocabulary has them.
 
   The result is deterministic for the same texts. `tokenizers` alone is not (it numbers
   the '##c' continuation characters in hash-map order, which then breaks merge ties:
@@ -179,6 +184,8 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int, lowercase: bool = 
   and become ordinary vocabulary entries afterwards. The vocabulary can be smaller than
   `vocab_size` when the corpus has fewer distinct pieces.
   """
+  if limit_alphabet is None:
+    limit_alphabet = max(1000, vocab_size // 2)
   tokenizer = _bert_tokenizer({}, lowercase)
   reserved = list(SPECIAL_TOKENS) + _continuation_pieces(texts, tokenizer.normalizer,
                                                            limit_alphabet)
