@@ -3,9 +3,9 @@ sentence; every character is one word. Dev entity F1 (seqeval's) picks the best 
 
   python -m jaxfm.finetune --config=configs/finetune/msra_ner.py --workdir=runs/msra_ner \
       --config.init_from=hf:/path/to/bert-base-chinese \
-      --config.data.train_file=../shared/data/chinese/msra_ner/train.txt \
-      --config.data.dev_file=../shared/data/chinese/msra_ner/dev.txt \
-      --config.data.test_file=../shared/data/chinese/msra_ner/test.txt
+      --config.data.train_file=/path/to/msra_ner/train.txt \
+      --config.data.dev_file=/path/to/msra_ner/dev.txt \
+      --config.data.test_file=/path/to/msra_ner/test.txt
   python -m jaxfm.evaluate --workdir=runs/msra_ner --split=test
 """
 

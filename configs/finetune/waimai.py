@@ -3,9 +3,9 @@ r"""waimai_10k (Chinese food-delivery reviews) binary sentiment from TSV with th
 
   python -m jaxfm.finetune --config=configs/finetune/waimai.py --workdir=runs/waimai \
       --config.init_from=hf:/path/to/bert-base-chinese \
-      --config.data.train_file=../shared/data/chinese/waimai_10k/train.tsv \
-      --config.data.dev_file=../shared/data/chinese/waimai_10k/dev.tsv \
-      --config.data.test_file=../shared/data/chinese/waimai_10k/test.tsv
+      --config.data.train_file=/path/to/waimai_10k/train.tsv \
+      --config.data.dev_file=/path/to/waimai_10k/dev.tsv \
+      --config.data.test_file=/path/to/waimai_10k/test.tsv
   python -m jaxfm.evaluate --workdir=runs/waimai --split=test
 """
 

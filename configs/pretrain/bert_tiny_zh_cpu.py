@@ -2,11 +2,11 @@ r"""BERT-tiny (L2/H128) MLM on Chinese text: bert_tiny_cpu.py's recipe on a Chin
 
 The WordPiece vocabulary is trained on the corpus; CJK characters are split one per word as
 bert-base-chinese does (lowercased), and the trainer keeps up to vocab_size // 2 characters.
-People's Daily has one paragraph per line, so each line is a document (its word-segmentation
-spaces do not change the tokens of CJK text).
+Each line is a document (e.g. one paragraph of a news corpus); spaces between words do not
+change the tokens of CJK text.
 
   python -m jaxfm.pretrain --config=configs/pretrain/bert_tiny_zh_cpu.py --workdir=runs/tiny_zh \
-      --config.data.train_files=../shared/data/chinese/text/peoples_daily_199801_seg.txt
+      --config.data.train_files=/path/to/chinese_corpus.txt
 """
 
 import importlib.util
