@@ -1,4 +1,5 @@
-"""Fine-tuning batches of similar lengths, and the few lengths to compile them at.
+"""The order of an epoch's examples: shuffled, or in fine-tuning batches of similar lengths;
+and the few lengths to compile such batches at.
 
 With `data.group_by_length` an epoch's order is still a fresh permutation per (seed, epoch), but
 within each pool of `POOL_BATCHES` consecutive batches the rows are sorted by length and the
@@ -19,10 +20,16 @@ POOL_BATCHES = 64  # batches whose rows are sorted together: wide enough to grou
 
 
 @functools.lru_cache(maxsize=4)
+def shuffled_order(num_examples: int, seed: int, shard: int, epoch: int) -> np.ndarray:
+  """int64 [num_examples]: the example order of one shard's epoch."""
+  return np.random.default_rng([seed, shard, epoch]).permutation(num_examples)
+
+
+@functools.lru_cache(maxsize=4)
 def _grouped(lengths: bytes, batch_size: int, seed: int, epoch: int) -> np.ndarray:
   lengths_ = np.frombuffer(lengths, np.int32)
   rng = np.random.default_rng([seed, 0, epoch])
-  order = rng.permutation(len(lengths_))  # [n]
+  order = rng.permutation(len(lengths_))  # [n]: shuffled_order's, then grouped
   pool = POOL_BATCHES * batch_size
   pools = []
   for start in range(0, len(order), pool):
@@ -82,7 +89,7 @@ def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
   """int64 [n]: the loader's order of an epoch of one shard, grouped by length or not."""
   if grouped:
     return grouped_order(lengths, batch_size, seed, epoch)
-  return np.random.default_rng([seed, 0, epoch]).permutation(len(lengths))
+  return shuffled_order(len(lengths), seed, 0, epoch)
 
 
 def batch_longest(lengths: np.ndarray, batch_size: int, seed: int, grouped: bool) -> np.ndarray:

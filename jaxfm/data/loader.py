@@ -17,7 +17,6 @@ Every batch is a dict of numpy arrays with a leading per-host batch dimension B.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -87,12 +86,6 @@ class HostLayout:
     return range(self.host - readers.start, num_eval, len(readers))
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(num_examples: int, seed: int, shard: int, epoch: int) -> np.ndarray:
-  """int64 [num_examples]: the example order of one shard's epoch."""
-  return np.random.default_rng([seed, shard, epoch]).permutation(num_examples)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class HostBatch:
   """Batch number -> this host's batch; picklable for worker processes.
@@ -115,7 +108,8 @@ class HostBatch:
     indices = np.empty_like(within)
     for shard, epoch in set(zip(shards.tolist(), epochs.tolist())):
       here = (shards == shard) & (epochs == epoch)
-      order = (_epoch_order(int(sizes[here][0]), self.seed, shard, epoch) if self.lengths is None
+      order = (length_groups.shuffled_order(int(sizes[here][0]), self.seed, shard, epoch)
+               if self.lengths is None
                else length_groups.grouped_order(self.lengths, self.layout.shard_rows, self.seed,
                                                 epoch))
       indices[here] = order[within[here]]
