@@ -18,7 +18,9 @@ import gc
 import json
 import logging as std_logging
 import re
-from typing import Any, Iterator
+import sys
+import traceback
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -171,10 +173,35 @@ class _UnretrievedReadErrors(std_logging.Filter):
 _UNRETRIEVED_READ_ERRORS = _UnretrievedReadErrors()
 
 
-def _silence_failed_read() -> None:
-  """After a failed restore: keep the quarantine's line the only ERROR line about it."""
+def _is_late_read(unraisable: Any) -> bool:
+  """A read that finished after its failed restore had closed the event loop: tensorstore
+  reports each such callback's RuntimeError as unraisable (hundreds per failed restore)."""
+  return (unraisable.exc_type is RuntimeError
+          and str(unraisable.exc_value) == "Event loop is closed"
+          and any(frame.f_code.co_name == "call_soon_threadsafe"
+                  for frame, _ in traceback.walk_tb(unraisable.exc_traceback)))
+
+
+class _LateReadsDropped:
+  """`sys.unraisablehook` that passes on everything but `_is_late_read` reports."""
+
+  def __init__(self, hook: Callable[[Any], Any]):
+    self.hook = hook
+
+  def __call__(self, unraisable: Any) -> None:
+    if not _is_late_read(unraisable):
+      self.hook(unraisable)
+
+
+def _quiet_failed_reads() -> None:
+  """Keeps the quarantine's line the only output about a failed restore; idempotent.
+
+  Installed before restoring: the failed reads report on other threads, at times nobody
+  chooses, and their tracebacks would bury and even split that ERROR line.
+  """
   std_logging.getLogger("asyncio").addFilter(_UNRETRIEVED_READ_ERRORS)  # idempotent
-  gc.collect()  # collect the failed read's futures now, under the filter
+  if not isinstance(sys.unraisablehook, _LateReadsDropped):
+    sys.unraisablehook = _LateReadsDropped(sys.unraisablehook)
 
 
 def _steps_on_disk(directory: epath.Path) -> list[epath.Path]:
@@ -283,6 +310,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Resto
       none restores.
   """
   _check_target(abstract_state)
+  _quiet_failed_reads()
   for step in sorted(manager.all_steps(), reverse=True):
     difference = _other_model(manager, step, abstract_state.params)
     if difference:
@@ -304,7 +332,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Resto
                   f"restore failed with {type(e).__name__}: {_first_line(e)}")
     else:
       return Restored(step=step, state=restored[STATE], data=restored[DATA], meta=restored[META])
-    _silence_failed_read()  # out of the except block: the error and its traceback are released
+    gc.collect()  # out of the except block: free the failed read's futures now, quietly
     _sync(f"jaxfm-checkpoint-restore-{step}")
     manager.reload()
   found = sorted(p.name for p in manager.directory.iterdir()) if manager.directory.exists() else []

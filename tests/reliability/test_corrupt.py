@@ -1,6 +1,8 @@
 """4. A damaged newest checkpoint is quarantined with one ERROR line; the run resumes bitwise."""
 
 import shutil
+import sys
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -100,19 +102,47 @@ def test_no_restorable_checkpoint_refuses_to_start(reference, tmp_path, steps_fo
   assert checkpoint_entries(workdir) == sorted(f"{s}.corrupt" for s in steps)
 
 
-# Its gc.collect() also frees coroutines an earlier in-process failed restore left behind.
+# The gc.collect() also frees coroutines an earlier in-process failed restore left behind.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-def test_a_failed_reads_unretrieved_futures_log_no_error(caplog):
+def test_a_failed_reads_unretrieved_futures_log_no_error(caplog, monkeypatch):
   import asyncio
   import gc
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # undone after the test
   loop = asyncio.new_event_loop()
   future = loop.create_future()
   future.set_exception(OSError("truncated chunk"))  # as a failed Orbax read leaves it
   cycle = [future]
   cycle.append(cycle)  # only the garbage collector frees it, at a time nobody chooses
   del future, cycle
-  checkpoint._silence_failed_read()
+  checkpoint._quiet_failed_reads()
   gc.collect()
   loop.close()
   assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+def test_a_read_finishing_after_its_loop_closed_reports_nothing_but_others_report(monkeypatch):
+  import asyncio
+  reported: list[str] = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(str(u.exc_value)))
+  checkpoint._quiet_failed_reads()
+  checkpoint._quiet_failed_reads()  # idempotent: one filter, not two
+  assert not isinstance(sys.unraisablehook.hook, type(sys.unraisablehook))
+
+  def report(call: Callable[[], None]) -> None:
+    try:
+      call()
+    except RuntimeError as e:
+      sys.unraisablehook(types.SimpleNamespace(  # the fields of sys.UnraisableHookArgs
+          exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__, err_msg=None, object=None))
+
+  loop = asyncio.new_event_loop()
+  loop.close()
+  report(lambda: loop.call_soon_threadsafe(print))  # a read ending after its failed restore
+  assert reported == []
+
+  def elsewhere() -> None:
+    raise RuntimeError("Event loop is closed")
+
+  report(elsewhere)  # the same text from anywhere else is still reported
+  assert reported == ["Event loop is closed"]
