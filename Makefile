@@ -35,7 +35,8 @@ test-all: setup-test
 	$(PY) -m pytest -n 2 -m '' tests
 
 # TPU "will it fit": compiles bert_base's real train/eval steps for single-host and multi-host
-# slices (v5e-16: 4 hosts, v4-32: 4 hosts) on this CPU machine (python -m jaxfm.aot).
+# slices (v5e-16: 4 hosts, v4-32: 4 hosts) on this CPU machine (python -m jaxfm.aot), for
+# pretraining and for fine-tuning at each length bucket (tests/test_aot.py compiles CoNLL on v4-32).
 # libtpu goes into its own venv so that .venv stays CPU-only.
 VENV_TPU := .venv-tpu
 PY_TPU := JAX_PLATFORMS=cpu $(VENV_TPU)/bin/python
@@ -52,6 +53,8 @@ aot-check: $(VENV_TPU)/.installed
 	$(PY_TPU) -m jaxfm.aot --config=configs/pretrain/bert_base.py --topology=v4:2x2x2
 	$(PY_TPU) -m jaxfm.aot --config=configs/pretrain/bert_base.py --topology=v5e:4x4
 	$(PY_TPU) -m jaxfm.aot --config=configs/pretrain/bert_base.py --topology=v4:2x2x4
+	$(PY_TPU) -m jaxfm.aot --config=configs/finetune/sst2.py --topology=v5e:4x4 --architecture=base \
+	    --config.data.length_buckets=64
 
 clean:
 	rm -rf $(VENV) $(VENV_TPU) runs

@@ -2,11 +2,15 @@ r"""Will it fit: compiles the real train and eval steps for a Cloud TPU slice, o
 
   python -m jaxfm.aot --config=configs/pretrain/bert_base.py --topology=v5e:2x4 \
       [--config.train.batch_size=512] [--json]
+  python -m jaxfm.aot --config=configs/finetune/sst2.py --topology=v5e:2x4 --architecture=base \
+      [--config.data.length_buckets=32,64,96] [--num_labels=2]
 
 Needs libtpu (the `[tpu]` extra, or `make aot-check`) but no TPU: the devices are compile-only
 ones from `jax.experimental.topologies.get_topology_desc`. Prints per-device memory against the
 chip's HBM, FITS / DOES NOT FIT, the compiled and model FLOPs, and the step time and tokens/s
-implied at 50% MFU. Exit status: 0 fits, 1 does not fit, 2 a bad flag or config.
+implied at 50% MFU. A fine-tuning config (one with a `task`) is compiled at each of its
+`data.length_buckets` lengths, as many shapes as the run compiles, one report each. Exit
+status: 0 everything fits, 1 something does not fit, 2 a bad flag or config.
 """
 
 from __future__ import annotations
@@ -28,16 +32,23 @@ from ml_collections import config_flags
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
-from jaxfm.tasks import mlm_task
+from jaxfm.tasks import TASKS, make_task, mlm_task
 from jaxfm.train import flops, loop
 
 GiB = 2**30
 MFU = 0.5
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining or fine-tuning config file.",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU slice, e.g. v5e:2x4, v4:2x2x2.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON line per compiled length instead of "
+                          "the table.")
+_ARCHITECTURE = flags.DEFINE_string(
+    "architecture", "", "Fine-tuning configs: a size preset (jaxfm.models.PRESETS, e.g. base) "
+    "whose architecture replaces the config's, as the init_from checkpoint's does in a run; "
+    "'' keeps the config's.")
+_NUM_LABELS = flags.DEFINE_integer("num_labels", 2, "Fine-tuning configs: the head's labels "
+                                   "(classification) or tags (ner).")
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -184,9 +195,10 @@ class Report:
 
 
 def resolve_vocab(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy whose model.vocab_size is data.vocab_size when the run would train its tokenizer."""
+  """A copy whose model.vocab_size is data.vocab_size when a pretraining run would train its
+  tokenizer (a fine-tuning run's vocabulary is its architecture's)."""
   cfg = cfg.copy_and_resolve_references()
-  if not cfg.data.tokenizer:
+  if "task" not in cfg and not cfg.data.tokenizer:
     cfg.model.vocab_size = cfg.data.vocab_size
   return cfg
 
@@ -221,28 +233,75 @@ def _compile(step: Any, *args: Any) -> CompiledStep:
   return CompiledStep(memory, float(compiled.cost_analysis().get("flops", 0.0)), seconds)
 
 
-def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device],
-          hbm_bytes: int) -> Report:
-  """Compiles `cfg`'s MLM train and eval steps over `devices` (any platform) against `hbm_bytes`."""
+def _task(cfg: ml_collections.ConfigDict, platform: str, num_labels: int) -> loop.Task:
+  """The run's task: MLM for a pretraining config, else the fine-tuning kind with `num_labels`
+  placeholder labels (QA and regression heads have none)."""
+  model = config_lib.bert_config(cfg, platform)
+  if "task" not in cfg:
+    return mlm_task(model, cfg.data.max_seq_length, cfg.data.max_predictions_per_seq)
+  if cfg.task not in TASKS:
+    raise AotError(f"task={cfg.task!r}: choose one of {', '.join(TASKS)}")
+  labels = [f"L{i}" for i in range(num_labels)] if cfg.task in ("classification", "ner") else None
+  return make_task(cfg.task, model, labels, None, cfg.data)
+
+
+def with_architecture(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of `cfg` whose architecture fields are preset `name`'s (dtype, dropout, scan, remat
+  and the CPU paths stay as configured), as a fine-tuning run takes its init_from's."""
+  cfg = cfg.copy_and_resolve_references()
+  try:
+    preset = config_lib.model_config(name)
+  except (KeyError, ValueError) as e:
+    raise AotError(f"--architecture={name!r}: {e}") from e
+  with cfg.unlocked():
+    for field in config_lib.ARCHITECTURE_FIELDS:
+      cfg.model[field] = preset[field]
+  return cfg
+
+
+def compiled_lengths(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The sequence lengths a run of `cfg` compiles: a fine-tuning config's buckets (`auto` is
+  decided from the data at run time: only `max_seq_length` then), else `max_seq_length`."""
+  if "task" in cfg and cfg.data.length_buckets != "auto":
+    return config_lib.length_buckets(cfg.data)
+  return (cfg.data.max_seq_length,)
+
+
+def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_bytes: int,
+          num_labels: int = 2) -> list[Report]:
+  """Compiles `cfg`'s train and eval steps over `devices` (any platform) against `hbm_bytes`,
+  one report per length in `compiled_lengths`."""
   cfg = resolve_vocab(cfg)
-  config_lib.validate(cfg)
+  if "task" in cfg:  # the data fields are not needed: the batch is abstract
+    # A run resolves its cadence from the data; it does not change what is compiled.
+    cfg.train.eval_every = cfg.train.eval_every or 1
+    cfg.train.checkpoint_every = cfg.train.checkpoint_every or cfg.train.eval_every
+    for validate in (config_lib.validate_model, config_lib.validate_mesh,
+                     config_lib.validate_optim, config_lib.validate_train,
+                     config_lib.validate_sequence_length):
+      validate(cfg)
+  else:
+    config_lib.validate(cfg)
   mesh = _mesh(cfg, devices)
-  seq_len = cfg.data.max_seq_length
-  task = mlm_task(config_lib.bert_config(cfg, devices[0].platform), seq_len,
-                  cfg.data.max_predictions_per_seq)
-  steps = loop.build_steps(cfg, task, mesh)
-  batch = steps.abstract_batch(task, cfg.train.batch_size)
-  with sharding.activation_sharding(mesh):
-    train = _compile(steps.train_step, steps.abstract_state, batch)
-    evaluation = _compile(steps.eval_step, steps.abstract_state.params, batch)
-  return Report(
-      device_kind=devices[0].device_kind, devices=len(devices),
-      hosts=len({d.process_index for d in devices}), mesh=dict(mesh.shape),
-      batch_size=cfg.train.batch_size, seq_len=seq_len,
-      params=sum(math.prod(p.shape) for p in jax.tree.leaves(steps.abstract_state.params)),
-      hbm_bytes=hbm_bytes, scan_layers=cfg.model.scan_layers, train=train, eval=evaluation,
-      model_flops_per_step=task.flops_per_token(seq_len) * cfg.train.batch_size * seq_len,
-      peak_flops=flops.peak_flops_per_device(devices[0].device_kind))
+  reports = []
+  for seq_len in compiled_lengths(cfg):
+    at_length = cfg.copy_and_resolve_references()
+    at_length.data.max_seq_length = seq_len
+    task = _task(at_length, devices[0].platform, num_labels)
+    steps = loop.build_steps(at_length, task, mesh)
+    batch = steps.abstract_batch(task, cfg.train.batch_size)
+    with sharding.activation_sharding(mesh):
+      train = _compile(steps.train_step, steps.abstract_state, batch)
+      evaluation = _compile(steps.eval_step, steps.abstract_state.params, batch)
+    reports.append(Report(
+        device_kind=devices[0].device_kind, devices=len(devices),
+        hosts=len({d.process_index for d in devices}), mesh=dict(mesh.shape),
+        batch_size=cfg.train.batch_size, seq_len=seq_len,
+        params=sum(math.prod(p.shape) for p in jax.tree.leaves(steps.abstract_state.params)),
+        hbm_bytes=hbm_bytes, scan_layers=cfg.model.scan_layers, train=train, eval=evaluation,
+        model_flops_per_step=task.flops_per_token(seq_len) * cfg.train.batch_size * seq_len,
+        peak_flops=flops.peak_flops_per_device(devices[0].device_kind)))
+  return reports
 
 
 def _size(n: int | None) -> str:
@@ -285,18 +344,22 @@ def main(argv: Sequence[str]) -> None:
   del argv
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # the host needs no accelerator for this
+  cfg = _CONFIG.value
   try:
+    if _ARCHITECTURE.value:
+      cfg = with_architecture(cfg, _ARCHITECTURE.value)
     devices, chip = tpu_devices(_TOPOLOGY.value)
-    report = check(_CONFIG.value, devices, chip.hbm_bytes)
+    reports = check(cfg, devices, chip.hbm_bytes, _NUM_LABELS.value)
   except (AotError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-  if _JSON.value:
-    print(json.dumps({"config": config_file, "topology": _TOPOLOGY.value, **report.to_json()}))
-  else:
-    print(format_report(report, f"{config_file} on {_TOPOLOGY.value}"))
-  sys.exit(0 if report.fits else 1)
+  for report in reports:
+    if _JSON.value:
+      print(json.dumps({"config": config_file, "topology": _TOPOLOGY.value, **report.to_json()}))
+    else:
+      print(format_report(report, f"{config_file} on {_TOPOLOGY.value}"))
+  sys.exit(0 if all(r.fits for r in reports) else 1)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,13 @@ class ConfigError(ValueError):
   """A configuration value is out of range or inconsistent with another field."""
 
 
+# The `model` fields that make the architecture: a fine-tuning run takes them from its init_from
+# checkpoint (dropout, dtype, scan, remat and the CPU paths stay as configured).
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                       "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                       "embedding_size", "hidden_act", "layer_norm_eps")
+
+
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """The `model` section for a named size preset (see `jaxfm.models.PRESETS`)."""
   # auto: `jaxfm.cpu`'s XLA:CPU paths exactly when the run's devices are CPUs; on | off.

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from jaxfm import aot
+from jaxfm import config as config_lib
 from tests.train_helpers import SEQ, VOCAB, tiny_config
 
 
@@ -39,7 +40,8 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cpu_report():
-  return aot.check(_tiny(), jax.devices(), hbm_bytes=16 * aot.GiB)
+  [report] = aot.check(_tiny(), jax.devices(), hbm_bytes=16 * aot.GiB)
+  return report
 
 
 def test_check_on_cpu_devices_reports_memory_and_flops(cpu_report):
@@ -61,7 +63,7 @@ def test_check_on_cpu_devices_reports_memory_and_flops(cpu_report):
 
 def test_train_step_memory_grows_with_the_batch(cpu_report):
   # 64 examples per device: activations outweigh the batch-independent optimizer temporaries.
-  bigger = aot.check(_tiny(batch_size=512), jax.devices(), hbm_bytes=16 * aot.GiB)
+  [bigger] = aot.check(_tiny(batch_size=512), jax.devices(), hbm_bytes=16 * aot.GiB)
   assert bigger.train.memory.temporaries > cpu_report.train.memory.temporaries
   assert bigger.model_flops_per_step == 64 * cpu_report.model_flops_per_step
 
@@ -96,6 +98,48 @@ def test_step_time_at_half_mfu(cpu_report):
   r = dataclasses.replace(cpu_report, peak_flops=1e12)
   assert r.step_s == pytest.approx(r.model_flops_per_step / (0.5 * 1e12 * 8))
   assert r.tokens_per_s == pytest.approx(8 * SEQ / r.step_s)
+
+
+def _tiny_finetune(task: str = "classification", buckets: str = "16,32"):
+  cfg = config_lib.finetune_defaults()  # the tiny architecture
+  cfg.task = task
+  cfg.train.batch_size = 8
+  cfg.data.max_seq_length, cfg.data.length_buckets = 64, buckets
+  return cfg
+
+
+def test_a_finetuning_config_compiles_one_shape_per_length_bucket():
+  reports = aot.check(_tiny_finetune(), jax.devices(), hbm_bytes=16 * aot.GiB, num_labels=3)
+  assert [r.seq_len for r in reports] == [16, 32, 64]
+  assert all(r.fits and r.train.memory.total > 0 for r in reports)
+  flops_per_step = [r.model_flops_per_step for r in reports]
+  assert flops_per_step == sorted(flops_per_step) and flops_per_step[0] < flops_per_step[-1]
+  temporaries = [r.train.memory.temporaries for r in reports]
+  assert temporaries[0] < temporaries[-1]
+  # Two more labels: two more columns of the classifier's [hidden, labels] kernel and bias.
+  [five] = aot.check(_tiny_finetune(buckets=""), jax.devices(), 16 * aot.GiB, num_labels=5)
+  assert five.params - reports[0].params == 2 * (128 + 1)
+
+
+@pytest.mark.parametrize("task", ["ner", "qa", "regression"])
+def test_every_finetuning_kind_compiles(task):
+  [report] = aot.check(_tiny_finetune(task, buckets=""), jax.devices(), 16 * aot.GiB)
+  assert report.fits and report.seq_len == 64 and report.eval.memory.total > 0
+
+
+def test_auto_buckets_compile_the_longest_length_only():
+  assert aot.compiled_lengths(_tiny_finetune(buckets="auto")) == (64,)
+  assert aot.compiled_lengths(_tiny_finetune(buckets="16,32,64,99")) == (16, 32, 64)
+
+
+def test_architecture_preset_replaces_the_architecture_only():
+  cfg = _tiny_finetune()
+  cfg.model.hidden_dropout = 0.3
+  base = aot.with_architecture(cfg, "base")
+  assert (base.model.hidden_size, base.model.num_layers, base.model.vocab_size) == (768, 12, 30522)
+  assert base.model.hidden_dropout == 0.3 and cfg.model.hidden_size != 768
+  with pytest.raises(aot.AotError, match="--architecture='huge'"):
+    aot.with_architecture(cfg, "huge")
 
 
 def test_vocab_comes_from_data_when_the_tokenizer_is_trained():
@@ -163,7 +207,7 @@ def test_topologies_have_one_device_per_chip_and_their_hosts():
 @needs_libtpu
 def test_tpu_check_of_the_tiny_config_fits_and_has_a_step_time():
   devices, chip = aot.tpu_devices("v5e:2x2")
-  r = aot.check(_tiny(), devices, chip.hbm_bytes)
+  [r] = aot.check(_tiny(), devices, chip.hbm_bytes)
   assert r.fits and r.device_kind == "TPU v5 lite" and r.devices == 4
   assert r.train.memory.total > 0 and r.train.flops_per_device > 0
   assert r.step_s == pytest.approx(r.model_flops_per_step / (0.5 * 197e12 * 4))
@@ -191,3 +235,15 @@ def test_cli_oversized_batch_does_not_fit_and_exits_1():
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["fits"] is False and report["topology"] == "v5e:2x2"
   assert report["train"]["memory"] is None or report["peak_bytes"] > report["hbm_bytes"]
+
+
+@needs_libtpu
+def test_cli_finetuning_config_on_a_multi_host_slice_reports_each_length():
+  result = _cli("--config=configs/finetune/conll2003.py", "--topology=v4:2x2x4",
+                "--architecture=base", "--num_labels=9", "--config.data.length_buckets=64",
+                "--json", timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  reports = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert [r["seq_len"] for r in reports] == [64, 128]
+  assert all(r["fits"] and r["hosts"] == 4 and r["devices"] == 16 for r in reports)
+  assert reports[0]["peak_bytes"] < reports[1]["peak_bytes"]
