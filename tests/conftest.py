@@ -16,3 +16,5 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(tempfile.gettempdir(), "jaxfm-tests-jax-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+from tests.gcs_emulator import gcs_bucket, gcs_server  # noqa: E402,F401  (fixtures for gs:// tests)

@@ -1,0 +1,159 @@
+"""A GCS JSON API server on loopback (gcp-storage-emulator) that every gs:// layer talks to.
+
+  from tests.gcs_emulator import gcs_bucket  # or use it anywhere: tests/conftest.py imports it
+
+  def test_something(gcs_bucket):          # a fresh "gs://jaxfm-test/<test>-<hex>" folder
+    run([... f"--out={gcs_bucket}/x"], env={**os.environ})   # subprocesses inherit the settings
+    gcs_bucket.fs().ls(...)                # gcsfs, listing cache dropped (see `fs`)
+
+One server per session, in a subprocess (its request log goes to a file, and it never competes
+with the test for the GIL), in memory, stopped at the end of the session. The settings, in
+this process's environment while a test uses the fixture (and so in every subprocess it starts):
+  STORAGE_EMULATOR_HOST              gcsfs (and etils epath, which reaches gs:// through fsspec)
+  GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT  "false": gcsfs would first ask the Storage Control API for
+                                     the bucket's layout over gRPC, which an emulator does not
+                                     serve (time-outs where credentials are found)
+  TENSORSTORE_GCS_HTTP_URL           tensorstore's GCS driver, which writes Orbax's arrays
+  GOOGLE_AUTH_TOKEN_FOR_TESTING      tensorstore's credentials (its own tests set it)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+BUCKET = "jaxfm-test"  # tensorstore refuses bucket names under 3 characters
+START_TIMEOUT_S = 30.0
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class GcsServer:
+  """A running emulator: its URL, the bucket it serves, its log and the client settings."""
+
+  url: str  # http://127.0.0.1:PORT
+  bucket: str
+  log: Path
+
+  @property
+  def env(self) -> dict[str, str]:
+    """The environment variables that point gcsfs, epath and tensorstore at this server."""
+    return {"STORAGE_EMULATOR_HOST": self.url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "TENSORSTORE_GCS_HTTP_URL": self.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+
+
+def _wait_until_serving(proc: subprocess.Popen, url: str, bucket: str, log: Path) -> None:
+  """Polls the bucket's metadata until the server answers (at most START_TIMEOUT_S)."""
+  deadline = time.monotonic() + START_TIMEOUT_S
+  while True:
+    if proc.poll() is not None:
+      raise RuntimeError(f"the GCS emulator exited with {proc.returncode}:\n"
+                         f"{log.read_text(errors='replace')[-2000:]}")
+    try:
+      with urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2) as response:
+        if response.status == 200:
+          return
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+      pass
+    if time.monotonic() > deadline:
+      raise RuntimeError(f"the GCS emulator did not serve {url} within {START_TIMEOUT_S:.0f} s:"
+                         f"\n{log.read_text(errors='replace')[-2000:]}")
+    time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def serving(log_dir: Path, bucket: str = BUCKET) -> Iterator[GcsServer]:
+  """Runs `python -m gcp_storage_emulator` on a free loopback port with `bucket` created."""
+  port = _free_port()
+  url = f"http://127.0.0.1:{port}"
+  log = log_dir / "gcs-emulator.log"
+  with log.open("w") as out:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+         f"--port={port}", f"--default-bucket={bucket}", "--in-memory", "--quiet"],
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+  try:
+    _wait_until_serving(proc, url, bucket, log)
+    yield GcsServer(url, bucket, log)
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(10)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait(10)
+
+
+def fresh_gcsfs() -> None:
+  """Makes this process's fsspec open gs:// with gcsfs's plain client (also when gcsfs was
+  imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT was set) and drops cached instances, which
+  keep the endpoint of the environment they were made in."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  import gcsfs.core  # pylint: disable=g-import-not-at-top
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+  gcsfs.core.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory) -> Iterator[GcsServer]:
+  """The session's emulator (started on first use)."""
+  pytest.importorskip("gcp_storage_emulator")
+  pytest.importorskip("gcsfs")
+  with serving(tmp_path_factory.mktemp("gcs")) as server:
+    yield server
+
+
+class GcsFolder(str):
+  """A gs:// folder of its own for one test (the str is the URL, no trailing slash)."""
+
+  server: GcsServer
+
+  def __new__(cls, url: str, server: GcsServer) -> "GcsFolder":
+    folder = super().__new__(cls, url)
+    folder.server = server
+    return folder
+
+  def fs(self) -> Any:
+    """gcsfs on the emulator, listings cache dropped: other processes wrote meanwhile."""
+    import fsspec  # pylint: disable=g-import-not-at-top
+    fs = fsspec.filesystem("gs")
+    fs.invalidate_cache()
+    return fs
+
+  def files(self, under: str = "") -> list[str]:
+    """Every object under this folder (or its `under` subfolder), relative to it, sorted."""
+    root = self.removeprefix("gs://")
+    prefix = f"{root}/{under}".rstrip("/")
+    return sorted(name[len(root) + 1:] for name in self.fs().find(prefix))
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch, request) -> Iterator[GcsFolder]:
+  """A fresh gs:// folder on the emulator, with this process's environment pointing gcsfs,
+  epath and tensorstore (here and in subprocesses started during the test) at it."""
+  for name, value in gcs_server.env.items():
+    monkeypatch.setenv(name, value)
+  fresh_gcsfs()
+  name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40]
+  yield GcsFolder(f"gs://{gcs_server.bucket}/{name}-{uuid.uuid4().hex[:8]}", gcs_server)
+  fresh_gcsfs()  # no instance bound to the emulator outlives the test
+
