@@ -9,6 +9,7 @@ exist fails with a "did you mean" suggestion.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import ml_collections
 
@@ -76,6 +77,12 @@ def _pretrain_data_defaults() -> ml_collections.ConfigDict:
   # `python -m jaxfm.prepare` from this config, read by index (the corpus fields are then
   # unused; the packing and tokenizer fields must match its manifest).
   data.prepared = ""
+  # A mixture instead of train_files: ((name, comma-separated globs, weight), ...). Each
+  # source's share of the training examples is its weight (normalised), whatever its size.
+  data.sources = ()
+  # With data.prepared: a shard whose files fail the start-up check is skipped (its rows read
+  # the next good shard), logged and counted, instead of stopping the run.
+  data.skip_bad_shards = False
   data.format = "text"  # text | jsonl | tfds
   data.text_field = "text"  # JSONL field holding the document text
   data.documents = "blank_line"  # blank_line | line: how documents are separated in text
@@ -348,10 +355,34 @@ def validate_pretrain_data(cfg: ml_collections.ConfigDict) -> None:
   if d.num_shards < 1 or cfg.train.batch_size % d.num_shards:
     fail("data.num_shards", d.num_shards,
           f"must be >= 1 and divide train.batch_size={cfg.train.batch_size}")
+  validate_sources(cfg)
   if not d.tokenizer and d.vocab_size < 128:
     fail("data.vocab_size", d.vocab_size, "must be >= 128 to train a tokenizer")
   if d.tokenizer and cfg.model.vocab_size < 1:
     fail("model.vocab_size", cfg.model.vocab_size, "must be >= 1")
+
+
+def validate_sources(cfg: ml_collections.ConfigDict) -> None:
+  """`data.sources`: (name, files, weight) triples with distinct names and weights > 0."""
+  d = cfg.data
+  if not d.sources:
+    return
+  if d.train_files or d.format == "tfds":
+    raise ConfigError("data.sources replaces data.train_files and reads text or jsonl files: "
+                      "leave data.train_files empty and data.format text or jsonl")
+  names = []
+  for source in d.sources:
+    if not (isinstance(source, (tuple, list)) and len(source) == 3):
+      fail("data.sources", source, "must be (name, files, weight) triples")
+    name, files, weight = source
+    if not (isinstance(name, str) and re.fullmatch(r"[\w.-]+", name)) or name in names:
+      fail("data.sources", source,
+           "needs a distinct name of letters, digits, dashes, dots or underscores")
+    if not (isinstance(files, str) and files.strip()):
+      fail("data.sources", source, "needs its files (comma-separated globs)")
+    if not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
+      fail("data.sources", source, "needs a weight > 0")
+    names.append(name)
 
 
 def validate_finetune(cfg: ml_collections.ConfigDict) -> None:

@@ -87,7 +87,8 @@ def test_tokens_are_uint16_when_the_vocabulary_fits(prepared_dir):
   assert manifest["record"]["token_dtype"] == "uint16"
   assert manifest["record"]["bytes"] == 2 * T + 8
   assert prepared.record_dtype(T, 70_000)["tokens"].base == np.int32
-  assert [s["name"] for s in manifest["sources"]][0].endswith("part-0.txt")
+  assert [s["name"] for s in manifest["sources"]] == ["corpus"]
+  assert manifest["sources"][0]["files"][0]["path"].endswith("part-0.txt")
 
 
 def test_an_interrupted_prepare_resumes_to_the_same_files(corpus, prepared_dir, tmp_path):

@@ -11,6 +11,13 @@ out `eval_fraction` of its documents; the tokenizer, unless configured, is train
 * `train_iterator`: `loader.TrainIterator` over an endless stream per shard; each example is
   masked with (seed, epoch, example id), so every epoch draws new masks and a resume replays
   them.
+
+Mixtures: `data.sources` names several corpora, each with a weight. Every source is split into
+the same `data.num_shards` shards, and a shard's training stream interleaves its sources'
+streams by weight (`Mixture`), whatever their sizes: a small source repeats (a new epoch, new
+order and masks) more often than a large one. A source's shard is its own "stream"
+(`stream_id`), with its own held-out documents, packing seed and epoch order; one source is the
+single-corpus case, with the same examples and batches.
 * `eval_batches`: one deterministic pass over this host's share of its shards' eval
   examples with epoch-0 masks; every host yields the same number of batches, the last ones
   filled with zero-weight padding examples.
@@ -22,9 +29,12 @@ int32 [B, P]; masked_weights float32 [B, P].
 from __future__ import annotations
 
 import dataclasses
+import fractions
+import functools
+import math
 import sys
 import zlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Protocol
 
 import grain
@@ -34,8 +44,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxfm.data import length_groups
 from jaxfm.data.corpus import CorpusCounters, CorpusError, CorpusSpec, Document, read_shards
-from jaxfm.data.loader import (Batch, HostBatch, HostLayout, TrainIterator, num_padded_batches,
+from jaxfm.data.loader import (Batch, HostLayout, TrainIterator, num_padded_batches,
                                padded_eval_windows)
 from jaxfm.data.pretraining import (ExampleStore, Masking, PackingStats, build_store,
                                     example_ids, held_out, mask_batch, padding_example)
@@ -75,6 +86,150 @@ class _MaskBatch:
                       seed=self.seed, epochs=epochs, indices=example_ids(shards, indices))
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One corpus of a mixture: a name (for counters and the manifest), comma-separated globs
+  ('' = the embedded default corpus, or the tfds dataset), and its share of the examples."""
+  name: str
+  files: str
+  weight: float
+
+
+def sources_of(data_cfg: ml_collections.ConfigDict) -> tuple[Source, ...]:
+  """`data.sources` as (name, files, weight) triples, else the one source `data.train_files`."""
+  if data_cfg.sources:
+    return tuple(Source(str(name), str(files), float(weight))
+                 for name, files, weight in data_cfg.sources)
+  return (Source("corpus", data_cfg.train_files, 1.0),)
+
+
+def stream_id(source: int, shard: int, num_shards: int) -> int:
+  """The id that seeds held-out documents, packing and epoch order of a source's shard (the
+  shard itself for source 0, so one source is the single-corpus case)."""
+  return source * num_shards + shard
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  """How a shard's training stream interleaves its sources' streams: position p is element q
+  of source s's stream, by the rule of grain's `MapDataset.mix` (`SelectionWithProportionsMap`):
+  among the first n positions source s holds floor-exact shares of n by its weight, within one
+  example in every window, deterministic and random-access (a pure function of p).
+
+  Written here, vectorised, because grain's selection is one Python call per element and has no
+  counts; `tests/test_mixture.py` checks it against grain's.
+  """
+  names: tuple[str, ...]
+  weights: tuple[float, ...]  # > 0; normalised
+
+  @classmethod
+  def of(cls, sources: Sequence[Source]) -> Mixture:
+    return cls(tuple(s.name for s in sources), tuple(s.weight for s in sources))
+
+  @property
+  def proportions(self) -> tuple[int, ...]:
+    """The weights as the smallest integers in the same ratios (weights with more than three
+    significant decimals: rounded to parts of 2**20)."""
+    exact = [fractions.Fraction(w).limit_denominator(1000) for w in self.weights]
+    scale = math.lcm(*(f.denominator for f in exact))
+    ints = [int(f * scale) for f in exact]
+    ints = [i // math.gcd(*ints) for i in ints]
+    if sum(ints) > 1 << 20:  # keeps position * total within int64 for 2**40 positions
+      total = sum(self.weights)
+      ints = [max(1, round(w / total * (1 << 20))) for w in self.weights]
+    return tuple(ints)
+
+  def select(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [N] stream positions -> (source [N], element of that source's stream [N])."""
+    props = self.proportions
+    remaining = sum(props)
+    k = np.asarray(positions, np.int64)
+    k1 = k + 1
+    sources = np.full(k.shape, -1, np.int64)
+    elements = np.zeros(k.shape, np.int64)
+    for s, p in enumerate(props):  # source s takes k - floor(k (rest) / total) of the first k
+      next_k, next_k1 = k * (remaining - p) // remaining, k1 * (remaining - p) // remaining
+      hit = (sources < 0) & (k - next_k != k1 - next_k1)
+      sources[hit], elements[hit] = s, (k1 - next_k1)[hit] - 1
+      remaining -= p
+      k, k1 = next_k, next_k1
+    return sources, elements
+
+  def counts(self, n: int) -> np.ndarray:
+    """int64 [K]: how many of the first `n` positions each source holds."""
+    props, out = self.proportions, []
+    remaining = sum(props)
+    for p in props:
+      rest = n * (remaining - p) // remaining
+      out.append(n - rest)
+      n, remaining = rest, remaining - p
+    return np.array(out, np.int64)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _MixedHostBatch:
+  """Batch number -> this host's training batch; picklable for grain's workers.
+
+  Row r of global batch j is position p = j * R + r % R of shard v = r // R (R rows per shard,
+  `loader.HostLayout`). The mixture makes p element q of source s's stream of shard v: example
+  `order(s, v, epoch)[q % n]` of its epoch q // n, where n is the source's examples in shard v,
+  which start at row `starts[v, s]` of the shard.
+  """
+  fetch: Callable[[np.ndarray, np.ndarray, np.ndarray], Batch]
+  source_sizes: np.ndarray  # int [S, K] training examples per shard and source (0: not read)
+  mixture: Mixture
+  seed: int
+  layout: HostLayout
+  _orders: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, "_orders": {}}
+
+  def _order(self, shard: int, source: int, epoch: int) -> np.ndarray:
+    """int64 [n]: the example order of one epoch of a source's shard (its last epoch kept)."""
+    key = (shard, source)
+    if self._orders.get(key, (None,))[0] != epoch:
+      self._orders[key] = epoch, length_groups.shuffled_order(
+          int(self.source_sizes[shard, source]), self.seed,
+          stream_id(source, shard, self.layout.num_shards), epoch)
+    return self._orders[key][1]
+
+  def __call__(self, batch_number: int) -> Batch:
+    shards, offsets = np.divmod(self.layout.rows, self.layout.shard_rows)  # [B], [B]
+    sources, elements = self.mixture.select(batch_number * self.layout.shard_rows + offsets)
+    epochs, within = np.divmod(elements, self.source_sizes[shards, sources])  # [B], [B]
+    starts = np.cumsum(self.source_sizes, axis=1) - self.source_sizes  # [S, K]
+    indices = np.empty_like(within)
+    for v, s, e in set(zip(shards.tolist(), sources.tolist(), epochs.tolist())):
+      here = (shards == v) & (sources == s) & (epochs == e)
+      indices[here] = starts[v, s] + self._order(v, s, e)[within[here]]
+    return self.fetch(shards, epochs, indices)
+
+
+class MlmTrainIterator(TrainIterator):
+  """`loader.TrainIterator` whose state also counts the training examples seen per source
+  (`examples_seen/<source>`, all hosts together), saved with every checkpoint."""
+
+  def __init__(self, batches: grain.MapDataset, *, worker_count: int,
+               fingerprint: dict[str, int], seen: Callable[[int], dict[str, int]]):
+    super().__init__(batches, worker_count=worker_count, fingerprint=fingerprint)
+    self._seen = seen
+
+  def examples_seen(self) -> dict[str, int]:
+    """'examples_seen/<source>' -> training examples of that source in the batches so far."""
+    return self._seen(self._consumed)
+
+  def get_state(self) -> dict[str, int]:
+    return {**super().get_state(), **self.examples_seen()}
+
+
+def _examples_seen(mixture: Mixture, layout: HostLayout, batches: int) -> dict[str, int]:
+  """'examples_seen/<source>' in the first `batches` global batches: positions
+  [0, batches * R) of each of the S shards' streams, which interleave their sources alike."""
+  counts = layout.num_shards * mixture.counts(batches * layout.shard_rows)
+  return {f"examples_seen/{name}": int(n) for name, n in zip(mixture.names, counts)}
+
+
 def _all_processes_max(table: np.ndarray) -> np.ndarray:
   """The elementwise max of `table` (int32) over the JAX processes (a collective)."""
   if jax.process_count() == 1:
@@ -88,10 +243,14 @@ class MlmData:
   `PretrainingData` holds them in memory, `prepared.PreparedData` reads them from disk.
 
   `shard_table` int32 [S, 3] describes every shard of the corpus (training examples, eval
-  examples, crc32 of its training tokens; -1 where no host read it), the same on every host.
+  examples, crc32 of its training tokens; -1 where no host read it), the same on every host,
+  and `source_sizes` int32 [S, K] its training examples per source (a shard's examples are
+  its sources' back to back, in `mixture` order).
   """
   tokenizer: WordPieceTokenizer
   shard_table: np.ndarray
+  source_sizes: np.ndarray
+  mixture: Mixture
   max_seq_length: int  # T
   masking: Masking
   seed: int
@@ -121,10 +280,11 @@ class MlmData:
     """Endless training batches of the host `layout` describes."""
     self._check(layout)
     seed = self.seed if seed is None else seed
-    sizes = tuple(int(n) if v in self.shards_here else 0
-                  for v, n in enumerate(self.shard_table[:, 0]))
+    here = np.isin(np.arange(self.num_shards), list(self.shards_here))[:, None]  # [S, 1]
+    sizes = np.where(here, self.source_sizes, 0)  # [S, K]
     fetch = _MaskBatch(self.rows("train"), self.masking, seed)
-    batches = grain.MapDataset.range(sys.maxsize).map(HostBatch(fetch, sizes, seed, layout))
+    batches = grain.MapDataset.range(sys.maxsize).map(
+        _MixedHostBatch(fetch, sizes, self.mixture, seed, layout))
     fingerprint = {
         "num_examples": int(self.shard_table[:, 0].sum()),
         "examples_crc32": zlib.crc32(self.shard_table[:, [0, 2]].tobytes()),
@@ -132,7 +292,11 @@ class MlmData:
         "seed": seed,
         "global_batch_size": layout.global_batch_size,
     }
-    return TrainIterator(batches, worker_count=worker_count, fingerprint=fingerprint)
+    if len(self.mixture.names) > 1:
+      fingerprint["mixture_crc32"] = zlib.crc32(repr(
+          (self.mixture.names, self.mixture.proportions, self.source_sizes.tolist())).encode())
+    return MlmTrainIterator(batches, worker_count=worker_count, fingerprint=fingerprint,
+                            seen=functools.partial(_examples_seen, self.mixture, layout))
 
   def _eval_shares(self, layout: HostLayout) -> list[tuple[int, range]]:
     """(shard, indices of its eval examples) that the host `layout` evaluates."""
@@ -222,36 +386,56 @@ def run_tokenizer(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str | None
 
 SPLITS = ("train", "eval")  # in this order: a split's index seeds its packing
 
+SplitDocs = dict[str, dict[int, list[list[Document]]]]  # split -> shard -> source -> documents
+Packed = dict[str, dict[int, list[ExampleStore]]]  # split -> shard -> source -> examples
+
 
 def read_splits(data_cfg: ml_collections.ConfigDict, shards: Sequence[int],
-                corpus: CorpusCounters) -> dict[str, dict[int, list[Document]]]:
-  """split -> shard -> documents: the shards `shards` of the corpus, each holding out
-  `eval_fraction` of its documents (by a hash of seed, shard and position)."""
-  docs = read_shards(CorpusSpec.from_config(data_cfg), corpus, data_cfg.num_shards, shards)
-  splits = {split: {} for split in SPLITS}
-  for v, shard_docs in docs.items():
-    is_eval = held_out(len(shard_docs), data_cfg.eval_fraction, data_cfg.seed, v)  # [docs]
-    splits["train"][v] = [d for d, e in zip(shard_docs, is_eval) if not e]
-    splits["eval"][v] = [d for d, e in zip(shard_docs, is_eval) if e]
+                corpus: CorpusCounters) -> SplitDocs:
+  """The shards `shards` of every source, each holding out `eval_fraction` of its documents
+  (by a hash of seed, stream and position)."""
+  base = CorpusSpec.from_config(data_cfg)
+  splits: SplitDocs = {split: {v: [] for v in shards} for split in SPLITS}
+  for s, source in enumerate(sources_of(data_cfg)):
+    spec = dataclasses.replace(base, train_files=source.files)
+    for v, docs in read_shards(spec, corpus, data_cfg.num_shards, shards).items():
+      is_eval = held_out(len(docs), data_cfg.eval_fraction, data_cfg.seed,
+                         stream_id(s, v, data_cfg.num_shards))  # [docs]
+      splits["train"][v].append([d for d, e in zip(docs, is_eval) if not e])
+      splits["eval"][v].append([d for d, e in zip(docs, is_eval) if e])
   return splits
 
 
-def pack_splits(splits: dict[str, dict[int, list[Document]]], tokenizer: WordPieceTokenizer,
+def pack_splits(splits: SplitDocs, tokenizer: WordPieceTokenizer,
                 data_cfg: ml_collections.ConfigDict, stats: dict[str, PackingStats],
-                corpus: CorpusCounters) -> dict[str, dict[int, ExampleStore]]:
-  """split -> shard -> its documents tokenised and packed (rng seeded per split and shard).
+                corpus: CorpusCounters) -> Packed:
+  """split -> shard -> source -> its documents tokenised and packed (rng seeded per split and
+  stream).
 
   Raises:
-    CorpusError: a shard without training examples.
+    CorpusError: a source's shard without training examples.
   """
-  packed = {split: {v: build_store(shard_docs, tokenizer, data_cfg.max_seq_length,
-                                   np.random.default_rng([data_cfg.seed, i, v]), stats[split])
-                    for v, shard_docs in splits[split].items()}
+  num_shards = data_cfg.num_shards
+  packed = {split: {v: [build_store(docs, tokenizer, data_cfg.max_seq_length,
+                                    np.random.default_rng([data_cfg.seed, i,
+                                                           stream_id(s, v, num_shards)]),
+                                    stats[split])
+                        for s, docs in enumerate(by_source)]
+                    for v, by_source in splits[split].items()}
             for i, split in enumerate(SPLITS)}
-  if empty := [v for v, store in packed["train"].items() if not len(store)]:
-    raise CorpusError(f"no training example in corpus shard(s) {empty} of data.num_shards="
-                      f"{data_cfg.num_shards} ({corpus.as_dict()}); use fewer shards")
+  names = [source.name for source in sources_of(data_cfg)]
+  for s, name in enumerate(names):
+    if empty := [v for v, by_source in packed["train"].items() if not len(by_source[s])]:
+      raise CorpusError(f"no training example in corpus shard(s) {empty} of data.num_shards="
+                        f"{num_shards}" + (f" in source {name!r}" if len(names) > 1 else "") +
+                        f" ({corpus.as_dict()}); use fewer shards")
   return packed
+
+
+def shard_store(by_source: Sequence[ExampleStore], max_seq_length: int) -> ExampleStore:
+  """A shard's examples: its sources' back to back."""
+  return (by_source[0] if len(by_source) == 1
+          else ExampleStore.concatenate(list(by_source), max_seq_length))
 
 
 def tokens_crc32(store: ExampleStore) -> int:
@@ -267,13 +451,17 @@ def masking_of(tokenizer: WordPieceTokenizer, data_cfg: ml_collections.ConfigDic
                                whole_word=data_cfg.whole_word_masking)
 
 
-def _shard_table(packed: dict[str, dict[int, ExampleStore]], num_shards: int) -> np.ndarray:
-  """int32 [S, (train, eval, crc32 of the training tokens)] of every shard of the corpus, the
-  same on every host (-1 where no host read a shard)."""
-  table = np.full((num_shards, 3), -1, np.int32)
-  for v, store in packed["train"].items():
-    table[v] = len(store), len(packed["eval"][v]), tokens_crc32(store)
-  return _all_processes_max(table) if num_shards > 1 else table
+def _shard_tables(packed: Packed, num_shards: int,
+                  num_sources: int) -> tuple[np.ndarray, np.ndarray]:
+  """(`MlmData.shard_table` [S, 3], `MlmData.source_sizes` [S, K]) of every shard of the
+  corpus, the same on every host (-1 where no host read a shard)."""
+  table = np.full((num_shards, 3 + num_sources), -1, np.int32)
+  for v, by_source in packed["train"].items():
+    train = shard_store(by_source, by_source[0].max_seq_length)
+    table[v] = (len(train), sum(map(len, packed["eval"][v])), tokens_crc32(train),
+                *map(len, by_source))
+  table = _all_processes_max(table) if num_shards > 1 else table
+  return table[:, :3], table[:, 3:]
 
 
 def build_pretraining_data(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str | None, *,
@@ -281,9 +469,10 @@ def build_pretraining_data(data_cfg: ml_collections.ConfigDict, tokenizer_dir: s
                            save_tokenizer: bool | None = None) -> PretrainingData:
   """Reads, splits, tokenises and packs the shards `shards` of the corpus of `cfg.data`.
 
-  The corpus is split into `data_cfg.num_shards` shards (see `corpus.read_shards`); each
-  shard holds out `eval_fraction` of its documents. With several JAX processes, every
-  process must call this (it exchanges the shards' sizes, and may wait for the tokenizer).
+  The corpus (every source of a mixture) is split into `data_cfg.num_shards` shards (see
+  `corpus.read_shards`); each shard holds out `eval_fraction` of its documents. With several
+  JAX processes, every process must call this (it exchanges the shards' sizes, and may wait for
+  the tokenizer).
 
   Args:
     data_cfg: the `cfg.data` section (see `jaxfm.config.pretrain_defaults`).
@@ -302,19 +491,22 @@ def build_pretraining_data(data_cfg: ml_collections.ConfigDict, tokenizer_dir: s
   if data_cfg.max_seq_length > max_position_embeddings:
     raise ValueError(f"data.max_seq_length={data_cfg.max_seq_length} exceeds "
                      f"model.max_position_embeddings={max_position_embeddings}")
-  num_shards = data_cfg.num_shards
+  num_shards, length = data_cfg.num_shards, data_cfg.max_seq_length
   shards = list(range(num_shards) if shards is None else shards)
   save = jax.process_index() == 0 if save_tokenizer is None else save_tokenizer
   corpus = CorpusCounters()
   splits = read_splits(data_cfg, shards, corpus)
-  tokenizer = run_tokenizer(data_cfg, tokenizer_dir, splits["train"].get(0), save)
+  tokenizer = run_tokenizer(data_cfg, tokenizer_dir, shard0_documents(splits), save)
   stats = {split: PackingStats() for split in SPLITS}
   packed = pack_splits(splits, tokenizer, data_cfg, stats, corpus)
-  stores = {split: ExampleStore.concatenate(list(by_shard.values()), data_cfg.max_seq_length)
+  stores = {split: ExampleStore.concatenate([shard_store(by_source, length)
+                                             for by_source in by_shard.values()], length)
             for split, by_shard in packed.items()}
-  starts = {split: dict(zip(by_shard, np.cumsum([0, *map(len, by_shard.values())]).tolist()))
+  starts = {split: dict(zip(by_shard, np.cumsum(
+                [0, *(sum(map(len, by_source)) for by_source in by_shard.values())]).tolist()))
             for split, by_shard in packed.items()}
-  table = _shard_table(packed, num_shards)
+  sources = sources_of(data_cfg)
+  table, source_sizes = _shard_tables(packed, num_shards, len(sources))
   counters = {f"corpus/{k}": v for k, v in corpus.as_dict().items()}
   for split, split_stats in stats.items():
     counters.update({f"{split}/{k}": v for k, v in split_stats.as_dict().items()})
@@ -322,8 +514,15 @@ def build_pretraining_data(data_cfg: ml_collections.ConfigDict, tokenizer_dir: s
   counters["shards/read"] = len(shards)
   counters["shards/total"] = num_shards
   logging.info("Pretraining data: shards %s of %d read here: %s", shards, num_shards, counters)
-  return PretrainingData(tokenizer=tokenizer, shard_table=table,
-                         max_seq_length=data_cfg.max_seq_length,
+  return PretrainingData(tokenizer=tokenizer, shard_table=table, source_sizes=source_sizes,
+                         mixture=Mixture.of(sources), max_seq_length=length,
                          masking=masking_of(tokenizer, data_cfg), seed=data_cfg.seed,
                          counters=counters, train=stores["train"], eval=stores["eval"],
                          train_starts=starts["train"], eval_starts=starts["eval"])
+
+
+def shard0_documents(splits: SplitDocs) -> list[Document] | None:
+  """The training documents of shard 0 (every source's), which a trained tokenizer learns
+  from; None when shard 0 was not read."""
+  by_source = splits["train"].get(0)
+  return None if by_source is None else [doc for docs in by_source for doc in docs]
