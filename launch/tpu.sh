@@ -373,7 +373,7 @@ worker_stop() {   # SIGTERM the job's process group (jaxfm saves), SIGKILL after
 }
 
 worker_start() {   # worker_start STAMP WORKDIR -- CMD...: stale job and libtpu lock cleared, CMD detached
-  local stamp=$1 workdir=$2 w log
+  local stamp=$1 workdir=$2 w log i
   shift 2
   [[ ${1:-} == -- ]] && shift
   mkdir -p "$HOME/$JOB_DIR"
@@ -385,7 +385,15 @@ worker_start() {   # worker_start STAMP WORKDIR -- CMD...: stale job and libtpu 
   ln -sfn "$log" "$(job_file log)"
   setsid nohup bash "$SELF" worker-main "$workdir" "$log" -- "$@" </dev/null >>"$log" 2>&1 &
   echo $! >"$(job_file pid)"
-  echo "jaxfm-job: started on worker $w (pid $!), log $log"
+  for ((i = 0; i < 100; i++)); do   # until the job shows (exec'd) or has ended, so a poll sees it
+    if job_pid >/dev/null || [[ -f $(job_file exit_code) ]]; then
+      echo "jaxfm-job: started on worker $w (pid $!), log $log"
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "jaxfm-job: the job did not start on worker $w; see $log"
+  return 1
 }
 
 sync_log() {   # sync_log WORKDIR LOG: the worker's log into WORKDIR/logs/ (local or gs://)
