@@ -7,7 +7,13 @@
     gcs_bucket.fs().ls(...)                # gcsfs, listing cache dropped (see `fs`)
 
 One server per session, in a subprocess (its request log goes to a file, and it never competes
-with the test for the GIL), in memory, stopped at the end of the session. The settings, in
+with the test for the GIL), in memory, stopped at the end of the session.
+
+The emulator lacks two things of the GCS API that tensorstore's OCDBT writes (Orbax's arrays)
+rely on, added here (`with_generations`): the object generation in a download's
+`x-goog-generation` header, and the `ifGenerationMatch` / `ifGenerationNotMatch` preconditions
+(412, or 304 for a read), with which tensorstore updates a manifest only if nobody else did.
+Without them the second write of a checkpoint's manifest fails ("Malformed StorageGeneration"). The settings, in
 this process's environment while a test uses the fixture (and so in every subprocess it starts):
   STORAGE_EMULATOR_HOST              gcsfs (and etils epath, which reaches gs:// through fsspec)
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT  "false": gcsfs would first ask the Storage Control API for
@@ -29,11 +35,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "jaxfm-test"  # tensorstore refuses bucket names under 3 characters
 START_TIMEOUT_S = 30.0
 
@@ -60,6 +68,67 @@ class GcsServer:
             "TENSORSTORE_GCS_HTTP_URL": self.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
 
 
+def _generation(storage: Any, bucket: str | None, name: str | None) -> str | None:
+  """The object's generation, None when it does not exist."""
+  try:
+    return storage.get_file_obj(bucket, name)["generation"] if bucket and name else None
+  except Exception:  # noqa: BLE001 - the emulator's NotFound (or no such bucket)
+    return None
+
+
+def _object_name(request: Any) -> str | None:
+  """The object a request reads or writes: in the path, the query or an upload's metadata."""
+  params = request.params or {}
+  if params.get("object_id"):
+    return params["object_id"]
+  if "name" in request.query:
+    return request.query["name"][0]
+  if request.method == "POST" and "uploadType" in request.query:  # multipart or resumable
+    data = request.data
+    return data.get("meta", data).get("name") if isinstance(data, dict) else None
+  return None
+
+
+def _failed_precondition(request: Any, current: str | None) -> HTTPStatus | None:
+  """The status GCS answers when a generation precondition of `request` does not hold."""
+  match = request.query.get("ifGenerationMatch", [None])[0]
+  if match is not None and match != (current or "0"):
+    return HTTPStatus.PRECONDITION_FAILED
+  not_match = request.query.get("ifGenerationNotMatch", [None])[0]
+  if not_match is not None and not_match == (current or "0"):
+    return HTTPStatus.NOT_MODIFIED if request.method == "GET" else HTTPStatus.PRECONDITION_FAILED
+  return None
+
+
+def with_generations(handler: Callable[..., Any]) -> Callable[..., Any]:
+  """`handler` with GCS's generation preconditions and `x-goog-generation` on reads (the
+  emulator serves one request at a time, so the check and the write cannot interleave)."""
+
+  def handle(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any) -> Any:
+    bucket, name = (request.params or {}).get("bucket_name"), _object_name(request)
+    status = _failed_precondition(request, _generation(storage, bucket, name))
+    if status is not None:
+      response.status = status
+      return None
+    out = handler(request, response, storage, *args, **kwargs)
+    generation = _generation(storage, bucket, name)
+    if request.method == "GET" and generation is not None and response.status < 300:
+      response["x-goog-generation"] = generation
+    return out
+
+  return handle
+
+
+def _serve(argv: list[str]) -> None:
+  """`python -m gcp_storage_emulator ARGV` with every request handler `with_generations`."""
+  from gcp_storage_emulator import __main__ as emulator  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
+  server.HANDLERS = tuple((regex, {method: with_generations(handler)
+                                   for method, handler in handlers.items()})
+                          for regex, handlers in server.HANDLERS)
+  sys.exit(emulator.main(argv))
+
+
 def _wait_until_serving(proc: subprocess.Popen, url: str, bucket: str, log: Path) -> None:
   """Polls the bucket's metadata until the server answers (at most START_TIMEOUT_S)."""
   deadline = time.monotonic() + START_TIMEOUT_S
@@ -81,15 +150,15 @@ def _wait_until_serving(proc: subprocess.Popen, url: str, bucket: str, log: Path
 
 @contextlib.contextmanager
 def serving(log_dir: Path, bucket: str = BUCKET) -> Iterator[GcsServer]:
-  """Runs `python -m gcp_storage_emulator` on a free loopback port with `bucket` created."""
+  """Runs the emulator (`_serve`) on a free loopback port with `bucket` created."""
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   log = log_dir / "gcs-emulator.log"
   with log.open("w") as out:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+        [sys.executable, "-m", "tests.gcs_emulator", "start", "--host=127.0.0.1",
          f"--port={port}", f"--default-bucket={bucket}", "--in-memory", "--quiet"],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
   try:
     _wait_until_serving(proc, url, bucket, log)
     yield GcsServer(url, bucket, log)
@@ -157,3 +226,7 @@ def gcs_bucket(gcs_server, monkeypatch, request) -> Iterator[GcsFolder]:
   yield GcsFolder(f"gs://{gcs_server.bucket}/{name}-{uuid.uuid4().hex[:8]}", gcs_server)
   fresh_gcsfs()  # no instance bound to the emulator outlives the test
 
+
+
+if __name__ == "__main__":
+  _serve(sys.argv[1:])
