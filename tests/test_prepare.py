@@ -10,7 +10,7 @@ import pytest
 from jaxfm.config import ConfigError, pretrain_defaults
 from jaxfm.data import loader, mlm_data, prepared
 from jaxfm.pretraining import run
-from tests.data_helpers import write_corpus_files
+from tests.data_helpers import unmasked, write_corpus_files
 from tests.test_pretrain_cli import SMALL, _run
 
 T, P = 32, 5
@@ -200,3 +200,45 @@ def test_prepare_then_pretrain_cli(tmp_path):
   assert (workdir / "tokenizer" / "vocab.txt").exists()
   proc = _run("jaxfm.prepare", *args, "--config.data.seed=1", f"--out={out}", check=False)
   assert proc.returncode == 1 and "error: data.seed=1 but" in proc.stderr
+
+
+def test_workers_write_the_sequential_files(corpus, prepared_dir, tmp_path):
+  out = tmp_path / "parallel"
+  prepared.prepare(_cfg(corpus), str(out), workers=2)
+  assert _digests(out) == _digests(prepared_dir)
+
+
+def test_hosts_prepare_their_own_shards_and_the_last_writes_the_manifest(corpus, prepared_dir,
+                                                                         tmp_path):
+  out = tmp_path / "hosts"
+  with pytest.raises(prepared.PreparedError, match="no tokenizer in .* after 0 s"):
+    prepared.prepare(_cfg(corpus), str(out), shards=[1], tokenizer_wait_s=0.1)
+  assert prepared.prepare(_cfg(corpus), str(out), shards=[0]) is None  # shard 1 is not done
+  assert not (out / prepared.MANIFEST).exists()
+  assert prepared.prepare(_cfg(corpus), str(out), shards=[1]) is not None
+  assert _digests(out) == _digests(prepared_dir)
+
+
+def test_a_damaged_record_index_is_found_at_start(corpus, prepared_dir, tmp_path):
+  def flip_near_the_end(data: bytearray) -> bytearray:
+    data[-100] ^= 0xFF
+    return data
+  out, name = _damaged(prepared_dir, tmp_path, flip_near_the_end)
+  with pytest.raises(prepared.PreparedError, match=f"{name}: crc32 .* of its record index"):
+    prepared.load_prepared(_cfg("", prepared=str(out)), None)
+
+
+def test_a_bad_shard_is_a_counted_skip_when_asked(corpus, prepared_dir, tmp_path):
+  out, name = _damaged(prepared_dir, tmp_path, _flip_a_byte_of_the_first_records)
+  good = prepared.load_prepared(_cfg("", prepared=str(prepared_dir)), None)
+  disk = prepared.load_prepared(_cfg("", prepared=str(out), skip_bad_shards=True), None)
+  assert disk.counters["shards/skipped"] == 1 and good.counters["shards/skipped"] == 0
+  assert disk.files["train"][1] == disk.files["train"][0]  # shard 1's rows read shard 0
+  np.testing.assert_array_equal(disk.shard_table[1], [*good.shard_table[0, :1], 0,
+                                                      good.shard_table[0, 2]])
+  layout = loader.HostLayout(8, num_shards=2)
+  batch = next(disk.train_iterator(layout))
+  shard0 = {row.tobytes() for row in good.rows("train")(
+      np.zeros(good.shard_table[0, 0], np.int64), np.arange(good.shard_table[0, 0])).tokens}
+  assert all(row.tobytes() in shard0 for row in unmasked(batch)[4:])  # shard 1's rows
+  assert disk.shard_table[:, 1].sum() == good.shard_table[0, 1]  # shard 1's eval left out
