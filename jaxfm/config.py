@@ -218,6 +218,12 @@ def _finetune_data_defaults() -> ml_collections.ConfigDict:
   # Each training batch holds rows of similar length: far less padding, but batches whose
   # labels correlate with length where the data has such a correlation.
   data.group_by_length = False
+  # Several short examples per row of max_seq_length tokens (classification, regression, ner):
+  # each token attends only within its own example and positions restart per example
+  # (`jaxfm.data.packing`); train.batch_size counts rows.
+  data.packing = False
+  data.max_examples_per_row = 32  # with packing: examples (and [CLS] outputs) per row at most
+  data.padding_share = 0.0  # resolved: tokens computed per real token over epoch 0's batches
   data.tokenizer = ""  # '' = the init_from checkpoint's tokenizer
   data.lowercase = True  # for a bare vocab.txt
   data.max_train_examples = 0  # 0 = all; else the first N (quick runs)

@@ -58,7 +58,7 @@ def _resolve_length_buckets(cfg: ml_collections.ConfigDict, train: TaskSplit) ->
   the training set's batches (config.json records them: a resume, evaluate and predict use the
   same), and logs the lengths and the padding share they give."""
   data, batch_size = cfg.data, cfg.train.batch_size
-  lengths = train.features["attention_mask"].sum(axis=1)  # [n]
+  lengths = train.row_lengths()  # [rows]: one per feature, or packed rows (data.packing)
   if data.length_buckets == "auto":
     chosen = length_groups.auto_buckets(lengths, batch_size, data.seed, data.group_by_length,
                                         data.max_seq_length, data.max_buckets,
@@ -68,6 +68,8 @@ def _resolve_length_buckets(cfg: ml_collections.ConfigDict, train: TaskSplit) ->
   buckets = config_lib.length_buckets(data)
   share = length_groups.padding_share(lengths, batch_size, data.seed, buckets,
                                       data.group_by_length)
+  with cfg.unlocked():
+    data.padding_share = round(share, 4)  # config.json records it with the run
   logging.info("length buckets %s%s: %.3f tokens computed per real token in epoch 0's batches",
                buckets, " (batches grouped by length)" if data.group_by_length else "", share)
 

@@ -76,6 +76,25 @@ def at_positions(x: Array, positions: Array | None) -> Array:
   return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def attention_mask_4d(attention_mask: Array, segment_ids: Array | None = None,
+                      query_positions: Array | None = None) -> Array:
+  """Which keys each query attends to, bool, True = attend.
+
+  Without `segment_ids`: every real key ([batch, 1, 1, length] from the 1/0 `attention_mask`
+  [batch, length]). With `segment_ids` [batch, length] (packed rows: 1, 2, ... per example):
+  [batch, 1, queries, length], a real token attending to the real tokens of its own example
+  only, and a padding token to its own segment (so that no query's row is empty). Queries are
+  every position, or those at `query_positions` [batch, queries].
+  """
+  real = attention_mask.astype(bool)  # [batch, length]
+  if segment_ids is None:
+    return real[:, None, None, :]
+  query_segments = at_positions(segment_ids, query_positions)  # [batch, queries]
+  query_real = at_positions(real, query_positions)  # [batch, queries]
+  same = query_segments[:, :, None] == segment_ids[:, None, :]  # [batch, queries, length]
+  return (same & (real[:, None, :] | ~query_real[:, :, None]))[:, None]
+
+
 def dense(config: BertConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
   """A float32-parameter Dense layer computing in the config's dtype."""
   return nn.Dense(features, dtype=config.dtype, param_dtype=jnp.float32,
@@ -108,11 +127,14 @@ class Embeddings(nn.Module):
     if cfg.embedding_dim != cfg.hidden_size:
       self.projection = dense(cfg, cfg.hidden_size, (EMBED_OUT, EMBED), "projection")
 
-  def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
-    # input_ids, token_type_ids: [batch, length] -> [batch, length, hidden]
-    length = input_ids.shape[1]
+  def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool,
+               position_ids: Array | None = None) -> Array:
+    # input_ids, token_type_ids, position_ids (default 0, 1, ... per row): [batch, length]
+    # -> [batch, length, hidden]
+    if position_ids is None:
+      position_ids = jnp.arange(input_ids.shape[1])[None]  # [1, length]
     x = (self.word_embeddings(input_ids)
-         + self.position_embeddings(jnp.arange(length))[None]
+         + self.position_embeddings(position_ids)
          + self.token_type_embeddings(token_type_ids))
     x = self.dropout(self.layer_norm(x), deterministic=deterministic)
     if self.config.embedding_dim != self.config.hidden_size:
@@ -132,8 +154,8 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
                query_positions: Array | None = None) -> Array:
-    # x: [batch, length, hidden]; mask: [batch, 1, 1, length] bool, True = attend.
-    # Queries at `query_positions` ([batch, queries] int; all positions when None):
+    # x: [batch, length, hidden]; mask: [batch, 1, 1 or queries, length] bool, True = attend
+    # (`attention_mask_4d`). Queries at `query_positions` ([batch, queries] int; all positions when None):
     # [batch, queries, hidden] out.
     cfg = self.config
     param = functools.partial(self.param, dtype=jnp.float32)
@@ -242,16 +264,19 @@ class BertEncoder(nn.Module):
     self.pooler = dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), "pooler")
 
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
-               deterministic: bool = True, output_positions: Array | None = None) -> Array:
+               deterministic: bool = True, output_positions: Array | None = None,
+               segment_ids: Array | None = None, position_ids: Array | None = None) -> Array:
     """[batch, length] ids, types and 1/0 mask -> [batch, length, hidden] states.
 
     With `output_positions` ([batch, outputs] int) only those positions are returned
     ([batch, outputs, hidden]), and the last layer computes only those (its queries,
     attention output and MLP): the pooler reads position 0, the MLM head the masked positions.
+    Packed rows (`jaxfm.data.packing`) add `segment_ids` (a token attends only within its own
+    example) and `position_ids` (restarting per example), both [batch, length] int.
     """
-    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    x = self.embeddings(input_ids, token_type_ids, deterministic, position_ids)
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
-    mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1(heads), 1(query), key]
+    mask = attention_mask_4d(attention_mask, segment_ids)  # [batch, 1, 1 or length, length]
     if _scanned_depth(self.config):
       x, _ = self.scanned_layers(x, mask, deterministic, None)
     # The layer-by-layer backward order pays only under remat: without it every activation is
@@ -260,13 +285,16 @@ class BertEncoder(nn.Module):
             if self.config.cpu_paths and self.config.remat_policy != "none"
             else lambda layer, *args: layer(*args)[0])
     for index, layer in enumerate(self.layers):
-      last = index == len(self.layers) - 1
-      x = call(layer, x, mask, deterministic, output_positions if last else None)
+      if index < len(self.layers) - 1 or output_positions is None:
+        x = call(layer, x, mask, deterministic, None)
+      else:  # the last layer's queries at the output positions only
+        x = call(layer, x, attention_mask_4d(attention_mask, segment_ids, output_positions),
+                 deterministic, output_positions)
     return x
 
-  def pool(self, hidden: Array) -> Array:
-    """BERT pooler: tanh(dense(first token)). [batch, length, hidden] -> [batch, hidden]."""
-    return jnp.tanh(self.pooler(hidden[:, 0]))
+  def pool(self, first: Array) -> Array:
+    """BERT pooler: tanh(dense(x)) of each example's first-token states [..., hidden]."""
+    return jnp.tanh(self.pooler(first))
 
   def attend(self, x: Array) -> Array:
     return self.embeddings.attend(x)

@@ -79,8 +79,10 @@ class BertForMaskedLM(nn.Module):
 class BertForSequenceClassification(nn.Module):
   """Encoder + pooler + dropout + linear layer. `num_labels=1` is regression.
 
-  The pooler reads position 0 only, so the encoder's last layer runs there only
-  (`BertEncoder(output_positions=0s)`): the same logits and gradients for fewer FLOPs.
+  The pooler reads each example's first token only, so the encoder's last layer runs there
+  only (`BertEncoder(output_positions=...)`): the same logits and gradients for fewer FLOPs.
+  Packed rows (`jaxfm.data.packing`) give `segment_ids`, `position_ids` and `cls_positions`
+  ([batch, slots] int, -1 for an empty slot): one output per slot.
   """
 
   config: BertConfig
@@ -88,27 +90,35 @@ class BertForSequenceClassification(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, segment_ids: Array | None = None,
+               position_ids: Array | None = None, cls_positions: Array | None = None) -> Array:
     encoder = BertEncoder(self.config, name="encoder")
-    first = jnp.zeros((input_ids.shape[0], 1), jnp.int32)  # [batch, 1]: position 0
-    pooled = encoder.pool(encoder(input_ids, token_type_ids, attention_mask, deterministic,
-                                  output_positions=first))
+    if cls_positions is None:
+      first = jnp.zeros((input_ids.shape[0], 1), jnp.int32)  # [batch, 1]: position 0
+    else:
+      first = jnp.maximum(cls_positions, 0)  # [batch, slots]; empty slots read position 0
+    hidden = encoder(input_ids, token_type_ids, attention_mask, deterministic,
+                     output_positions=first, segment_ids=segment_ids,
+                     position_ids=position_ids)  # [batch, 1 or slots, hidden]
+    pooled = encoder.pool(hidden[:, 0] if cls_positions is None else hidden)
     pooled = dropout(self.config, self.config.hidden_dropout)(pooled, deterministic=deterministic)
     logits = dense(self.config, self.num_labels, (EMBED, CLASSES), "classifier")(pooled)
-    return logits.astype(jnp.float32)  # [batch, num_labels]
+    return logits.astype(jnp.float32)  # [batch, num_labels], or [batch, slots, num_labels]
 
 
 class BertForTokenClassification(nn.Module):
-  """Encoder + dropout + per-token linear layer (NER, POS)."""
+  """Encoder + dropout + per-token linear layer (NER, POS); packed rows as in `BertEncoder`."""
 
   config: BertConfig
   num_labels: int
 
   @nn.compact
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, segment_ids: Array | None = None,
+               position_ids: Array | None = None) -> Array:
     hidden = BertEncoder(self.config, name="encoder")(
-        input_ids, token_type_ids, attention_mask, deterministic)
+        input_ids, token_type_ids, attention_mask, deterministic, segment_ids=segment_ids,
+        position_ids=position_ids)
     hidden = dropout(self.config, self.config.hidden_dropout)(hidden, deterministic=deterministic)
     logits = dense(self.config, self.num_labels, (EMBED, CLASSES), "classifier")(hidden)
     return nn.with_logical_constraint(logits.astype(jnp.float32),
@@ -139,4 +149,4 @@ class BertModel(nn.Module):
                deterministic: bool = True) -> tuple[Array, Array]:
     encoder = BertEncoder(self.config, name="encoder")
     hidden = encoder(input_ids, token_type_ids, attention_mask, deterministic)
-    return hidden, encoder.pool(hidden)  # [batch, length, hidden], [batch, hidden]
+    return hidden, encoder.pool(hidden[:, 0])  # [batch, length, hidden], [batch, hidden]

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from jaxfm import config as config_lib
+from jaxfm.data.packing import Packing
 from jaxfm.models import BertConfig
 from jaxfm.tasks import classification, ner, qa
 from jaxfm.tasks.base import INPUTS, Features, TaskKind, TaskSplit, predict_outputs, summarize
@@ -22,7 +23,7 @@ from jaxfm.tasks.mlm import mlm_task
 from jaxfm.train.loop import Task
 
 __all__ = ["TASKS", "Features", "TaskKind", "TaskSplit", "load_split", "load_unlabelled",
-           "make_task", "mlm_task", "validate_finetune"]
+           "make_task", "mlm_task", "packing", "validate_finetune"]
 
 TASKS: dict[str, TaskKind] = {
     "classification": classification.CLASSIFICATION,
@@ -41,7 +42,23 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
     config_lib.fail("data.tfds_name", cfg.data.tfds_name,
                     f"is supported for classification only, not task={cfg.task!r}")
   kind.validate(cfg)
+  if cfg.data.packing:
+    if not kind.packs:
+      config_lib.fail("data.packing", cfg.data.packing,
+                      f"is not supported for task={cfg.task!r}: its features are long windows "
+                      "that leave nothing to pack")
+    if not 1 <= cfg.data.max_examples_per_row <= cfg.data.max_seq_length // 2:
+      config_lib.fail("data.max_examples_per_row", cfg.data.max_examples_per_row,
+                      f"must be in [1, data.max_seq_length // 2 = {cfg.data.max_seq_length // 2}]")
   config_lib.validate_finetune(cfg)
+
+
+def packing(data: ml_collections.ConfigDict) -> Packing | None:
+  """The rows `data.packing` packs features into (None when off, or in a config saved before
+  the field existed)."""
+  if not data.get("packing", False):
+    return None
+  return Packing(data.max_seq_length, data.max_examples_per_row)
 
 
 def make_task(kind: str, config: BertConfig, label_names: Sequence[str] | None,
@@ -52,11 +69,13 @@ def make_task(kind: str, config: BertConfig, label_names: Sequence[str] | None,
   ids = np.zeros((1, data.max_seq_length), np.int32)
   score = None if split is None else (
       lambda outputs: spec.score(split, outputs, label_names, data))
+  packed = packing(data)
   return Task(model=model, init_inputs=(ids, ids, np.ones_like(ids)), loss_fn=spec.loss(model),
               summarize=summarize,
               flops_per_token=functools.partial(spec.flops_per_token, config),
-              batch_spec=spec.batch_spec(data.max_seq_length),
-              predict_fn=predict_outputs(model, spec.outputs), score=score)
+              batch_spec=spec.batch_spec(data.max_seq_length,
+                                         packed.max_per_row if packed else 0),
+              predict_fn=predict_outputs(model, spec.outputs, spec.packs), score=score)
 
 
 def load_split(kind: str, data: ml_collections.ConfigDict, path: str, tokenizer: Any,
@@ -77,7 +96,7 @@ def load_split(kind: str, data: ml_collections.ConfigDict, path: str, tokenizer:
     label_names = spec.label_vocab(examples)
   label_names = None if label_names is None else list(label_names)
   split = TaskSplit(examples, spec.convert(examples, tokenizer, data, label_names),
-                    spec.device_fields)
+                    spec.device_fields, packing(data))
   return split, label_names
 
 
@@ -89,4 +108,4 @@ def load_unlabelled(kind: str, data: ml_collections.ConfigDict, path: str, token
   if not examples:
     raise ValueError(f"{path}: no inputs")
   return TaskSplit(examples, spec.convert(examples, tokenizer, data, label_names),
-                   spec.device_fields)
+                   spec.device_fields, packing(data))

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from jaxfm.data import loader
+from jaxfm.data.packing import Packing
 from jaxfm.models import BertConfig
 from jaxfm.train.flops import encoder_flops_per_token
 from jaxfm.train.step import Batch, LossFn, Sums
@@ -30,6 +33,9 @@ from jaxfm.train.step import Batch, LossFn, Sums
 Features = dict[str, np.ndarray]
 BatchSpec = dict[str, tuple[tuple[int, ...], str]]  # field -> (per-example shape, dtype)
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+# What packed rows (`jaxfm.data.packing`) add: per token, then per example slot.
+PACKED_TOKEN_INPUTS = ("segment_ids", "position_ids")
+PACKED_SLOT_INPUTS = ("cls_positions",)
 ON_ERROR = ("raise", "skip")
 
 
@@ -118,20 +124,56 @@ def apply_kwargs(rng: jax.Array | None) -> dict[str, Any]:
   return dict(deterministic=False, rngs={"dropout": rng})
 
 
-def encode(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> Any:
-  """The task model's output on the batch's (input_ids, token_type_ids, attention_mask)."""
+def encode(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None,
+           packed_inputs: tuple[str, ...] = PACKED_TOKEN_INPUTS) -> Any:
+  """The task model's output on the batch's (input_ids, token_type_ids, attention_mask), and
+  in packed batches the `packed_inputs` fields too (keywords)."""
+  packed = {name: batch[name] for name in packed_inputs if name in batch}
   return model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                     batch["attention_mask"], **apply_kwargs(rng))
+                     batch["attention_mask"], **packed, **apply_kwargs(rng))
 
 
-def predict_outputs(model: nn.Module, names: tuple[str, ...]) -> Callable[[Any, Batch], Sums]:
+def token_weights(batch: Batch) -> jax.Array:
+  """Each token's example weight, [b, t] (or [b, 1] to broadcast): the row's `weights` [b],
+  or in packed rows the weight [b, slots] of the token's example (0 on padding)."""
+  if "segment_ids" not in batch:
+    return batch["weights"][:, None]
+  segments = batch["segment_ids"]  # [b, t]: 1, 2, ... per example, 0 = padding
+  weights = jnp.take_along_axis(batch["weights"], jnp.maximum(segments - 1, 0), axis=1)
+  return jnp.where(segments > 0, weights, 0.0)
+
+
+def tokens_per_example(x: jax.Array, cls_positions: jax.Array) -> jax.Array:
+  """Per-token outputs of packed rows, x [b, t, ...], as each slot's own tokens
+  [b, slots, t, ...]: position j of slot s is row position cls_positions[b, s] + j (clipped to
+  the row; the positions past an example's end belong to the next one or to padding)."""
+  t = x.shape[1]
+  positions = jnp.clip(cls_positions[:, :, None] + jnp.arange(t), 0, t - 1)  # [b, slots, t]
+  return jax.vmap(lambda row, where: row[where])(x, positions)
+
+
+def predict_outputs(model: nn.Module, names: tuple[str, ...],
+                    packs: str = "") -> Callable[[Any, Batch], Sums]:
   """`(params, batch) -> {name: model output}` without dropout, plus the batch's
-  `feature_index` [b] (-1 for padding) so outputs can be matched to their features."""
+  `feature_index` [b] (-1 for padding) so outputs can be matched to their features.
+
+  Packed batches give outputs per example slot, [b, slots, ...] with `feature_index`
+  [b, slots]: the model's own (`packs="examples"`), or its per-token outputs cut into each
+  example's tokens (`packs="tokens"`, `tokens_per_example`).
+  """
   def predict(params: Any, batch: Batch) -> Sums:
-    out = encode(model, params, batch, None)
+    out = encode(model, params, batch, None, _packed_inputs(packs))
     out = out if isinstance(out, tuple) else (out,)
+    if packs == "tokens" and "cls_positions" in batch:
+      out = tuple(tokens_per_example(x, batch["cls_positions"]) for x in out)
     return {"feature_index": batch["feature_index"], **dict(zip(names, out, strict=True))}
   return predict
+
+
+def _packed_inputs(packs: str) -> tuple[str, ...]:
+  """The packing fields a model reads: the examples' [CLS] positions too when its outputs are
+  per example."""
+  return PACKED_TOKEN_INPUTS + (PACKED_SLOT_INPUTS if packs == "examples" else ())
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float]:
@@ -151,20 +193,34 @@ class TaskSplit:
 
   Host-side features (offsets, word maps) stay here; each device row carries `weights`
   (0 = padding) and `feature_index` (-1 = padding), so eval outputs match their features.
+  With `packing` a device row holds several features (`jaxfm.data.packing`), and `weights` and
+  `feature_index` are [rows, slots].
   """
 
   examples: list[Any]
   features: Features
   device_fields: tuple[str, ...]
+  packing: Packing | None = None
 
   def __len__(self) -> int:
-    return len(self.features["input_ids"])
+    """Device rows: one per feature, or the packed rows."""
+    return len(self._device_rows["input_ids"])
 
   def device_arrays(self) -> Features:
-    """The device fields plus `weights` (1) and `feature_index` (row number)."""
-    n = len(self)
-    return {**{k: self.features[k] for k in self.device_fields},
+    """The device fields plus `weights` (1) and `feature_index` (row number), per feature or
+    packed (each call a fresh copy)."""
+    return {k: v.copy() for k, v in self._device_rows.items()}
+
+  def row_lengths(self) -> np.ndarray:
+    """int [rows]: the real tokens of each device row."""
+    return self._device_rows["attention_mask"].sum(axis=1)
+
+  @functools.cached_property
+  def _device_rows(self) -> Features:
+    n = len(self.features["input_ids"])
+    rows = {**{k: self.features[k] for k in self.device_fields},
             "weights": np.ones(n, np.float32), "feature_index": np.arange(n, dtype=np.int32)}
+    return rows if self.packing is None else self.packing.pack(rows, {"feature_index": -1})
 
   def eval_batches(self, batch_size_per_host: int, shard_index: int, shard_count: int,
                    length_buckets: Sequence[int] = ()) -> Iterator[Features]:
@@ -175,8 +231,8 @@ class TaskSplit:
     length, shortest first, and each batch is cut to the shortest bucket that holds the
     longest row of that batch on any host (`loader.cut_to_bucket`).
     """
-    arrays = self.device_arrays()
-    lengths = arrays["attention_mask"].sum(axis=1)  # [n]
+    arrays = self._device_rows  # indexed below, so each batch is a copy
+    lengths = self.row_lengths()  # [n]
     cut = len(length_buckets) > 1
     order = np.argsort(lengths, kind="stable") if cut else np.arange(len(self))
     shares = [order[host::shard_count] for host in range(shard_count)]
@@ -216,6 +272,9 @@ class TaskKind:
     main_metric: the default `train.best_metric`.
     reads_tfds: whether `data.tfds_name` may replace the files.
     flops_per_token: (architecture, sequence length) -> training FLOPs per token.
+    packs: how the model reads packed rows (`data.packing`): "examples" (one output per
+      example, from its [CLS] position), "tokens" (per-token outputs and labels), or "" (not
+      packable: `data.packing` is refused).
   """
 
   model: Callable[[BertConfig, Sequence[str] | None], nn.Module]
@@ -232,13 +291,21 @@ class TaskKind:
   main_metric: str
   reads_tfds: bool = False
   flops_per_token: Callable[[BertConfig, int], float] = encoder_flops_per_token
+  packs: str = ""
 
   @property
   def device_fields(self) -> tuple[str, ...]:
     """The feature arrays the device needs (besides `weights` / `feature_index`)."""
     return (*INPUTS, *self.labels(0))
 
-  def batch_spec(self, seq_len: int) -> BatchSpec:
-    """Per-example (shape, dtype) of every field of this kind's batches."""
-    return {**{name: ((seq_len,), "int32") for name in INPUTS},
+  def batch_spec(self, seq_len: int, slots: int = 0) -> BatchSpec:
+    """Per-row (shape, dtype) of every field of this kind's batches; with `slots`, of packed
+    rows holding up to that many examples (per-example fields become [slots])."""
+    spec = {**{name: ((seq_len,), "int32") for name in INPUTS},
             "weights": ((), "float32"), "feature_index": ((), "int32"), **self.labels(seq_len)}
+    if not slots:
+      return spec
+    return {**{k: ((slots,), dtype) if shape == () else (shape, dtype)
+               for k, (shape, dtype) in spec.items()},
+            **{name: ((seq_len,), "int32") for name in PACKED_TOKEN_INPUTS},
+            **{name: ((slots,), "int32") for name in PACKED_SLOT_INPUTS}}

@@ -28,12 +28,13 @@ from absl import logging
 from jaxfm import config as config_lib
 from jaxfm.metrics import classification as cls_metrics
 from jaxfm.models import BertConfig, BertForSequenceClassification
-from jaxfm.tasks.base import (RowError, RowPolicy, TaskKind, TaskSplit, encode, json_field,
-                              jsonl_objects, token_ids)
+from jaxfm.tasks.base import (PACKED_SLOT_INPUTS, PACKED_TOKEN_INPUTS, RowError, RowPolicy,
+                              TaskKind, TaskSplit, encode, json_field, jsonl_objects, token_ids)
 from jaxfm.train.flops import classification_flops_per_token
 from jaxfm.train.step import Batch, LossFn, Sums
 
 Field = str | int
+PACKED_INPUTS = PACKED_TOKEN_INPUTS + PACKED_SLOT_INPUTS  # the model reads each example's [CLS]
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
@@ -307,13 +308,15 @@ def loss(model: nn.Module, regression: bool = False) -> LossFn:
   """Cross-entropy over classes, or squared error when `regression` (one output).
 
   Batch: input_ids, token_type_ids, attention_mask int32 [b, t]; labels int32 [b] (float32
-  for regression); weights float32 [b] (0 = padding example).
+  for regression); weights float32 [b] (0 = padding example). Packed rows (`data.packing`)
+  hold one example per slot: labels, weights and cls_positions [b, slots], segment_ids and
+  position_ids [b, t].
   """
   def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
-    logits = encode(model, params, batch, rng)  # [b, classes]
-    weights = batch["weights"]
+    logits = encode(model, params, batch, rng, PACKED_INPUTS)  # [b, (slots,) classes]
+    weights = batch["weights"]  # [b (, slots)]
     if regression:
-      per_example = jnp.square(logits[:, 0] - batch["labels"])  # [b]
+      per_example = jnp.square(logits[..., 0] - batch["labels"])  # [b (, slots)]
       sums = {}
     else:
       per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
@@ -398,7 +401,7 @@ def _kind(regression: bool) -> TaskKind:
       label_vocab=None if regression else label_vocab, convert=_convert, score=score,
       predictions=predictions,
       main_metric="pearson" if regression else "accuracy", reads_tfds=True,
-      flops_per_token=classification_flops_per_token)
+      flops_per_token=classification_flops_per_token, packs="examples")
 
 
 CLASSIFICATION = _kind(regression=False)

@@ -24,7 +24,7 @@ from jaxfm import config as config_lib
 from jaxfm.metrics import ner as ner_metrics
 from jaxfm.models import BertConfig, BertForTokenClassification
 from jaxfm.tasks.base import (RowError, RowPolicy, TaskKind, TaskSplit, encode, json_field,
-                              jsonl_objects, token_ids)
+                              jsonl_objects, token_ids, token_weights)
 from jaxfm.train.step import Batch, LossFn, Sums
 
 IGNORE = -100  # label of positions that carry no loss
@@ -267,12 +267,13 @@ def validate_data(cfg: ml_collections.ConfigDict) -> None:
 def loss(model: nn.Module) -> LossFn:
   """Cross-entropy per labelled token; label IGNORE marks positions without a loss.
 
-  Batch: input_ids, token_type_ids, attention_mask, labels int32 [b, t]; weights float32 [b].
+  Batch: input_ids, token_type_ids, attention_mask, labels int32 [b, t]; weights float32 [b],
+  or in packed rows (`data.packing`) [b, slots] with segment_ids and position_ids [b, t].
   """
   def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
     logits = encode(model, params, batch, rng)  # [b, t, labels]
     labels = batch["labels"]
-    weights = (labels >= 0) * batch["weights"][:, None]  # [b, t]
+    weights = (labels >= 0) * token_weights(batch)  # [b, t]
     safe = jnp.maximum(labels, 0)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)  # [b, t]
     loss_sum = jnp.sum(nll * weights)
@@ -337,4 +338,4 @@ NER = TaskKind(
     model=_model, loss=loss, outputs=("logits",),
     labels=lambda seq_len: {"labels": ((seq_len,), "int32")}, validate=validate_data,
     read=_read, read_unlabelled=read_unlabelled, label_vocab=tag_vocab, convert=_convert,
-    score=score, predictions=predictions, main_metric="f1")
+    score=score, predictions=predictions, main_metric="f1", packs="tokens")

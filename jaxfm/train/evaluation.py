@@ -19,10 +19,12 @@ LocalBatch = dict[str, np.ndarray]
 def gather_outputs(outputs: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
   """Per-batch predict outputs -> numpy arrays of the real rows, sorted by `feature_index`.
 
-  Per-position outputs of batches cut to different lengths (`data.length_buckets`) are
-  padded with zeros on axis 1 to the longest: those positions were padding.
+  Packed batches (`data.packing`) give outputs per example slot, [rows, slots, ...] with
+  `feature_index` [rows, slots]: each slot is one row here. Per-position outputs of batches
+  cut to different lengths (`data.length_buckets`) are padded with zeros on axis 1 to the
+  longest: those positions were padding.
   """
-  host = jax.device_get(outputs)
+  host = [_per_example(o) for o in jax.device_get(outputs)]
   merged = {k: np.concatenate(_padded_on_axis_1([o[k] for o in host])) for k in host[0]}
   keep = np.flatnonzero(merged["feature_index"] >= 0)
   keep = keep[np.argsort(merged["feature_index"][keep], kind="stable")]
@@ -57,6 +59,17 @@ def _eval_pass(steps: Steps, params: Any, local_batches: Iterable[LocalBatch],
                mesh: jax.sharding.Mesh) -> list[tuple[Sums, dict[str, jax.Array]]]:
   """`eval_step` (sums, outputs) over one pass of this host's batches."""
   return [steps.eval_step(params, sharding.global_batch(local, mesh)) for local in local_batches]
+
+
+def _per_example(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """One batch's outputs with packed rows' slots [rows, slots, ...] flattened into
+  [rows * slots, ...] (unchanged when `feature_index` is [rows])."""
+  slots = outputs["feature_index"].shape
+  if len(slots) == 1:
+    return outputs
+  if bad := [k for k, v in outputs.items() if v.shape[:2] != slots]:
+    raise ValueError(f"packed outputs {bad} are not per example slot {slots}")
+  return {k: v.reshape(-1, *v.shape[2:]) for k, v in outputs.items()}
 
 
 def _padded_on_axis_1(arrays: list[np.ndarray]) -> list[np.ndarray]:

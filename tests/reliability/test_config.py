@@ -123,6 +123,9 @@ RULES = [
     Rule(K, "data.tfds_name", "conll2003", "data.tfds_name='conll2003' is supported for "
          "classification only", NER),
     Rule(K, "data.text_fields", "a,b,c", "data.text_fields='a,b,c' must name one field or two"),
+    Rule(K, "data.packing", True, "data.packing=True is not supported for task='qa'", QA),
+    Rule(K, "data.max_examples_per_row", 0, "data.max_examples_per_row=0 must be in [1, "
+         "data.max_seq_length // 2 = 64]", {"data.packing": True}),
     Rule(F, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
     *_positive(F, "data.max_buckets", "data.bucket_multiple"),
     *(Rule(F, f, v, f"{f}={v!r} must be >= 0") for f, v in (
