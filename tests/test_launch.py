@@ -375,7 +375,7 @@ def test_delete_start_status_lines():
 def test_babysit_dry_run_walks_one_recovery():
   proc, lines = _dry("babysit", "--", "python", "-m", "jaxfm.pretrain", "--workdir=gs://b/r", SPOT="1")
   assert proc.returncode == 0, proc.stderr
-  steps = [" ".join(l.split()[4:6]) if "ssh" not in l else _command(l).split(" && ")[-1][:40]
+  steps = [" ".join(l.split()[5:7]) if "ssh" not in l else _command(l).split(" && ")[-1][:40]
            for l in lines]
   assert steps == ["describe jaxfm-tpu", "delete jaxfm-tpu", "create jaxfm-tpu", "describe jaxfm-tpu",
                    "test -f ~/venv-jaxfm/.jaxfm-installed", "rm -rf ~/jaxfm", "scp --recurse",
