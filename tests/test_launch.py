@@ -100,6 +100,16 @@ class FakeCloud:
         pass
 
 
+def _wait_for(condition, timeout_s=20):
+  """Whether `condition()` holds within `timeout_s` (checked every 0.1 s)."""
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    if time.monotonic() > deadline:
+      return False
+    time.sleep(0.1)
+  return True
+
+
 def _alive(pid):
   """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
   try:
@@ -259,12 +269,13 @@ def test_run_is_detached_clears_a_stale_job_and_the_lockfile(cloud):
   first_pid = int(cloud.job_file("pid").read_text())
   assert _alive(first_pid)
   cloud.lockfile.write_text("held by a dead process")
-  time.sleep(0.5)
+  assert _wait_for(lambda: (cloud.workdir / "launches.jsonl").exists())  # its SIGTERM handler is set
   assert cloud.tpu_sh("run", "--", *long_job).returncode == 0
   assert not cloud.lockfile.exists()
   assert not _alive(first_pid)
   first_log = sorted(cloud.job_file("").glob("*-worker-0.log"))[0].read_text()
   assert "SIGTERM: saved" in first_log and "exit 143" in first_log
+  assert _wait_for(lambda: len(cloud.starts()) == 2)  # the relaunched trainer is up
   assert cloud.starts()[0] == 0 and cloud.starts()[1] > 0  # resumed from the saved step
 
   assert cloud.tpu_sh("stop").returncode == 0
@@ -375,7 +386,7 @@ def test_delete_start_status_lines():
 def test_babysit_dry_run_walks_one_recovery():
   proc, lines = _dry("babysit", "--", "python", "-m", "jaxfm.pretrain", "--workdir=gs://b/r", SPOT="1")
   assert proc.returncode == 0, proc.stderr
-  steps = [" ".join(l.split()[5:7]) if "ssh" not in l else _command(l).split(" && ")[-1][:40]
+  steps = [" ".join(l.split()[5:7]) if "ssh" not in l else _command(l).removeprefix("cd ~/jaxfm && ")[:40]
            for l in lines]
   assert steps == ["describe jaxfm-tpu", "delete jaxfm-tpu", "create jaxfm-tpu", "describe jaxfm-tpu",
                    "test -f ~/venv-jaxfm/.jaxfm-installed", "rm -rf ~/jaxfm", "scp --recurse",
