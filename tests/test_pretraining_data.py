@@ -18,7 +18,7 @@ def _masking(whole_word: bool = False, max_predictions: int = P,
   maskable = np.arange(VOCAB) >= 5  # not a special token
   return Masking(max_predictions, 0.15, whole_word, SPECIAL.mask, maskable,
                  np.ones(VOCAB, bool) if word_start is None else word_start,
-                 np.arange(5, VOCAB, dtype=np.int32))
+                 np.arange(5, VOCAB, dtype=np.int32), np.arange(VOCAB, dtype=np.int32))
 
 
 def _docs(rng: np.random.Generator, num_docs: int) -> list[list[list[int]]]:

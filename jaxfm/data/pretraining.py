@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from jaxfm.data.tokenizer import SpecialIds, WordPieceTokenizer
+from jaxfm.data.word_segmentation import cjk_continuations
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's stream increment
@@ -193,6 +194,9 @@ class Masking:
   maskable: np.ndarray  # bool [vocab]: False for the special tokens
   word_start: np.ndarray  # bool [vocab]: False for '##' continuation pieces
   random_ids: np.ndarray  # int32 [R]: what a random replacement draws from (no specials)
+  # int32 [vocab]: the id the model sees: `##X` -> `X` for CJK characters that a word segmenter
+  # marked as continuing a word (`jaxfm.data.word_segmentation`), else the id itself.
+  model_ids: np.ndarray
 
   @classmethod
   def for_tokenizer(cls, tokenizer: WordPieceTokenizer, *, max_predictions: int,
@@ -200,8 +204,11 @@ class Masking:
     special = tokenizer.special_ids
     not_special = np.ones(tokenizer.vocab_size, bool)
     not_special[list(dataclasses.astuple(special))] = False
+    model_ids = np.arange(tokenizer.vocab_size, dtype=np.int32)
+    chars, pieces = cjk_continuations(tokenizer.vocab)
+    model_ids[pieces] = chars
     return cls(max_predictions, mask_prob, whole_word, special.mask, not_special,
-               tokenizer.word_start, np.flatnonzero(not_special).astype(np.int32))
+               tokenizer.word_start, np.flatnonzero(not_special).astype(np.int32), model_ids)
 
 
 def _choose_whole_words(tokens: np.ndarray, candidates: np.ndarray, score: np.ndarray,
@@ -272,6 +279,7 @@ def mask_batch(tokens: np.ndarray, lengths: np.ndarray, b_starts: np.ndarray, ma
   else:
     chosen = np.zeros((batch, length), bool)
     np.put_along_axis(chosen, np.argsort(score, axis=1), t < target[:, None], axis=1)
+  tokens = masking.model_ids[tokens]  # [B, T] word marks were for choosing, not for the model
   decide = _uniform(keys, 1, length)  # [B, T]
   pick = (_uniform(keys, 2, length) * len(masking.random_ids)).astype(np.int64)  # [B, T]
   new = np.where(decide < 0.8, masking.mask_id,

@@ -145,12 +145,17 @@ _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700,
                (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
 
+def is_cjk_char(char: str) -> bool:
+  """A character in BERT's CJK ideograph ranges (each is a word of its own)."""
+  code = ord(char)
+  return any(lo <= code <= hi for lo, hi in _CJK_RANGES)
+
+
 def _is_word_boundary_char(char: str) -> bool:
   """Punctuation and CJK characters always form a word of their own under BERT rules."""
   code = ord(char)
   return (unicodedata.category(char).startswith("P") or 33 <= code <= 47 or 58 <= code <= 64
-          or 91 <= code <= 96 or 123 <= code <= 126
-          or any(lo <= code <= hi for lo, hi in _CJK_RANGES))
+          or 91 <= code <= 96 or 123 <= code <= 126 or is_cjk_char(char))
 
 
 def _continuation_pieces(texts: Sequence[str], normalizer: normalizers.Normalizer,
