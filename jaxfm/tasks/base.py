@@ -220,7 +220,12 @@ class TaskSplit:
     n = len(self.features["input_ids"])
     rows = {**{k: self.features[k] for k in self.device_fields},
             "weights": np.ones(n, np.float32), "feature_index": np.arange(n, dtype=np.int32)}
-    return rows if self.packing is None else self.packing.pack(rows, {"feature_index": -1})
+    if self.packing is None:
+      return rows
+    packed = self.packing.pack(rows, {"feature_index": -1})
+    logging.info("packed %d features into %d rows of %d tokens (%.1f per row)", n,
+                 len(packed["input_ids"]), self.packing.row_length, n / len(packed["input_ids"]))
+    return packed
 
   def eval_batches(self, batch_size_per_host: int, shard_index: int, shard_count: int,
                    length_buckets: Sequence[int] = ()) -> Iterator[Features]:
