@@ -56,7 +56,8 @@ def main(argv: Sequence[str]) -> None:
   for grouped in (False, True):
     rows.append(("auto, grouped by length" if grouped else "auto", lengths,
                  _auto(data, lengths, batch, grouped), grouped))
-  caps = sorted({data.max_examples_per_row, 8, 16, 32} & set(range(1, data.max_seq_length // 2 + 1)))
+  caps = sorted(c for c in {data.max_examples_per_row, 8, 16, 32}
+                if c <= data.max_seq_length // 2)
   for cap in caps:
     packed = dataclasses.replace(split, packing=Packing(data.max_seq_length, cap)).row_lengths()
     rows.append((f"packed, <= {cap} per row ({len(lengths) / len(packed):.1f} avg)", packed,
@@ -69,8 +70,9 @@ def main(argv: Sequence[str]) -> None:
                                                         data.max_examples_per_row))
     for name, plan, buckets in (("auto", split, rows[1][2]), ("packed", packed, rows[-1][2])):
       seconds, tokens, shapes = _time_steps(cfg, plan, buckets, _TIME_STEPS.value)
-      print(f"  {name:8s} {_TIME_STEPS.value} steps {seconds:.2f} s ({seconds / _TIME_STEPS.value:.3f}"
-            f" s/step, shapes {shapes}): {tokens / seconds:,.0f} real tokens/s")
+      steps = _TIME_STEPS.value
+      print(f"  {name:8s} {steps} steps {seconds:.2f} s ({seconds / steps:.3f} s/step, "
+            f"lengths {shapes}): {tokens / seconds:,.0f} real tokens/s")
 
 
 def _time_steps(cfg, split: TaskSplit, buckets: tuple[int, ...],

@@ -70,7 +70,8 @@ def _task(cfg, labels, split, **model):
 def _outputs(task, params, split) -> dict[str, np.ndarray]:
   """The predict outputs of every feature of `split`, in feature order, on one device."""
   predict = jax.jit(task.predict_fn)
-  return evaluation.gather_outputs([predict(params, batch) for batch in split.eval_batches(16, 0, 1)])
+  return evaluation.gather_outputs([predict(params, batch)
+                                    for batch in split.eval_batches(16, 0, 1)])
 
 
 # ---------------------------------------------------------------- the plan and the rows
@@ -102,7 +103,8 @@ def test_pack_lays_each_feature_out_whole_with_its_own_positions_and_segment():
   for row, slot in zip(*np.nonzero(packed["cls_positions"] >= 0)):
     i, start = packed["feature_index"][row, slot], packed["cls_positions"][row, slot]
     span = slice(start, start + lengths[i])
-    np.testing.assert_array_equal(packed["input_ids"][row, span], features["input_ids"][i, :lengths[i]])
+    np.testing.assert_array_equal(packed["input_ids"][row, span],
+                                  features["input_ids"][i, :lengths[i]])
     np.testing.assert_array_equal(packed["position_ids"][row, span], np.arange(lengths[i]))
     assert (packed["segment_ids"][row, span] == slot + 1).all()
     assert packed["labels"][row, slot] == features["labels"][i]
@@ -185,7 +187,8 @@ def test_packed_training_and_scores_equal_the_same_examples_unpacked(files, case
       index = batch["feature_index"][batch["feature_index"] >= 0]
       alone = {k: v[np.resize(index, 8 * SLOTS)] for k, v in rows.items()}  # [8 * SLOTS, ...]
       alone["weights"][len(index):] = 0.0
-      states[0], packed_sums = packed_steps.train_step(states[0], sharding.global_batch(batch, mesh))
+      states[0], packed_sums = packed_steps.train_step(states[0],
+                                                       sharding.global_batch(batch, mesh))
       states[1], plain_sums = plain_steps.train_step(states[1], sharding.global_batch(alone, mesh))
       assert float(packed_sums["weight"]) == float(plain_sums["weight"])
       for name in ("loss_sum", "grad_norm"):
@@ -197,6 +200,23 @@ def test_packed_training_and_scores_equal_the_same_examples_unpacked(files, case
   assert scores[0].keys() == scores[1].keys()
   for name in scores[0]:
     np.testing.assert_allclose(scores[0][name], scores[1][name], rtol=1e-4, err_msg=name)
+
+
+def test_the_packed_batch_spec_compiles_ahead_of_time_for_the_loaders_batches(files):
+  # `jaxfm.aot` compiles from `Task.batch_spec`: with packing it must describe packed rows.
+  cfg = _config(files, "ner", packing=True)
+  packed, labels = _splits(cfg)
+  cfg.train.steps = 2
+  task = _task(cfg, labels, None)
+  mesh = loop.make_mesh(cfg)
+  steps = loop.build_steps(cfg, task, mesh)
+  compiled, _ = loop.compile_train_step(steps, steps.abstract_batch(task, 8), mesh)
+  state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(jax.random.key(0))
+  batch = next(loader.feature_train_iterator(packed.device_arrays(), loader.HostLayout(8), seed=0))
+  assert batch.keys() == task.batch_spec.keys()
+  with sharding.activation_sharding(mesh):
+    _, sums = compiled(state, sharding.global_batch(batch, mesh))
+  assert float(sums["weight"]) > 0
 
 
 # ---------------------------------------------------------------- runs and config

@@ -60,11 +60,11 @@ class Packing:
       slots[row, :len(members)] = members
     return slots
 
-  def pack(self, features: Features, fill: Mapping[str, int] = {}) -> Features:  # pylint: disable=dangerous-default-value
+  def pack(self, features: Features, fill: Mapping[str, int] | None = None) -> Features:
     """Packs fixed-shape features (each row's real tokens a prefix, by `attention_mask`).
 
     Fields of shape [n, T] become [rows, row_length] (padding 0), fields of shape [n] become
-    [rows, max_per_row] (empty slots `fill.get(field, 0)`), and `segment_ids`,
+    [rows, max_per_row] (empty slots `fill[field]`, else 0), and `segment_ids`,
     `position_ids` [rows, row_length] and `cls_positions` [rows, max_per_row] are added.
     """
     mask = features["attention_mask"]  # [n, T]
@@ -91,7 +91,7 @@ class Packing:
         out = np.zeros(rows + values.shape[2:], values.dtype)
         out[token_row, token_column] = values[token_feature, token_offset]
       elif values.shape == (n,):
-        out = np.full(slots.shape, fill.get(name, 0), values.dtype)
+        out = np.full(slots.shape, (fill or {}).get(name, 0), values.dtype)
         out[filled] = values[feature]
       else:
         raise ValueError(f"cannot pack field {name!r} of shape {values.shape}: expected "

@@ -155,7 +155,8 @@ class SelfAttention(nn.Module):
   def __call__(self, x: Array, mask: Array, deterministic: bool,
                query_positions: Array | None = None) -> Array:
     # x: [batch, length, hidden]; mask: [batch, 1, 1 or queries, length] bool, True = attend
-    # (`attention_mask_4d`). Queries at `query_positions` ([batch, queries] int; all positions when None):
+    # (`attention_mask_4d`). Queries at `query_positions` ([batch, queries] int; all positions
+    # when None):
     # [batch, queries, hidden] out.
     cfg = self.config
     param = functools.partial(self.param, dtype=jnp.float32)
