@@ -120,6 +120,12 @@ def probe_write(directory: epath.Path) -> None:
 
 
 def _write_atomically(path: epath.Path, text: str) -> None:
+  """Writes `text` to `path` whole or not at all: through a temporary file and a rename on a
+  local disk; directly on an object store, where an object appears only once its upload has
+  completed (and a rename is a copy and a delete)."""
+  if on_object_store(str(path)):
+    path.write_text(text)
+    return
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(path)

@@ -1,13 +1,55 @@
 """gs:// end to end against a GCS API server on loopback (tests/gcs_emulator.py): gcsfs, etils
-epath and Orbax's tensorstore writes all go to the emulator, in this process and in trainers."""
+epath and Orbax's tensorstore writes all go to the emulator, in this process and in trainers.
+
+What stays unverified here: Google's authentication (the emulator takes a fixed test token) and
+the real service's consistency and retry behaviour under load (one emulator serves one request
+at a time); gRPC and hierarchical-namespace buckets (gcsfs's experimental client is off).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from etils import epath
+
+from jaxfm import workdir as workdir_lib
+from jaxfm.train import checkpoint
+from tests import finetune_fixtures as ff
+from tests.multihost import harness
+from tests.reliability.conftest import (BASE, EVERY, LAUNCH_TIMEOUT_S, ROOT, Launch,
+                                        assert_trees_equal, saved_state, trainer)  # noqa: F401
+from tests.test_pretrain_cli import SMALL
+
+# A worker (tests/reliability/worker.py) SIGKILLed when the save of step STEP starts writing
+# its `meta` item. On gs:// Orbax writes into `<step>/` itself, which the worker's own
+# kill_in_save fault (keyed on the local `<step>.orbax-checkpoint-tmp-*` folder) never sees.
+_KILLED_IN_SAVE = """
+import sys
+from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+from tests.reliability import worker
+step = sys.argv.pop()
+original = handler.JsonCheckpointHandler._save_fn
+async def save_fn(self, x, directory):
+  if directory.name == "meta" and directory.parent.name == step:
+    worker._die(f"killed while saving step {step} into {directory.parent}")
+  return await original(self, x, directory)
+handler.JsonCheckpointHandler._save_fn = save_fn
+worker.main(sys.argv)
+"""
 
 
 def test_every_layer_reaches_the_emulator(gcs_bucket):
@@ -25,3 +67,161 @@ def test_every_layer_reaches_the_emulator(gcs_bucket):
   # tensorstore's own writes: the OCDBT array data and manifest, on the emulator
   assert any(f.startswith("ckpt/1/state/ocdbt.process_0/d/") for f in files), files
   assert "ckpt/1/state/manifest.ocdbt" in files and "ckpt/1/commit_success.txt" in files
+
+
+def _status(request: urllib.request.Request) -> int:
+  try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+      return response.status
+  except urllib.error.HTTPError as e:
+    return e.code
+
+
+def test_the_emulator_keeps_the_generation_rules_tensorstore_relies_on(gcs_bucket):
+  server = gcs_bucket.server
+  name = gcs_bucket.removeprefix(f"gs://{server.bucket}/")
+
+  def upload(condition: str) -> int:
+    return _status(urllib.request.Request(
+        f"{server.url}/upload/storage/v1/b/{server.bucket}/o?uploadType=media&name={name}/k"
+        f"{condition}", data=b"x", method="POST"))
+
+  assert upload("&ifGenerationMatch=0") == 200  # absent: created
+  assert upload("&ifGenerationMatch=0") == 412  # present now
+  with urllib.request.urlopen(f"{server.url}/download/storage/v1/b/{server.bucket}/o/"
+                              f"{urllib.request.quote(name + '/k', safe='')}?alt=media") as r:
+    generation = r.headers["x-goog-generation"]
+  assert upload(f"&ifGenerationMatch={generation}") == 200
+  assert upload(f"&ifGenerationMatch={generation}") == 412  # replaced meanwhile
+
+
+# ---------------------------------------------------------------- trainers on gs://
+
+
+def _start(trainer, gcs_bucket, log, overrides: dict[str, Any],
+           killed_in_save: int | None = None) -> Launch:
+  """A worker training `gcs_bucket`/run (with the reliability suite's environment and
+  compilation cache), logging to the local file `log`."""
+  program = ["-c", _KILLED_IN_SAVE] if killed_in_save else ["-m", "tests.reliability.worker"]
+  argv = [sys.executable, *program, f"{gcs_bucket}/run", json.dumps(overrides),
+          *([str(killed_in_save)] if killed_in_save else [])]
+  with open(log, "w") as out:
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**trainer.env, **gcs_bucket.server.env},
+                            stdout=out, stderr=subprocess.STDOUT)
+  return Launch(proc, log)
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  """Per-step training loss of every segment of a run; a resumed segment's rewrite wins."""
+  return {r["step"]: r["loss"] for r in workdir_lib.read_metrics(workdir) if r["split"] == "train"}
+
+
+def _assert_same_run(workdir: str, reference_dir) -> None:
+  assert _losses(workdir) == _losses(str(reference_dir))
+  assert_trees_equal(saved_state(epath.Path(workdir)), saved_state(reference_dir))
+
+
+@pytest.fixture(scope="module")
+def reference(trainer, tmp_path_factory):
+  """An uninterrupted run of the base config on a local disk."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  result = trainer.run(workdir, BASE)
+  assert result.returncode == 0, result.output[-3000:]
+  return workdir
+
+
+def test_sigterm_then_resume_on_gcs_is_the_uninterrupted_local_run(trainer, reference,
+                                                                   gcs_bucket, tmp_path):
+  launch = _start(trainer, gcs_bucket, tmp_path / "first.log", {**BASE, "pace": 0.3})
+  marker = f"run/checkpoints/{EVERY}/commit_success.txt"
+  deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+  while marker not in gcs_bucket.files("run/checkpoints"):
+    assert launch.proc.poll() is None and time.monotonic() < deadline, launch.finish().output
+    time.sleep(0.2)
+  launch.proc.send_signal(signal.SIGTERM)
+  first = launch.finish()
+  assert first.returncode == 0 and "DONE step=" in first.output, first.output[-3000:]
+  stopped = int(first.output.split("DONE step=")[1].split()[0])
+  assert EVERY <= stopped < BASE["train.steps"], first.output[-3000:]
+  second = _start(trainer, gcs_bucket, tmp_path / "second.log", BASE).finish()
+  assert second.returncode == 0 and "DONE step=12" in second.output, second.output[-3000:]
+  assert not second.error_lines(), second.output[-3000:]
+  segments = [f for f in gcs_bucket.files("run") if "/metrics-" in f]
+  assert segments == ["run/metrics-000000000.jsonl", f"run/metrics-{stopped:09d}.jsonl"]
+  assert len([f for f in gcs_bucket.files("run/tensorboard") if ".tfevents." in f]) == 2
+  _assert_same_run(f"{gcs_bucket}/run", reference)
+
+
+@pytest.mark.parametrize("step", [
+    EVERY,  # the only checkpoint: the relaunch starts afresh
+    pytest.param(2 * EVERY, marks=pytest.mark.slow),  # falls back to the step before
+])
+def test_a_save_killed_mid_write_is_incomplete_not_corrupt(trainer, reference, gcs_bucket,
+                                                           tmp_path, step):
+  killed = _start(trainer, gcs_bucket, tmp_path / "killed.log", BASE, killed_in_save=step).finish()
+  assert killed.returncode == -signal.SIGKILL, killed.output[-3000:]
+  left = gcs_bucket.files(f"run/checkpoints/{step}")
+  assert left and f"run/checkpoints/{step}/commit_success.txt" not in left  # written in part
+  relaunch = _start(trainer, gcs_bucket, tmp_path / "relaunch.log", BASE).finish()
+  assert relaunch.returncode == 0, relaunch.output[-3000:]
+  warnings = [line for line in relaunch.output.splitlines() if "save did not finish" in line]
+  assert len(warnings) == 1 and f"checkpoint step {step} has no commit_success.txt" in (
+      warnings[0]), relaunch.output[-3000:]
+  assert not relaunch.error_lines(), relaunch.output[-3000:]
+  assert not [f for f in gcs_bucket.files("run/checkpoints") if checkpoint.QUARANTINE in f]
+  resumed = [line for line in relaunch.output.splitlines() if "resumed from step" in line]
+  if step == EVERY:
+    assert not resumed, relaunch.output[-3000:]
+  else:
+    assert len(resumed) == 1 and f"resumed from step {step - EVERY} " in resumed[0]
+  _assert_same_run(f"{gcs_bucket}/run", reference)
+
+
+# ---------------------------------------------------------------- two hosts, one failing read
+
+
+@flax.struct.dataclass
+class _State:
+  params: Any
+
+
+def restore_on_two_hosts(workdir: str) -> None:
+  """One of two processes (`harness.launched`): saves steps 1 and 2 of a state sharded over
+  both, then restores it while process 1 alone cannot read step 2; prints the step restored."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from jaxfm import runtime  # pylint: disable=g-import-not-at-top
+  runtime.initialize_runtime()
+  sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), PartitionSpec("data"))
+  values = np.arange(8 * jax.device_count(), dtype=np.float32)
+  state = _State({"w": jax.make_array_from_callback(values.shape, sharding, lambda i: values[i])})
+  manager = checkpoint.make_manager(workdir, keep=3)
+  for step in (1, 2):
+    checkpoint.save(manager, step, state, {"batches": step}, {})
+  manager.wait_until_finished()
+  original = ocp.StandardCheckpointHandler.restore
+
+  def restore(self, directory, *args, **kwargs):
+    if jax.process_index() == 1 and epath.Path(directory).parent.name == "2":
+      raise OSError(f"injected read failure of {directory} on process 1")
+    return original(self, directory, *args, **kwargs)
+
+  ocp.StandardCheckpointHandler.restore = restore
+  abstract = checkpoint.abstract_like(state, jax.tree.map(lambda _: sharding, state))
+  restored = checkpoint.restore_latest(checkpoint.make_manager(workdir, keep=3), abstract)
+  np.testing.assert_array_equal(jax.experimental.multihost_utils.process_allgather(
+      restored.state.params["w"], tiled=True), values)
+  print(f"restored step {restored.step}", flush=True)
+
+
+def test_a_read_failing_on_one_host_only_falls_back_on_both(gcs_bucket, tmp_path):
+  argv = [sys.executable, "-c", "import sys; from tests import test_gcs; "
+          "test_gcs.restore_on_two_hosts(sys.argv[1])", f"{gcs_bucket}/run"]
+  with harness.launched(argv, 2, 2, tmp_path, "restore") as group:
+    group.wait(timeout_s=120)
+    logs = [log.read_text() for log in group.logs]
+  assert all("restored step 1" in log for log in logs), group.tails()
+  assert "restore failed on process(es) 1" in logs[0], logs[0][-3000:]
+  assert "injected read failure" in logs[1], logs[1][-3000:]
+  assert [f for f in gcs_bucket.files("run/checkpoints") if f.endswith("commit_success.txt")
+          and "/" not in f.removeprefix("run/checkpoints/").removesuffix("/commit_success.txt")
+          ] == ["run/checkpoints/1/commit_success.txt", "run/checkpoints/2.corrupt/commit_success.txt"]

@@ -1,7 +1,12 @@
 """Orbax checkpoints of the train state, loader state and run metadata.
 
-Every host calls the same functions (Orbax coordinates multi-host writes).
-A step that is damaged (a file missing, truncated or unparseable, an empty step
+Every host calls the same functions (Orbax coordinates multi-host writes), and all hosts
+agree on the outcome of each restore before any moves on, so a read that fails on some hosts
+only is handled like one that fails everywhere instead of leaving the others at a barrier.
+A step whose save did not finish is incomplete, not damaged: on a local disk it is a
+`<step>.orbax-checkpoint-tmp-*` folder; on an object store (gs://) Orbax writes into `<step>/`
+itself and marks completion with a `commit_success.txt`, so a step without it is skipped with
+one WARNING and removed by Orbax. A step that is damaged (a file missing, truncated or unparseable, an empty step
 directory) is quarantined: renamed `<step>.corrupt`, never deleted, never retried,
 with one ERROR line naming the step, the file and the action; the previous step
 is tried. If checkpoints exist but none restores, we refuse to start rather than
@@ -23,6 +28,7 @@ import traceback
 from typing import Any, Callable, Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -32,6 +38,7 @@ from jaxfm.workdir import checkpoint_dir, probe_write
 
 STATE, DATA, META = "state", "data", "meta"
 QUARANTINE = ".corrupt"
+_COMMIT_MARKER = "commit_success.txt"  # Orbax's, written last into a step on an object store
 # The files a committed step must hold (relative to the step dir), and whether each is JSON.
 _REQUIRED = (("_CHECKPOINT_METADATA", True), (f"{STATE}/_METADATA", True),
              (f"{STATE}/manifest.ocdbt", False), (f"{DATA}/metadata", True),
@@ -40,6 +47,29 @@ _REQUIRED = (("_CHECKPOINT_METADATA", True), (f"{STATE}/_METADATA", True),
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was expected, or a checkpoint could not be written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _FailedRead:
+  """What an item's restore returns instead of raising (see `_failures_returned`)."""
+  error: BaseException
+
+
+def _failures_returned(handler: Any) -> Any:
+  """`handler`, whose restore returns `_FailedRead` instead of raising: the process then still
+  reaches the barrier that ends Orbax's restore, where its peers wait, and shares the failure
+  with them afterwards (`_failed_processes`). The instance's method is wrapped, not the class
+  subclassed: Orbax pairs handlers with their arguments by exact class."""
+  restore = handler.restore
+
+  def restore_or_failure(*args, **kwargs):
+    try:
+      return restore(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure to read the item makes the step unusable
+      return _FailedRead(e)
+
+  handler.restore = restore_or_failure
+  return handler
 
 
 @dataclasses.dataclass
@@ -100,8 +130,9 @@ def make_manager(workdir: str, keep: int, keep_every: int = 0,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
       create=True, cleanup_tmp_directories=True)
-  handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(),
-              META: ocp.JsonCheckpointHandler()}  # also for `item_metadata` before any restore
+  handlers = {STATE: _failures_returned(ocp.StandardCheckpointHandler()),
+              DATA: _failures_returned(ocp.JsonCheckpointHandler()),
+              META: _failures_returned(ocp.JsonCheckpointHandler())}  # also for `item_metadata`
   return Manager(directory, options=options, item_names=(STATE, DATA, META),
                  item_handlers=handlers)
 
@@ -209,6 +240,12 @@ def _steps_on_disk(directory: epath.Path) -> list[epath.Path]:
                 key=lambda p: int(p.name))
 
 
+def _committed(step_dir: epath.Path) -> bool:
+  """Whether the save of `step_dir` finished, by Orbax's own rule for its file system (on
+  gs://, the `commit_success.txt` it writes last)."""
+  return ocp.path.step.is_path_finalized(step_dir)
+
+
 def _damage(step_dir: epath.Path) -> tuple[str, str] | None:
   """(file, problem) for the first required file that is missing or unparseable, else None."""
   if not any(step_dir.iterdir()):
@@ -251,13 +288,28 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _failed_processes(failed: bool) -> list[int]:
+  """The processes where an attempt every process made failed; all processes call this and get
+  the same answer, so none goes on while another falls back."""
+  if jax.process_count() == 1:
+    return [0] if failed else []
+  flags = np.asarray(multihost_utils.process_allgather(np.array([failed], np.int32)))
+  return [int(i) for i in np.flatnonzero(flags.reshape(-1))]
+
+
 def quarantine_damaged(directory: epath.Path) -> None:
-  """Quarantines every step directory that lacks a required file or holds garbage metadata.
+  """Quarantines every committed step directory that lacks a required file or holds garbage
+  metadata; names each uncommitted one (a save that did not finish) in a WARNING and leaves it
+  to Orbax, which ignores it and removes it when the manager opens.
 
   Process 0 inspects and renames; every process must call this (it ends in a sync point).
   """
   if jax.process_index() == 0 and directory.exists():
     for step_dir in _steps_on_disk(directory):
+      if not _committed(step_dir):
+        logging.warning("checkpoint step %s has no %s: its save did not finish; skipping it as "
+                        "incomplete (Orbax removes %s)", step_dir.name, _COMMIT_MARKER, step_dir)
+        continue
       found = _damage(step_dir)
       if found:
         _quarantine(step_dir, *found)
@@ -326,13 +378,21 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Resto
           DATA: ocp.args.JsonRestore(),
           META: ocp.args.JsonRestore(),
       }))
+      error = next((r.error for r in restored.values() if isinstance(r, _FailedRead)), None)
     except Exception as e:  # noqa: BLE001 - any failure to read a step means it is unusable
-      step_dir = manager.directory / str(step)
-      _quarantine(step_dir, _damaged_array(step_dir, e),
-                  f"restore failed with {type(e).__name__}: {_first_line(e)}")
-    else:
+      error = e
+    failed_on = _failed_processes(error is not None)
+    if not failed_on:
       return Restored(step=step, state=restored[STATE], data=restored[DATA], meta=restored[META])
-    gc.collect()  # out of the except block: free the failed read's futures now, quietly
+    step_dir = manager.directory / str(step)
+    if error is not None:
+      _quarantine(step_dir, _damaged_array(step_dir, error),
+                  f"restore failed with {type(error).__name__}: {_first_line(error)}")
+    else:  # read here, not on every process
+      _quarantine(step_dir, str(step_dir), f"restore failed on process(es) "
+                  f"{', '.join(map(str, failed_on))} (their logs name the cause)")
+    restored = error = None  # its traceback holds the failed read's futures:
+    gc.collect()  # free them now, quietly
     _sync(f"jaxfm-checkpoint-restore-{step}")
     manager.reload()
   found = sorted(p.name for p in manager.directory.iterdir()) if manager.directory.exists() else []
@@ -347,9 +407,10 @@ def read_data_state(manager: ocp.CheckpointManager, step: int) -> Any | None:
   """The loader state saved with `step` alone (small JSON), or None when it does not read:
   `restore_latest` then deals with the damaged step."""
   try:
-    return manager.restore(step, args=ocp.args.Composite(**{DATA: ocp.args.JsonRestore()}))[DATA]
+    data = manager.restore(step, args=ocp.args.Composite(**{DATA: ocp.args.JsonRestore()}))[DATA]
   except Exception:  # noqa: BLE001 - any failure: the step is restore_latest's to judge
     return None
+  return None if isinstance(data, _FailedRead) else data
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
