@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxfm.models import preset
@@ -131,3 +132,26 @@ print(json.dumps(dict(before=before, reset=reset, after_reset=after_reset,
     pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
   assert rss["after_reset"] <= rss["before"] + 1
   assert 190 < rss["after_alloc"] - rss["after_reset"] < 230, rss
+
+
+@pytest.mark.slow  # two prepare and two pretrain processes: minutes on 2 shared cores
+def test_prepare_benchmark_reports_every_field(tmp_path):
+  from tests.data_helpers import random_documents  # pylint: disable=import-outside-toplevel
+  text = tmp_path / "text.txt"
+  text.write_text("\n\n".join(random_documents(np.random.default_rng(0), 200)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.prepare", f"--text={text}", "--sizes_mb=0.1,0.2",
+       f"--out={tmp_path / 'bench'}", "--num_shards=2", "--vocab_size=300", "--steps=1",
+       "--loader_batches=3", "--loader_workers=1", "--max_seq_length=64"],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  head, *rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert head["raw_encode_tokens_per_s_one_thread"] > 0
+  assert [r["size_mb"] for r in rows] == [0.1, 0.2]
+  for row in rows:
+    assert abs(row["corpus_bytes"] - row["size_mb"] * 2**20) < 2
+    assert row["tokens"] > 0 and row["prepare_tokens_per_s"] > 0
+    assert row["pretrain_process_s"] > 0 and row["pretrain_peak_rss_mib"] > 50
+    assert row["loader_examples_per_s_workers0"] > 0 and row["loader_examples_per_s_workers1"] > 0
+  assert rows[1]["tokens"] > rows[0]["tokens"]
