@@ -5,6 +5,7 @@ import hashlib
 import shutil
 
 import numpy as np
+from etils import epath
 import pytest
 
 from jaxfm.config import ConfigError, pretrain_defaults
@@ -242,3 +243,26 @@ def test_a_bad_shard_is_a_counted_skip_when_asked(corpus, prepared_dir, tmp_path
       np.zeros(good.shard_table[0, 0], np.int64), np.arange(good.shard_table[0, 0])).tokens}
   assert all(row.tobytes() in shard0 for row in unmasked(batch)[4:])  # shard 1's rows
   assert disk.shard_table[:, 1].sum() == good.shard_table[0, 1]  # shard 1's eval left out
+
+
+def test_prepare_to_gcs_and_train_from_it(corpus, prepared_dir, gcs_bucket, tmp_path):
+  """Against the GCS emulator: the same files as a local DIR, and a run reads the same batches
+  (from a local copy of the shards it reads)."""
+  out = f"{gcs_bucket}/prepared"
+  assert prepared.prepare(_cfg(corpus), out) is not None
+  remote = epath.Path(out)
+  want = _digests(prepared_dir)
+  got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+         for p in [*remote.glob("*"), *remote.glob("*/*")] if p.is_file()}
+  assert got == want
+  layout = loader.HostLayout(4, 1, 2, 2)
+  local = prepared.load_prepared(_cfg("", prepared=str(prepared_dir)), None, shards=[1])
+  cloud = prepared.load_prepared(_cfg("", prepared=out), str(tmp_path / "tok"), shards=[1])
+  assert all("://" not in path for path in cloud.files["train"].values())
+  _assert_same([next(local.train_iterator(layout)) for _ in range(1)],
+               [next(cloud.train_iterator(layout)) for _ in range(1)])
+  assert prepared.prepare(_cfg(corpus), out) is not None  # verifies every remote byte
+  (remote / prepared.split_file("train", 0, 2)).unlink()  # not copied here yet: shard 0
+  with pytest.raises(prepared.PreparedError, match="train-00000-of-00002.arrayrecord is missing"):
+    prepared.load_prepared(_cfg("", prepared=out), None)
+  prepared.load_prepared(_cfg("", prepared=out), None, shards=[1])  # its copy is checked

@@ -465,8 +465,39 @@ def check_run(manifest: dict[str, Any], data_cfg: ml_collections.ConfigDict,
                              data_cfg.tokenizer, root / MANIFEST)
 
 
-def _bad_shards(root: epath.Path, entries: list[dict[str, Any]], shards: Sequence[int],
-                skip: bool) -> dict[int, str]:
+def _cache(root: epath.Path, manifest: dict[str, Any]) -> epath.Path | None:
+  """Where this host keeps local copies of a remote DIR's files (None for a local DIR): a folder
+  of the system's temporary directory named by DIR and its manifest."""
+  if _is_local(root):
+    return None
+  key = hashlib.sha256((str(root) + json.dumps(manifest["shards"], sort_keys=True)).encode())
+  return epath.Path(tempfile.gettempdir()) / "jaxfm-prepared" / key.hexdigest()[:16]
+
+
+def _local(root: epath.Path, cache: epath.Path | None, entry: dict[str, Any]) -> epath.Path:
+  """Where a run reads DIR's file of `entry`: in DIR when DIR is local, else its copy in `cache`,
+  downloaded once (ArrayRecord reads local files only).
+
+  Raises:
+    PreparedError: the remote file is missing.
+  """
+  if cache is None:
+    return root / entry["file"]
+  path = cache / entry["file"]
+  if not (path.exists() and path.stat().length == entry["bytes"]):
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cache / f"{entry['file']}.{os.getpid()}.tmp"
+    try:
+      (root / entry["file"]).copy(partial, overwrite=True)
+    except FileNotFoundError as e:
+      raise PreparedError(f"shard file {root / entry['file']} is missing") from e
+    partial.replace(path)
+    logging.info("Copied %s to %s", root / entry["file"], path)
+  return path
+
+
+def _bad_shards(root: epath.Path, cache: epath.Path | None, entries: list[dict[str, Any]],
+                shards: Sequence[int], skip: bool) -> dict[int, str]:
   """Shard -> why, for the shards of `shards` whose files fail `check_file` (every byte when
   `skip`, which must find them all before the first step).
 
@@ -477,7 +508,7 @@ def _bad_shards(root: epath.Path, entries: list[dict[str, Any]], shards: Sequenc
   for v in shards:
     for split in SPLITS:
       try:
-        check_file(root / entries[v][split]["file"], entries[v][split], full=skip)
+        check_file(_local(root, cache, entries[v][split]), entries[v][split], full=skip)
       except PreparedError as e:
         if not skip:
           raise
@@ -504,7 +535,8 @@ def load_prepared(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str | None
   """The examples of the shards `shards` (default: all) of `data_cfg.prepared`.
 
   Reads only the manifest and DIR's tokenizer (copied to `tokenizer_dir` by process 0, or
-  when `save_tokenizer`), and checks the files read here (`check_file`). With
+  when `save_tokenizer`), and checks the files read here (`check_file`). A `gs://` DIR's files
+  read here are first copied to a local cache (`_cache`), once per host. With
   `data_cfg.skip_bad_shards` it checks every byte of every file instead, on every host, so all
   agree: a bad shard's rows then read the next good shard's training examples (in their own
   order, with their own masks), its eval examples are left out, and the skip is logged and
@@ -525,12 +557,13 @@ def load_prepared(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str | None
   entries = manifest["shards"]
   shards = list(range(len(entries)) if shards is None else shards)
   skip = bool(data_cfg.skip_bad_shards)
-  bad = _bad_shards(root, entries, range(len(entries)) if skip else shards, skip)
+  cache = _cache(root, manifest)
+  bad = _bad_shards(root, cache, entries, range(len(entries)) if skip else shards, skip)
   for v, why in sorted(bad.items()):
     logging.warning("Skipping shard %d (data.skip_bad_shards): %s", v, why)
   skipped = _skip(bad, len(entries))
   read_from = {v: skipped.get(v, v) for v in range(len(entries))}
-  files = {split: {v: str(root / entries[read_from[v]][split]["file"]) for v in shards}
+  files = {split: {v: str(_local(root, cache, entries[read_from[v]][split])) for v in shards}
            for split in SPLITS}
   table = np.array([[e["train"]["examples"], e["eval"]["examples"], e["tokens_crc32"]]
                     for e in (entries[read_from[v]] for v in range(len(entries)))],
