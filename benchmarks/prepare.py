@@ -10,10 +10,11 @@ dropped; undecodable bytes replaced). For each size the script
 2. prepares it (`python -m jaxfm.prepare --workers=N`, a fresh process) with one WordPiece
    vocabulary trained once on the first MB of text, and reports tokens/s (wall) and tokens per
    CPU-second of the preparing processes, beside the raw `tokenizers` encode rate on the same
-   text (one thread: per core);
+   text (one thread: per core), each also per CPU-second, which a shared machine's load
+   leaves nearly unchanged;
 3. pretrains BERT-tiny for `--steps` steps from the prepared folder (a fresh process) and
-   reports the process's wall time from start to exit (start-up, compile, the steps, the
-   final save) and its peak RSS;
+   reports the process's wall and CPU time from start to exit (start-up, compile, the steps,
+   the final save) and its peak RSS;
 4. times the loader alone over the prepared folder (examples/s, with 0 and `--loader_workers`
    grain workers) and the cores one v5e-8 host's bert-base consumption would need.
 
@@ -112,8 +113,9 @@ def train_tokenizer(text: pathlib.Path, folder: pathlib.Path) -> float:
   return time.perf_counter() - start
 
 
-def raw_encode_rate(text: pathlib.Path, folder: pathlib.Path) -> float:
-  """Tokens/s of the `tokenizers` Rust encoder alone, one thread, on ~4 MB of the text."""
+def raw_encode_rate(text: pathlib.Path, folder: pathlib.Path) -> tuple[float, float]:
+  """(tokens per wall second, per CPU second) of the `tokenizers` Rust encoder alone, one
+  thread, on ~4 MB of the text."""
   os.environ["TOKENIZERS_PARALLELISM"] = "false"
   from jaxfm.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   backend = load_tokenizer(str(folder), lowercase=True).backend
@@ -124,9 +126,9 @@ def raw_encode_rate(text: pathlib.Path, folder: pathlib.Path) -> float:
       size += len(line)
     if size > 4 * _MB:
       break
-  start = time.perf_counter()
+  wall, cpu = time.perf_counter(), time.process_time()
   tokens = sum(len(e.ids) for e in backend.encode_batch(lines, add_special_tokens=False))
-  return tokens / (time.perf_counter() - start)
+  return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu)
 
 
 def _overrides(corpus: pathlib.Path, tokenizer: pathlib.Path) -> list[str]:
@@ -135,8 +137,10 @@ def _overrides(corpus: pathlib.Path, tokenizer: pathlib.Path) -> list[str]:
           f"--config.data.max_seq_length={_SEQ.value}", "--config.data.eval_fraction=0.01"]
 
 
-def loader_rate(prepared: pathlib.Path, tokenizer: pathlib.Path, workers: int) -> float:
-  """Examples/s of the training iterator over `prepared` (one process, `workers` workers)."""
+def loader_rate(prepared: pathlib.Path, tokenizer: pathlib.Path,
+                workers: int) -> tuple[float, float]:
+  """(examples per wall second, per CPU second of this process) of the training iterator over
+  `prepared` (one process, `workers` workers)."""
   from jaxfm.config import pretrain_defaults  # pylint: disable=g-import-not-at-top
   from jaxfm.data import loader, prepared as prepared_lib  # pylint: disable=g-import-not-at-top
   cfg = pretrain_defaults().data
@@ -148,10 +152,11 @@ def loader_rate(prepared: pathlib.Path, tokenizer: pathlib.Path, workers: int) -
   try:
     for _ in range(10):
       next(it)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(_LOADER_BATCHES.value):
       next(it)
-    return _LOADER_BATCHES.value * _BATCH / (time.perf_counter() - start)
+    examples = _LOADER_BATCHES.value * _BATCH
+    return examples / (time.perf_counter() - wall), examples / (time.process_time() - cpu)
   finally:
     it.close()
 
@@ -175,15 +180,18 @@ def measure(size_mb: float, text: pathlib.Path, out: pathlib.Path,
              prepared_bytes=sum(p.stat().st_size for p in prepared.iterdir() if p.is_file()))
   workdir = out / f"run-{size_mb:g}mb"
   shutil.rmtree(workdir, ignore_errors=True)
-  wall, _, rss = _run(["-m", "jaxfm.pretrain", "--config=configs/pretrain/bert_tiny_cpu.py",
+  wall, cpu, rss = _run(["-m", "jaxfm.pretrain", "--config=configs/pretrain/bert_tiny_cpu.py",
                           *_overrides(corpus, tokenizer), f"--config.data.prepared={prepared}",
                           f"--config.train.steps={_STEPS.value}", "--config.train.eval_batches=1",
                           "--config.train.progress_bar=false", "--config.optim.warmup_steps=0",
                        f"--workdir={workdir}"])
-  row.update(pretrain_process_s=wall, pretrain_peak_rss_mib=rss)
+  row.update(pretrain_process_s=wall, pretrain_process_cpu_s=cpu, pretrain_peak_rss_mib=rss)
   for workers in (0, _LOADER_WORKERS.value):
-    row[f"loader_examples_per_s_workers{workers}"] = loader_rate(prepared, tokenizer, workers)
-  per_core = row["loader_examples_per_s_workers0"] * _SEQ.value
+    row[f"loader_examples_per_s_workers{workers}"], per_cpu_s = loader_rate(prepared, tokenizer,
+                                                                            workers)
+    if not workers:  # with workers the batches are made elsewhere
+      row["loader_examples_per_cpu_s_workers0"] = per_cpu_s
+  per_core = row["loader_examples_per_cpu_s_workers0"] * _SEQ.value  # tokens/s of one core
   row["loader_cores_for_v5e8_host"] = HOST_TOKENS_PER_S / per_core
   row["load_after"] = os.getloadavg()[0]
   return row
@@ -195,9 +203,10 @@ def main(argv: Sequence[str]) -> None:
   out.mkdir(parents=True, exist_ok=True)
   tokenizer = out / "tokenizer"
   trained_s = train_tokenizer(text, tokenizer)
-  raw = raw_encode_rate(text, tokenizer)
+  raw, raw_cpu = raw_encode_rate(text, tokenizer)
   print(json.dumps({"tokenizer_train_s": trained_s, "raw_encode_tokens_per_s_one_thread": raw,
-                    "cpus": os.cpu_count()}), flush=True)
+                    "raw_encode_tokens_per_cpu_s": raw_cpu, "cpus": os.cpu_count(),
+                    "load": os.getloadavg()[0]}), flush=True)
   for size in _SIZES_MB.value:
     print(json.dumps(measure(float(size), text, out, tokenizer)), flush=True)
 
