@@ -52,6 +52,7 @@ from jaxfm.data.pretraining import (ExampleStore, Masking, PackingStats, build_s
                                     example_ids, held_out, mask_batch, padding_example)
 from jaxfm.data.tokenizer import (WordPieceTokenizer, has_tokenizer, load_tokenizer,
                                   train_tokenizer)
+from jaxfm.data.word_segmentation import WordMarkingTokenizer
 
 
 class ExampleRows(Protocol):
@@ -208,7 +209,7 @@ class _MixedHostBatch:
 
 class MlmTrainIterator(TrainIterator):
   """`loader.TrainIterator` whose state also counts the training examples seen per source
-  (`examples_seen/<source>`, all hosts together), saved with every checkpoint."""
+  (`examples_seen/<source>`, all hosts together), saved with every checkpoint and logged then."""
 
   def __init__(self, batches: grain.MapDataset, *, worker_count: int,
                fingerprint: dict[str, int], seen: Callable[[int], dict[str, int]]):
@@ -220,7 +221,9 @@ class MlmTrainIterator(TrainIterator):
     return self._seen(self._consumed)
 
   def get_state(self) -> dict[str, int]:
-    return {**super().get_state(), **self.examples_seen()}
+    seen = self.examples_seen()
+    logging.info("Training examples seen per source after %d batches: %s", self._consumed, seen)
+    return {**super().get_state(), **seen}
 
 
 def _examples_seen(mixture: Mixture, layout: HostLayout, batches: int) -> dict[str, int]:
@@ -371,7 +374,8 @@ def run_tokenizer(data_cfg: ml_collections.ConfigDict, tokenizer_dir: str | None
     logging.info("Training a WordPiece vocabulary of %d on the %d documents of shard 0",
                  data_cfg.vocab_size, len(shard0_train_docs))
     tokenizer = train_tokenizer([s for doc in shard0_train_docs for s in doc],
-                                vocab_size=data_cfg.vocab_size, lowercase=data_cfg.lowercase)
+                                vocab_size=data_cfg.vocab_size, lowercase=data_cfg.lowercase,
+                                cjk_pieces=bool(data_cfg.get("word_segmenter")))
     if tokenizer_dir and save:
       tokenizer.save(tokenizer_dir)
   if synced and not saved:
@@ -416,13 +420,18 @@ def pack_splits(splits: SplitDocs, tokenizer: WordPieceTokenizer,
     CorpusError: a source's shard without training examples.
   """
   num_shards = data_cfg.num_shards
-  packed = {split: {v: [build_store(docs, tokenizer, data_cfg.max_seq_length,
+  encoder = word_marking(tokenizer, data_cfg)
+  packed = {split: {v: [build_store(docs, encoder, data_cfg.max_seq_length,
                                     np.random.default_rng([data_cfg.seed, i,
                                                            stream_id(s, v, num_shards)]),
                                     stats[split])
                         for s, docs in enumerate(by_source)]
                     for v, by_source in splits[split].items()}
             for i, split in enumerate(SPLITS)}
+  if isinstance(encoder, WordMarkingTokenizer):
+    logging.info("Whole-word masking by %s: %d characters continue a word (%d of them without a "
+                 "'##' piece in the vocabulary, left single)", data_cfg.word_segmenter,
+                 encoder.marked + encoder.unmarkable, encoder.unmarkable)
   names = [source.name for source in sources_of(data_cfg)]
   for s, name in enumerate(names):
     if empty := [v for v, by_source in packed["train"].items() if not len(by_source[s])]:
@@ -430,6 +439,15 @@ def pack_splits(splits: SplitDocs, tokenizer: WordPieceTokenizer,
                         f"{num_shards}" + (f" in source {name!r}" if len(names) > 1 else "") +
                         f" ({corpus.as_dict()}); use fewer shards")
   return packed
+
+
+def word_marking(tokenizer: WordPieceTokenizer, data_cfg: ml_collections.ConfigDict
+                 ) -> WordPieceTokenizer | WordMarkingTokenizer:
+  """What encodes the corpus: `tokenizer`, or with `data.word_segmenter` one that marks the
+  characters inside each segmented word for whole-word masking."""
+  if not data_cfg.get("word_segmenter"):
+    return tokenizer
+  return WordMarkingTokenizer(tokenizer, data_cfg.word_segmenter, data_cfg.word_segmenter_dict)
 
 
 def shard_store(by_source: Sequence[ExampleStore], max_seq_length: int) -> ExampleStore:
