@@ -13,6 +13,7 @@ import re
 
 import ml_collections
 
+from jaxfm import peft
 from jaxfm.models.config import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, BertConfig, preset
 
 
@@ -178,7 +179,23 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   cfg.train.best_metric = ""  # '' = the task's main metric
   cfg.train.best_mode = "max"  # max | min
   cfg.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
+  cfg.peft = _peft_defaults()
   return cfg
+
+
+def _peft_defaults() -> ml_collections.ConfigDict:
+  """Parameter-efficient fine-tuning (`jaxfm.peft`): only the adapter and the new head train."""
+  p = ml_collections.ConfigDict()
+  p.method = ""  # '' = full fine-tuning; lora | ia3
+  p.rank = 8  # lora: r
+  p.alpha = 8.0  # lora: the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+  p.rslora = False
+  p.dropout = 0.0  # lora: dropout on the adapter's input (needs a model hook: 0 for now)
+  # Comma-separated: query, key, value, attention.output, intermediate, output; or all-linear.
+  # '' = the method's default (lora: query,value; ia3: key,value,output), as in peft.
+  p.target_modules = ""
+  p.base_sha256 = ""  # resolved: the frozen base's content hash; a changed base is refused
+  return p
 
 
 def _finetune_data_defaults() -> ml_collections.ConfigDict:
@@ -414,6 +431,25 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
     fail("optim.warmup_ratio", cfg.optim.warmup_ratio, "must be < 1")
   if t.early_stopping_patience and not (d.dev_file or d.tfds_name):
     raise ConfigError("train.early_stopping_patience needs a dev set (data.dev_file)")
+  validate_peft(cfg)
+
+
+def validate_peft(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the `peft` section (fine-tuning)."""
+  p = cfg.peft
+  if not p.method:
+    return
+  one_of(cfg, "peft.method", tuple(peft.METHODS))
+  if not cfg.init_from:
+    raise ConfigError(f"peft.method={p.method!r} needs init_from: the base it adapts")
+  positive(cfg, "peft.rank", "peft.alpha")
+  if p.dropout != 0.0:
+    fail("peft.dropout", p.dropout, "must be 0: the adapter is folded into the kernels, where "
+         "dropout on its input has no place")
+  try:
+    peft.parse_targets(p.target_modules, ())
+  except ValueError as e:
+    fail("peft.target_modules", p.target_modules, str(e))
 
 
 def profile_window(train: ml_collections.ConfigDict) -> tuple[int, int] | None:

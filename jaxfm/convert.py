@@ -2,6 +2,10 @@
 
   python -m jaxfm.convert --from_hf=HF_DIR --out=JAXFM_DIR [--task=auto] [--init_missing_head]
   python -m jaxfm.convert --to_hf --from=JAXFM_DIR_OR_WORKDIR --out=HF_DIR
+  python -m jaxfm.convert --to_peft --from=WORKDIR --out=ADAPTER_DIR
+
+A parameter-efficient workdir (`peft.method`) exports with --to_hf as the merged model (the
+adapter folded into its base) and with --to_peft as a huggingface/peft adapter folder.
 
 Prints the accounting report; on error prints one line and exits with status 1.
 """
@@ -15,11 +19,15 @@ import jax
 from absl import app, flags
 
 from jaxfm import weights, workdir
-from jaxfm.interop import checkpoint_dir, hf
+from jaxfm.finetuning import run
+from jaxfm.interop import checkpoint_dir, hf, peft_format
 
 flags.DEFINE_string("from_hf", None, "Hugging Face model dir to import.")
 flags.DEFINE_bool("to_hf", False, "Export --from to a Hugging Face model dir.")
-flags.DEFINE_string("from", None, "jaxfm model dir or training workdir to export (with --to_hf).")
+flags.DEFINE_bool("to_peft", False,
+                  "Export the parameter-efficient workdir --from as a peft adapter folder.")
+flags.DEFINE_string("from", None,
+                    "jaxfm model dir or training workdir to export (with --to_hf or --to_peft).")
 flags.DEFINE_string("out", None, "Destination dir; must not exist or be empty.")
 flags.DEFINE_enum("task", "auto", hf.TASKS,
                   "Import as BertForMaskedLM ('mlm'), BertModel ('base'), or 'mlm' exactly "
@@ -36,10 +44,30 @@ def _from_hf(hf_dir: str, out: str) -> str:
   return f"{result.summary()}\nwrote jaxfm model dir {os.path.abspath(out)}"
 
 
+def _is_peft_workdir(source: str) -> bool:
+  return (os.path.isfile(os.path.join(source, workdir.CONFIG_FILE))
+          and run.is_peft_run(workdir.read_config(source)))
+
+
 def _to_hf(source: str, out: str) -> str:
-  config, params, tokenizer_dir, origin = weights.load_jaxfm(source)
+  if _is_peft_workdir(source):
+    parts = run.adapted(source)
+    config, params = workdir.read_model_config(source), parts.merged()
+    tokenizer_dir, origin = str(workdir.tokenizer_dir(source)), f"{parts.source} merged"
+  else:
+    config, params, tokenizer_dir, origin = weights.load_jaxfm(source)
   report = hf.export_hf(params, config, out, tokenizer_dir, workdir.label_names(source)).summary()
   return report + (f"\nparams: {origin}" if origin else "")
+
+
+def _to_peft(source: str, out: str) -> str:
+  parts = run.adapted(source)
+  init_from = parts.run.cfg.init_from
+  report = peft_format.export_peft(parts.plan, parts.trainable, parts.frozen,
+                                   workdir.read_model_config(source), out,
+                                   init_from[3:] if init_from.startswith("hf:") else "",
+                                   parts.run.label_names)
+  return f"{report}\nparams: {parts.source}"
 
 
 def _run() -> str:
@@ -48,15 +76,16 @@ def _run() -> str:
                                 "--out": FLAGS.out or ""})
   if not FLAGS.out:
     raise ValueError("--out is required")
-  if FLAGS.to_hf == bool(FLAGS.from_hf):
-    raise ValueError("give exactly one of --from_hf=HF_DIR or --to_hf --from=DIR")
+  if FLAGS.to_hf + FLAGS.to_peft + bool(FLAGS.from_hf) != 1:
+    raise ValueError("give exactly one of --from_hf=HF_DIR, --to_hf --from=DIR or "
+                     "--to_peft --from=WORKDIR")
   if FLAGS.from_hf:
     if source:
       raise ValueError("--from goes with --to_hf; use --from_hf=HF_DIR to import")
     return _from_hf(FLAGS.from_hf, FLAGS.out)
   if not source:
-    raise ValueError("--to_hf needs --from=JAXFM_DIR_OR_WORKDIR")
-  return _to_hf(source, FLAGS.out)
+    raise ValueError("--to_hf / --to_peft need --from=JAXFM_DIR_OR_WORKDIR")
+  return _to_peft(source, FLAGS.out) if FLAGS.to_peft else _to_hf(source, FLAGS.out)
 
 
 def main(argv: list[str]) -> None:

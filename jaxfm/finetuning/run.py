@@ -10,18 +10,21 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 
 from jaxfm import config as config_lib
-from jaxfm import sharding
+from jaxfm import peft, sharding
 from jaxfm.data import length_groups, loader
 from jaxfm.data.tokenizer import load_tokenizer
 from jaxfm import runtime, weights
 from jaxfm import workdir as workdir_lib
 from jaxfm.tasks import (TASKS, Features, TaskSplit, load_split, load_unlabelled, make_task,
                          validate_finetune)
+from jaxfm.models import unstack_layers
 from jaxfm.train import best, checkpoint, loop
+from jaxfm.trees import flatten, unflatten
 
 # Errors the entry points turn into one `error: ...` line and exit code 1.
 USER_ERRORS = (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
@@ -134,18 +137,25 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
   kind, data = cfg.task, cfg.data
-  workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
-  workdir_lib.write_resolved_config(workdir, cfg)
-  workdir_lib.save_run_files(workdir, kind, label_names, tokenizer)
-
   model_config = config_lib.bert_config(cfg, jax.devices()[0].platform)
   task = make_task(kind, model_config, label_names, dev, data)
-  initial = None
+  initial = plan = frozen = None
   if pretrained is not None:  # new heads keep the loop's own initialisation (same seed)
     fresh = jax.device_get(sharding.unbox(
         jax.jit(task.init_params)(jax.random.key(cfg.train.seed))))
-    initial = weights.merge_pretrained(fresh, weights.in_layout(pretrained, model_config),
-                                       cfg.init_from).params
+    merged = weights.merge_pretrained(fresh, weights.in_layout(pretrained, model_config),
+                                      cfg.init_from)
+    initial = merged.params
+    if cfg.peft.method:
+      plan = peft.Plan(peft.Settings.of(cfg.peft),
+                       frozenset(flatten(initial)) - set(merged.initialised))
+      frozen = plan.frozen(initial)
+      initial = jax.device_get(plan.trainable(initial, jax.random.key(cfg.train.seed)))
+      _record_base(cfg, frozen)
+      _log_trainable(initial, frozen)
+  workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
+  workdir_lib.write_resolved_config(workdir, cfg)
+  workdir_lib.save_run_files(workdir, kind, label_names, tokenizer)
   keeper = None
   if dev is not None:
     keeper = best.BestCheckpoint(workdir, cfg.train.best_metric or TASKS[kind].main_metric,
@@ -162,11 +172,85 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}
   try:
     result = loop.train(cfg, workdir, task, train_iter, eval_batches, meta,
-                        initial_params=initial, best=keeper)
+                        initial_params=initial, best=keeper, plan=plan, frozen=frozen)
   finally:
     if keeper is not None:
       keeper.close()
   return result, keeper.best_step() if keeper is not None else None
+
+
+def _record_base(cfg: ml_collections.ConfigDict, frozen: Any) -> None:
+  """Puts the frozen base's content hash in `peft.base_sha256` (config.json keeps it), or
+  checks it against the one the config already names."""
+  digest = peft.base_sha256(unstack_layers(frozen))
+  if cfg.peft.base_sha256 and cfg.peft.base_sha256 != digest:
+    raise config_lib.ConfigError(
+        f"init_from={cfg.init_from}: its params have sha256 {digest}, not "
+        f"peft.base_sha256={cfg.peft.base_sha256}")
+  with cfg.unlocked():
+    cfg.peft.base_sha256 = digest
+
+
+def _log_trainable(trainable: Any, frozen: Any) -> None:
+  count = lambda tree: sum(np.size(x) for x in jax.tree.leaves(tree))  # pylint: disable=unnecessary-lambda-assignment
+  adapter, head, base = count(trainable["adapter"]), count(trainable["head"]), count(frozen)
+  logging.info("peft: %d trainable params (adapter %d, head %d) over a frozen base of %d "
+               "(%.3f%%)", adapter + head, adapter, head, base,
+               100.0 * (adapter + head) / (adapter + head + base))
+
+
+def is_peft_run(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether a run trained an adapter over a frozen base (configs without a peft section
+  predate it: full fine-tuning)."""
+  return bool(cfg.get("peft") and cfg.peft.method)
+
+
+def peft_base(cfg: ml_collections.ConfigDict, task: loop.Task) -> tuple[peft.Plan, Any]:
+  """A PEFT run's plan and frozen base, rebuilt from its `init_from` and checked against the
+  content hash it was trained with.
+
+  Raises:
+    ConfigError: the base at `init_from` is not the one the adapter was trained on.
+  """
+  source = weights.read_pretrained(cfg.init_from, "auto")
+  model_config = config_lib.bert_config(cfg, jax.devices()[0].platform)
+  pretrained = flatten(weights.in_layout(source.params, model_config))
+  shapes = flatten(sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0))))
+  base = {name: np.asarray(pretrained[name], shape.dtype) for name, shape in shapes.items()
+          if name in pretrained}
+  digest = peft.base_sha256(unstack_layers(unflatten(base)))
+  if digest != cfg.peft.base_sha256:
+    raise config_lib.ConfigError(
+        f"init_from={cfg.init_from} changed: its params have sha256 {digest}, the adapter was "
+        f"trained on peft.base_sha256={cfg.peft.base_sha256}")
+  return peft.Plan(peft.Settings.of(cfg.peft), frozenset(base)), unflatten(base)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+  """A PEFT workdir's parts on this host: the plan, its trained tree and the frozen base."""
+
+  run: workdir_lib.SavedRun
+  plan: peft.Plan
+  trainable: Any
+  frozen: Any
+  source: str  # which checkpoint the trainable tree came from
+
+  def merged(self) -> Any:
+    """The model's params with the adapter folded into the base (host arrays)."""
+    return jax.device_get(jax.jit(self.plan.combine)(self.trainable, self.frozen))
+
+
+def adapted(workdir: str) -> Adapted:
+  """Reads a PEFT workdir: its best (else latest) trained tree and its checked base."""
+  run = workdir_lib.load_run(workdir)
+  if not is_peft_run(run.cfg):
+    raise ValueError(f"{workdir} is not a parameter-efficient run (its peft.method is unset)")
+  task = make_task(run.cfg.task, config_lib.bert_config(run.cfg, "cpu"), run.label_names, None,
+                   run.cfg.data)
+  plan, frozen = peft_base(run.cfg, task)
+  loaded = weights.workdir_params(workdir)
+  return Adapted(run, plan, loaded.params, frozen, loaded.describe())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +276,11 @@ def inference(workdir: str, run: workdir_lib.SavedRun, split: TaskSplit) -> Infe
   task = make_task(run.cfg.task, config_lib.bert_config(run.cfg, jax.devices()[0].platform),
                    run.label_names, split, run.cfg.data)
   mesh = loop.make_mesh(run.cfg)
-  steps = loop.build_steps(run.cfg, task, mesh)
+  if is_peft_run(run.cfg):
+    plan, frozen = peft_base(run.cfg, task)
+    steps = loop.build_steps(run.cfg, task, mesh, plan).with_frozen(frozen)
+  else:
+    steps = loop.build_steps(run.cfg, task, mesh)
   loaded = weights.workdir_params(workdir, steps.abstract_state)
   return Inference(run, split, task, steps, mesh, loaded.params, loaded.describe())
 

@@ -7,6 +7,7 @@ stops) lives in `jaxfm.train.actions`; one pass of the eval step in `jaxfm.train
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -21,6 +22,7 @@ from absl import logging
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
+from jaxfm.peft import Plan
 from jaxfm import workdir as workdir_lib
 from jaxfm.cpu import process as cpu_process
 from jaxfm.train import actions, checkpoint, optim
@@ -85,6 +87,10 @@ class Steps:
   `eval_step(params, batch) -> (sums, outputs)` with the task's per-example predict
   outputs ({} without a `predict_fn`), replicated. Neither is compiled yet: `.lower(...)`
   them with real or abstract (`abstract_state`, `abstract_batch`) arguments.
+
+  With a `peft.Plan` the state's params are the trainable tree and `train_step` takes a third
+  argument, the frozen base (`frozen_args()`): abstract until `with_frozen` places the real
+  one, which `eval_step` then carries.
   """
 
   tx: optax.GradientTransformation
@@ -95,6 +101,18 @@ class Steps:
   batch_sharding: jax.sharding.NamedSharding
   train_step: Any
   eval_step: Any
+  frozen_shardings: Any = None  # PEFT: of the frozen base params
+  frozen: Any = None  # PEFT: the frozen base on the mesh (ShapeDtypeStructs until with_frozen)
+
+  def frozen_args(self) -> tuple[Any, ...]:
+    """The train step's arguments after (state, batch)."""
+    return () if self.frozen is None else (self.frozen,)
+
+  def with_frozen(self, frozen: Any) -> Steps:
+    """These steps with the frozen base `frozen` (host arrays) placed on their shardings."""
+    placed = jax.device_put(frozen, self.frozen_shardings)
+    return dataclasses.replace(self, frozen=placed,
+                               eval_step=functools.partial(_with_base, self.eval_step, placed))
 
   def abstract_batch(self, task: Task, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """A global batch of `batch_size` examples as ShapeDtypeStructs with the batch sharding."""
@@ -103,31 +121,52 @@ class Steps:
             for k, (shape, dtype) in task.batch_spec.items()}
 
 
-def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh) -> Steps:
-  """Optimiser, state shardings and jitted train/eval steps for `task` on `mesh`."""
+def _with_base(eval_step: Any, frozen: Any, params: Any, batch: Any) -> Any:
+  """`eval_step` with the frozen base bound (what `evaluation` calls as (params, batch))."""
+  return eval_step(params, batch, frozen)
+
+
+def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh,
+                plan: Plan | None = None) -> Steps:
+  """Optimiser, state shardings and jitted train/eval steps for `task` on `mesh`; with `plan`,
+  for its trainable tree over a frozen base (see `Steps`)."""
   t = cfg.train
   schedule = optim.learning_rate_schedule(cfg.optim, t.steps)
   tx = optim.make_optimizer(
       cfg.optim, t.steps, fused=config_lib.use_cpu_paths(cfg, mesh.devices.flat[0].platform))
 
-  def init_state(rng: jax.Array) -> TrainState:
-    return create_train_state(task.init_params(rng), tx, t.seed)
+  def init_params(rng: jax.Array) -> Any:
+    params = task.init_params(rng)
+    return params if plan is None else plan.trainable(params, rng)
 
-  boxed = jax.eval_shape(init_state, jax.random.key(t.seed))
+  def init_state(rng: jax.Array) -> TrainState:
+    return create_train_state(init_params(rng), tx, t.seed)
+
+  key = jax.random.key(t.seed)
+  boxed = jax.eval_shape(init_state, key)
   state_shardings = sharding.unbox(sharding.logical_shardings(boxed, mesh))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = sharding.batch_sharding(mesh)
+  combine = frozen_shardings = abstract_frozen = None
+  if plan is not None:
+    combine = plan.combine
+    boxed_frozen = plan.frozen(jax.eval_shape(task.init_params, key))
+    frozen_shardings = sharding.unbox(sharding.logical_shardings(boxed_frozen, mesh))
+    abstract_frozen = checkpoint.abstract_like(sharding.unbox(boxed_frozen), frozen_shardings)
+  # The frozen base is an argument (never an executable's constant), without PEFT none.
+  base = () if plan is None else (frozen_shardings,)
   train_step = jax.jit(
-      make_train_step(task.loss_fn, tx, schedule, t.grad_accum_steps, t.skip_nonfinite),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-      donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task.loss_fn, task.predict_fn),
-                      in_shardings=(state_shardings.params, batch_sharding),
+      make_train_step(task.loss_fn, tx, schedule, t.grad_accum_steps, t.skip_nonfinite, combine),
+      in_shardings=(state_shardings, batch_sharding, *base),
+      out_shardings=(state_shardings, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(task.loss_fn, task.predict_fn, combine),
+                      in_shardings=(state_shardings.params, batch_sharding, *base),
                       out_shardings=replicated)
   return Steps(tx=tx, schedule=schedule, init_state=lambda r: sharding.unbox(init_state(r)),
                state_shardings=state_shardings,
                abstract_state=checkpoint.abstract_like(sharding.unbox(boxed), state_shardings),
-               batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)
+               batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step,
+               frozen_shardings=frozen_shardings, frozen=abstract_frozen)
 
 
 def compile_train_step(steps: Steps, batch: dict[str, Any],
@@ -141,7 +180,8 @@ def compile_train_step(steps: Steps, batch: dict[str, Any],
   """
   start = time.perf_counter()
   with sharding.activation_sharding(mesh):
-    compiled = steps.train_step.lower(steps.abstract_state, batch).compile()
+    compiled = steps.train_step.lower(steps.abstract_state, batch,
+                                      *steps.frozen_args()).compile()
   seconds = time.perf_counter() - start
   cpu_process.release_free_heap()
   return compiled, seconds
@@ -179,7 +219,8 @@ class TrainResult:
 def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: StatefulIterator,
           eval_batches: Callable[[], Iterable[LocalBatch]], meta: dict[str, Any],
           initial_params: Any | None = None,
-          best: BestCheckpoint | None = None) -> TrainResult:
+          best: BestCheckpoint | None = None, plan: Plan | None = None,
+          frozen: Any = None) -> TrainResult:
   """Restores or initialises, trains to `cfg.train.steps`, evaluates and checkpoints.
 
   Args:
@@ -189,15 +230,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     train_iter: this host's batches (per-host batch size), with loader state.
     eval_batches: returns a fresh pass over this host's eval batches.
     meta: JSON-able run metadata stored with every checkpoint (config, counters...).
-    initial_params: weights to start from instead of a random init (unused on a resume).
+    initial_params: weights to start from instead of a random init (unused on a resume);
+      with `plan`, the trainable tree's (`Plan.trainable`).
     best: keeps the best evaluation's params and stops early (fine-tuning).
+    plan: parameter-efficient fine-tuning: only `plan`'s trainable tree trains and is saved.
+    frozen: with `plan`, the frozen base params (host arrays).
   """
   t = cfg.train
   mesh = make_mesh(cfg)
-  steps = build_steps(cfg, task, mesh)
+  steps = build_steps(cfg, task, mesh, plan)
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints, t.keep_every,
                                     t.async_checkpointing)
-  executables = _TrainExecutables(steps, mesh)
+  executables = _TrainExecutables(steps, mesh)  # compiled against the abstract base
+  if plan is not None:
+    steps = steps.with_frozen(frozen)
   state, batch = _restore_or_init(cfg, steps, manager, executables, train_iter, initial_params,
                                   best)
   start = int(jax.device_get(state.step))
@@ -228,7 +274,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     for step in range(start, t.steps):
       if batch is None:
         batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = executables.for_batch(batch)(state, batch)
+      state, metrics = executables.for_batch(batch)(state, batch, *steps.frozen_args())
       info = actions.StepInfo(step + 1, state, metrics, tuple(batch["input_ids"].shape))
       batch = None
       # The first action that ends the run does so at once: those after it do not run.

@@ -20,7 +20,16 @@ from jaxfm.train.state import TrainState
 Batch = dict[str, jax.Array]
 Sums = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, Sums]]
-StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+# (trainable params, frozen params) -> the model's params (`jaxfm.peft.Plan.combine`).
+Combine = Callable[[Any, Any], Any]
+
+
+def _model_loss(loss_fn: LossFn, combine: Combine | None, frozen: Any) -> LossFn:
+  """`loss_fn` of the trainable params: with `combine`, the frozen ones are folded in."""
+  if combine is None:
+    return loss_fn
+  return lambda params, batch, rng: loss_fn(combine(params, frozen), batch, rng)
 
 
 def _split_micro_batches(batch: Batch, count: int) -> Batch:
@@ -33,19 +42,23 @@ def _split_micro_batches(batch: Batch, count: int) -> Batch:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformationExtraArgs,
                     schedule: optax.Schedule, grad_accum_steps: int = 1,
-                    skip_nonfinite: bool = True) -> StepFn:
-  """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
+                    skip_nonfinite: bool = True, combine: Combine | None = None) -> StepFn:
+  """Returns `train_step(state, batch, frozen=None) -> (state, metrics)`, pure and jittable.
 
   `tx` is an `optim.make_optimizer` optimiser: its `update` takes the gradients' global norm
-  and `apply` (False when `skip_nonfinite` and the step is not finite: state kept).
+  and `apply` (False when `skip_nonfinite` and the step is not finite: state kept). With
+  `combine` (parameter-efficient fine-tuning) `state.params` is the trainable tree and the
+  model's params are `combine(state.params, frozen)`: gradients and optimizer state exist for
+  the trainable tree only.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  def train_step(state: TrainState, batch: Batch, frozen: Any = None
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    grad_fn = jax.value_and_grad(_model_loss(loss_fn, combine, frozen), has_aux=True)
 
-  def micro_step(params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Sums]:
-    (_, sums), grads = grad_fn(params, batch, rng)
-    return grads, sums
+    def micro_step(params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Sums]:
+      (_, sums), grads = grad_fn(params, batch, rng)
+      return grads, sums
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if grad_accum_steps == 1:
       grads, sums = micro_step(state.params, batch, rng)
@@ -84,14 +97,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformationExtraArgs,
   return train_step
 
 
-def make_eval_step(loss_fn: LossFn, predict_fn: Callable[[Any, Batch], Sums] | None = None
-                   ) -> Callable[[Any, Batch], tuple[Sums, Sums]]:
-  """Returns `eval_step(params, batch) -> (sums, outputs)`, deterministic (no dropout).
+def make_eval_step(loss_fn: LossFn, predict_fn: Callable[[Any, Batch], Sums] | None = None,
+                   combine: Combine | None = None) -> Callable[..., tuple[Sums, Sums]]:
+  """Returns `eval_step(params, batch, frozen=None) -> (sums, outputs)`, deterministic (no
+  dropout); `combine` as for `make_train_step`.
 
   `outputs` are `predict_fn`'s per-example arrays ({} without one); XLA computes the forward
   pass that the loss and the predictions share once.
   """
-  def eval_step(params: Any, batch: Batch) -> tuple[Sums, Sums]:
+  def eval_step(params: Any, batch: Batch, frozen: Any = None) -> tuple[Sums, Sums]:
+    if combine is not None:
+      params = combine(params, frozen)
     sums = loss_fn(params, batch, None)[1]
     return sums, ({} if predict_fn is None else predict_fn(params, batch))
   return eval_step

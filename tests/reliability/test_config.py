@@ -49,6 +49,7 @@ K = "tasks.validate_finetune"  # the task kind and its fields, then F
 VALIDATORS = {**{name: getattr(config_lib, name) for name in (M, MESH, O, T, S, D, F)},
               K: tasks.validate_finetune}
 QA, NER = {"task": "qa"}, {"task": "ner"}
+LORA = {"peft.method": "lora", "init_from": "hf:base"}
 RULES = [
     *_positive(M, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
                "model.intermediate_size", "model.max_position_embeddings",
@@ -135,6 +136,12 @@ RULES = [
     Rule(F, "optim.layer_decay", 0.0, "optim.layer_decay=0.0 must be in (0, 1]"),
     Rule(F, "optim.warmup_ratio", 1.0, "optim.warmup_ratio=1.0 must be < 1"),
     Rule(F, "train.early_stopping_patience", 3, "train.early_stopping_patience needs a dev set"),
+    Rule(F, "peft.method", "dora", "peft.method='dora' must be one of lora, ia3"),
+    Rule(F, "peft.method", "lora", "peft.method='lora' needs init_from"),
+    Rule(F, "peft.rank", 0, "peft.rank=0 must be > 0", LORA),
+    Rule(F, "peft.alpha", 0.0, "peft.alpha=0.0 must be > 0", LORA),
+    Rule(F, "peft.dropout", 0.1, "peft.dropout=0.1 must be 0", LORA),
+    Rule(F, "peft.target_modules", "query,qkv", "unknown target modules ['qkv']", LORA),
     *(Rule(K, f, 0, f"{f}=0 must be > 0", QA) for f in (
         "data.doc_stride", "data.max_query_length", "data.max_answer_length", "data.n_best_size")),
     Rule(K, "data.max_query_length", 126, "data.max_query_length=126 leaves no room", QA),

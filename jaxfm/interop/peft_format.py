@@ -1,0 +1,123 @@
+"""huggingface/peft's adapter folder: `adapter_config.json` + `adapter_model.safetensors`.
+
+A LoRA or IA³ adapter of a jaxfm task model is written under transformers' BERT module names
+(`base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight`), the trained task
+head as `modules_to_save`, so that `peft.PeftModel.from_pretrained(BertFor...(base), DIR)`
+computes what jaxfm computes. Each listed module is named in full (`bert.encoder.layer.0.
+output.dense`), because peft matches names by suffix and `output.dense` also ends
+`attention.output.dense`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import safetensors.numpy
+
+from jaxfm import peft
+from jaxfm.interop.checkpoint_dir import atomic_directory
+from jaxfm.interop.hf_names import InteropError, task_head
+from jaxfm.models import BertConfig
+from jaxfm.peft import ia3
+from jaxfm.trees import flatten
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_ENCODER = "bert."
+_TASK_TYPES = {"BertForSequenceClassification": "SEQ_CLS",
+               "BertForTokenClassification": "TOKEN_CLS",
+               "BertForQuestionAnswering": "QUESTION_ANS"}
+
+
+def _lora_tensors(site: peft.Site, leaves: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """torch Linear layout: lora_A [r, in], lora_B [out, r] (jaxfm: A [*in, r], B [r, *out])."""
+  a, b = leaves["lora_a"], leaves["lora_b"]
+  r = a.shape[-1]
+  return {"lora_A.weight": a.reshape(-1, r).T, "lora_B.weight": b.reshape(r, -1).T}
+
+
+def _ia3_tensors(site: peft.Site, leaves: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """ia3_l [1, in] for input-scaled modules, else [out, 1]."""
+  scale = leaves["scale"].reshape(-1)
+  return {"ia3_l": scale[None, :] if ia3.scales_input(site) else scale[:, None]}
+
+
+_TENSORS = {"lora": _lora_tensors, "ia3": _ia3_tensors}
+
+
+def _head_modules(head: Mapping[str, np.ndarray], pooler: bool) -> tuple[str, dict[str, str]]:
+  """The HF architecture and {jaxfm linear path: HF module} of the trained non-adapter params."""
+  found = task_head(head, pooler)
+  if found is None:
+    raise InteropError(f"no task head among the trained params {sorted(head)}")
+  modules = {found.path: found.module, "encoder/pooler": _ENCODER + "pooler.dense"}
+  unknown = sorted(n for n in head if n.rsplit("/", 1)[0] not in modules
+                   or n.rsplit("/", 1)[1] not in ("kernel", "bias"))
+  if unknown:
+    raise InteropError(f"trained params without a peft modules_to_save equivalent: {unknown}")
+  return found.architecture, {p: m for p, m in modules.items() if f"{p}/kernel" in head}
+
+
+def export_peft(plan: peft.Plan, trainable: Any, frozen: Any, config: BertConfig, out_dir: str,
+                base_model: str, label_names: Sequence[str] | None = None) -> str:
+  """Writes the adapter and head of a PEFT run (host arrays) as a peft adapter folder
+  (atomically); returns a report line.
+
+  Raises:
+    InteropError: a method, model or head peft cannot load.
+  """
+  if plan.method.name not in _TENSORS:
+    raise InteropError(f"peft.method={plan.method.name!r} has no peft format")
+  if config.embedding_dim != config.hidden_size:
+    raise InteropError("a model with factorised embeddings (ELECTRA naming) has no peft export")
+  base, adapter = flatten(frozen), flatten(trainable["adapter"])
+  head = {k: np.asarray(v) for k, v in flatten(trainable["head"]).items()}
+  architecture, head_modules = _head_modules(head, "encoder/pooler/kernel" in {**base, **head})
+  scanned = peft.num_scanned(base)
+  tensors: dict[str, np.ndarray] = {}
+  targets, input_scaled = [], []
+  for site in plan.sites(frozen):
+    leaves = {k.rsplit("/", 1)[1]: np.asarray(v) for k, v in adapter.items()
+              if k.rsplit("/", 1)[0] == site.adapter}
+    for layer, module in enumerate(site.hf_modules(scanned)):
+      own = {k: v[layer] if site.lead else v for k, v in leaves.items()}
+      for suffix, value in _TENSORS[plan.method.name](site, own).items():
+        tensors[f"{_PREFIX}{_ENCODER}{module}.{suffix}"] = np.ascontiguousarray(value)
+      targets.append(_ENCODER + module)
+      if plan.method.name == "ia3" and ia3.scales_input(site):
+        input_scaled.append(_ENCODER + module)
+  for path, module in head_modules.items():
+    tensors[f"{_PREFIX}{module}.weight"] = np.ascontiguousarray(head[f"{path}/kernel"].T)
+    tensors[f"{_PREFIX}{module}.bias"] = head[f"{path}/bias"]
+  adapter_config = _config(plan, targets, input_scaled, sorted(head_modules.values()),
+                           _TASK_TYPES[architecture], base_model)
+  with atomic_directory(out_dir) as tmp:
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(adapter_config, f, indent=2, sort_keys=True)
+    safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_FILE),
+                                metadata={"format": "pt"})
+  outputs = head[f"{task_head(head, False).path}/kernel"].shape[-1]
+  labels = f", labels {list(label_names)}" if label_names else ""
+  return (f"exported a {plan.method.peft_type} adapter ({len(targets)} modules, "
+          f"{sum(math.prod(t.shape) for t in tensors.values())} params with the head) to "
+          f"{os.path.abspath(out_dir)}: load it with peft.PeftModel.from_pretrained("
+          f"transformers.{architecture}.from_pretrained(BASE, num_labels={outputs}), DIR), "
+          f"BASE = {base_model or 'the init_from model as a Hugging Face folder'}{labels}")
+
+
+def _config(plan: peft.Plan, targets: list[str], input_scaled: list[str],
+            modules_to_save: list[str], task_type: str, base_model: str) -> dict[str, Any]:
+  common = {"peft_type": plan.method.peft_type, "task_type": task_type,
+            "target_modules": targets, "modules_to_save": modules_to_save,
+            "base_model_name_or_path": base_model, "inference_mode": True,
+            "fan_in_fan_out": False}
+  s = plan.settings
+  if plan.method.name == "lora":
+    return {**common, "r": s.rank, "lora_alpha": s.alpha, "use_rslora": s.rslora,
+            "lora_dropout": s.dropout, "bias": "none", "init_lora_weights": True}
+  return {**common, "feedforward_modules": input_scaled, "init_ia3_weights": True}
