@@ -1,0 +1,27 @@
+r"""SST-2 with LoRA (r=8 on query and value): only the adapter and the classifier train, and
+the checkpoints hold only them (the base is named by path and sha256 in config.json).
+
+  python -m jaxfm.finetune --config=configs/finetune/sst2_lora.py --workdir=runs/sst2_lora \
+      --config.init_from=hf:/path/to/bert-base-uncased \
+      --config.data.train_file=SST-2/train.tsv --config.data.dev_file=SST-2/dev.tsv
+  python -m jaxfm.evaluate --workdir=runs/sst2_lora --split=dev
+  python -m jaxfm.convert --to_peft --from=runs/sst2_lora --out=sst2_adapter
+"""
+
+import importlib.util
+import pathlib
+
+_BASE = pathlib.Path(__file__).with_name("sst2.py")
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location("sst2", _BASE)
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  cfg = recipe.get_config()
+  cfg.peft.method = "lora"
+  cfg.peft.rank = 8
+  cfg.peft.alpha = 16.0
+  cfg.peft.target_modules = "query,value"
+  cfg.optim.peak_learning_rate = 5e-4  # adapters take larger steps than full fine-tuning
+  return cfg
