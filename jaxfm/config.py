@@ -98,6 +98,11 @@ def _pretrain_data_defaults() -> ml_collections.ConfigDict:
   data.max_predictions_per_seq = 20
   data.mask_prob = 0.15
   data.whole_word_masking = False
+  # Chinese: '' (BERT's rule: every CJK character is a word) | 'jieba' (segmented words are
+  # masked whole, as Chinese-BERT-wwm; needs whole_word_masking and `pip install 'jaxfm[zh]'`),
+  # with an optional jieba user dictionary (`WORD [FREQ [POS]]` lines).
+  data.word_segmenter = ""
+  data.word_segmenter_dict = ""
   data.worker_count = 1  # background loader processes (0 = in the main process)
   # Corpus shards: a host reads only the shards its rows of the global batch come from, and
   # the global batch does not depend on the host count. Divides train.batch_size; on a pod,
@@ -368,6 +373,12 @@ def validate_pretrain_data(cfg: ml_collections.ConfigDict) -> None:
   validate_sequence_length(cfg)
   if not 0.0 < d.mask_prob < 1.0:
     fail("data.mask_prob", d.mask_prob, "must be in (0, 1)")
+  one_of(cfg, "data.word_segmenter", ("", "jieba"))
+  if d.word_segmenter and not d.whole_word_masking:
+    raise ConfigError(f"data.word_segmenter={d.word_segmenter!r} marks words for whole-word "
+                      "masking: set data.whole_word_masking=True")
+  if d.word_segmenter_dict and not d.word_segmenter:
+    raise ConfigError("data.word_segmenter_dict needs data.word_segmenter='jieba'")
   if d.max_predictions_per_seq > d.max_seq_length:
     raise ConfigError(f"data.max_predictions_per_seq={d.max_predictions_per_seq} exceeds "
                       f"data.max_seq_length={d.max_seq_length}")

@@ -113,3 +113,28 @@ def test_units_agree_with_the_human_segmentation_of_peoples_daily_as_jieba_does(
   assert ours == theirs
   recall = ours / sum(len(g) for g in gold)
   assert recall > 0.85, recall
+
+
+def test_pretraining_data_marks_words_trains_their_pieces_and_masks_them_whole(tmp_path):
+  from jaxfm.config import pretrain_defaults
+  from jaxfm.data import loader, mlm_data
+  corpus = Path(__file__).parent / "fixtures" / "zh_lines.txt"
+  cfg = pretrain_defaults().data
+  cfg.update(dict(train_files=str(corpus), documents="line", vocab_size=2000, max_seq_length=32,
+                  max_predictions_per_seq=8, eval_fraction=0.0, whole_word_masking=True,
+                  word_segmenter="jieba", worker_count=0))
+  data = mlm_data.build_pretraining_data(cfg, str(tmp_path / "tokenizer"),
+                                         max_position_embeddings=64)
+  vocab = data.tokenizer.vocab
+  assert vocab["##然"] and vocab["然"]  # the trained vocabulary has the CJK pieces
+  pieces = {i for t, i in vocab.items() if t.startswith("##") and is_cjk(t[2:])}
+  tokens = data.train.tokens  # [examples, T]
+  assert np.isin(tokens, list(pieces)).any()  # the stored examples carry the word marks
+  batch = next(iter(data.train_iterator(loader.HostLayout(8, 0, 1, 1))))
+  assert not np.isin(batch["input_ids"], list(pieces)).any()  # the model never sees them
+  assert not np.isin(batch["masked_ids"][batch["masked_weights"] > 0], list(pieces)).any()
+
+
+def is_cjk(text: str) -> bool:
+  from jaxfm.data.tokenizer import is_cjk_char
+  return len(text) == 1 and is_cjk_char(text)

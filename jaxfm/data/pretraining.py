@@ -193,7 +193,7 @@ class Masking:
   mask_id: int
   maskable: np.ndarray  # bool [vocab]: False for the special tokens
   word_start: np.ndarray  # bool [vocab]: False for '##' continuation pieces
-  random_ids: np.ndarray  # int32 [R]: what a random replacement draws from (no specials)
+  random_ids: np.ndarray  # int32 [R]: what a random replacement draws from (what the model sees)
   # int32 [vocab]: the id the model sees: `##X` -> `X` for CJK characters that a word segmenter
   # marked as continuing a word (`jaxfm.data.word_segmentation`), else the id itself.
   model_ids: np.ndarray
@@ -207,8 +207,9 @@ class Masking:
     model_ids = np.arange(tokenizer.vocab_size, dtype=np.int32)
     chars, pieces = cjk_continuations(tokenizer.vocab)
     model_ids[pieces] = chars
+    seen = not_special & (model_ids == np.arange(tokenizer.vocab_size))  # [vocab]
     return cls(max_predictions, mask_prob, whole_word, special.mask, not_special,
-               tokenizer.word_start, np.flatnonzero(not_special).astype(np.int32), model_ids)
+               tokenizer.word_start, np.flatnonzero(seen).astype(np.int32), model_ids)
 
 
 def _choose_whole_words(tokens: np.ndarray, candidates: np.ndarray, score: np.ndarray,

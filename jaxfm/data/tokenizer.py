@@ -159,8 +159,9 @@ def _is_word_boundary_char(char: str) -> bool:
 
 
 def _continuation_pieces(texts: Sequence[str], normalizer: normalizers.Normalizer,
-                         limit_alphabet: int) -> list[str]:
-  """Sorted '##c' for every character c of the training alphabet that can continue a word.
+                         limit_alphabet: int, cjk: bool = False) -> list[str]:
+  """Sorted '##c' for every character c of the training alphabet that can continue a word
+  (with `cjk`, CJK characters too: segmented-word masking marks word-inner characters so).
 
   The trainer keeps the `limit_alphabet` most frequent characters; ties at the cut are all
   kept here, since a missing piece would bring back the non-determinism.
@@ -171,17 +172,20 @@ def _continuation_pieces(texts: Sequence[str], normalizer: normalizers.Normalize
   frequencies = sorted((n for c, n in counts.items() if not c.isspace()), reverse=True)
   cut = frequencies[min(limit_alphabet, len(frequencies)) - 1] if frequencies else 0
   return sorted(_PREFIX + c for c, n in counts.items()
-                if n >= cut and not c.isspace() and not _is_word_boundary_char(c))
+                if n >= cut and not c.isspace()
+                and (not _is_word_boundary_char(c) or (cjk and is_cjk_char(c))))
 
 
 def train_tokenizer(texts: Sequence[str], *, vocab_size: int, lowercase: bool = True,
-                    min_frequency: int = 2,
-                    limit_alphabet: int | None = None) -> WordPieceTokenizer:
+                    min_frequency: int = 2, limit_alphabet: int | None = None,
+                    cjk_pieces: bool = False) -> WordPieceTokenizer:
   """Trains a BERT WordPiece vocabulary ([PAD]=0, [UNK], [CLS], [SEP], [MASK]) on `texts`.
 
   `limit_alphabet` characters at most are kept (the most frequent); None keeps up to
   max(1000, vocab_size // 2), room for the thousands of characters Chinese text needs, as
-  bert-base-chinese's vocabulary has them.
+  bert-base-chinese's vocabulary has them. `cjk_pieces` adds the '##c' piece of every kept CJK
+  character, which whole-word masking of segmented Chinese needs
+  (`jaxfm.data.word_segmentation`) and bert-base-chinese's vocabulary also has.
 
   The result is deterministic for the same texts. `tokenizers` alone is not (it numbers
   the '##c' continuation characters in hash-map order, which then breaks merge ties:
@@ -193,7 +197,7 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int, lowercase: bool = 
     limit_alphabet = max(1000, vocab_size // 2)
   tokenizer = _bert_tokenizer({}, lowercase)
   reserved = list(SPECIAL_TOKENS) + _continuation_pieces(texts, tokenizer.normalizer,
-                                                           limit_alphabet)
+                                                           limit_alphabet, cjk_pieces)
   trainer = trainers.WordPieceTrainer(
       vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
       special_tokens=reserved, limit_alphabet=limit_alphabet, continuing_subword_prefix=_PREFIX)

@@ -102,6 +102,9 @@ RULES = [
     Rule(S, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
     Rule(D, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
     Rule(D, "data.mask_prob", 1.0, "data.mask_prob=1.0 must be in (0, 1)"),
+    Rule(D, "data.word_segmenter", "ltp", "data.word_segmenter='ltp' must be one of , jieba"),
+    Rule(D, "data.word_segmenter", "jieba", "set data.whole_word_masking=True"),
+    Rule(D, "data.word_segmenter_dict", "words.txt", "needs data.word_segmenter='jieba'"),
     Rule(D, "data.max_predictions_per_seq", 200, "data.max_predictions_per_seq=200 exceeds "
          "data.max_seq_length=128"),
     Rule(D, "data.eval_fraction", 1.0, "data.eval_fraction=1.0 must be in [0, 1)"),
