@@ -47,3 +47,20 @@ def test_mlm_flops_match_xla_count_with_the_last_layer_at_predicted_positions(sc
                                  rel=0.1)
   assert pruned / full == pytest.approx(flops.mlm_flops_per_token(CFG, SEQ, predictions)
                                         / flops.mlm_flops_per_token(CFG, SEQ, SEQ), rel=0.03)
+
+
+def test_packed_classifier_flops_count_the_last_layer_at_every_cls_slot():
+  slots = 8
+  segments = np.repeat(np.arange(1, slots + 1, dtype=np.int32), SEQ // slots)[None]  # [1, SEQ]
+  segments = np.tile(segments, (BATCH, 1))
+  positions = np.tile(np.arange(SEQ // slots, dtype=np.int32), (BATCH, slots))
+  cls = np.tile(np.arange(0, SEQ, SEQ // slots, dtype=np.int32), (BATCH, 1))  # [BATCH, slots]
+  packed = _xla_flops_of_gradient(BertForSequenceClassification(CFG, 2), lambda out: out, True,
+                                  segments, positions, cls)
+  one = _xla_flops_of_gradient(BertForSequenceClassification(CFG, 2), lambda out: out)
+  tokens = BATCH * SEQ
+  assert packed == pytest.approx(
+      flops.classification_flops_per_token(CFG, SEQ, examples_per_row=slots) * tokens, rel=0.1)
+  assert packed / one == pytest.approx(
+      flops.classification_flops_per_token(CFG, SEQ, examples_per_row=slots)
+      / flops.classification_flops_per_token(CFG, SEQ), rel=0.03)

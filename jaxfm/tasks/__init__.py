@@ -70,9 +70,11 @@ def make_task(kind: str, config: BertConfig, label_names: Sequence[str] | None,
   score = None if split is None else (
       lambda outputs: spec.score(split, outputs, label_names, data))
   packed = packing(data)
+  flops_per_token = functools.partial(spec.flops_per_token, config)
+  if packed and spec.packs == "examples":  # the last layer runs at every [CLS] slot
+    flops_per_token = functools.partial(flops_per_token, examples_per_row=packed.max_per_row)
   return Task(model=model, init_inputs=(ids, ids, np.ones_like(ids)), loss_fn=spec.loss(model),
-              summarize=summarize,
-              flops_per_token=functools.partial(spec.flops_per_token, config),
+              summarize=summarize, flops_per_token=flops_per_token,
               batch_spec=spec.batch_spec(data.max_seq_length,
                                          packed.max_per_row if packed else 0),
               predict_fn=predict_outputs(model, spec.outputs, spec.packs), score=score)

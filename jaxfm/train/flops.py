@@ -12,9 +12,9 @@ Counting rule (matmuls only; one multiply-add = 2 FLOPs; backward = 2x forward):
   predicted positions for MLM. There that layer costs, per token,
                          6 * 2 H^2 + (6 * (2 H^2 + 2 H I) + 12 * T * H) * P / T
   (keys and values everywhere; queries, attention, output projection and MLP at the P
-  positions; P = 1 for classification). Classification heads are negligible and not
-  counted. Embedding lookups, LayerNorm, softmax, GELU are not counted; remat
-  recomputation is not counted (MFU measures useful work).
+  positions; P = 1 for classification, its [CLS] slots for packed rows). Classification heads
+  are negligible and not counted. Embedding lookups, LayerNorm, softmax, GELU are not counted;
+  remat recomputation is not counted (MFU measures useful work).
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ def encoder_flops_per_token(config: BertConfig, seq_len: int,
   return (config.num_layers - 1) * (keys_values + per_query) + last_layer + projection
 
 
-def classification_flops_per_token(config: BertConfig, seq_len: int) -> float:
-  """Training FLOPs per input token of `BertForSequenceClassification` (see the docstring)."""
-  return encoder_flops_per_token(config, seq_len, 1)
+def classification_flops_per_token(config: BertConfig, seq_len: int,
+                                   examples_per_row: int = 1) -> float:
+  """Training FLOPs per input token of `BertForSequenceClassification` (see the docstring);
+  packed rows (`data.packing`) run the last layer at each of their `examples_per_row` [CLS]
+  slots."""
+  return encoder_flops_per_token(config, seq_len, examples_per_row)
 
 
 def mlm_flops_per_token(config: BertConfig, seq_len: int, predictions_per_seq: int) -> float:
