@@ -191,9 +191,12 @@ def _record_base(cfg: ml_collections.ConfigDict, frozen: Any) -> None:
     cfg.peft.base_sha256 = digest
 
 
+def _size(tree: Any) -> int:
+  return sum(np.size(x) for x in jax.tree.leaves(tree))
+
+
 def _log_trainable(trainable: Any, frozen: Any) -> None:
-  count = lambda tree: sum(np.size(x) for x in jax.tree.leaves(tree))  # pylint: disable=unnecessary-lambda-assignment
-  adapter, head, base = count(trainable["adapter"]), count(trainable["head"]), count(frozen)
+  adapter, head, base = _size(trainable["adapter"]), _size(trainable["head"]), _size(frozen)
   logging.info("peft: %d trainable params (adapter %d, head %d) over a frozen base of %d "
                "(%.3f%%)", adapter + head, adapter, head, base,
                100.0 * (adapter + head) / (adapter + head + base))
