@@ -4,12 +4,12 @@ training workdir (its best checkpoint when it keeps one, else its newest)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from jaxfm import config as config_lib
 from jaxfm import interop
@@ -67,9 +67,13 @@ def workdir_params(workdir: str, abstract_state: Any = None) -> WorkdirParams:
 
 def load_jaxfm(path: str) -> Weights:
   """A jaxfm model dir or a training workdir (see `workdir_params`)."""
-  if not os.path.isdir(path):
+  root = epath.Path(path)  # local, or a gs:// workdir
+  if not root.is_dir():
     raise FileNotFoundError(f"{path}: no such directory")
-  if os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)):
+  if (root / MODEL_CONFIG_FILE).is_file():
+    if workdir_lib.on_object_store(path):
+      raise FileNotFoundError(f"{path}: a model dir is read from a local folder only; copy it "
+                              "there (gsutil -m cp -r), or name a gs:// training workdir")
     return Weights(*interop.load_model_dir(path))
   config = workdir_lib.read_model_config(path)
   loaded = workdir_params(path)

@@ -225,3 +225,86 @@ def test_a_read_failing_on_one_host_only_falls_back_on_both(gcs_bucket, tmp_path
   assert [f for f in gcs_bucket.files("run/checkpoints") if f.endswith("commit_success.txt")
           and "/" not in f.removeprefix("run/checkpoints/").removesuffix("/commit_success.txt")
           ] == ["run/checkpoints/1/commit_success.txt", "run/checkpoints/2.corrupt/commit_success.txt"]
+
+
+# ---------------------------------------------------------------- the command-line tools on gs://
+
+
+def _cli(env: dict[str, str], *argv: str, code: int = 0) -> str:
+  proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=LAUNCH_TIMEOUT_S)
+  assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+  return proc.stdout + proc.stderr
+
+
+def _preempted(env: dict[str, str], log, *argv: str, when: str) -> str:
+  """Runs a training CLI until `when` is in its output, then SIGTERMs it; its output."""
+  with open(log, "w") as out:
+    proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+  try:
+    while when not in log.read_text(errors="replace"):
+      assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(LAUNCH_TIMEOUT_S)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, log.read_text()[-3000:]  # saved, not finished
+  return log.read_text(errors="replace")
+
+
+def _newest_committed(gcs_bucket, under: str) -> int:
+  return max(int(f.split("/")[-2]) for f in gcs_bucket.files(under)
+             if f.endswith("/commit_success.txt") and f.count("/") == under.count("/") + 2)
+
+
+@pytest.mark.slow  # seven launches of the command-line tools, 3-5 minutes on 2 busy cores
+def test_pretrain_preempt_resume_then_finetune_evaluate_predict_convert_on_gcs(gcs_bucket,
+                                                                               tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_LOG_COMPILES="1")
+  pre = f"{gcs_bucket}/pretrain"
+  argv = ["jaxfm.pretrain", *SMALL, "--config.train.steps=100000", f"--workdir={pre}"]
+  _preempted(env, tmp_path / "first.log", *argv, when="[eval] step 0:")
+  first_stop = _newest_committed(gcs_bucket, "pretrain/checkpoints")
+  # The same command again loads the executables the first launch stored in WORKDIR/compile_cache
+  # on gs:// (a changed train.steps changes the compiled schedule, and so compiles anew).
+  next_eval = (first_stop // 6 + 1) * 6  # SMALL evaluates every 6 steps
+  out = _preempted(env, tmp_path / "second.log", *argv, when=f"[eval] step {next_eval}:")
+  assert "Persistent compilation cache hit for 'jit_train_step'" in out, out[-3000:]
+  assert f"resumed from step {first_stop}" in out, out[-3000:]
+  stop = _newest_committed(gcs_bucket, "pretrain/checkpoints")
+  out = _cli(env, "jaxfm.pretrain", *SMALL, f"--config.train.steps={stop + 2}", f"--workdir={pre}")
+  assert f"resumed from step {stop}" in out
+  files = gcs_bucket.files("pretrain")
+  assert epath.Path(f"{pre}/DONE").read_text() == f"step {stop + 2}\n"
+  assert [f for f in files if "/metrics-" in f] == [
+      "pretrain/metrics-000000000.jsonl", f"pretrain/metrics-{first_stop:09d}.jsonl",
+      f"pretrain/metrics-{stop:09d}.jsonl"]
+  assert [r["step"] for r in workdir_lib.read_metrics(pre) if r["split"] == "eval"][0] == 0
+  assert len([f for f in files if ".tfevents." in f]) == 3
+  assert {"pretrain/config.json", "pretrain/tokenizer/vocab.txt"} <= set(files)
+
+  train, dev = ff.write_sentiment(tmp_path)  # local: the task readers open local files only
+  ft = f"{gcs_bucket}/sst2"
+  out = _cli(env, "jaxfm.finetune", "--config=configs/finetune/sst2.py", f"--workdir={ft}",
+             f"--config.init_from={pre}", f"--config.data.train_file={train}",
+             f"--config.data.dev_file={dev}", "--config.train.epochs=2",
+             "--config.train.batch_size=16", "--config.data.max_seq_length=32",
+             "--config.train.progress_bar=false", "--config.optim.peak_learning_rate=1e-3")
+  final = json.loads(out.strip().splitlines()[-1] if out.strip().startswith("{") else
+                     [l for l in out.splitlines() if l.startswith("{")][-1])
+  scores = json.loads([l for l in _cli(env, "jaxfm.evaluate", f"--workdir={ft}", "--split=dev")
+                       .splitlines() if l.startswith("{")][-1])
+  assert scores["accuracy"] == pytest.approx(final["dev"]["accuracy"]), (scores, final)
+  (tmp_path / "in.jsonl").write_text(  # local, as the training data
+      '{"sentence": "the film was great"}\n{"sentence": "a very awful plot"}\n')
+  _cli(env, "jaxfm.predict", f"--workdir={ft}", f"--input={tmp_path / 'in.jsonl'}",
+       f"--output={gcs_bucket}/preds.jsonl")
+  rows = [json.loads(l) for l in epath.Path(f"{gcs_bucket}/preds.jsonl").read_text().splitlines()]
+  assert len(rows) == 2 and all(set(r["probabilities"]) == {"0", "1"} for r in rows)
+  out = _cli(env, "jaxfm.convert", "--to_hf", f"--from={ft}", f"--out={tmp_path / 'hf'}")
+  assert "exported BertForSequenceClassification" in out
+  assert (tmp_path / "hf" / "config.json").exists()
