@@ -13,8 +13,12 @@ The emulator lacks two things of the GCS API that tensorstore's OCDBT writes (Or
 rely on, added here (`with_generations`): the object generation in a download's
 `x-goog-generation` header, and the `ifGenerationMatch` / `ifGenerationNotMatch` preconditions
 (412, or 304 for a read), with which tensorstore updates a manifest only if nobody else did.
-Without them the second write of a checkpoint's manifest fails ("Malformed StorageGeneration"). The settings, in
-this process's environment while a test uses the fixture (and so in every subprocess it starts):
+Without them the second write of a checkpoint's manifest fails ("Malformed StorageGeneration").
+It also lacks `objects.move` (`.../o/SRC/moveTo/o/DST`), which gcsfs tries first for every
+rename and, answered 501, retries for about 35 s before it copies and deletes; `_move` adds it.
+
+The settings, in this process's environment while a test uses the fixture (and so in every
+subprocess it starts):
   STORAGE_EMULATOR_HOST              gcsfs (and etils epath, which reaches gs:// through fsspec)
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT  "false": gcsfs would first ask the Storage Control API for
                                      the bucket's layout over gRPC, which an emulator does not
@@ -119,13 +123,33 @@ def with_generations(handler: Callable[..., Any]) -> Callable[..., Any]:
   return handle
 
 
+def _move(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any) -> None:
+  """GCS's objects.move within a bucket: the copy and the delete of one request."""
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  bucket, params = request.params["bucket_name"], request.params
+  try:
+    moved = objects._copy(request.base_url, storage, bucket, params["object_id"], bucket,  # pylint: disable=protected-access
+                          params["dest_object_id"])
+  except objects.NotFound:
+    response.status = HTTPStatus.NOT_FOUND
+    return
+  objects._delete(storage, bucket, params["object_id"])  # pylint: disable=protected-access
+  response.json(moved)
+
+
+_MOVE_ROUTE = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+               r"(?P<dest_object_id>.*[^/]+)$")
+
+
 def _serve(argv: list[str]) -> None:
-  """`python -m gcp_storage_emulator ARGV` with every request handler `with_generations`."""
+  """`python -m gcp_storage_emulator ARGV` with `_move`, every request handler
+  `with_generations`."""
   from gcp_storage_emulator import __main__ as emulator  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
   server.HANDLERS = tuple((regex, {method: with_generations(handler)
                                    for method, handler in handlers.items()})
-                          for regex, handlers in server.HANDLERS)
+                          for regex, handlers in ((_MOVE_ROUTE, {"POST": _move}),
+                                                  *server.HANDLERS))
   sys.exit(emulator.main(argv))
 
 
