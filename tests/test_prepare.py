@@ -149,7 +149,8 @@ def test_a_corrupt_shard_file_is_an_error_naming_it(corpus, prepared_dir, tmp_pa
 
 
 @pytest.mark.parametrize("field,value", [("max_seq_length", 64), ("seed", 3), ("num_shards", 1),
-                                         ("eval_fraction", 0.2), ("vocab_size", 300)])
+                                         ("eval_fraction", 0.2), ("vocab_size", 300),
+                                         ("word_segmenter", "jieba")])
 def test_a_run_that_wants_other_examples_is_refused(prepared_dir, field, value):
   with pytest.raises(prepared.SettingsMismatch, match=f"data.{field}={value!r} but .*manifest"):
     prepared.load_prepared(_cfg("", prepared=str(prepared_dir), **{field: value}), None)

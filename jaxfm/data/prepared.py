@@ -72,7 +72,8 @@ _RANDOM_ACCESS = "readahead_buffer_size:0,max_parallelism:0"
 _CRC_BLOCK = 1 << 22  # bytes read at a time when checksumming a whole file
 _TAIL = 1 << 16  # the bytes at a file's end whose crc32 the start-up check compares
 # `cfg.data` fields the packed examples depend on; a run from DIR must have the same.
-PACKING_FIELDS = ("max_seq_length", "eval_fraction", "seed", "num_shards", "lowercase")
+PACKING_FIELDS = ("max_seq_length", "eval_fraction", "seed", "num_shards", "lowercase",
+                  "word_segmenter", "word_segmenter_dict")  # the last two: word marks in tokens
 # Where the documents and the vocabulary come from; a resumed prepare must have the same.
 SOURCE_FIELDS = ("train_files", "sources", "format", "text_field", "documents", "tfds_name",
                  "tfds_data_dir", "on_decode_error", "tokenizer", "vocab_size")
