@@ -2,6 +2,9 @@
 
 import types
 
+import numpy as np
+import tqdm
+
 from jaxfm.train import actions
 
 
@@ -11,6 +14,7 @@ class _Writer:
 
   def write(self, step, scalars, prefix):
     self.written.append((step, prefix))
+    self.scalars = scalars
 
 
 class _Saver:
@@ -82,3 +86,16 @@ def test_preemption_saves_and_stops_at_the_step_after_the_signal():
   assert not preemption(actions.StepInfo(3, state, {}, (2, 8)))
   stop.requested = True
   assert preemption(actions.StepInfo(4, state, {}, (2, 8))) and saver.saves == [(4, True)]
+
+
+def test_progress_reports_carry_the_loaders_counters():
+  writer, seen = _Writer(), iter([{"examples_seen/wiki": 16}, {"examples_seen/wiki": 32}])
+  progress = actions.ReportProgress(
+      lambda sums: {"loss": sums["loss_sum"]}, lambda length: 1.0, lambda step: 0.1,
+      lambda: 0.0, writer, tqdm.tqdm(disable=True), every=2, last=4, counters=lambda: next(seen))
+  state = types.SimpleNamespace(skipped_steps=np.int32(0))
+  metrics = {"loss_sum": np.float32(1.0), "grad_norm": np.float32(1.0), "finite": np.bool_(True)}
+  for step in (1, 2):
+    progress(actions.StepInfo(step, state, metrics, (2, 8)))
+  assert writer.written == [(2, "train")] and writer.scalars["examples_seen/wiki"] == 16
+  assert writer.scalars["loss"] == 2.0

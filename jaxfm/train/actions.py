@@ -67,14 +67,16 @@ def due(step: int, every: int, last: int) -> bool:
 
 class ReportProgress:
   """Train metrics, throughput and MFU of the steps since the last report, every `every` steps
-  and at the `last`; a console line every tenth report when the progress bar shows."""
+  and at the `last`, with the loader's `counters` (e.g. examples seen per source); a console
+  line every tenth report when the progress bar shows."""
 
   def __init__(self, summarize: Callable[[dict[str, float]], dict[str, float]],
                flops_per_token: Callable[[int], float], schedule: optax.Schedule,
                compile_s: Callable[[], float], writer: MetricWriter, bar: tqdm.tqdm,
-               every: int, last: int):
+               every: int, last: int, counters: Callable[[], dict[str, float]] = dict):
     self._summarize, self._flops_per_token, self._schedule = summarize, flops_per_token, schedule
     self._compile_s, self._writer, self._bar = compile_s, writer, bar
+    self._counters = counters
     self.every, self.last = every, last
     self._peak = peak_flops_per_device(jax.devices()[0].device_kind)
     self.metrics: dict[str, float] = {}  # the latest report
@@ -107,6 +109,7 @@ class ReportProgress:
         "skipped_steps_total": float(jax.device_get(info.state.skipped_steps)),
         "tokens_per_s": tokens_per_s,
         "compile_s": self._compile_s(),
+        **self._counters(),
     }
     if self._peak:
       self.metrics["mfu"] = self._flops / elapsed / (self._peak * jax.device_count())

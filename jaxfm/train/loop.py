@@ -268,7 +268,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
       cpu_process.release_free_heap()  # what the eval step's compiler freed
     progress = actions.ReportProgress(task.summarize, task.flops_per_token, steps.schedule,
                                       lambda: executables.compile_s, writer, bar, t.log_every,
-                                      t.steps)
+                                      t.steps, getattr(train_iter, "examples_seen", dict))
     after_step = [profile, progress,
                   *_after_report(cfg, manager, train_iter, meta, evaluation, best, stop)]
     for step in range(start, t.steps):
