@@ -34,23 +34,6 @@ from tests.reliability.conftest import (BASE, EVERY, LAUNCH_TIMEOUT_S, ROOT, Lau
                                         assert_trees_equal, saved_state, trainer)  # noqa: F401
 from tests.test_pretrain_cli import SMALL
 
-# A worker (tests/reliability/worker.py) SIGKILLed when the save of step STEP starts writing
-# its `meta` item. On gs:// Orbax writes into `<step>/` itself, which the worker's own
-# kill_in_save fault (keyed on the local `<step>.orbax-checkpoint-tmp-*` folder) never sees.
-_KILLED_IN_SAVE = """
-import sys
-from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
-from tests.reliability import worker
-step = sys.argv.pop()
-original = handler.JsonCheckpointHandler._save_fn
-async def save_fn(self, x, directory):
-  if directory.name == "meta" and directory.parent.name == step:
-    worker._die(f"killed while saving step {step} into {directory.parent}")
-  return await original(self, x, directory)
-handler.JsonCheckpointHandler._save_fn = save_fn
-worker.main(sys.argv)
-"""
-
 
 def test_every_layer_reaches_the_emulator(gcs_bucket):
   text = epath.Path(gcs_bucket) / "notes" / "a.txt"
@@ -102,9 +85,8 @@ def _start(trainer, gcs_bucket, log, overrides: dict[str, Any],
            killed_in_save: int | None = None) -> Launch:
   """A worker training `gcs_bucket`/run (with the reliability suite's environment and
   compilation cache), logging to the local file `log`."""
-  program = ["-c", _KILLED_IN_SAVE] if killed_in_save else ["-m", "tests.reliability.worker"]
-  argv = [sys.executable, *program, f"{gcs_bucket}/run", json.dumps(overrides),
-          *([str(killed_in_save)] if killed_in_save else [])]
+  argv = [sys.executable, "-m", "tests.reliability.worker", f"{gcs_bucket}/run",
+          json.dumps(overrides), *([f"kill_in_save:{killed_in_save}"] if killed_in_save else [])]
   with open(log, "w") as out:
     proc = subprocess.Popen(argv, cwd=ROOT, env={**trainer.env, **gcs_bucket.server.env},
                             stdout=out, stderr=subprocess.STDOUT)

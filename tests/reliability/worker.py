@@ -66,7 +66,8 @@ def _patch_json_save(step: int, action) -> None:
   original = handler._save_fn  # pylint: disable=protected-access
 
   async def save_fn(self, x, directory):
-    if directory.name.startswith("meta") and directory.parent.name.startswith(f"{step}."):
+    # The step's folder: `<step>.orbax-checkpoint-tmp-*` locally, `<step>` itself on GCS.
+    if directory.name.startswith("meta") and directory.parent.name.split(".")[0] == str(step):
       action(directory.parent)
     return await original(self, x, directory)
 
