@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging as logging_std
 import os
+import signal
 import sys
 from typing import Any, Callable, Iterator
 
@@ -81,6 +82,12 @@ def finish_training(workdir: str, step: int, preempted: bool) -> None:
   workdir_lib.mark_done(workdir, step)
 
 
+def _exit_preempted(signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
+  logging.warning("SIGTERM before training started: nothing new to save; exiting with status "
+                  "%d (relaunch to resume)", PREEMPTED_EXIT)
+  sys.exit(PREEMPTED_EXIT)
+
+
 def run_program(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` for an entry point started as a program, after restarting it with glibc's
   malloc in huge pages when it will run on CPUs (`jaxfm.cpu.process`)."""
@@ -120,6 +127,11 @@ def initialize_runtime(model_width: int | None = None) -> None:
         process_id=int(os.environ["JAX_PROCESS_ID"]), initialization_timeout=timeout_s)
   elif os.environ.get("JAXFM_DISTRIBUTED") == "1":
     jax.distributed.initialize(initialization_timeout=timeout_s)
+  if jax.process_count() == 1:
+    # A SIGTERM while restoring or compiling exits as a preempted run does, not as a killed
+    # one; the loop takes it over for a save at the step boundary. With several processes
+    # JAX's own preemption notifier catches it (see `jaxfm.train.actions.StopSignal`).
+    signal.signal(signal.SIGTERM, _exit_preempted)
   if jax.process_index() == 0:
     logging.info("JAX %s: %d process(es), %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)

@@ -69,6 +69,26 @@ def test_sigterm_saves_and_exits_143_then_a_relaunch_finishes(tmp_path):
   assert (run / "DONE").read_text() == f"step {saved + 1}\n"
 
 
+def test_sigterm_before_training_starts_exits_143_without_a_traceback(tmp_path):
+  log = tmp_path / "log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen([sys.executable, "-m", "jaxfm.pretrain", *SMALL,
+                             f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=ENV, stdout=out,
+                            stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 120
+  try:
+    while "process(es)" not in log.read_text():  # the runtime is up; data and compile follow
+      assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+  finally:
+    proc.kill()
+  text = log.read_text()
+  assert proc.returncode == 143, text[-3000:]  # preempted, not failed: a supervisor relaunches
+  assert "SIGTERM before training started" in text and "Traceback" not in text
+
+
 def test_rerun_resumes_and_more_steps_continue(workdir):
   proc = _run("jaxfm.pretrain", *SMALL, "--config.train.steps=8", f"--workdir={workdir}")
   assert "resumed from step 6" in proc.stderr
