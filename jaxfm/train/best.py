@@ -79,7 +79,10 @@ def restore_best(workdir: str, abstract_params: Any = None
   """
   if not best_dir(workdir).exists():
     return None
-  manager = ocp.CheckpointManager(best_dir(workdir), item_names=(PARAMS, METRICS))
+  # The handlers let `item_metadata` read the params' shapes before any restore.
+  manager = ocp.CheckpointManager(best_dir(workdir), item_names=(PARAMS, METRICS),
+                                  item_handlers={PARAMS: ocp.StandardCheckpointHandler(),
+                                                 METRICS: ocp.JsonCheckpointHandler()})
   step = manager.best_step() or manager.latest_step()
   if step is None:
     manager.close()
