@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import flax
@@ -50,6 +51,23 @@ def test_every_layer_reaches_the_emulator(gcs_bucket):
   # tensorstore's own writes: the OCDBT array data and manifest, on the emulator
   assert any(f.startswith("ckpt/1/state/ocdbt.process_0/d/") for f in files), files
   assert "ckpt/1/state/manifest.ocdbt" in files and "ckpt/1/commit_success.txt" in files
+
+
+def test_task_files_read_from_gcs_as_locally(gcs_bucket, tmp_path):
+  from jaxfm import config as config_lib, tasks  # pylint: disable=import-outside-toplevel
+  from jaxfm.data.tokenizer import train_tokenizer  # pylint: disable=import-outside-toplevel
+  train, _ = ff.write_sentiment(tmp_path)
+  conll, _ = ff.write_conll(tmp_path)
+  tokenizer = train_tokenizer([Path(train).read_text()], vocab_size=200)
+  for kind, local in (("classification", train), ("ner", conll)):
+    remote = epath.Path(gcs_bucket) / Path(local).name
+    remote.write_bytes(b"\xef\xbb\xbf" + Path(local).read_bytes())  # with a byte-order mark
+    data = config_lib.finetune_defaults().data
+    ours = tasks.load_split(kind, data, str(remote), tokenizer.backend, None)
+    theirs = tasks.load_split(kind, data, local, tokenizer.backend, None)
+    assert ours[1] == theirs[1] and len(ours[0].examples) == len(theirs[0].examples) > 0
+    np.testing.assert_array_equal(ours[0].features["input_ids"],
+                                  theirs[0].features["input_ids"])
 
 
 def _status(request: urllib.request.Request) -> int:
@@ -272,7 +290,9 @@ def test_pretrain_preempt_resume_then_finetune_evaluate_predict_convert_on_gcs(g
   assert len([f for f in files if ".tfevents." in f]) == 3
   assert {"pretrain/config.json", "pretrain/tokenizer/vocab.txt"} <= set(files)
 
-  train, dev = ff.write_sentiment(tmp_path)  # local: the task readers open local files only
+  train, dev = (f"{gcs_bucket}/data/{Path(f).name}" for f in ff.write_sentiment(tmp_path))
+  for remote in (train, dev):
+    epath.Path(remote).write_bytes((tmp_path / Path(remote).name).read_bytes())
   ft = f"{gcs_bucket}/sst2"
   out = _cli(env, "jaxfm.finetune", "--config=configs/finetune/sst2.py", f"--workdir={ft}",
              f"--config.init_from={pre}", f"--config.data.train_file={train}",
@@ -284,9 +304,9 @@ def test_pretrain_preempt_resume_then_finetune_evaluate_predict_convert_on_gcs(g
   scores = json.loads([l for l in _cli(env, "jaxfm.evaluate", f"--workdir={ft}", "--split=dev")
                        .splitlines() if l.startswith("{")][-1])
   assert scores["accuracy"] == pytest.approx(final["dev"]["accuracy"]), (scores, final)
-  (tmp_path / "in.jsonl").write_text(  # local, as the training data
+  epath.Path(f"{gcs_bucket}/data/in.jsonl").write_text(
       '{"sentence": "the film was great"}\n{"sentence": "a very awful plot"}\n')
-  _cli(env, "jaxfm.predict", f"--workdir={ft}", f"--input={tmp_path / 'in.jsonl'}",
+  _cli(env, "jaxfm.predict", f"--workdir={ft}", f"--input={gcs_bucket}/data/in.jsonl",
        f"--output={gcs_bucket}/preds.jsonl")
   rows = [json.loads(l) for l in epath.Path(f"{gcs_bucket}/preds.jsonl").read_text().splitlines()]
   assert len(rows) == 2 and all(set(r["probabilities"]) == {"0", "1"} for r in rows)

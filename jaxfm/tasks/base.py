@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import flax.linen as nn
 import jax
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from jaxfm.data import loader
 from jaxfm.data.packing import Packing
@@ -92,10 +94,18 @@ def token_ids(tokenizer: Any, *tokens: str) -> list[int]:
   return ids
 
 
+def open_text(path: str, newline: str | None = None) -> TextIO:
+  """A task file as text (UTF-8, a byte-order mark dropped): local, or on an object store
+  (e.g. gs://, through etils epath; read whole, as the readers read every file whole)."""
+  if "://" not in path:
+    return open(path, encoding="utf-8-sig", newline=newline)
+  return io.StringIO(epath.Path(path).read_bytes().decode("utf-8-sig"), newline=newline)
+
+
 def jsonl_objects(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
   """(`file:line`, object) for each non-blank line of a JSONL file of inputs to predict;
   errors name the line."""
-  with open(path, encoding="utf-8-sig") as f:
+  with open_text(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue

@@ -29,7 +29,8 @@ from jaxfm import config as config_lib
 from jaxfm.metrics import classification as cls_metrics
 from jaxfm.models import BertConfig, BertForSequenceClassification
 from jaxfm.tasks.base import (PACKED_SLOT_INPUTS, PACKED_TOKEN_INPUTS, RowError, RowPolicy,
-                              TaskKind, TaskSplit, encode, json_field, jsonl_objects, token_ids)
+                              TaskKind, TaskSplit, encode, json_field, jsonl_objects, open_text,
+                              token_ids)
 from jaxfm.train.flops import classification_flops_per_token
 from jaxfm.train.step import Batch, LossFn, Sums
 
@@ -81,7 +82,7 @@ Decoder = Callable[[Any], dict[Field, Any]]  # raw row -> {field: value}, or Row
 
 def _table_rows(path: str, fmt: str) -> Iterator[tuple[int, list[str]]]:
   """(line number, cells) of the non-blank rows of a TSV or CSV file."""
-  with open(path, encoding="utf-8-sig", newline="") as f:
+  with open_text(path, newline="") as f:
     if fmt == "csv":
       reader = csv.reader(f)
       for cells in reader:
@@ -129,7 +130,7 @@ def _jsonl(path: str, fields: Sequence[Field]) -> tuple[Iterator[tuple[int, str]
     raise ValueError(f"{path}: JSONL fields must be key names, got {indices}")
 
   def lines() -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path) as f:
       yield from ((n, line) for n, line in enumerate(f, 1) if line.strip())
 
   def decode(line: str) -> dict[Field, Any]:

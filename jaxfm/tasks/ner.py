@@ -24,7 +24,7 @@ from jaxfm import config as config_lib
 from jaxfm.metrics import ner as ner_metrics
 from jaxfm.models import BertConfig, BertForTokenClassification
 from jaxfm.tasks.base import (RowError, RowPolicy, TaskKind, TaskSplit, encode, json_field,
-                              jsonl_objects, token_ids, token_weights)
+                              jsonl_objects, open_text, token_ids, token_weights)
 from jaxfm.train.step import Batch, LossFn, Sums
 
 IGNORE = -100  # label of positions that carry no loss
@@ -89,7 +89,7 @@ def read_conll(path: str, *, tag_column: int = -1, scheme: str = "iob2",
   if scheme not in SCHEMES:
     raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
   sentences: list[list[tuple[int, list[str]]]] = [[]]  # [(line number, columns)] each
-  with open(path, encoding="utf-8-sig") as f:
+  with open_text(path) as f:
     for line_number, line in enumerate(f, 1):
       columns = re.split(r"[ \t]+", line.strip(" \t\r\n"))
       if columns == [""] or columns[0] == "-DOCSTART-":

@@ -24,7 +24,7 @@ from jaxfm import config as config_lib
 from jaxfm.metrics import squad as squad_metrics
 from jaxfm.models import BertConfig, BertForQuestionAnswering
 from jaxfm.tasks.base import (RowError, RowPolicy, TaskKind, TaskSplit, encode, json_field,
-                              jsonl_objects, token_ids)
+                              jsonl_objects, open_text, token_ids)
 from jaxfm.train.step import Batch, LossFn, Sums
 
 
@@ -73,7 +73,7 @@ def read_squad(path: str, *, on_error: str = "raise") -> list[QAExample]:
     path: the JSON file.
     on_error: "raise" (a ValueError naming the question id) or "skip" (count and log them).
   """
-  with open(path, encoding="utf-8-sig") as f:
+  with open_text(path) as f:
     data = json.load(f)["data"]
   policy, examples, seen = RowPolicy(path, on_error), [], set()
   for article in data:
