@@ -99,3 +99,27 @@ def test_progress_reports_carry_the_loaders_counters():
     progress(actions.StepInfo(step, state, metrics, (2, 8)))
   assert writer.written == [(2, "train")] and writer.scalars["examples_seen/wiki"] == 16
   assert writer.scalars["loss"] == 2.0
+
+
+def test_the_time_in_evaluations_and_saves_is_reported_as_a_share_of_the_loop(caplog):
+  import collections
+  import time
+
+  class Evaluation:
+    def __call__(self, info):
+      time.sleep(0.02)
+      return False
+
+  class PeriodicCheckpoint:
+    def __call__(self, info):
+      return True  # ends the run: what follows does not run
+
+  spent, after = collections.Counter(), [Evaluation(), PeriodicCheckpoint(), Evaluation()]
+  info = actions.StepInfo(1, None, {}, (2, 8))
+  assert actions.run_after_step(after, info, spent) is after[1]
+  assert 0.02 <= spent["Evaluation"] < 0.2 and spent["PeriodicCheckpoint"] < 0.01
+  with caplog.at_level("INFO"):
+    actions.log_time_spent(1.0, collections.Counter(Evaluation=0.04, KeepBest=0.01,
+                                                    TimedCheckpoint=0.02))
+  assert "training loop 1.0 s, of which evaluation 0.0 s (4.0%), checkpoint saves 0.0 s (3.0%)" \
+      in caplog.text

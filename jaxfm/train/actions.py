@@ -9,6 +9,7 @@ the order of the work within a step: profile, report, guard, timed save, evaluat
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -58,6 +59,41 @@ class Action(Protocol):
   """Work after a step; True ends the run there."""
 
   def __call__(self, info: StepInfo) -> bool: ...
+
+
+@contextlib.contextmanager
+def timed(spent: collections.Counter[str], action: Any) -> Iterator[None]:
+  """Adds the seconds the body takes to `spent[<action's class name>]`."""
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    spent[type(action).__name__] += time.perf_counter() - start
+
+
+def run_after_step(after_step: list[Action], info: StepInfo,
+                   spent: collections.Counter[str]) -> Action | None:
+  """Runs the actions in order, timing each; the first that ends the run does so at once (those
+  after it do not run) and is returned."""
+  for action in after_step:
+    with timed(spent, action):
+      if action(info):
+        return action
+  return None
+
+
+# What the end-of-run line reports the loop's time in: saves block only while the state is
+# copied off the devices (Orbax writes in the background).
+_SPENT = {"evaluation": ("Evaluation",),
+          "checkpoint saves": ("KeepBest", "TimedCheckpoint", "PeriodicCheckpoint", "Preemption")}
+
+
+def log_time_spent(loop_s: float, spent: collections.Counter[str]) -> None:
+  """One line: the loop's wall time and the share of it evaluations and saves took."""
+  parts = [f"{name} {sum(spent[a] for a in kinds):.1f} s "
+           f"({sum(spent[a] for a in kinds) / max(loop_s, 1e-9):.1%})"
+           for name, kinds in _SPENT.items()]
+  logging.info("training loop %.1f s, of which %s", loop_s, ", ".join(parts))
 
 
 def due(step: int, every: int, last: int) -> bool:

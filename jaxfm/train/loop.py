@@ -6,6 +6,7 @@ stops) lives in `jaxfm.train.actions`; one pass of the eval step in `jaxfm.train
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -260,11 +261,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   profile = actions.Profile(str(workdir_lib.tensorboard_dir(workdir)),
                             config_lib.profile_window(t))
   ended_by = None  # the action that ended the run before `t.steps`, if one did
+  spent: collections.Counter[str] = collections.Counter()  # seconds in each kind of action
+  loop_start = time.perf_counter()
   with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
       profile.closing(), _progress_bar(t, start) as bar:
     log_line(start, {"compile_s": executables.compile_s}, "compile")
     if start == 0 and t.eval_batches and t.eval_at_start:
-      evaluation.run(0, state.params)
+      with actions.timed(spent, evaluation):
+        evaluation.run(0, state.params)
       cpu_process.release_free_heap()  # what the eval step's compiler freed
     progress = actions.ReportProgress(task.summarize, task.flops_per_token, steps.schedule,
                                       lambda: executables.compile_s, writer, bar, t.log_every,
@@ -277,11 +281,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
       state, metrics = executables.for_batch(batch)(state, batch, *steps.frozen_args())
       info = actions.StepInfo(step + 1, state, metrics, tuple(batch["input_ids"].shape))
       batch = None
-      # The first action that ends the run does so at once: those after it do not run.
-      ended_by = next((action for action in after_step if action(info)), None)
+      ended_by = actions.run_after_step(after_step, info, spent)
       if ended_by is not None:
         break
   writer.close()
+  actions.log_time_spent(time.perf_counter() - loop_start, spent)
   if progress.metrics:
     log_line(int(jax.device_get(state.step)), progress.metrics, "train")
   return TrainResult(step=int(jax.device_get(state.step)), train=progress.metrics,
