@@ -184,9 +184,10 @@ def test_wandb_offline_run_resumes_by_id(tmp_path, monkeypatch):
   wandb = pytest.importorskip("wandb")
   from jaxfm.train.writer import MetricWriter
   monkeypatch.setenv("WANDB_MODE", "offline")
-  for step in (1, 2):
+  ids = []
+  for step in (1, 2):  # a launch, then a relaunch in the same workdir
     writer = MetricWriter(str(tmp_path), "jaxfm-test", {})
     writer.write(step, {"loss": 1.0 / step})
-    run_id = wandb.run.id
+    ids.append(wandb.run.id)
     writer.close()
-  assert run_id == (tmp_path / "wandb_run_id").read_text().strip()
+  assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
