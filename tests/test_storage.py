@@ -152,7 +152,7 @@ def test_local_metrics_stay_one_appended_file(tmp_path):
 
 
 class _FakeWandb:
-  """Records `wandb.init` calls as W&B would receive them (wandb itself is not installed here)."""
+  """Records `wandb.init` calls as W&B would receive them, without starting W&B."""
 
   def __init__(self):
     self.inits = []
