@@ -463,6 +463,104 @@ def validate_peft(cfg: ml_collections.ConfigDict) -> None:
     fail("peft.target_modules", p.target_modules, str(e))
 
 
+# ---------------------------------------------------------------- distillation
+
+DISTILL_LOSSES = ("kl", "task", "hidden")  # soft targets, hard labels, hidden-state MSE
+STUDENT_INITS = ("random", "every_k", "init_from")
+TEACHER_DTYPES = ("float32", "bfloat16")
+
+
+def distill_defaults() -> ml_collections.ConfigDict:
+  """Every distillation field: fine-tuning's, plus `teacher` and the `distill` section.
+
+  The `model` section is the student's. With `distill.student_init=every_k` its architecture is
+  the teacher's but for `model.num_layers`; with `random` its size fields are the config's and
+  the vocabulary, positions and token types the teacher's; with `init_from` the checkpoint's.
+  """
+  cfg = finetune_defaults()
+  cfg.teacher = ""  # a jaxfm fine-tuning workdir (its best, else latest, params)
+  d = ml_collections.ConfigDict()
+  d.student_init = "every_k"  # random | every_k (DistilBERT) | init_from
+  # name=weight, comma-separated: kl (soft targets at `temperature`, scaled by T^2; for
+  # regression the squared error to the teacher's output), task (the hard-label loss), hidden
+  # (TinyBERT hidden-state MSE over `layer_map`, through a learned projection when widths differ).
+  d.losses = "kl=1.0,task=0.0"
+  d.temperature = 2.0
+  # 'S:T,...' student:teacher hidden states, 0 = the embeddings, i = layer i's output;
+  # '' = uniform: 0:0 and i:i*k for k = teacher layers / student layers.
+  d.layer_map = ""
+  d.teacher_dtype = "float32"  # float32 | bfloat16: the teacher's params and compute
+  d.teacher_sha256 = ""  # resolved: the teacher's params; a changed teacher is refused
+  cfg.distill = d
+  return cfg
+
+
+def distill_losses(d: ml_collections.ConfigDict) -> dict[str, float]:
+  """`distill.losses` as {name: weight}; ConfigError naming the field if malformed."""
+  weights = {}
+  for entry in filter(None, (e.strip() for e in d.losses.split(","))):
+    name, _, weight = entry.partition("=")
+    if name.strip() not in DISTILL_LOSSES:
+      fail("distill.losses", d.losses,
+           f"names an unknown loss {name.strip()!r}; choose from {', '.join(DISTILL_LOSSES)}")
+    try:
+      weights[name.strip()] = float(weight)
+    except ValueError:
+      fail("distill.losses", d.losses, f"gives {name.strip()!r} no number: use name=weight")
+  if not any(w > 0 for w in weights.values()) or any(w < 0 for w in weights.values()):
+    fail("distill.losses", d.losses, "needs weights >= 0, one of them > 0")
+  return weights
+
+
+def layer_map(d: ml_collections.ConfigDict, student_layers: int,
+              teacher_layers: int) -> tuple[tuple[int, int], ...]:
+  """`distill.layer_map` as (student, teacher) hidden-state indices (0 = embeddings)."""
+  if not d.layer_map.strip():
+    if teacher_layers % student_layers:
+      fail("distill.layer_map", d.layer_map, f"must be given: {teacher_layers} teacher layers "
+           f"are not a multiple of {student_layers} student layers")
+    k = teacher_layers // student_layers
+    return tuple((i, i * k) for i in range(student_layers + 1))
+  pairs = []
+  for entry in d.layer_map.split(","):
+    s, _, t = entry.strip().partition(":")
+    if not (s.isdigit() and t.isdigit() and int(s) <= student_layers
+            and int(t) <= teacher_layers):
+      fail("distill.layer_map", d.layer_map, f"must list S:T pairs with 0 <= S <= "
+           f"{student_layers} (student layers) and 0 <= T <= {teacher_layers} (teacher layers)")
+    pairs.append((int(s), int(t)))
+  return tuple(pairs)
+
+
+def validate_distill(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the distillation fields before the teacher or the data is read."""
+  d = cfg.distill
+  if not cfg.teacher:
+    raise ConfigError("teacher is required: a jaxfm fine-tuning workdir")
+  if cfg.task == "qa":
+    fail("task", cfg.task, "is not distilled yet: classification, regression or ner")
+  one_of(cfg, "distill.student_init", STUDENT_INITS)
+  if (d.student_init == "init_from") != bool(cfg.init_from):
+    fail("distill.student_init", d.student_init,
+         "must be 'init_from' exactly when init_from is set")
+  losses = distill_losses(d)
+  positive(cfg, "distill.temperature")
+  one_of(cfg, "distill.teacher_dtype", TEACHER_DTYPES)
+  if "hidden" in losses:  # hidden states are read at each layer's call (`distillation.capture`)
+    if cfg.model.scan_layers:
+      fail("model.scan_layers", cfg.model.scan_layers, "must be False for the hidden loss")
+    if cfg.model.remat_policy != "none":
+      fail("model.remat_policy", cfg.model.remat_policy, "must be 'none' for the hidden loss")
+  if cfg.data.packing:
+    fail("data.packing", cfg.data.packing, "is not supported by distillation yet")
+  if cfg.peft.method:
+    fail("peft.method", cfg.peft.method, "is not supported by distillation: the student trains "
+         "whole")
+  if not (cfg.data.dev_file or cfg.data.tfds_name):
+    raise ConfigError("data.dev_file is required: a distilled student's params are kept in "
+                      "WORKDIR/best, which evaluate, predict and convert read")
+
+
 def profile_window(train: ml_collections.ConfigDict) -> tuple[int, int] | None:
   """`train.profile_steps` as (START, STOP): trace the steps after START up to STOP; None when
   '' (or in a config saved before the field existed).

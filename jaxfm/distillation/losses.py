@@ -1,0 +1,57 @@
+"""Distillation losses as weighted sums over targets, the convention of `jaxfm.train.step`
+(the step divides by the batch's total target weight).
+
+Soft targets follow Hinton et al. (2015): KL(teacher || student) of the temperature-T
+softmaxes, scaled by T^2 so the gradients keep their size as T changes; a regression head
+takes the squared error to the teacher's output instead. Hidden states follow TinyBERT: the
+mean squared error between the student's (projected) and the teacher's states.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def soft_target_kl(student_logits: jax.Array, teacher_logits: jax.Array, weights: jax.Array,
+                   temperature: float) -> jax.Array:
+  """sum_targets weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
+
+  Logits [..., classes] (float32), weights [...] (0 = no target).
+  """
+  teacher_log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+  student_log_p = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  kl = jnp.sum(jnp.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)  # [...]
+  return temperature ** 2 * jnp.sum(kl * weights)
+
+
+def soft_target_mse(student_out: jax.Array, teacher_out: jax.Array,
+                    weights: jax.Array) -> jax.Array:
+  """sum_targets weight * sum_outputs (student - teacher)^2: outputs [..., n], weights [...]."""
+  return jnp.sum(jnp.sum(jnp.square(student_out - teacher_out), axis=-1) * weights)
+
+
+def project(states: jax.Array, projection: dict[str, jax.Array] | None) -> jax.Array:
+  """[..., student width] -> [..., teacher width] through a learned linear map (or as is)."""
+  if projection is None:
+    return states
+  return states @ projection["kernel"] + projection["bias"]
+
+
+def hidden_mse(student: jax.Array, teacher: jax.Array, token_weights: jax.Array) -> jax.Array:
+  """Mean over weighted tokens and features of (student - teacher)^2.
+
+  States [b, t, d] in the same width (see `project`), token_weights [b, t] (0 = padding).
+  """
+  per_token = jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)),
+                       axis=-1)  # [b, t]
+  return jnp.sum(per_token * token_weights) / jnp.maximum(jnp.sum(token_weights), 1.0)
+
+
+def init_projection(rng: jax.Array, student_width: int, teacher_width: int,
+                    scale: float = 0.02) -> dict[str, Any]:
+  """A linear map student width -> teacher width: kernel ~ N(0, scale^2), bias 0."""
+  return {"kernel": scale * jax.random.normal(rng, (student_width, teacher_width), jnp.float32),
+          "bias": jnp.zeros((teacher_width,), jnp.float32)}

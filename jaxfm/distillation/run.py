@@ -1,0 +1,243 @@
+"""Distillation runs: a fine-tuned teacher's soft targets (and hidden states) train a smaller
+student, through the fine-tuning runner's data, schedule and the shared loop.
+
+The teacher runs in the same jitted step as the student, frozen: its params are the step's
+frozen argument (`loop.Steps.frozen_args`, as PEFT's base), sharded on the run's mesh by their
+logical axes, in `distill.teacher_dtype`, never an executable's constant. The train state holds
+the student and the learned hidden-state projections only, and `best/` the student's params
+alone: the workdir is a fine-tuning workdir that evaluate, predict and convert read as any.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jaxfm import config as config_lib
+from jaxfm import runtime, sharding, weights
+from jaxfm import workdir as workdir_lib
+from jaxfm.data import loader
+from jaxfm.distillation import capture, losses, student
+from jaxfm.distillation.teacher import Teacher, load_teacher
+from jaxfm.finetuning import run as finetuning
+from jaxfm.tasks import TASKS, load_split, make_task, validate_finetune
+from jaxfm.train import best, loop
+from jaxfm.train.step import Batch, LossFn, Sums
+
+USER_ERRORS = finetuning.USER_ERRORS
+Pairs = tuple[tuple[int, int], ...]  # (student, teacher) hidden-state indices
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """How `loop.build_steps` splits the distillation model's params (a `peft.Plan`'s three
+  methods): the teacher is the frozen tree, the student and the projections train."""
+
+  teacher_dtype: str
+
+  def trainable(self, params: dict[str, Any], rng: jax.Array) -> dict[str, Any]:
+    del rng
+    return {name: tree for name, tree in params.items() if name != "teacher"}
+
+  def frozen(self, params: dict[str, Any]) -> Any:
+    """The teacher's part of an abstract (`jax.eval_shape`) tree, in the teacher's dtype."""
+    dtype = jnp.dtype(self.teacher_dtype)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params["teacher"])
+
+  def combine(self, trainable: dict[str, Any], frozen: Any) -> dict[str, Any]:
+    return {**trainable, "teacher": frozen}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillTask(loop.Task):
+  """The student's task with the distillation loss; its params are {'student', 'teacher',
+  'projection' (when widths differ)} from `init_fn`."""
+
+  init_fn: Callable[[jax.Array], Any] | None = None
+
+  def init_params(self, rng: jax.Array) -> Any:
+    return self.init_fn(rng)
+
+
+def _target_weights(batch: Batch, logits: jax.Array) -> jax.Array:
+  """The weight of each soft target: per example [b], or per labelled token [b, t] for
+  per-token heads (NER: the first sub-word of each word, as its task loss)."""
+  if logits.ndim == 3:
+    return (batch["labels"] >= 0) * batch["weights"][:, None]
+  return batch["weights"]
+
+
+def _hidden_sum(found_s: capture.Captured, found_t: capture.Captured, batch: Batch,
+                projection: dict[str, Any], pairs: Pairs) -> jax.Array:
+  """Sum over the mapped pairs of the hidden-state MSE. The last layer of a classifier runs at
+  [CLS] only ([b, 1, d]): a pair holding such a state compares position 0 only."""
+  tokens = batch["attention_mask"] * batch["weights"][:, None]  # [b, t]
+  total = jnp.zeros((), jnp.float32)
+  for s, t in pairs:
+    hs, ht = found_s.hidden[s], found_t.hidden[t]  # [b, ls, ds], [b, lt, dt]
+    n = min(hs.shape[1], ht.shape[1])
+    hs = losses.project(hs[:, :n].astype(jnp.float32), projection.get(f"{s}_{t}"))
+    total += losses.hidden_mse(hs, ht[:, :n], tokens[:, :n])
+  return total
+
+
+def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
+                 loss_weights: dict[str, float], temperature: float, pairs: Pairs,
+                 regression: bool) -> LossFn:
+  """The weighted sum of `distill.losses` over one batch (see `jaxfm.distillation.losses`).
+
+  The student's task loss runs as fine-tuning's (its sums: loss, accuracy counts), with its
+  logits and hidden states read from the same forward (`capture`); the teacher runs without
+  dropout. Sums: the task's, `loss_sum` the weighted total, and `<name>_sum` per loss (`kl`
+  and `task` always, `hidden` when weighted).
+  """
+  def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
+    with capture.capturing() as found_s:
+      task_sum, sums = student_task.loss_fn(params["student"], batch, rng)
+    with capture.capturing() as found_t:
+      teacher_task.predict_fn(params["teacher"], batch)
+    student_out = found_s.output  # [b, classes] or [b, t, classes]
+    teacher_out = jax.lax.stop_gradient(found_t.output).astype(jnp.float32)
+    targets = _target_weights(batch, student_out)
+    parts = {"task": task_sum, "kl": (
+        losses.soft_target_mse(student_out, teacher_out, targets) if regression else
+        losses.soft_target_kl(student_out, teacher_out, targets, temperature))}
+    if "hidden" in loss_weights:  # a per-batch mean: times the target count the step divides by
+      parts["hidden"] = sums["weight"] * _hidden_sum(
+          found_s, found_t, batch, params.get("projection", {}), pairs)
+    total = sum(weight * parts[name] for name, weight in loss_weights.items())
+    return total, {**sums, "loss_sum": total, **{f"{n}_sum": v for n, v in parts.items()}}
+  return loss_fn
+
+
+def _summarize(base: Callable[[dict[str, float]], dict[str, float]]
+               ) -> Callable[[dict[str, float]], dict[str, float]]:
+  """The task's summary (loss: the weighted total) plus each loss per target (`kl_loss`...)."""
+  def summarize(sums: dict[str, float]) -> dict[str, float]:
+    weight = max(sums["weight"], 1.0)
+    parts = {f"{k[:-4]}_loss": v / weight for k, v in sums.items()
+             if k.endswith("_sum") and k != "loss_sum"}
+    return {**base(sums), **parts}
+  return summarize
+
+
+def _projections(pairs: Pairs, student_width: int, teacher_width: int
+                 ) -> Callable[[jax.Array], dict[str, Any]]:
+  """rng -> the learned student -> teacher maps, one per mapped pair ({} for equal widths)."""
+  if student_width == teacher_width:
+    return lambda rng: {}
+  return lambda rng: {f"{s}_{t}": losses.init_projection(jax.random.fold_in(rng, i),
+                                                         student_width, teacher_width)
+                      for i, (s, t) in enumerate(pairs)}
+
+
+class StudentBest(best.BestCheckpoint):
+  """Keeps the student's params alone in `best/` (what evaluate, predict and convert read)."""
+
+  def update(self, step: int, params: Any, metrics: dict[str, float]) -> None:
+    super().update(step, params["student"], metrics)
+
+
+def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, pairs: Pairs
+           ) -> tuple[DistillTask, Callable[[jax.Array], dict[str, Any]]]:
+  """The distillation task and `init_trainable(rng)`: {'student', ('projection')}."""
+  kind, data = cfg.task, cfg.data
+  platform = jax.devices()[0].platform
+  student_task = make_task(kind, config_lib.bert_config(cfg, platform), teacher.label_names,
+                           dev, data)
+  teacher_task = make_task(kind, teacher.config.replace(cpu_paths=config_lib.use_cpu_paths(
+      cfg, platform)), teacher.label_names, None, data)
+  projections = _projections(pairs, cfg.model.hidden_size, teacher.config.hidden_size)
+
+  def init_trainable(rng: jax.Array) -> dict[str, Any]:
+    projection = projections(jax.random.fold_in(rng, 1))
+    return {"student": student_task.init_params(rng),
+            **({"projection": projection} if projection else {})}
+
+  fields = {f.name: getattr(student_task, f.name) for f in dataclasses.fields(loop.Task)}
+  fields.update(
+      summarize=_summarize(student_task.summarize),
+      predict_fn=lambda params, batch: student_task.predict_fn(params["student"], batch),
+      loss_fn=distill_loss(student_task, teacher_task, config_lib.distill_losses(cfg.distill),
+                           cfg.distill.temperature, pairs, kind == "regression"))
+  task = DistillTask(**fields, init_fn=lambda rng: {
+      **init_trainable(rng), "teacher": teacher_task.init_params(jax.random.fold_in(rng, 2))})
+  return task, init_trainable
+
+
+def _initial(cfg: ml_collections.ConfigDict, start: Any, init_trainable: Callable) -> Any:
+  """The trainable tree to start from: the student's params from `start` (fresh where it
+  lacks them) and fresh projections; None for a random student (the loop initialises it)."""
+  if start is None:
+    return None
+  fresh = jax.device_get(sharding.unbox(jax.jit(init_trainable)(jax.random.key(cfg.train.seed))))
+  model_config = config_lib.bert_config(cfg, None)
+  source = cfg.init_from or f"teacher={cfg.teacher} (every_k)"
+  merged = weights.merge_pretrained(fresh["student"], weights.in_layout(start, model_config),
+                                    source)
+  return {**fresh, "student": merged.params}
+
+
+def distill(cfg: ml_collections.ConfigDict, workdir: str,
+            allow_config_change: bool = False) -> tuple[loop.TrainResult, int | None]:
+  """Reads the teacher and the data, builds the student and runs the shared loop.
+
+  Returns the loop's result and the step of the best checkpoint.
+  """
+  validate_finetune(cfg)
+  config_lib.validate_distill(cfg)
+  teacher = load_teacher(cfg)
+  start = student.take_architecture(cfg, teacher)
+  config_lib.validate_model(cfg)
+  config_lib.validate_mesh(cfg)
+  runtime.preflight(cfg)
+  kind, data = cfg.task, cfg.data
+  if teacher.config.max_position_embeddings < data.max_seq_length:
+    config_lib.fail("data.max_seq_length", data.max_seq_length, f"exceeds the teacher's "
+                    f"{teacher.config.max_position_embeddings} positions")
+  pairs: Pairs = ()
+  if "hidden" in config_lib.distill_losses(cfg.distill):
+    pairs = config_lib.layer_map(cfg.distill, cfg.model.num_layers, teacher.config.num_layers)
+  label_names = teacher.label_names
+  train, _ = load_split(kind, data, finetuning._split_path(data, "train"),
+                        teacher.tokenizer.backend, label_names, data.max_train_examples)
+  dev, _ = load_split(kind, data, finetuning._split_path(data, "dev"), teacher.tokenizer.backend,
+                      label_names, data.max_eval_examples)
+  logging.info("distilling %s (%s) into a %d-layer student: %d train, %d dev features", teacher.path,
+               teacher.source, cfg.model.num_layers, len(train), len(dev))
+  finetuning._resolve_schedule(cfg, len(train), dev)
+  finetuning._resolve_length_buckets(cfg, train)
+  config_lib.validate_optim(cfg)
+  config_lib.validate_train(cfg)
+  task, init_trainable = _tasks(cfg, teacher, dev, pairs)
+  initial = _initial(cfg, start, init_trainable)
+  workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
+  workdir_lib.write_resolved_config(workdir, cfg)
+  workdir_lib.save_run_files(workdir, kind, label_names, teacher.tokenizer)
+  keeper = StudentBest(workdir, cfg.train.best_metric or TASKS[kind].main_metric,
+                       cfg.train.best_mode, cfg.train.early_stopping_patience,
+                       cfg.train.eval_every)
+  per_host = runtime.per_host_batch_size(cfg)
+  buckets = config_lib.length_buckets(data)
+  train_iter = loader.feature_train_iterator(train.device_arrays(),
+                                             loader.HostLayout.of_process(per_host),
+                                             seed=data.seed, length_buckets=buckets,
+                                             group_by_length=data.group_by_length)
+  frozen = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.distill.teacher_dtype)),
+                        teacher.params)
+  meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}
+  try:
+    result = loop.train(
+        cfg, workdir, task, train_iter,
+        lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count(), buckets),
+        meta, initial_params=initial, best=keeper, plan=Parts(cfg.distill.teacher_dtype),
+        frozen=frozen)
+  finally:
+    keeper.close()
+  return result, keeper.best_step()

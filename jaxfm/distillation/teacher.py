@@ -1,0 +1,73 @@
+"""The teacher: a jaxfm fine-tuning workdir's task model and params, frozen.
+
+The distilled run's config names the teacher by path (`teacher`) and records the sha256 of its
+params (`distill.teacher_sha256`); a resumed run whose teacher changed is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxfm import config as config_lib
+from jaxfm import peft, weights
+from jaxfm import workdir as workdir_lib
+from jaxfm.finetuning import run as finetuning
+from jaxfm.models import BertConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A fine-tuned teacher on this host: architecture (its layers called one by one, compute in
+  `distill.teacher_dtype`), params (numpy, unscanned, as saved), labels and tokenizer."""
+
+  path: str
+  config: BertConfig
+  params: Any
+  label_names: list[str] | None
+  tokenizer: Any
+  sha256: str
+  source: str  # which checkpoint the params came from
+
+
+def _params(path: str, run_cfg: ml_collections.ConfigDict) -> tuple[Any, str]:
+  """The workdir's best (else latest) params; a PEFT run's with its adapter merged."""
+  if finetuning.is_peft_run(run_cfg):
+    adapted = finetuning.adapted(path)
+    return adapted.merged(), adapted.source
+  loaded = weights.workdir_params(path)
+  return loaded.params, loaded.describe()
+
+
+def load_teacher(cfg: ml_collections.ConfigDict) -> Teacher:
+  """Reads `cfg.teacher` and checks it against the run: its task kind, and the params hash
+  the config recorded (when resuming).
+
+  Raises:
+    ConfigError: naming `teacher` (not a fine-tuning workdir, another task, changed params).
+  """
+  path = cfg.teacher
+  if path.startswith("hf:"):
+    config_lib.fail("teacher", path, "is a Hugging Face folder: fine-tune it with jaxfm.finetune "
+                    "(init_from=hf:...) and name that workdir")
+  try:
+    run = workdir_lib.load_run(path)
+  except (FileNotFoundError, workdir_lib.WorkdirError) as e:
+    config_lib.fail("teacher", path, f"is not readable: {e}")
+  if run.cfg.task != cfg.task:
+    config_lib.fail("teacher", path, f"is a task={run.cfg.task!r} run, not task={cfg.task!r}")
+  params, source = _params(path, run.cfg)
+  config = config_lib.bert_config(run.cfg, jax.devices()[0].platform).replace(
+      scan_layers=False, remat_policy="none", dtype=cfg.distill.teacher_dtype)
+  params = weights.in_layout(params, config)
+  digest = peft.base_sha256(params)
+  recorded = cfg.distill.teacher_sha256
+  if recorded and recorded != digest:
+    config_lib.fail("teacher", path, f"changed: its params have sha256 {digest}, the run was "
+                    f"distilled from distill.teacher_sha256={recorded}")
+  with cfg.unlocked():
+    cfg.distill.teacher_sha256 = digest
+  return Teacher(path, config, params, run.label_names, run.tokenizer, digest, source)

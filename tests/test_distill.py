@@ -1,0 +1,248 @@
+"""Distillation: the losses against written-out references (numpy, torch), the every-k
+student, and distilled students on the fine-tuning fixtures (learning, resume, evaluate and
+predict on the student's workdir, one-line errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests import finetune_fixtures as ff
+from jaxfm import config as config_lib
+from jaxfm.distillation import losses, student
+from jaxfm.distillation import run as distill_run
+from jaxfm.distillation.teacher import load_teacher
+from jaxfm.finetuning import run as finetuning
+from jaxfm.train import checkpoint
+from jaxfm.trees import flatten
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- losses
+
+def test_soft_target_kl_matches_torch_and_hinton():
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(6, 4)) * 3, rng.normal(size=(6, 4)) * 3
+  w = np.array([1, 1, 0, 1, 0.5, 1], np.float32)
+  temperature = 2.5
+  got = losses.soft_target_kl(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                              jnp.asarray(w), temperature)
+  # torch: KLDivLoss(log q_student, p_teacher), per example, times T^2 (Hinton et al.).
+  per_example = torch.nn.functional.kl_div(
+      torch.log_softmax(torch.tensor(s) / temperature, -1),
+      torch.softmax(torch.tensor(t) / temperature, -1), reduction="none").sum(-1)
+  want = float((per_example * torch.tensor(w, dtype=torch.float64)).sum()) * temperature ** 2
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # Written out: sum_i p_i (log p_i - log q_i).
+  p = np.exp(t / temperature) / np.exp(t / temperature).sum(-1, keepdims=True)
+  q = np.exp(s / temperature) / np.exp(s / temperature).sum(-1, keepdims=True)
+  np.testing.assert_allclose(float(got), temperature ** 2 * np.sum(
+      w * np.sum(p * (np.log(p) - np.log(q)), -1)), rtol=1e-5)
+  assert float(losses.soft_target_kl(jnp.asarray(t), jnp.asarray(t), jnp.asarray(w),
+                                     temperature)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_target_kl_gradient_is_the_scaled_probability_gap():
+  # d/ds of T^2 KL at temperature T is T (q - p): Hinton's reason for the T^2 factor.
+  rng = np.random.default_rng(1)
+  s, t = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+  temperature = 4.0
+  grad = jax.grad(lambda x: losses.soft_target_kl(x, jnp.asarray(t), jnp.ones(3),
+                                                  temperature))(jnp.asarray(s))
+  p = jax.nn.softmax(t / temperature)
+  q = jax.nn.softmax(s / temperature)
+  np.testing.assert_allclose(grad, temperature * (q - p), rtol=1e-4, atol=1e-6)
+
+
+def test_soft_target_mse_and_hidden_mse_match_numpy():
+  rng = np.random.default_rng(2)
+  s, t, w = rng.normal(size=(4, 1)), rng.normal(size=(4, 1)), np.array([1, 0, 1, 1.0])
+  np.testing.assert_allclose(float(losses.soft_target_mse(s, t, w)),
+                             np.sum(w * (s - t)[:, 0] ** 2), rtol=1e-6)
+  hs, ht = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3, 6))
+  kernel, bias = rng.normal(size=(4, 6)), rng.normal(size=6)
+  tokens = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+  projected = losses.project(jnp.asarray(hs), {"kernel": jnp.asarray(kernel),
+                                               "bias": jnp.asarray(bias)})
+  got = losses.hidden_mse(projected, jnp.asarray(ht), jnp.asarray(tokens))
+  per_token = ((hs @ kernel + bias - ht) ** 2).mean(-1)
+  np.testing.assert_allclose(float(got), (per_token * tokens).sum() / tokens.sum(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- config and student
+
+def _distill_cfg(**distill):
+  cfg = config_lib.distill_defaults()
+  cfg.teacher, cfg.data.train_file, cfg.data.dev_file = "t", "train.tsv", "dev.tsv"
+  cfg.distill.update(distill)
+  return cfg
+
+
+def test_losses_and_layer_map_parse_and_fail_naming_the_field():
+  assert config_lib.distill_losses(_distill_cfg(losses="kl=0.7, task=0.3").distill) == {
+      "kl": 0.7, "task": 0.3}
+  with pytest.raises(config_lib.ConfigError, match=r"distill.losses=.*unknown loss 'attn'"):
+    config_lib.validate_distill(_distill_cfg(losses="kl=1,attn=1"))
+  assert config_lib.layer_map(_distill_cfg().distill, 3, 6) == ((0, 0), (1, 2), (2, 4), (3, 6))
+  assert config_lib.layer_map(_distill_cfg(layer_map="1:3,2:6").distill, 2, 6) == ((1, 3),
+                                                                                   (2, 6))
+  with pytest.raises(config_lib.ConfigError, match="distill.layer_map=''"):
+    config_lib.layer_map(_distill_cfg().distill, 4, 6)
+  with pytest.raises(config_lib.ConfigError, match="distill.layer_map='1:7'"):
+    config_lib.layer_map(_distill_cfg(layer_map="1:7").distill, 3, 6)
+
+
+def test_every_k_takes_each_kth_teacher_layer_and_the_rest_by_name():
+  teacher = {"encoder": {"embeddings": {"w": np.full(2, -1.0)},
+                         **{f"layer_{i}": {"k": np.full(2, float(i))} for i in range(6)}},
+             "classifier": {"kernel": np.full(2, 9.0)}}
+  got = flatten(student.every_k_layers(teacher, 2, 3))
+  assert sorted(got) == ["classifier/kernel", "encoder/embeddings/w", "encoder/layer_0/k",
+                         "encoder/layer_1/k", "encoder/layer_2/k"]
+  assert [got[f"encoder/layer_{i}/k"][0] for i in range(3)] == [1.0, 3.0, 5.0]
+  assert got["classifier/kernel"][0] == 9.0 and got["encoder/embeddings/w"][0] == -1.0
+
+
+# ---------------------------------------------------------------- distilled students
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+  """A 2-layer tiny teacher fine-tuned on the sentiment fixtures."""
+  root = tmp_path_factory.mktemp("distill")
+  model_dir = str(ff.write_model_dir(root))
+  cfg = ff.config("classification", model_dir, *ff.write_sentiment(root))
+  result, _ = finetuning.finetune(cfg, str(root / "teacher"))
+  return root, str(root / "teacher"), result
+
+
+def _config(teacher_run, **distill):
+  root, teacher, _ = teacher_run
+  cfg = config_lib.distill_defaults()
+  base = ff.config("classification", "", str(root / "train.tsv"), str(root / "dev.tsv"))
+  for section in ("data", "train", "optim", "model"):
+    cfg[section].update(base[section].to_dict())
+  cfg.teacher = teacher
+  cfg.model.num_layers = 1
+  cfg.distill.update(distill)
+  return cfg
+
+
+def test_every_k_student_starts_from_the_teachers_top_layer(teacher_run):
+  cfg = _config(teacher_run)
+  teacher = load_teacher(cfg)
+  start = flatten(student.take_architecture(cfg, teacher))
+  assert cfg.model.num_layers == 1 and cfg.model.hidden_size == teacher.config.hidden_size
+  source = flatten(teacher.params)
+  kernel = "encoder/layer_0/intermediate/kernel"
+  np.testing.assert_array_equal(start[kernel], source["encoder/layer_1/intermediate/kernel"])
+  assert not np.array_equal(start[kernel], source[kernel])
+  np.testing.assert_array_equal(start["classifier/kernel"], source["classifier/kernel"])
+
+
+@pytest.fixture(scope="module")
+def student_run(teacher_run):
+  cfg = _config(teacher_run, losses="kl=0.5,task=0.5,hidden=1.0")
+  workdir = str(teacher_run[0] / "student")
+  result, best_step = distill_run.distill(cfg, workdir)
+  return workdir, result, best_step
+
+
+def test_distilled_student_approaches_the_teacher(teacher_run, student_run):
+  _, _, teacher = teacher_run
+  workdir, result, best_step = student_run
+  assert teacher.eval["accuracy"] >= 0.9  # the fixtures are learnable
+  assert result.eval["accuracy"] >= teacher.eval["accuracy"] - 0.1 and best_step is not None
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    train = [r for r in map(json.loads, f) if r["split"] == "train"]
+  assert {"kl_loss", "task_loss", "hidden_loss"} <= set(train[-1])
+  assert train[-1]["kl_loss"] < train[0]["kl_loss"]
+  saved = json.loads(open(os.path.join(workdir, "config.json")).read())["config"]
+  assert saved["teacher"] == teacher_run[1] and len(saved["distill"]["teacher_sha256"]) == 64
+
+
+def test_evaluate_and_predict_read_the_student_workdir(teacher_run, student_run, tmp_path):
+  workdir, result, _ = student_run
+  metrics = finetuning.evaluate(workdir, "dev")
+  best = json.loads(open(os.path.join(workdir, "config.json")).read())
+  assert best["config"]["model"]["num_layers"] == 1
+  assert metrics["accuracy"] >= result.eval["accuracy"]  # the best checkpoint
+  inputs = tmp_path / "in.jsonl"
+  inputs.write_text('{"sentence": "the movie was good"}\n{"sentence": "a very bad film"}\n')
+  rows = finetuning.predict(workdir, str(inputs))
+  assert [r["label"] for r in rows] == ["1", "0"]
+
+
+class _SigtermAtBatch:
+  """A train iterator that sends this process SIGTERM while producing batch `at`."""
+
+  def __init__(self, inner, at):
+    self.inner, self.at, self.index = inner, at, 0
+
+  def __next__(self):
+    self.index += 1
+    if self.index == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def _latest_state(workdir):
+  return checkpoint.restore_latest_params(workdir)
+
+
+@pytest.mark.slow
+def test_random_narrow_student_with_projection_resumes_exactly(teacher_run, monkeypatch):
+  # A random student half the teacher's width learns through a projection of its hidden
+  # states; a SIGTERM mid-run and a resume give the uninterrupted run's params.
+  root = teacher_run[0]
+
+  def cfg():
+    c = _config(teacher_run, student_init="random", losses="kl=1.0,task=0.5,hidden=1.0")
+    c.model.update(hidden_size=64, num_heads=2, intermediate_size=128)
+    c.train.epochs = 2.0
+    return c
+  straight, _ = distill_run.distill(cfg(), str(root / "narrow"))
+  iterator = distill_run.loader.feature_train_iterator
+  monkeypatch.setattr(distill_run.loader, "feature_train_iterator",
+                      lambda *a, **k: _SigtermAtBatch(iterator(*a, **k), 7))
+  first, _ = distill_run.distill(cfg(), str(root / "narrow_resumed"))
+  assert first.preempted and first.step == 7
+  monkeypatch.setattr(distill_run.loader, "feature_train_iterator", iterator)
+  resumed, _ = distill_run.distill(cfg(), str(root / "narrow_resumed"))
+  assert resumed.step == straight.step
+  step_a, a = _latest_state(str(root / "narrow"))
+  step_b, b = _latest_state(str(root / "narrow_resumed"))
+  assert step_a == step_b and "projection" in a and set(a["projection"]) == {"0_0", "1_2"}
+  for name, value in flatten(a).items():
+    np.testing.assert_allclose(flatten(b)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+  assert resumed.eval == straight.eval and straight.eval["accuracy"] > 0.6
+
+
+def _cli(*args):
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "jaxfm.distill", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_bad_teacher_is_one_error_line(tmp_path):
+  out = _cli("--config=configs/distill/sst2_minilm.py", f"--workdir={tmp_path / 'w'}",
+             f"--config.teacher={tmp_path / 'nope'}", "--config.data.train_file=x.tsv",
+             "--config.data.dev_file=y.tsv")
+  assert out.returncode == 1
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and f"teacher='{tmp_path / 'nope'}' is not readable" in errors[0]
