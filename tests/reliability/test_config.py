@@ -46,10 +46,12 @@ def _positive(check: str, *fields: str, value: Any = 0) -> list[Rule]:
 M, MESH, O, T, S, D, F = ("validate_model", "validate_mesh", "validate_optim", "validate_train",
                           "validate_sequence_length", "validate_pretrain_data", "validate_finetune")
 K = "tasks.validate_finetune"  # the task kind and its fields, then F
-VALIDATORS = {**{name: getattr(config_lib, name) for name in (M, MESH, O, T, S, D, F)},
+DI = "validate_distill"
+VALIDATORS = {**{name: getattr(config_lib, name) for name in (M, MESH, O, T, S, D, F, DI)},
               K: tasks.validate_finetune}
 QA, NER = {"task": "qa"}, {"task": "ner"}
 LORA = {"peft.method": "lora", "init_from": "hf:base"}
+HIDDEN = {"distill.losses": "kl=1,hidden=1"}
 RULES = [
     *_positive(M, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
                "model.intermediate_size", "model.max_position_embeddings",
@@ -145,6 +147,20 @@ RULES = [
     Rule(F, "peft.alpha", 0.0, "peft.alpha=0.0 must be > 0", LORA),
     Rule(F, "peft.dropout", 0.1, "peft.dropout=0.1 must be 0", LORA),
     Rule(F, "peft.target_modules", "query,qkv", "unknown target modules ['qkv']", LORA),
+    Rule(DI, "teacher", "", "teacher is required"),
+    Rule(DI, "task", "qa", "task='qa' is not distilled yet"),
+    Rule(DI, "distill.student_init", "copy", "distill.student_init='copy' must be one of"),
+    Rule(DI, "distill.student_init", "init_from", "must be 'init_from' exactly when init_from"),
+    Rule(DI, "distill.losses", "kl=1,attention=1", "unknown loss 'attention'"),
+    Rule(DI, "distill.losses", "kl=1,task", "gives 'task' no number"),
+    Rule(DI, "distill.losses", "kl=0", "needs weights >= 0, one of them > 0"),
+    *_positive(DI, "distill.temperature", value=0.0),
+    Rule(DI, "distill.teacher_dtype", "float16", "distill.teacher_dtype='float16' must be one of"),
+    Rule(DI, "model.scan_layers", True, "must be False for the hidden loss", HIDDEN),
+    Rule(DI, "model.remat_policy", "full", "must be 'none' for the hidden loss", HIDDEN),
+    Rule(DI, "data.packing", True, "data.packing=True is not supported by distillation"),
+    Rule(DI, "peft.method", "lora", "is not supported by distillation"),
+    Rule(DI, "data.dev_file", "", "data.dev_file is required"),
     *(Rule(K, f, 0, f"{f}=0 must be > 0", QA) for f in (
         "data.doc_stride", "data.max_query_length", "data.max_answer_length", "data.n_best_size")),
     Rule(K, "data.max_query_length", 126, "data.max_query_length=126 leaves no room", QA),
@@ -152,7 +168,12 @@ RULES = [
 
 
 def _base(check: str):
-  """A config that passes `check`: the pretraining defaults, or fine-tuning with a train file."""
+  """A config that passes `check`: the pretraining defaults, or fine-tuning with a train file
+  (distillation: and a dev file and a teacher)."""
+  if check == DI:
+    cfg = config_lib.distill_defaults()
+    cfg.teacher, cfg.data.train_file, cfg.data.dev_file = "teacher", "train.tsv", "dev.tsv"
+    return cfg
   if check not in (F, K):
     return config_lib.pretrain_defaults()
   cfg = config_lib.finetune_defaults()
