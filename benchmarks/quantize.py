@@ -47,7 +47,8 @@ _OUT = flags.DEFINE_string("out", None, "Folder for the int8 folders and the HF 
 _SPLIT = flags.DEFINE_enum("split", "dev", ["train", "dev", "test"], "The split to score.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per row.")
 _AQT = flags.DEFINE_bool("aqt", False, "Add the google/aqt row.")
-_TOPOLOGY = flags.DEFINE_string("tpu_topology", "", "Compile for this TPU slice instead, e.g. v5e:1x1.")
+_TOPOLOGY = flags.DEFINE_string("tpu_topology", "",
+                                "Compile for this TPU slice instead, e.g. v5e:1x1.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "--tpu_topology: global eval batch (0: the run's).")
 _DTYPE = flags.DEFINE_string("dtype", "", "--tpu_topology: compute dtype ('': the run's).")
 flags.mark_flags_as_required(["workdir", "out"])
@@ -148,8 +149,8 @@ def measure() -> list[dict[str, Any]]:
                         saved.label_names)
   float_job = run.inference(_WORKDIR.value, saved, split)
   jobs = {"jaxfm float32": float_job}
-  folders = {mode: _int8_folder(mode) for mode in quantize.MODES}
-  jobs.update({f"jaxfm int8 {mode}": _int8_job(folders[mode], split) for mode in quantize.MODES})
+  folders = {mode: _int8_folder(mode) for mode in compress.MODES}
+  jobs.update({f"jaxfm int8 {mode}": _int8_job(folders[mode], split) for mode in compress.MODES})
   if _AQT.value:
     jobs["aqt int8 w8a8 (nn.Dense only)"] = _aqt_job(float_job)
   rows: Rows = {name: _jaxfm_pass(job) for name, job in jobs.items()}
@@ -158,7 +159,7 @@ def measure() -> list[dict[str, Any]]:
   bytes_ = {name: _params_bytes(job.params) for name, job in jobs.items()}
   bytes_.update({f"jaxfm int8 {mode}": os.path.getsize(os.path.join(folders[mode],
                                                                     int8_dir.PARAMS_FILE))
-                 for mode in quantize.MODES})
+                 for mode in compress.MODES})
   bytes_.update(_torch_bytes(hf_dir))
   results = {name: one_pass() for name, one_pass in rows.items()}  # warm-up: compiles, scores
   seconds: dict[str, list[float]] = {name: [] for name in rows}
@@ -188,7 +189,7 @@ def compile_for_tpu() -> list[dict[str, Any]]:
   task = make_task(cfg.task, config_lib.bert_config(cfg, "tpu"), saved.label_names, None, cfg.data)
   mesh = loop.make_mesh(cfg, devices)
   reports = []
-  for mode in ("float32",) + quantize.MODES:
+  for mode in ("float32",) + compress.MODES:
     row_task = task if mode == "float32" else inference.int8_task(task, cfg.task, mode)
     steps = loop.build_steps(cfg, row_task, mesh)
     params = steps.abstract_state.params

@@ -15,8 +15,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-import qwix
 import safetensors.numpy
+
+qwix = pytest.importorskip("qwix")  # the `quant` extra
 
 from tests import finetune_fixtures as ff
 from jaxfm import config as config_lib
@@ -130,7 +131,8 @@ def test_requantizing_the_stored_weights_gives_them_back(finetuned):
   stored = [x for x in jax.tree.leaves(quantize.quantize_params(finetuned[2]),
                                        is_leaf=quantize.is_quantized)
             if quantize.is_quantized(x)]
-  assert len(stored) == 3 + 4 * 2 + 2  # tables; per layer qkv, out, intermediate, output; pooler, head
+  # The tables; per layer qkv, out, intermediate and output; the pooler and the head.
+  assert len(stored) == 3 + 4 * 2 + 2
   assert max(np.abs(q.qvalue).max() for q in stored) == 127
   for q in stored:
     axes = tuple(i for i, n in enumerate(q.scale.shape) if n > 1)
@@ -188,7 +190,7 @@ def test_saved_folder_holds_int8_arrays_and_is_four_times_smaller(finetuned, int
   assert workdir_lib.load_run(out).label_names == workdir_lib.load_run(finetuned[0]).label_names
 
 
-@pytest.mark.parametrize("mode", quantize.MODES)
+@pytest.mark.parametrize("mode", compress.MODES)
 def test_saved_and_read_back_computes_exactly_the_in_memory_int8_model(finetuned, int8_folder,
                                                                        mode):
   workdir, split, params = finetuned

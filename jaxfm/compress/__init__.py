@@ -1,8 +1,32 @@
-"""Compression of fine-tuned encoders: post-training int8 quantization (`quantize`), its saved
-folder (`int8_dir`) and the eval step that runs it (`inference`)."""
+"""Compression of fine-tuned encoders: post-training int8 quantization (`quantize`), the int8
+folder `jaxfm.quantize` writes (`int8_dir`) and the eval step that runs it (`inference`).
 
-from jaxfm.compress.inference import Int8Inference, int8_inference
-from jaxfm.compress.int8_dir import Int8Model, is_int8_dir
-from jaxfm.compress.quantize import MODES
+They need qwix (`pip install 'jaxfm[quant]'`); what `evaluate` and `predict` call to recognise
+an int8 folder does not, so qwix is imported only when one is run.
+"""
 
-__all__ = ["MODES", "Int8Inference", "Int8Model", "int8_inference", "is_int8_dir"]
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  import jax
+  import ml_collections
+  from jaxfm.compress.inference import Int8Inference
+  from jaxfm.train.loop import Task
+
+MODES = ("weight_only", "w8a8")
+INFO_FILE = "quantization.json"  # marks an int8 folder
+
+
+def is_int8_dir(path: str) -> bool:
+  """Whether `path` is an int8 folder (`jaxfm.quantize` wrote it), not a training workdir."""
+  return os.path.isfile(os.path.join(path, INFO_FILE))
+
+
+def int8_inference(path: str, cfg: ml_collections.ConfigDict, task: Task,
+                   mesh: jax.sharding.Mesh) -> Int8Inference:
+  """`inference.int8_inference`: the int8 folder `path` ready to score or predict on `mesh`."""
+  from jaxfm.compress import inference  # pylint: disable=g-import-not-at-top  (needs qwix)
+  return inference.int8_inference(path, cfg, task, mesh)

@@ -27,13 +27,12 @@ from etils import epath
 
 from jaxfm import weights
 from jaxfm import workdir as workdir_lib
-from jaxfm.compress import quantize
+from jaxfm.compress import INFO_FILE, quantize
 from jaxfm.interop.checkpoint_dir import atomic_directory, read_safetensors
 from jaxfm.models import stack_layers, unstack_layers
 from jaxfm.trees import flatten, unflatten
 
 PARAMS_FILE = "int8.safetensors"
-INFO_FILE = "quantization.json"
 _COPIED = (workdir_lib.CONFIG_FILE, workdir_lib.TASK_FILE)
 
 
@@ -48,10 +47,6 @@ class Int8Model:
 
   def describe(self) -> str:
     return f"int8 {self.mode} params of the {self.origin}"
-
-
-def is_int8_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, INFO_FILE))
 
 
 def write(workdir: str, out: str, mode: str) -> dict[str, Any]:

@@ -2,30 +2,30 @@
 
 **Storage (both modes).** Every matmul kernel and embedding table is held as int8 with one
 float32 scale per output channel (`qwix.quantize`, symmetric: step absmax / 127 over
-[-127, 127]); biases and LayerNorm stay float32. A kernel `x[..., in] . kernel[in..., out...]` gets a scale per `out` entry, a table a
-scale per row (a lookup reads whole rows).
+[-127, 127]); biases and LayerNorm stay float32. A kernel `x[..., in] . kernel[in..., out...]`
+gets a scale per `out` entry, a table one per row (a lookup reads whole rows).
 
 **Compute.**
-- `weight_only`: the int8 weights are dequantized inside the jitted step and the unchanged model
-  runs in its compute dtype. Memory, not arithmetic, is what shrinks.
+- `weight_only`: the int8 weights are dequantized inside the jitted step and the unchanged
+  model runs in its compute dtype. Memory, not arithmetic, is what shrinks.
 - `w8a8`: qwix intercepts the model's `dot_general`s (no model edits): each matmul quantizes
   its activations per token (dynamic, the same symmetric scheme) and its weight per output
-  channel, and multiplies int8 by int8 into int32. The attention scores and context (activation x activation) stay
-  float, as in PyTorch's dynamic quantization of `nn.Linear`. The weight qwix quantizes is the
-  dequantized stored one, which requantizes to the stored int8 values and scales (to float32
-  rounding: `tests/test_quantize.py`), so the saved checkpoint is what the step multiplies by.
+  channel, and multiplies int8 by int8 into int32. Attention scores and context (activation
+  by activation) stay float, as under PyTorch's dynamic quantization of `nn.Linear`. The
+  weight qwix quantizes is the dequantized stored one, which requantizes to the stored int8
+  values and scales (`tests/test_quantize.py`): the step multiplies by the saved checkpoint.
 
-**Why qwix, and why its QT provider.** google/qwix intercepts `jax.lax.dot_general` wherever it
-is called inside a Flax linen module, so the encoder's hand-written projections (`contract`:
-`jnp.tensordot`, or `jnp.matmul` on the CPU paths) are quantized like `nn.Dense`. google/aqt's
-linen interception (`aqt_intercept_methods`) swaps `lax.dot_general` only under `nn.Dense`
-methods: it misses the attention's QKV and output projections (a third of each layer's
-weights) and, on the CPU paths, which pass their own `dot_general`, every matmul; anything more
-means passing `AqtDotGeneral` into model code. qwix's PTQ provider (weights pre-quantized in
-the param tree) cannot take the fused QKV kernel either: the attention slices and transposes it
-before the matmul, differently for the last layer (queries at the output positions only), and
-the PTQ tree records the kernel in that transformed shape. Its QT provider quantizes whatever
-reaches the matmul, which is the slice of the dequantized kernel.
+**Why qwix, and its QT provider.** google/qwix intercepts `jax.lax.dot_general` wherever a
+Flax linen module calls it, so the attention's hand-written projections (`jnp.tensordot`) are
+quantized like `nn.Dense`. google/aqt's linen interception swaps `lax.dot_general` under
+`nn.Dense` methods only: it misses the attention's QKV and output projections (a third of each
+layer's weights); more means passing `AqtDotGeneral` into model code. Neither quantizes a
+table lookup, so the tables are this module's own (`qwix.quantize` on the param tree). qwix's
+PTQ provider, which takes weights pre-quantized in the param tree, cannot take the fused QKV
+kernel: the attention slices and transposes it before the matmul (differently in the last
+layer, whose queries are the output positions only), and the PTQ tree records it in that
+transformed shape. The QT provider quantizes whatever reaches the matmul: the slice of the
+dequantized kernel. `benchmarks/quantize.py` measures both libraries.
 """
 
 from __future__ import annotations
@@ -36,9 +36,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
 
-MODES = ("weight_only", "w8a8")
+from jaxfm.compress import MODES
+
+try:
+  import qwix
+except ImportError as e:
+  raise ImportError("int8 quantization needs qwix: pip install 'jaxfm[quant]'") from e
+
 QArray = qwix.QArray
 
 # How many leading axes each of the encoder's matmul kernels contracts (`x[..., in] .
