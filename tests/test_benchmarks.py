@@ -155,3 +155,74 @@ def test_prepare_benchmark_reports_every_field(tmp_path):
     assert row["pretrain_process_s"] > 0 and row["pretrain_peak_rss_mib"] > 50
     assert row["loader_examples_per_s_workers0"] > 0 and row["loader_examples_per_s_workers1"] > 0
   assert rows[1]["tokens"] > rows[0]["tokens"]
+
+
+def _zh_lines() -> list[str]:
+  text = (_ROOT / "tests" / "fixtures" / "zh_lines.txt").read_text(encoding="utf-8")
+  return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def _zh_data(root: pathlib.Path) -> None:
+  """A miniature of the Chinese data folder `benchmarks.chinese` reads, from the fixture lines."""
+  lines = _zh_lines()
+  for sub in ("text", "waimai_10k", "msra_ner"):
+    (root / sub).mkdir(parents=True)
+  (root / "text" / "thucnews_1000.tsv").write_text(
+      "".join(f"体育\t{line}\n" for line in lines[:40]), encoding="utf-8")
+  (root / "text" / "peoples_daily_199801_seg.txt").write_text(  # two-character "words"
+      "".join(" ".join(line[i:i + 2] for i in range(0, len(line), 2)) + "\n"
+              for line in lines[40:]), encoding="utf-8")
+  for split, part in (("train", lines[:60]), ("dev", lines[60:80]), ("test", lines[80:])):
+    (root / "waimai_10k" / f"{split}.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(part)),
+        encoding="utf-8")
+    (root / "msra_ner" / f"{split}.txt").write_text("".join(
+        "".join(f"{c}\t{('B-LOC' if j == 0 else 'I-LOC') if i % 2 and j < 2 else 'O'}\n"
+                for j, c in enumerate(s.replace(" ", ""))) + "\n" for i, s in enumerate(part)),
+        encoding="utf-8")
+
+
+def test_chinese_corpus_joins_and_unsegments(tmp_path):
+  from benchmarks import chinese  # pylint: disable=import-outside-toplevel
+  assert chinese.unsegment("迈向 充满 希望 的 新 世纪 —— Windows 98 发布 ， ＭＰＡ 协议\n") == (
+      "迈向充满希望的新世纪——Windows 98发布，ＭＰＡ协议")
+  _zh_data(tmp_path)
+  stats = chinese.build_corpus(tmp_path, tmp_path / "corpus.txt", min_line_chars=50)
+  corpus = (tmp_path / "corpus.txt").read_text(encoding="utf-8").splitlines()
+  assert stats["lines"] == len(corpus) and stats["thucnews_lines"] == 40
+  assert all(len(line) >= 50 for line in corpus[40:-1])
+  # Nothing lost but spaces.
+  assert "".join(corpus[40:]).replace(" ", "") == "".join(_zh_lines()[40:]).replace(" ", "")
+
+
+@pytest.mark.slow  # two pretraining runs, two cross evaluations, six fine-tunings: minutes
+def test_chinese_study_runs_end_to_end_and_resumes(tmp_path):
+  pytest.importorskip("jieba")
+  _zh_data(tmp_path / "data")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  command = [sys.executable, "-m", "benchmarks.chinese", f"--data={tmp_path / 'data'}",
+             f"--out={tmp_path / 'out'}", "--pretrain_steps=2", "--pretrain_evals=1",
+             "--eval_fraction=0.3", "--min_line_chars=0", "--seeds=0", "--waimai_epochs=1",
+             "--msra_epochs=1", "--msra_train_examples=0"]
+  proc = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True,
+                        timeout=1800, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  results = json.loads((tmp_path / "out" / "results.json").read_text())
+  for arm, other in (("char", "wwm"), ("wwm", "char")):
+    row = results["pretraining"][arm]
+    assert [e["step"] for e in row["evals"]] == [0, 2]
+    for key in ("own", f"on_{other}_masking"):
+      assert row[key]["loss"] > 0 and 0 <= row[key]["accuracy"] <= 1, (arm, key)
+  rows = {(r["task"], r["init"]): r for r in results["finetuning"]}
+  assert sorted(rows) == sorted((t, i) for t in ("waimai", "msra_ner")
+                                for i in ("random", "char", "wwm"))
+  for row in rows.values():
+    assert 0 <= row["dev"] <= 1 and 0 <= row["test"] <= 1 and row["seed"] == 0
+  assert "| msra_ner | wwm |" in proc.stdout
+  # The same command again finds every run done and prints the same table.
+  again = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("done before") == 2 + 2 + 6 * 2
+  assert proc.stdout.split("| pretraining")[1].split("wall ")[0] == (
+      again.stdout.split("| pretraining")[1].split("wall ")[0])

@@ -1,0 +1,300 @@
+r"""Chinese end to end: BERT-tiny pretrained with character masking and with jieba whole-word
+masking, then fine-tuned on waimai_10k and MSRA NER beside the same model from random init.
+
+  python -m benchmarks.chinese --data=/path/to/chinese --out=/tmp/zh_study
+
+`--data` holds `text/thucnews_1000.tsv` (`TOPIC<TAB>ARTICLE`), `text/peoples_daily_199801_seg.txt`
+(space-segmented paragraphs), `waimai_10k/{train,dev,test}.tsv` and `msra_ner/{train,dev,test}.txt`.
+
+1. Corpus: the THUCNews articles, one a line, then People's Daily with the segmentation spaces
+   removed (kept between two ASCII letters or digits), consecutive paragraphs joined into lines of
+   at least `--min_line_chars` characters (the paragraphs have no article boundaries; a line is a
+   document, and each document's last example is padded, so short lines waste steps on padding).
+2. Pretraining (configs/pretrain/bert_tiny_zh_cpu.py), same steps and seeds: whole-word masking
+   by jieba first (it trains the vocabulary, with the CJK '##' pieces whole-word masking needs),
+   then character masking (BERT's default) with that same vocabulary, so the two differ only in
+   masking. Held-out MLM loss/accuracy is measured on each run's own masking, so the two
+   accuracies are not comparable 1:1; `--cross_eval` also scores each model on the other's
+   masked held-out batches (a 1-step run from it that evaluates at step 0: the same held-out
+   examples and masks as the other run's evaluations).
+3. Fine-tuning (configs/finetune/{waimai,msra_ner}.py with `--*_epochs` and `--*_lr`, the same
+   for every init) from random init (the same architecture and vocabulary), the character-masking
+   model and the whole-word-masking model, for each seed (`train.seed` and `data.seed`). Dev: the
+   best checkpoint's dev score (it picks the checkpoint); test (`--test`): that checkpoint on the
+   test split, via `jaxfm.evaluate`.
+
+Every child runs as its own process, its command and output in OUT/logs/; a finished run's
+result is kept in OUT/results/, so the same command again resumes the study (a changed command
+for a finished run is refused: use a new --out). Prints a Markdown table and writes
+OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+_DATA = flags.DEFINE_string("data", None, "The Chinese data folder (see the docstring).")
+_OUT = flags.DEFINE_string("out", None, "Output folder: corpus, workdirs, logs, results.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 3000, "MLM steps of each pretraining.")
+_PRETRAIN_SEED = flags.DEFINE_integer("pretrain_seed", 0, "train.seed and data.seed of both.")
+_PRETRAIN_EVALS = flags.DEFINE_integer("pretrain_evals", 4, "Held-out evaluations per run.")
+_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.02, "Share of documents held out.")
+_MIN_LINE_CHARS = flags.DEFINE_integer(
+    "min_line_chars", 1000, "People's Daily paragraphs joined up to this many characters a line "
+    "(0: one paragraph a line).")
+_CROSS_EVAL = flags.DEFINE_bool("cross_eval", True, "Also score each model on the other masking.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tuning seeds.")
+_INITS = flags.DEFINE_list("inits", ["random", "char", "wwm"], "Fine-tuning starting points.")
+_TASKS = flags.DEFINE_list("tasks", ["waimai", "msra_ner"], "Fine-tuning tasks.")
+_WAIMAI_EPOCHS = flags.DEFINE_float("waimai_epochs", 2.0, "waimai_10k epochs.")
+_WAIMAI_LR = flags.DEFINE_float("waimai_lr", 5e-4, "waimai_10k peak learning rate.")
+_WAIMAI_EXAMPLES = flags.DEFINE_integer("waimai_train_examples", 0, "0 = all; else the first N.")
+_MSRA_EPOCHS = flags.DEFINE_float("msra_epochs", 2.0, "MSRA NER epochs.")
+_MSRA_LR = flags.DEFINE_float("msra_lr", 1e-3, "MSRA NER peak learning rate.")
+_MSRA_EXAMPLES = flags.DEFINE_integer("msra_train_examples", 10000,
+                                      "The first N training sentences (0 = all 45,648).")
+_TEST = flags.DEFINE_bool("test", True, "Also score the best checkpoint on the test split.")
+flags.mark_flags_as_required(["data", "out"])
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_PRETRAIN_CONFIG = "configs/pretrain/bert_tiny_zh_cpu.py"
+_WWM = ("--config.data.whole_word_masking=True", "--config.data.word_segmenter=jieba")
+_ASCII_WORD = "[A-Za-z0-9]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  config: str
+  files: str  # the split files' pattern, {split} in train|dev|test
+  metric: str  # the dev/test metric reported
+  epochs: float
+  lr: float
+  max_train_examples: int
+
+
+def _tasks() -> dict[str, Task]:
+  return {
+      "waimai": Task("waimai", "configs/finetune/waimai.py", "waimai_10k/{split}.tsv",
+                     "accuracy", _WAIMAI_EPOCHS.value, _WAIMAI_LR.value, _WAIMAI_EXAMPLES.value),
+      "msra_ner": Task("msra_ner", "configs/finetune/msra_ner.py", "msra_ner/{split}.txt", "f1",
+                       _MSRA_EPOCHS.value, _MSRA_LR.value, _MSRA_EXAMPLES.value)}
+
+
+def unsegment(line: str) -> str:
+  """A space-segmented line as raw text: spaces go, except between two ASCII letters/digits."""
+  return re.sub(rf"(?<!{_ASCII_WORD}) | (?!{_ASCII_WORD})", "", line.strip())
+
+
+def build_corpus(data: pathlib.Path, path: pathlib.Path, min_line_chars: int) -> dict[str, int]:
+  """Writes the pretraining corpus (one document a line); returns its line and char counts."""
+  lines = []
+  with open(data / "text" / "thucnews_1000.tsv", encoding="utf-8") as f:
+    lines += [row.rstrip("\n").split("\t", 1)[1].strip() for row in f if row.strip()]
+  articles = len(lines)
+  pending = ""
+  with open(data / "text" / "peoples_daily_199801_seg.txt", encoding="utf-8") as f:
+    for row in f:
+      pending += unsegment(row)
+      if pending and len(pending) >= min_line_chars:
+        lines.append(pending)
+        pending = ""
+  if pending:
+    lines.append(pending)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  tmp.replace(path)
+  return {"lines": len(lines), "thucnews_lines": articles,
+          "peoples_daily_lines": len(lines) - articles, "chars": sum(map(len, lines))}
+
+
+class Study:
+  """Runs the children one at a time, each once per output folder."""
+
+  def __init__(self, out: pathlib.Path):
+    self.out = out
+    for sub in ("logs", "results", "runs"):
+      (out / sub).mkdir(parents=True, exist_ok=True)
+    # One compilation cache for every child: the seeds and inits compile the same steps.
+    self.env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(out / "compile_cache")}
+
+  def workdir(self, name: str) -> str:
+    return str(self.out / "runs" / name)
+
+  def run(self, name: str, command: list[str]) -> dict[str, Any]:
+    """The child's result {command, wall_s, last JSON line or None}: from OUT/results when this
+    command finished before, else run now (output in OUT/logs/NAME.log); exits if it fails."""
+    done = self.out / "results" / f"{name}.json"
+    text = shlex.join(command)
+    if done.exists():
+      result = json.loads(done.read_text())
+      if result["command"] != text:
+        sys.exit(f"{done} was run as\n  {result['command']}\nnot\n  {text}\nuse a new --out")
+      print(f"[{name}] done before ({result['wall_s']} s)", flush=True)
+      return result
+    print(f"[{name}] {text}", flush=True)
+    log = self.out / "logs" / f"{name}.log"
+    start = time.time()
+    with open(log, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+      f.flush()
+      proc = subprocess.run(command, cwd=_ROOT, env=self.env, stdout=subprocess.PIPE,
+                            stderr=f, text=True, check=False)
+      f.write(proc.stdout)
+    wall_s = round(time.time() - start, 1)
+    if proc.returncode != 0:
+      sys.exit(f"[{name}] failed ({proc.returncode}); see {log}:\n"
+               + log.read_text(encoding="utf-8")[-3000:])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    result = {"command": text, "wall_s": wall_s,
+              "json": json.loads(lines[-1]) if lines else None}
+    done.write_text(json.dumps(result, indent=1))
+    print(f"[{name}] {wall_s} s", flush=True)
+    return result
+
+
+def _evals(workdir: str) -> list[dict[str, Any]]:
+  from jaxfm import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  return [r for r in workdir_lib.read_metrics(workdir) if r["split"] == "eval"]
+
+
+def pretrain(study: Study, corpus: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """Both pretraining runs (wwm first: it trains the shared vocabulary) and the cross evals."""
+  steps, seed = _PRETRAIN_STEPS.value, _PRETRAIN_SEED.value
+  common = [sys.executable, "-m", "jaxfm.pretrain", f"--config={_PRETRAIN_CONFIG}",
+            f"--config.data.train_files={corpus}", f"--config.data.eval_fraction="
+            f"{_EVAL_FRACTION.value}", f"--config.train.seed={seed}",
+            f"--config.data.seed={seed}", "--config.train.eval_batches=100000",
+            "--config.train.progress_bar=False"]
+  schedule = [f"--config.train.steps={steps}", f"--config.optim.warmup_steps={steps // 10}",
+              f"--config.train.eval_every={max(1, steps // _PRETRAIN_EVALS.value)}",
+              f"--config.train.checkpoint_every={steps}"]
+  vocab = [f"--config.data.tokenizer={study.workdir('pretrain_wwm')}/tokenizer"]
+  masking = {"wwm": list(_WWM), "char": []}
+  rows = {}
+  for arm in ("wwm", "char"):
+    workdir = study.workdir(f"pretrain_{arm}")
+    result = study.run(f"pretrain_{arm}", [*common, f"--workdir={workdir}", *schedule,
+                                           *masking[arm], *([] if arm == "wwm" else vocab)])
+    evals = _evals(workdir)
+    rows[arm] = {"steps": steps, "wall_s": result["wall_s"], "command": result["command"],
+                 "evals": [{k: r[k] for k in ("step", "loss", "accuracy")} for r in evals],
+                 "own": {"loss": evals[-1]["loss"], "accuracy": evals[-1]["accuracy"]}}
+  if _CROSS_EVAL.value:
+    for arm, other in (("wwm", "char"), ("char", "wwm")):
+      name = f"eval_{arm}_on_{other}_masking"
+      workdir = study.workdir(name)
+      result = study.run(name, [*common, f"--workdir={workdir}",
+                                f"--config.init_from={study.workdir(f'pretrain_{arm}')}",
+                                "--config.train.steps=1", "--config.optim.warmup_steps=0",
+                                "--config.train.eval_every=1", "--config.train.checkpoint_every=1",
+                                "--config.train.eval_at_start=True", *masking[other],
+                                *vocab])
+      start = next(r for r in _evals(workdir) if r["step"] == 0)
+      rows[arm][f"on_{other}_masking"] = {"loss": start["loss"], "accuracy": start["accuracy"],
+                                          "wall_s": result["wall_s"],
+                                          "command": result["command"]}
+  return rows
+
+
+def finetune(study: Study, task: Task, init: str, seed: int, data: pathlib.Path
+             ) -> dict[str, Any]:
+  """One fine-tuning run (and its test evaluation): dev and test metric of the best checkpoint."""
+  name = f"{task.name}_{init}_seed{seed}"
+  workdir = study.workdir(name)
+  files = {split: str(data / task.files.format(split=split)) for split in ("train", "dev", "test")}
+  command = [sys.executable, "-m", "jaxfm.finetune", f"--config={task.config}",
+             f"--workdir={workdir}", f"--config.data.train_file={files['train']}",
+             f"--config.data.dev_file={files['dev']}", f"--config.data.test_file={files['test']}",
+             f"--config.data.max_train_examples={task.max_train_examples}",
+             f"--config.train.epochs={task.epochs}", f"--config.optim.peak_learning_rate={task.lr}",
+             f"--config.train.seed={seed}", f"--config.data.seed={seed}",
+             "--config.train.progress_bar=False"]
+  if init == "random":
+    tokenizer = pathlib.Path(study.workdir("pretrain_wwm")) / "tokenizer"
+    vocab_size = len((tokenizer / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    command += [f"--config.data.tokenizer={tokenizer}", f"--config.model.vocab_size={vocab_size}",
+                "--config.model.max_position_embeddings=128"]
+  else:
+    command.append(f"--config.init_from={study.workdir(f'pretrain_{init}')}")
+  result = study.run(name, command)
+  best = result["json"]["best_step"]
+  dev = next(r for r in _evals(workdir) if r["step"] == best)
+  row = {"task": task.name, "init": init, "seed": seed, "dev": dev[task.metric],
+         "best_step": best, "steps": result["json"]["step"], "wall_s": result["wall_s"],
+         "command": result["command"]}
+  if _TEST.value:
+    test = study.run(f"{name}_test", [sys.executable, "-m", "jaxfm.evaluate",
+                                      f"--workdir={workdir}", "--split=test"])
+    row.update(test=test["json"][task.metric], test_wall_s=test["wall_s"],
+               test_command=test["command"])
+  return row
+
+
+def _stats(values: list[float]) -> str:
+  mean = 100 * statistics.mean(values)
+  spread = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
+  return f"**{mean:.2f}**{spread} ({', '.join(f'{100 * v:.2f}' for v in values)})"
+
+
+def table(results: dict[str, Any]) -> str:
+  """The study as Markdown: pretraining rows, then fine-tuning rows (mean ± sd (each seed))."""
+  out = ["| pretraining | steps | held-out loss / acc, own masking | on char masking | "
+         "on wwm masking | wall s |", "|---|---|---|---|---|---|"]
+  for arm, row in results["pretraining"].items():
+    cells = []
+    for masking in ("char", "wwm"):
+      cross = row.get(f"on_{masking}_masking")
+      cells.append(f"{cross['loss']:.3f} / {100 * cross['accuracy']:.2f}" if cross else
+                   ("(own)" if masking == arm else "–"))
+    out.append(f"| {arm} | {row['steps']} | {row['own']['loss']:.3f} / "
+               f"{100 * row['own']['accuracy']:.2f} | {' | '.join(cells)} | {row['wall_s']} |")
+  out += ["", "| task | init | dev (mean ± sd (seeds)) | test | wall s (mean) |",
+          "|---|---|---|---|---|"]
+  for task in _TASKS.value:
+    for init in _INITS.value:
+      rows = [r for r in results["finetuning"] if r["task"] == task and r["init"] == init]
+      if not rows:
+        continue
+      test = _stats([r["test"] for r in rows]) if all("test" in r for r in rows) else "–"
+      wall = statistics.mean(r["wall_s"] + r.get("test_wall_s", 0) for r in rows)
+      out.append(f"| {task} | {init} | {_stats([r['dev'] for r in rows])} | {test} | "
+                 f"{wall:.0f} |")
+  return "\n".join(out)
+
+
+def main(argv):
+  del argv
+  data, out = pathlib.Path(_DATA.value), pathlib.Path(_OUT.value).resolve()
+  study = Study(out)
+  tasks = _tasks()
+  start = time.time()
+  corpus = out / "corpus.txt"
+  results: dict[str, Any] = {"corpus": build_corpus(data, corpus, _MIN_LINE_CHARS.value)}
+  print(f"corpus {corpus}: {results['corpus']}", flush=True)
+  results["pretraining"] = pretrain(study, corpus)
+  results["finetuning"] = []
+  for task in _TASKS.value:
+    for seed in map(int, _SEEDS.value):
+      for init in _INITS.value:
+        results["finetuning"].append(finetune(study, tasks[task], init, seed, data))
+  results["wall_s"] = round(time.time() - start, 1)
+  (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+  print(table(results))
+  print(f"wall {results['wall_s']} s (this invocation); results in {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+  app.run(main)
