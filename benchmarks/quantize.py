@@ -122,7 +122,7 @@ def _torch_rows(hf_dir: str, batches: Callable[[], Iterator[dict[str, np.ndarray
                      token_type_ids=torch.from_numpy(b["token_type_ids"]).long(),
                      attention_mask=torch.from_numpy(b["attention_mask"]).long()).logits
         hit = (logits.argmax(-1).numpy() == b["labels"]) * b["weights"]
-        correct, total = correct + hit.sum(), total + b["weights"].sum()
+        correct, total = correct + float(hit.sum()), total + float(b["weights"].sum())
     return {"accuracy": correct / total}
   return {"torch float32": lambda: one_pass(model),
           "torch dynamic int8": lambda: one_pass(int8)}
@@ -205,7 +205,7 @@ def compile_for_tpu() -> list[dict[str, Any]]:
       compiled = step.lower(params, batch).compile()
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     reports.append({
-        "row": f"jaxfm {mode}" if mode == "float32" else f"jaxfm int8 {mode}",
+        "row": "jaxfm float32 params" if mode == "float32" else f"jaxfm int8 {mode}",
         "topology": _TOPOLOGY.value, "batch": cfg.train.batch_size,
         "seq": cfg.data.max_seq_length, "dtype": cfg.model.dtype,
         "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,

@@ -6,7 +6,9 @@
   int8.safetensors                     NAME/qvalue (int8) and NAME/scale (float32) for each
                                        quantized parameter, NAME (float32) for the others;
                                        the unscanned layout, as a jaxfm model dir
-  quantization.json                    the mode, the source checkpoint, the library, the sizes
+  quantization.json                    the mode (how the folder is run: the int8 arrays are
+                                       the same for both), the source checkpoint, the
+                                       library, the sizes
 
 The source workdir may be on any storage jaxfm reads; the folder is local, like a jaxfm model
 dir.
