@@ -22,7 +22,7 @@ from jaxfm.distillation import losses, student
 from jaxfm.distillation import run as distill_run
 from jaxfm.distillation.teacher import load_teacher
 from jaxfm.finetuning import run as finetuning
-from jaxfm.train import checkpoint
+from jaxfm.train import best, checkpoint
 from jaxfm.trees import flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,14 +207,14 @@ def _latest_state(workdir):
 
 @pytest.mark.slow
 def test_random_narrow_student_with_projection_resumes_exactly(teacher_run, monkeypatch):
-  # A random student half the teacher's width learns through a projection of its hidden
-  # states; a SIGTERM mid-run and a resume give the uninterrupted run's params.
+  # A random student half the teacher's width matches the teacher's hidden states through
+  # learned projections (saved with the state, not in best/); a SIGTERM mid-run and a resume
+  # give the uninterrupted run's params, projections included.
   root = teacher_run[0]
 
   def cfg():
     c = _config(teacher_run, student_init="random", losses="kl=1.0,task=0.5,hidden=1.0")
     c.model.update(hidden_size=64, num_heads=2, intermediate_size=128)
-    c.train.epochs = 2.0
     return c
   straight, _ = distill_run.distill(cfg(), str(root / "narrow"))
   iterator = distill_run.loader.feature_train_iterator
@@ -230,7 +230,13 @@ def test_random_narrow_student_with_projection_resumes_exactly(teacher_run, monk
   assert step_a == step_b and "projection" in a and set(a["projection"]) == {"0_0", "1_2"}
   for name, value in flatten(a).items():
     np.testing.assert_allclose(flatten(b)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
-  assert resumed.eval == straight.eval and straight.eval["accuracy"] > 0.6
+  assert resumed.eval == straight.eval
+  with open(os.path.join(root / "narrow", "metrics.jsonl")) as f:
+    hidden = [r["hidden_loss"] for r in map(json.loads, f) if r["split"] == "train"]
+  assert hidden[-1] < 0.7 * hidden[0]  # the projected states move toward the teacher's
+  _, best_params, best_metrics = best.restore_best(str(root / "narrow"))
+  assert "projection" not in best_params and "encoder" in best_params  # the student alone
+  assert finetuning.evaluate(str(root / "narrow"), "dev")["accuracy"] == best_metrics["accuracy"]
 
 
 def _cli(*args):
@@ -246,3 +252,30 @@ def test_bad_teacher_is_one_error_line(tmp_path):
   assert out.returncode == 1
   errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and f"teacher='{tmp_path / 'nope'}' is not readable" in errors[0]
+
+
+@pytest.mark.slow
+def test_ner_student_of_a_bfloat16_teacher(teacher_run, monkeypatch):
+  # Per-token soft targets (the labelled first sub-words) and hidden states at every position,
+  # from a teacher whose params and compute are bfloat16 in the step.
+  root = teacher_run[0]
+  train, dev = ff.write_conll(root)
+  cfg = ff.config("ner", str(root / "pretrained"), train, dev)
+  teacher, _ = finetuning.finetune(cfg, str(root / "ner_teacher"))
+  cfg = config_lib.distill_defaults()
+  cfg.task = "ner"
+  base = ff.config("ner", "", train, dev)
+  for section in ("data", "train", "optim", "model"):
+    cfg[section].update(base[section].to_dict())
+  cfg.teacher, cfg.model.num_layers = str(root / "ner_teacher"), 1
+  cfg.distill.update(losses="kl=0.5,task=0.5,hidden=1.0", teacher_dtype="bfloat16")
+  train_loop, frozen_dtypes = distill_run.loop.train, set()
+
+  def recording(*args, **kwargs):
+    frozen_dtypes.update(np.dtype(x.dtype).name for x in jax.tree.leaves(kwargs["frozen"]))
+    return train_loop(*args, **kwargs)
+  monkeypatch.setattr(distill_run.loop, "train", recording)
+  result, _ = distill_run.distill(cfg, str(root / "ner_student"))
+  assert frozen_dtypes == {"bfloat16"}
+  assert teacher.eval["f1"] > 0.8
+  assert result.eval["f1"] >= teacher.eval["f1"] - 0.1 and "kl_loss" in result.eval
