@@ -191,7 +191,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
 def _peft_defaults() -> ml_collections.ConfigDict:
   """Parameter-efficient fine-tuning (`jaxfm.peft`): only the adapter and the new head train."""
   p = ml_collections.ConfigDict()
-  p.method = ""  # '' = full fine-tuning; lora | ia3
+  p.method = ""  # '' = full fine-tuning; lora | ia3 | prompt | prefix | houlsby | pfeiffer
   p.rank = 8  # lora: r
   p.alpha = 8.0  # lora: the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
   p.rslora = False
@@ -199,6 +199,10 @@ def _peft_defaults() -> ml_collections.ConfigDict:
   # Comma-separated: query, key, value, attention.output, intermediate, output; or all-linear.
   # '' = the method's default (lora: query,value; ia3: key,value,output), as in peft.
   p.target_modules = ""
+  p.num_virtual_tokens = 20  # prompt, prefix: virtual tokens before the row / in every layer
+  p.prompt_init_text = ""  # prompt: start from these words' embeddings ('' = sampled tokens)
+  p.prefix_projection = False  # prefix: reparameterise the prefix through peft's MLP
+  p.reduction_factor = 16  # houlsby, pfeiffer: the bottleneck is hidden_size / reduction_factor
   p.base_sha256 = ""  # resolved: the frozen base's content hash; a changed base is refused
   return p
 
@@ -461,6 +465,13 @@ def validate_peft(cfg: ml_collections.ConfigDict) -> None:
     peft.parse_targets(p.target_modules, ())
   except ValueError as e:
     fail("peft.target_modules", p.target_modules, str(e))
+  if p.method in ("prompt", "prefix"):
+    positive(cfg, "peft.num_virtual_tokens")
+  if p.method in ("houlsby", "pfeiffer"):
+    positive(cfg, "peft.reduction_factor")
+  if p.method == "prompt" and cfg.data.get("packing"):
+    fail("data.packing", True, "cannot put a soft prompt (peft.method='prompt') before packed "
+         "rows: one row holds several examples")
 
 
 # ---------------------------------------------------------------- distillation

@@ -8,6 +8,12 @@ used by losses are float32.
 
 With `config.cpu_paths` the matmuls, dropout and the remat'd backward order take
 `jaxfm.cpu`'s XLA:CPU forms (the same values); otherwise this is plain Flax.
+
+Parameter-efficient methods that act on activations (`jaxfm.peft`: prompt and prefix tuning,
+bottleneck adapters) reach the model as one optional subtree of its params, `encoder/peft`
+(`PEFT_*` below), which `jaxfm.peft.Plan.combine` puts there and `BertEncoder` hands to the
+embeddings and to each layer as inputs. `init` never creates it, and without it the model is
+the plain encoder, compiled to the same program.
 """
 
 from __future__ import annotations
@@ -31,6 +37,16 @@ VOCAB, EMBED, EMBED_OUT, HEADS, KV, MLP, LAYERS, CLASSES = (
 # Logical axis names used by activations.
 ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP = (
     "act_batch", "act_length", "act_embed", "act_heads", "act_mlp")
+
+# The PEFT hooks under `encoder/peft`: soft-prompt input embeddings [virtual, embed]; per-layer
+# key/value prefixes [layers, virtual, 2, heads, head_dim]; bottleneck adapters after the
+# attention output and after the FFN output, each {down_kernel [layers, hidden, bottleneck],
+# down_bias [layers, bottleneck], up_kernel [layers, bottleneck, hidden], up_bias [layers, hidden]}.
+PEFT = "peft"
+PEFT_PROMPT, PEFT_PREFIX, PEFT_ATTENTION_ADAPTER, PEFT_OUTPUT_ADAPTER = (
+    "prompt", "prefix", "attention_adapter", "output_adapter")
+PEFT_PER_LAYER = (PEFT_PREFIX, PEFT_ATTENTION_ADAPTER, PEFT_OUTPUT_ADAPTER)
+Hooks = dict  # {PEFT_* name: array or adapter dict}; per layer inside `TransformerLayer`
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -95,6 +111,30 @@ def attention_mask_4d(attention_mask: Array, segment_ids: Array | None = None,
   return (same & (real[:, None, :] | ~query_real[:, :, None]))[:, None]
 
 
+def bottleneck(config: BertConfig, x: Array, adapter: Hooks) -> Array:
+  """Residual bottleneck adapter (Houlsby et al., 2019): x + up(act(down(x))), one layer's
+  `PEFT_*_ADAPTER` params. x: [batch, length, hidden] -> the same shape."""
+  down = contract(config, x, adapter["down_kernel"].astype(config.dtype))  # [b, l, bottleneck]
+  h = activation(config.hidden_act)(down + adapter["down_bias"].astype(config.dtype))
+  up = contract(config, h, adapter["up_kernel"].astype(config.dtype))  # [b, l, hidden]
+  return x + up + adapter["up_bias"].astype(config.dtype)
+
+
+def with_prefix(k: Array, v: Array, mask: Array, prefix: Array) -> tuple[Array, Array, Array]:
+  """Prepends key/value prefixes (prefix tuning) that every query attends to.
+
+  k, v: [batch, length, heads, head_dim]; mask: [batch, 1, 1 or queries, length] bool;
+  prefix: [virtual, 2, heads, head_dim] (keys at 0, values at 1), or with a leading batch axis.
+  -> k, v [batch, virtual + length, heads, head_dim] and mask [..., virtual + length].
+  """
+  prefix = jnp.broadcast_to(prefix, (k.shape[0], *prefix.shape[-4:])).astype(k.dtype)
+  virtual = prefix.shape[1]
+  k = jnp.concatenate([prefix[:, :, 0], k], axis=1)
+  v = jnp.concatenate([prefix[:, :, 1], v], axis=1)
+  mask = jnp.concatenate([jnp.ones((*mask.shape[:-1], virtual), bool), mask], axis=-1)
+  return k, v, mask
+
+
 def dense(config: BertConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
   """A float32-parameter Dense layer computing in the config's dtype."""
   return nn.Dense(features, dtype=config.dtype, param_dtype=jnp.float32,
@@ -128,12 +168,24 @@ class Embeddings(nn.Module):
       self.projection = dense(cfg, cfg.hidden_size, (EMBED_OUT, EMBED), "projection")
 
   def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool,
-               position_ids: Array | None = None) -> Array:
+               position_ids: Array | None = None, prompt: Array | None = None) -> Array:
     # input_ids, token_type_ids, position_ids (default 0, 1, ... per row): [batch, length]
-    # -> [batch, length, hidden]
+    # -> [batch, length, hidden]. A `prompt` [virtual, embed] (prompt tuning) stands in for the
+    # word embeddings of `virtual` tokens before the row, at positions 0 ... virtual - 1 with
+    # token type 0; the row's tokens move up by `virtual`: [batch, virtual + length, hidden].
     if position_ids is None:
       position_ids = jnp.arange(input_ids.shape[1])[None]  # [1, length]
-    x = (self.word_embeddings(input_ids)
+    words = self.word_embeddings(input_ids)  # [batch, length, embed]
+    if prompt is not None:
+      batch, virtual = input_ids.shape[0], prompt.shape[0]
+      words = jnp.concatenate(
+          [jnp.broadcast_to(prompt.astype(words.dtype), (batch, *prompt.shape)), words], axis=1)
+      token_type_ids = jnp.concatenate(
+          [jnp.zeros((batch, virtual), token_type_ids.dtype), token_type_ids], axis=1)
+      position_ids = jnp.concatenate(
+          [jnp.broadcast_to(jnp.arange(virtual)[None], (position_ids.shape[0], virtual)),
+           position_ids + virtual], axis=1)
+    x = (words
          + self.position_embeddings(position_ids)
          + self.token_type_embeddings(token_type_ids))
     x = self.dropout(self.layer_norm(x), deterministic=deterministic)
@@ -153,10 +205,10 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
-               query_positions: Array | None = None) -> Array:
+               query_positions: Array | None = None, prefix: Array | None = None) -> Array:
     # x: [batch, length, hidden]; mask: [batch, 1, 1 or queries, length] bool, True = attend
     # (`attention_mask_4d`). Queries at `query_positions` ([batch, queries] int; all positions
-    # when None):
+    # when None). `prefix`: key/value prefixes every query attends to (`with_prefix`).
     # [batch, queries, hidden] out.
     cfg = self.config
     param = functools.partial(self.param, dtype=jnp.float32)
@@ -179,6 +231,8 @@ class SelfAttention(nn.Module):
       # q: [batch, queries, heads, head_dim]
       kv = project(x, slice(1, 3))
       k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+    if prefix is not None:
+      k, v, mask = with_prefix(k, v, mask, prefix)
     q = nn.with_logical_constraint(q, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
     if deterministic or cfg.attention_dropout == 0.0:
       # Fused kernels on TPU/GPU; XLA reference on CPU. Softmax runs in float32 inside.
@@ -204,18 +258,26 @@ class TransformerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
-               positions: Array | None = None) -> tuple[Array, None]:
+               positions: Array | None = None, hooks: Hooks | None = None) -> tuple[Array, None]:
     # x: [batch, length, hidden] -> [batch, outputs, hidden]: with `positions` ([batch, outputs]
     # int) the layer computes its output only there (keys and values still see every position).
+    # `hooks`: this layer's PEFT hooks (a slice of `encoder/peft` without the layers axis).
     cfg = self.config
+    hooks = hooks or {}
     drop = dropout(cfg, cfg.hidden_dropout)
-    attended = SelfAttention(cfg, name="attention")(x, mask, deterministic, positions)
-    x = layer_norm(cfg, "attention_norm")(at_positions(x, positions)
-                                          + drop(attended, deterministic=deterministic))
+    attended = SelfAttention(cfg, name="attention")(x, mask, deterministic, positions,
+                                                    hooks.get(PEFT_PREFIX))
+    skip = at_positions(x, positions)
+    attended = drop(attended, deterministic=deterministic)
+    if PEFT_ATTENTION_ADAPTER in hooks:
+      attended = bottleneck(cfg, attended, hooks[PEFT_ATTENTION_ADAPTER])
+    x = layer_norm(cfg, "attention_norm")(skip + attended)
     h = dense(cfg, cfg.intermediate_size, (EMBED, MLP), "intermediate")(x)
     h = nn.with_logical_constraint(activation(cfg.hidden_act)(h), (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-    h = dense(cfg, cfg.hidden_size, (MLP, EMBED), "output")(h)
-    x = layer_norm(cfg, "output_norm")(x + drop(h, deterministic=deterministic))
+    h = drop(dense(cfg, cfg.hidden_size, (MLP, EMBED), "output")(h), deterministic=deterministic)
+    if PEFT_OUTPUT_ADAPTER in hooks:
+      h = bottleneck(cfg, h, hooks[PEFT_OUTPUT_ADAPTER])
+    x = layer_norm(cfg, "output_norm")(x + h)
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     return x, None  # (carry, per-layer output) so the same module works under nn.scan
 
@@ -257,7 +319,7 @@ class BertEncoder(nn.Module):
     if scanned:
       self.scanned_layers = nn.scan(_layer_class(cfg, scanned=True), variable_axes={"params": 0},
                                     split_rngs={"params": True, "dropout": True},
-                                    in_axes=(nn.broadcast,) * 3, length=scanned,
+                                    in_axes=(nn.broadcast,) * 3 + (0,), length=scanned,
                                     metadata_params={nn.PARTITION_NAME: LAYERS}
                                     )(cfg, name="layers")
     layer = _layer_class(cfg, scanned=False)
@@ -274,23 +336,49 @@ class BertEncoder(nn.Module):
     attention output and MLP): the pooler reads position 0, the MLM head the masked positions.
     Packed rows (`jaxfm.data.packing`) add `segment_ids` (a token attends only within its own
     example) and `position_ids` (restarting per example), both [batch, length] int.
+
+    PEFT hooks (`encoder/peft`, see the module docstring) as huggingface/peft runs them on
+    transformers' BERT: a soft prompt of `virtual` tokens goes before each row, attended like
+    real tokens; `output_positions` then index the prompt and row together (position 0, which
+    the pooler reads, is the first virtual token), and without them only the row's own states
+    return. Prefix tuning's keys and values count as `virtual` cached positions, so the row's
+    positions start at `virtual` (transformers' `cache_length`), packed rows' likewise.
     """
-    x = self.embeddings(input_ids, token_type_ids, deterministic, position_ids)
+    hooks = self.get_variable("params", PEFT) if self.has_variable("params", PEFT) else {}
+    prompt, prefix = hooks.get(PEFT_PROMPT), hooks.get(PEFT_PREFIX)
+    if prompt is not None:
+      if segment_ids is not None:
+        raise ValueError("a soft prompt (prompt tuning) cannot go before packed rows")
+      attention_mask = jnp.concatenate(
+          [jnp.ones((input_ids.shape[0], prompt.shape[0]), attention_mask.dtype), attention_mask],
+          axis=1)
+    if prefix is not None:
+      if position_ids is None:
+        position_ids = jnp.arange(input_ids.shape[1])[None]  # [1, length]
+      position_ids = position_ids + prefix.shape[1]
+    x = self.embeddings(input_ids, token_type_ids, deterministic, position_ids, prompt)
     x = nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
     mask = attention_mask_4d(attention_mask, segment_ids)  # [batch, 1, 1 or length, length]
-    if _scanned_depth(self.config):
-      x, _ = self.scanned_layers(x, mask, deterministic, None)
+    per_layer = {k: v for k, v in hooks.items() if k in PEFT_PER_LAYER}  # [layers, ...] leaves
+    scanned = _scanned_depth(self.config)
+    if scanned:
+      x, _ = self.scanned_layers(x, mask, deterministic, None,
+                                 jax.tree.map(lambda a: a[:scanned], per_layer))
     # The layer-by-layer backward order pays only under remat: without it every activation is
-    # kept anyway.
-    call = (cpu_layers.call_with_layerwise_grads
-            if self.config.cpu_paths and self.config.remat_policy != "none"
+    # kept anyway. With PEFT hooks no base weight has a gradient for it to schedule.
+    layerwise = self.config.cpu_paths and self.config.remat_policy != "none" and not per_layer
+    call = (cpu_layers.call_with_layerwise_grads if layerwise
             else lambda layer, *args: layer(*args)[0])
     for index, layer in enumerate(self.layers):
+      own = jax.tree.map(lambda a, i=scanned + index: a[i], per_layer)
+      args = (own,) if own else ()
       if index < len(self.layers) - 1 or output_positions is None:
-        x = call(layer, x, mask, deterministic, None)
+        x = call(layer, x, mask, deterministic, None, *args)
       else:  # the last layer's queries at the output positions only
         x = call(layer, x, attention_mask_4d(attention_mask, segment_ids, output_positions),
-                 deterministic, output_positions)
+                 deterministic, output_positions, *args)
+    if prompt is not None and output_positions is None:
+      x = x[:, prompt.shape[0]:]  # the row's own states
     return x
 
   def pool(self, first: Array) -> Array:

@@ -1,18 +1,19 @@
 """Parameter-efficient fine-tuning: a frozen base, a small trainable tree (adapter + new heads).
 
-One module per method (`lora`, `ia3`), each with `init(site, kernel, rng, settings)` (the
+Methods that change weights (`lora`, `ia3`) have `init(site, kernel, rng, settings)` (the
 site's adapter params, on the kernel's logical axes, so they shard like the base) and
-`fold(site, flat, adapter, settings)` (the adapted params). `Plan` splits a task model's
-params into the frozen base (what `init_from` provided) and the trainable tree
+`fold(site, flat, adapter, settings)` (the adapted params). Methods that act on activations
+(`prompt`, `prefix`, `adapters` for houlsby / pfeiffer) have `init(flat, rng, settings,
+text_ids)` and `hooks(adapter, settings, dims)`: the model inputs that `Plan.combine` puts
+under `encoder/peft`, where `jaxfm.models.encoder.BertEncoder` reads them. `Plan` splits a task
+model's params into the frozen base (what `init_from` provided) and the trainable tree
 `{'adapter': ..., 'head': ...}` (the adapter and everything the base lacked: the task head),
 and `Plan.combine` rebuilds the model's params from the two. The train state holds only the
 trainable tree; the base goes to the jitted steps as an argument with its own shardings, never
 as a constant inside the executable.
 
-Methods that act on activations rather than on weights (prefix and prompt tuning, bottleneck
-adapters, LoRA with input dropout) need a model hook: `SelfAttention` taking per-layer key and
-value prefixes, `Embeddings` taking prepended input embeddings, and the projections as
-interceptable module methods. They are not here yet.
+LoRA with input dropout would need the projections as interceptable module methods; it is not
+here yet.
 """
 
 from __future__ import annotations
@@ -25,25 +26,36 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from jaxfm.peft import ia3, lora
-from jaxfm.peft.sites import ALL_LINEAR, TARGETS, Site, Target, num_scanned, parse_targets, sites
+from jaxfm.models.encoder import PEFT
+from jaxfm.peft import adapters, ia3, lora, prefix, prompt
+from jaxfm.peft.sites import (ALL_LINEAR, TARGETS, EncoderDims, Site, Target, num_scanned,
+                              parse_targets, sites)
 from jaxfm.trees import flatten, unflatten
 
-__all__ = ["ALL_LINEAR", "METHODS", "TARGETS", "Method", "Plan", "Settings", "Site", "Target",
-           "base_sha256", "num_scanned", "parse_targets", "sites"]
+__all__ = ["ALL_LINEAR", "METHODS", "TARGETS", "EncoderDims", "Method", "Plan", "Settings", "Site",
+           "Target", "base_sha256", "num_scanned", "parse_targets", "sites"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
   name: str
-  peft_type: str  # huggingface/peft's name
-  module: ModuleType  # with init(site, kernel, rng, settings) and fold(site, flat, adapter, ...)
-  default_targets: tuple[str, ...]  # peft's defaults for BERT
+  peft_type: str  # huggingface/peft's name ('' where peft lacks the method)
+  module: ModuleType  # init and fold (weight methods) or init and hooks (activation methods)
+  default_targets: tuple[str, ...] = ()  # peft's defaults for BERT (weight methods)
+
+  @property
+  def folds(self) -> bool:
+    """Whether it changes the base's weights (else it feeds the model's PEFT hooks)."""
+    return hasattr(self.module, "fold")
 
 
 METHODS = {m.name: m for m in (
     Method("lora", "LORA", lora, ("query", "value")),
     Method("ia3", "IA3", ia3, ("key", "value", "output")),
+    Method("prompt", "PROMPT_TUNING", prompt),
+    Method("prefix", "PREFIX_TUNING", prefix),
+    Method("houlsby", "", adapters),
+    Method("pfeiffer", "", adapters),
 )}
 
 
@@ -57,10 +69,15 @@ class Settings:
   dropout: float = 0.0
   rslora: bool = False
   target_modules: str = ""
+  num_virtual_tokens: int = 20  # prompt, prefix
+  prompt_init_text: str = ""  # prompt: start from these words' embeddings ('' = sampled)
+  prefix_projection: bool = False  # prefix: reparameterise through peft's MLP
+  reduction_factor: int = 16  # houlsby, pfeiffer: bottleneck = hidden / reduction_factor
 
   @classmethod
   def of(cls, section: Mapping[str, Any]) -> Settings:
-    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+    # Fields a run's config.json predates take their defaults.
+    return cls(**{f.name: section.get(f.name, f.default) for f in dataclasses.fields(cls)})
 
   @property
   def targets(self) -> tuple[Target, ...]:
@@ -73,6 +90,9 @@ class Plan:
 
   settings: Settings
   base_names: frozenset[str]  # flattened names of the frozen params (what the base provides)
+  # The run's tokenizer (`encode_batch`), for `prompt_init_text`; without one (rebuilding a
+  # saved run, whose trained prompt replaces the init) the prompt starts from sampled tokens.
+  tokenizer: Any = dataclasses.field(default=None, compare=False)
 
   @property
   def method(self) -> Method:
@@ -88,17 +108,31 @@ class Plan:
   def trainable(self, params: Any, rng: jax.Array) -> dict[str, Any]:
     """{'adapter': fresh adapter params, 'head': `params` the base lacks (boxed or not)}."""
     flat = flatten(params)
+    head = {k: v for k, v in flat.items() if k not in self.base_names}
+    if not self.method.folds:
+      return {"adapter": self.method.module.init(flat, rng, self.settings, self._text_ids()),
+              "head": unflatten(head)}
     adapter = {}
     for index, site in enumerate(sites(flat, self.settings.targets)):
       adapter[site.adapter] = self.method.module.init(
           site, flat[site.kernel], jax.random.fold_in(rng, index), self.settings)
-    head = {k: v for k, v in flat.items() if k not in self.base_names}
     return {"adapter": unflatten(adapter), "head": unflatten(head)}
 
+  def _text_ids(self) -> tuple[int, ...]:
+    text = self.settings.prompt_init_text
+    if not text or self.tokenizer is None:
+      return ()
+    return tuple(self.tokenizer.encode_batch([text])[0])
+
   def combine(self, trainable: Mapping[str, Any], frozen: Any) -> Any:
-    """The task model's params: the frozen base with the adapter folded in, plus the head.
-    Also the merged model for export (base and adapter as one set of weights)."""
+    """The task model's params: the frozen base with the adapter folded in (or its hooks under
+    `encoder/peft`), plus the head. For weight methods also the merged model for export (base
+    and adapter as one set of weights)."""
     flat = {**flatten(frozen), **flatten(trainable["head"])}
+    if not self.method.folds:
+      hooks = self.method.module.hooks(trainable["adapter"], self.settings, EncoderDims.of(flat))
+      flat.update(flatten(hooks, prefix=f"encoder/{PEFT}/"))
+      return unflatten(flat)
     adapter = flatten(trainable["adapter"])
     for site in sites(flat, self.settings.targets):
       own = {k.rsplit("/", 1)[1]: v for k, v in adapter.items()

@@ -130,3 +130,29 @@ def boxed_like(like: Any, value: Any, names: tuple[str | None, ...] | None) -> A
   """`value` boxed like `like` (the same logical-partitioning box, with `names`) when `like`
   is boxed, as in the abstract init that gives the shardings."""
   return like.replace(value=value, names=names) if isinstance(like, nn.Partitioned) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDims:
+  """The encoder's sizes, read off its params (what activation hooks are shaped by)."""
+
+  layers: int
+  hidden: int
+  heads: int
+  head_dim: int
+  embed: int  # word-embedding width (the hidden size unless factorised)
+  like: Any  # a boxed (or plain) leaf to box new params like
+
+  @classmethod
+  def of(cls, flat: Mapping[str, Any]) -> EncoderDims:
+    """From a flattened task-model param tree (boxed or not)."""
+    unrolled = {m.group(2) for name in flat for m in [_SCOPE.match(name.rsplit("/", 2)[0])]
+                if m and m.group(2) is not None}
+    kernel = next(v for k, v in flat.items() if k.endswith("attention/qkv_kernel"))
+    hidden, _, heads, head_dim = nn.meta.unbox(kernel).shape[-4:]
+    embed = nn.meta.unbox(flat[WORD_EMBEDDINGS]).shape[-1]
+    return cls(num_scanned(flat) + len(unrolled), hidden, heads, head_dim, embed,
+               flat[WORD_EMBEDDINGS])
+
+
+WORD_EMBEDDINGS = "encoder/embeddings/word_embeddings/embedding"
