@@ -306,6 +306,14 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
   one_of(cfg, "model.dtype", COMPUTE_DTYPES)
   one_of(cfg, "model.remat_policy", REMAT_POLICIES)
   one_of(cfg, "model.cpu_paths", ("auto", "on", "off"))
+  peft_section = cfg.get("peft")
+  if peft_section and peft_section.method in ("prompt", "prefix"):
+    # The virtual tokens take the first positions (transformers' BERT under peft does the same).
+    longest = cfg.data.max_seq_length + peft_section.num_virtual_tokens
+    if longest > m.max_position_embeddings:
+      fail("peft.num_virtual_tokens", peft_section.num_virtual_tokens,
+           f"plus data.max_seq_length={cfg.data.max_seq_length} exceeds the model's "
+           f"max_position_embeddings={m.max_position_embeddings}")
 
 
 def validate_mesh(cfg: ml_collections.ConfigDict) -> None:

@@ -148,7 +148,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
     initial = merged.params
     if cfg.peft.method:
       plan = peft.Plan(peft.Settings.of(cfg.peft),
-                       frozenset(flatten(initial)) - set(merged.initialised))
+                       frozenset(flatten(initial)) - set(merged.initialised), tokenizer)
       frozen = plan.frozen(initial)
       initial = jax.device_get(plan.trainable(initial, jax.random.key(cfg.train.seed)))
       _record_base(cfg, frozen)

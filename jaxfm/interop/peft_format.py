@@ -6,6 +6,12 @@ head as `modules_to_save`, so that `peft.PeftModel.from_pretrained(BertFor...(ba
 computes what jaxfm computes. Each listed module is named in full (`bert.encoder.layer.0.
 output.dense`), because peft matches names by suffix and `output.dense` also ends
 `attention.output.dense`.
+
+Prompt and prefix tuning are peft's PROMPT_TUNING and PREFIX_TUNING: one `prompt_embeddings`
+table (the soft prompt [virtual, hidden], or the prefix [virtual, layers * 2 * hidden] with a
+reparameterising MLP already applied), for `BertForSequenceClassification` only: peft's token
+classification runs the prompt's positions through the head, and its prefix tuning passes
+`past_key_values`, which transformers' BERT heads do not take.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from jaxfm import peft
 from jaxfm.interop.checkpoint_dir import atomic_directory
 from jaxfm.interop.hf_names import InteropError, task_head
 from jaxfm.models import BertConfig
-from jaxfm.peft import ia3
+from jaxfm.peft import ia3, prefix
 from jaxfm.trees import flatten
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
+_PROMPT_PREFIX = "base_model."  # prompt learning wraps the transformers model directly
 _ENCODER = "bert."
 _TASK_TYPES = {"BertForSequenceClassification": "SEQ_CLS",
                "BertForTokenClassification": "TOKEN_CLS",
@@ -48,6 +55,7 @@ def _ia3_tensors(site: peft.Site, leaves: Mapping[str, np.ndarray]) -> dict[str,
 
 
 _TENSORS = {"lora": _lora_tensors, "ia3": _ia3_tensors}
+_PROMPT_TABLES = {"prompt": lambda adapter: adapter["prompt"], "prefix": prefix.table}
 
 
 def _head_modules(head: Mapping[str, np.ndarray], pooler: bool) -> tuple[str, dict[str, str]]:
@@ -71,14 +79,50 @@ def export_peft(plan: peft.Plan, trainable: Any, frozen: Any, config: BertConfig
   Raises:
     InteropError: a method, model or head peft cannot load.
   """
-  if plan.method.name not in _TENSORS:
+  if not plan.method.peft_type:
     raise InteropError(f"peft.method={plan.method.name!r} has no peft format")
   if config.embedding_dim != config.hidden_size:
     raise InteropError("a model with factorised embeddings (ELECTRA naming) has no peft export")
-  base, adapter = flatten(frozen), flatten(trainable["adapter"])
+  base = flatten(frozen)
   head = {k: np.asarray(v) for k, v in flatten(trainable["head"]).items()}
   architecture, head_modules = _head_modules(head, "encoder/pooler/kernel" in {**base, **head})
-  scanned = peft.num_scanned(base)
+  if plan.method.name in _PROMPT_TABLES:
+    if architecture != "BertForSequenceClassification":
+      raise InteropError(f"peft.method={plan.method.name!r} exports for sequence classification "
+                         f"only: peft's {architecture} does not compute what jaxfm does")
+    table = np.asarray(_PROMPT_TABLES[plan.method.name](trainable["adapter"]))
+    tensors, prefix_key = {"prompt_embeddings": table}, _PROMPT_PREFIX
+    adapter_config = _prompt_config(plan, config, sorted(head_modules.values()), base_model)
+    modules = 0
+  else:
+    tensors, targets, input_scaled = _site_tensors(plan, trainable["adapter"], frozen)
+    prefix_key = _PREFIX
+    adapter_config = _config(plan, targets, input_scaled, sorted(head_modules.values()),
+                             _TASK_TYPES[architecture], base_model)
+    modules = len(targets)
+  for path, module in head_modules.items():
+    tensors[f"{prefix_key}{module}.weight"] = np.ascontiguousarray(head[f"{path}/kernel"].T)
+    tensors[f"{prefix_key}{module}.bias"] = head[f"{path}/bias"]
+  with atomic_directory(out_dir) as tmp:
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(adapter_config, f, indent=2, sort_keys=True)
+    safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_FILE),
+                                metadata={"format": "pt"})
+  outputs = head[f"{task_head(head, False).path}/kernel"].shape[-1]
+  labels = f", labels {list(label_names)}" if label_names else ""
+  return (f"exported a {plan.method.peft_type} adapter ({modules} modules, "
+          f"{sum(math.prod(t.shape) for t in tensors.values())} params with the head) to "
+          f"{os.path.abspath(out_dir)}: load it with peft.PeftModel.from_pretrained("
+          f"transformers.{architecture}.from_pretrained(BASE, num_labels={outputs}), DIR), "
+          f"BASE = {base_model or 'the init_from model as a Hugging Face folder'}{labels}")
+
+
+def _site_tensors(plan: peft.Plan, trainable_adapter: Any, frozen: Any
+                  ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+  """A weight method's tensors under transformers' module names, its target modules and the
+  input-scaled ones (IA³'s `feedforward_modules`)."""
+  adapter = flatten(trainable_adapter)
+  scanned = peft.num_scanned(flatten(frozen))
   tensors: dict[str, np.ndarray] = {}
   targets, input_scaled = [], []
   for site in plan.sites(frozen):
@@ -91,23 +135,21 @@ def export_peft(plan: peft.Plan, trainable: Any, frozen: Any, config: BertConfig
       targets.append(_ENCODER + module)
       if plan.method.name == "ia3" and ia3.scales_input(site):
         input_scaled.append(_ENCODER + module)
-  for path, module in head_modules.items():
-    tensors[f"{_PREFIX}{module}.weight"] = np.ascontiguousarray(head[f"{path}/kernel"].T)
-    tensors[f"{_PREFIX}{module}.bias"] = head[f"{path}/bias"]
-  adapter_config = _config(plan, targets, input_scaled, sorted(head_modules.values()),
-                           _TASK_TYPES[architecture], base_model)
-  with atomic_directory(out_dir) as tmp:
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      json.dump(adapter_config, f, indent=2, sort_keys=True)
-    safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS_FILE),
-                                metadata={"format": "pt"})
-  outputs = head[f"{task_head(head, False).path}/kernel"].shape[-1]
-  labels = f", labels {list(label_names)}" if label_names else ""
-  return (f"exported a {plan.method.peft_type} adapter ({len(targets)} modules, "
-          f"{sum(math.prod(t.shape) for t in tensors.values())} params with the head) to "
-          f"{os.path.abspath(out_dir)}: load it with peft.PeftModel.from_pretrained("
-          f"transformers.{architecture}.from_pretrained(BASE, num_labels={outputs}), DIR), "
-          f"BASE = {base_model or 'the init_from model as a Hugging Face folder'}{labels}")
+  return tensors, targets, input_scaled
+
+
+def _prompt_config(plan: peft.Plan, config: BertConfig, modules_to_save: list[str],
+                   base_model: str) -> dict[str, Any]:
+  """peft's PromptTuningConfig / PrefixTuningConfig (inference mode: the table as saved)."""
+  common = {"peft_type": plan.method.peft_type, "task_type": "SEQ_CLS",
+            "num_virtual_tokens": plan.settings.num_virtual_tokens,
+            "token_dim": config.hidden_size, "num_transformer_submodules": 1,
+            "num_attention_heads": config.num_heads, "num_layers": config.num_layers,
+            "modules_to_save": modules_to_save, "base_model_name_or_path": base_model,
+            "inference_mode": True}
+  if plan.method.name == "prompt":
+    return {**common, "prompt_tuning_init": "RANDOM"}
+  return {**common, "encoder_hidden_size": config.hidden_size, "prefix_projection": False}
 
 
 def _config(plan: peft.Plan, targets: list[str], input_scaled: list[str],
