@@ -7,12 +7,14 @@ Runs `jaxfm.finetune` (its config for the task, defaults otherwise: length bucke
 the data, a fresh workdir and compilation cache) and `benchmarks.torch_loop` (transformers with
 dynamic padding) one after the other with the same recipe: the same examples, batch size,
 epochs, peak learning rate, warmup share, weight decay, clipping and truncation length. Each
-wall time is the child's, from spawn to exit. Prints one JSON line per side and a ratio line.
+side's wall time and CPU seconds are its child's, from spawn to exit (on a machine shared with
+other work compare the CPU seconds). Prints one JSON line per side and the ratios.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -38,15 +40,21 @@ flags.mark_flags_as_required(["model", "train", "dev"])
 _CONFIGS = {"classification": "configs/finetune/sst2.py", "ner": "configs/finetune/conll2003.py"}
 
 
-def _run(command: list[str]) -> tuple[dict[str, Any], float]:
-  """The child's last JSON line and its wall time; exits with its output if it failed."""
-  start = time.time()
+def _cpu_s() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _run(command: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
+  """The child's last JSON line, and its wall time and CPU seconds (less sensitive to other work
+  on the machine); exits with its output if it failed."""
+  start, cpu_start = time.time(), _cpu_s()
   result = subprocess.run(command, capture_output=True, text=True, check=False)
-  wall_s = time.time() - start
+  times = {"wall_s": round(time.time() - start, 1), "cpu_s": round(_cpu_s() - cpu_start, 1)}
   if result.returncode != 0:
     sys.exit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
   lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-  return json.loads(lines[-1]), wall_s
+  return json.loads(lines[-1]), times
 
 
 def _jaxfm(workdir: str) -> dict[str, Any]:
@@ -59,21 +67,21 @@ def _jaxfm(workdir: str) -> dict[str, Any]:
       "data.seed": _SEED.value, "train.progress_bar": False}
   if _TASK.value == "classification":
     overrides["data.text_fields"] = _TEXT_FIELDS.value
-  out, wall_s = _run([sys.executable, "-m", "jaxfm.finetune",
-                      f"--config={_CONFIGS[_TASK.value]}", f"--workdir={workdir}",
-                      *(f"--config.{k}={v}" for k, v in overrides.items())])
-  return {"impl": "jaxfm", **out["dev"], "steps": out["step"], "wall_s": round(wall_s, 1)}
+  out, times = _run([sys.executable, "-m", "jaxfm.finetune",
+                     f"--config={_CONFIGS[_TASK.value]}", f"--workdir={workdir}",
+                     *(f"--config.{k}={v}" for k, v in overrides.items())])
+  return {"impl": "jaxfm", **out["dev"], "steps": out["step"], **times}
 
 
 def _torch() -> dict[str, Any]:
-  out, wall_s = _run([sys.executable, "-m", "benchmarks.torch_loop", f"--model={_MODEL.value}",
+  out, times = _run([sys.executable, "-m", "benchmarks.torch_loop", f"--model={_MODEL.value}",
                       f"--task={_TASK.value}", f"--train={_TRAIN.value}", f"--dev={_DEV.value}",
                       f"--text_fields={_TEXT_FIELDS.value}",
                       f"--max_train_examples={_MAX_TRAIN.value}",
                       f"--max_seq_length={_MAX_LEN.value}", f"--batch_size={_BATCH.value}",
                       f"--epochs={_EPOCHS.value}", f"--learning_rate={_LR.value}",
                       f"--seed={_SEED.value}"])
-  return {**out, "wall_s": round(wall_s, 1)}
+  return {**out, **times}
 
 
 def main(argv):
@@ -84,8 +92,8 @@ def main(argv):
       results[side] = _jaxfm(f"{tmp}/run") if side == "jaxfm" else _torch()
       print(json.dumps(results[side]), flush=True)
   if len(results) == 2:
-    print(json.dumps({"torch_wall_over_jaxfm_wall":
-                      round(results["torch"]["wall_s"] / results["jaxfm"]["wall_s"], 3)}))
+    print(json.dumps({f"torch_over_jaxfm_{k}": round(results["torch"][k] / results["jaxfm"][k], 3)
+                      for k in ("wall_s", "cpu_s")}))
 
 
 if __name__ == "__main__":
