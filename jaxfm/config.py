@@ -306,14 +306,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
   one_of(cfg, "model.dtype", COMPUTE_DTYPES)
   one_of(cfg, "model.remat_policy", REMAT_POLICIES)
   one_of(cfg, "model.cpu_paths", ("auto", "on", "off"))
-  peft_section = cfg.get("peft")
-  if peft_section and peft_section.method in ("prompt", "prefix"):
-    # The virtual tokens take the first positions (transformers' BERT under peft does the same).
-    longest = cfg.data.max_seq_length + peft_section.num_virtual_tokens
-    if longest > m.max_position_embeddings:
-      fail("peft.num_virtual_tokens", peft_section.num_virtual_tokens,
-           f"plus data.max_seq_length={cfg.data.max_seq_length} exceeds the model's "
-           f"max_position_embeddings={m.max_position_embeddings}")
+  validate_peft_positions(cfg)
 
 
 def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
@@ -478,8 +471,22 @@ def validate_peft(cfg: ml_collections.ConfigDict) -> None:
   if p.method in ("houlsby", "pfeiffer"):
     positive(cfg, "peft.reduction_factor")
   if p.method == "prompt" and cfg.data.get("packing"):
-    fail("data.packing", True, "cannot put a soft prompt (peft.method='prompt') before packed "
+    fail("data.packing", True, "cannot put a soft prompt (prompt tuning) before packed "
          "rows: one row holds several examples")
+  validate_peft_positions(cfg)
+
+
+def validate_peft_positions(cfg: ml_collections.ConfigDict) -> None:
+  """Prompt and prefix tuning's virtual tokens take the first positions (as transformers' BERT
+  under peft), so they and the longest row must fit the model's position table; checked for
+  the config's model and again for the architecture `init_from` brings."""
+  p = cfg.get("peft")
+  if not (p and p.method in ("prompt", "prefix")):
+    return
+  if cfg.data.max_seq_length + p.num_virtual_tokens > cfg.model.max_position_embeddings:
+    fail("peft.num_virtual_tokens", p.num_virtual_tokens,
+         f"plus data.max_seq_length={cfg.data.max_seq_length} exceeds the model's "
+         f"max_position_embeddings={cfg.model.max_position_embeddings}")
 
 
 # ---------------------------------------------------------------- distillation

@@ -51,6 +51,9 @@ VALIDATORS = {**{name: getattr(config_lib, name) for name in (M, MESH, O, T, S, 
               K: tasks.validate_finetune}
 QA, NER = {"task": "qa"}, {"task": "ner"}
 LORA = {"peft.method": "lora", "init_from": "hf:base"}
+PREFIX = {"peft.method": "prefix", "init_from": "hf:base"}
+PROMPT = {"peft.method": "prompt", "init_from": "hf:base"}
+HOULSBY = {"peft.method": "houlsby", "init_from": "hf:base"}
 HIDDEN = {"distill.losses": "kl=1,hidden=1"}
 RULES = [
     *_positive(M, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
@@ -147,6 +150,11 @@ RULES = [
     Rule(F, "peft.alpha", 0.0, "peft.alpha=0.0 must be > 0", LORA),
     Rule(F, "peft.dropout", 0.1, "peft.dropout=0.1 must be 0", LORA),
     Rule(F, "peft.target_modules", "query,qkv", "unknown target modules ['qkv']", LORA),
+    Rule(F, "peft.num_virtual_tokens", 0, "peft.num_virtual_tokens=0 must be > 0", PREFIX),
+    Rule(F, "peft.num_virtual_tokens", 500, "peft.num_virtual_tokens=500 plus "
+         "data.max_seq_length=128 exceeds the model's max_position_embeddings=512", PREFIX),
+    Rule(F, "peft.reduction_factor", 0, "peft.reduction_factor=0 must be > 0", HOULSBY),
+    Rule(F, "data.packing", True, "data.packing=True cannot put a soft prompt", PROMPT),
     Rule(DI, "teacher", "", "teacher is required"),
     Rule(DI, "task", "qa", "task='qa' is not distilled yet"),
     Rule(DI, "distill.student_init", "copy", "distill.student_init='copy' must be one of"),

@@ -1,0 +1,26 @@
+r"""SST-2 with prefix tuning (P-tuning v2): 20 trainable key/value prefixes in every layer,
+reparameterised through peft's MLP; only they and the classifier train. Exports with
+`python -m jaxfm.convert --to_peft --from=runs/sst2_prefix --out=DIR` (peft's PREFIX_TUNING).
+
+  python -m jaxfm.finetune --config=configs/finetune/sst2_prefix.py --workdir=runs/sst2_prefix \
+      --config.init_from=hf:/path/to/bert-base-uncased \
+      --config.data.train_file=SST-2/train.tsv --config.data.dev_file=SST-2/dev.tsv
+  python -m jaxfm.evaluate --workdir=runs/sst2_prefix --split=dev
+"""
+
+import importlib.util
+import pathlib
+
+_BASE = pathlib.Path(__file__).with_name("sst2.py")
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location("sst2", _BASE)
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  cfg = recipe.get_config()
+  cfg.peft.method = "prefix"
+  cfg.peft.num_virtual_tokens = 20
+  cfg.peft.prefix_projection = True
+  cfg.optim.peak_learning_rate = 1e-2  # prefixes train with far larger steps than weights
+  return cfg
