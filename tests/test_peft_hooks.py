@@ -210,6 +210,14 @@ def test_prompt_tuning_exports_to_peft_with_the_same_logits(prompt_run, files, t
   assert np.abs(np.asarray(parts.trainable["adapter"]["prompt"]) - start).max() > 1e-3
 
 
+def test_a_prompt_run_has_no_merged_form_and_says_to_export_it_to_peft(prompt_run, tmp_path):
+  workdir, _ = prompt_run
+  done = _cli("jaxfm.convert", "--to_hf", f"--from={workdir}", f"--out={tmp_path / 'hf'}")
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert "peft.method='prompt' adds to the model" in done.stderr and "--to_peft" in done.stderr
+  assert "Traceback" not in done.stderr and not (tmp_path / "hf").exists()
+
+
 def _row_inputs():
   """Rows of the fixture's vocabulary, starting with [CLS], one padded."""
   rng = np.random.default_rng(0)

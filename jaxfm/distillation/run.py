@@ -205,14 +205,14 @@ def distill(cfg: ml_collections.ConfigDict, workdir: str,
   if "hidden" in config_lib.distill_losses(cfg.distill):
     pairs = config_lib.layer_map(cfg.distill, cfg.model.num_layers, teacher.config.num_layers)
   label_names = teacher.label_names
-  train, _ = load_split(kind, data, finetuning._split_path(data, "train"),
+  train, _ = load_split(kind, data, finetuning.split_path(data, "train"),
                         teacher.tokenizer.backend, label_names, data.max_train_examples)
-  dev, _ = load_split(kind, data, finetuning._split_path(data, "dev"), teacher.tokenizer.backend,
+  dev, _ = load_split(kind, data, finetuning.split_path(data, "dev"), teacher.tokenizer.backend,
                       label_names, data.max_eval_examples)
   logging.info("distilling %s (%s) into a %d-layer student: %d train, %d dev features", teacher.path,
                teacher.source, cfg.model.num_layers, len(train), len(dev))
-  finetuning._resolve_schedule(cfg, len(train), dev)
-  finetuning._resolve_length_buckets(cfg, train)
+  finetuning.resolve_schedule(cfg, len(train), dev)
+  finetuning.resolve_length_buckets(cfg, train)
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
   task, init_trainable = _tasks(cfg, teacher, dev, pairs)

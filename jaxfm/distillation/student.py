@@ -19,7 +19,6 @@ from absl import logging
 from jaxfm import config as config_lib
 from jaxfm import weights
 from jaxfm.distillation.teacher import Teacher
-from jaxfm.finetuning.run import ARCHITECTURE
 from jaxfm.models import BertConfig
 from jaxfm.trees import flatten, unflatten
 
@@ -47,7 +46,7 @@ def take_architecture(cfg: ml_collections.ConfigDict, teacher: Teacher) -> Any:
     if layers <= 0 or teacher.config.num_layers % layers:
       config_lib.fail("model.num_layers", layers, f"must divide the teacher's "
                       f"{teacher.config.num_layers} layers (distill.student_init=every_k)")
-    _set_architecture(cfg, teacher.config, tuple(f for f in ARCHITECTURE if f != "num_layers"))
+    _set_architecture(cfg, teacher.config, tuple(f for f in config_lib.ARCHITECTURE_FIELDS if f != "num_layers"))
     k = teacher.config.num_layers // layers
     logging.info("student: every %d-th teacher layer (%s)", k,
                  [(i + 1) * k - 1 for i in range(layers)])
@@ -59,7 +58,7 @@ def take_architecture(cfg: ml_collections.ConfigDict, teacher: Teacher) -> Any:
   if source.config.vocab_size != teacher.config.vocab_size:
     config_lib.fail("init_from", cfg.init_from, f"has vocab_size={source.config.vocab_size}, "
                     f"the teacher {teacher.config.vocab_size}: they must share the tokenizer")
-  _set_architecture(cfg, source.config, ARCHITECTURE)
+  _set_architecture(cfg, source.config, config_lib.ARCHITECTURE_FIELDS)
   return source.params
 
 

@@ -29,18 +29,14 @@ from jaxfm.trees import flatten, unflatten
 # Errors the entry points turn into one `error: ...` line and exit code 1.
 USER_ERRORS = (config_lib.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
                loop.NonFiniteError, best.BestMetricError, ValueError, FileNotFoundError)
-# Architecture fields that come from the `init_from` checkpoint, not from the config.
-ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "embedding_size", "hidden_act",
-                "layer_norm_eps")
 
 
-def _split_path(data: ml_collections.ConfigDict, split: str) -> str:
+def split_path(data: ml_collections.ConfigDict, split: str) -> str:
   """The file (or tfds split name) of 'train', 'dev' or 'test'; '' when not configured."""
   return data[f"{split}_split"] if data.tfds_name else data[f"{split}_file"]
 
 
-def _resolve_schedule(cfg: ml_collections.ConfigDict, num_train: int,
+def resolve_schedule(cfg: ml_collections.ConfigDict, num_train: int,
                       dev: TaskSplit | None) -> None:
   """Fills steps, eval/checkpoint intervals, eval batches and warmup from the data."""
   t = cfg.train
@@ -56,7 +52,7 @@ def _resolve_schedule(cfg: ml_collections.ConfigDict, num_train: int,
       cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * t.steps)
 
 
-def _resolve_length_buckets(cfg: ml_collections.ConfigDict, train: TaskSplit) -> None:
+def resolve_length_buckets(cfg: ml_collections.ConfigDict, train: TaskSplit) -> None:
   """Replaces `data.length_buckets=auto` by the lengths `length_groups.choose_buckets` picks for
   the training set's batches (config.json records them: a resume, evaluate and predict use the
   same), and logs the lengths and the padding share they give."""
@@ -84,7 +80,7 @@ def _take_architecture(cfg: ml_collections.ConfigDict) -> tuple[Any, str | None]
     return None, None
   source = weights.read_pretrained(cfg.init_from, "auto")
   with cfg.unlocked():
-    for field in ARCHITECTURE:
+    for field in config_lib.ARCHITECTURE_FIELDS:
       cfg.model[field] = getattr(source.config, field) or 0  # embedding_size None -> 0
   return source.params, source.tokenizer_dir
 
@@ -105,11 +101,11 @@ def _read_splits(cfg: ml_collections.ConfigDict, tokenizer: Any
                  ) -> tuple[TaskSplit, TaskSplit | None, list[str] | None]:
   """The train split, the dev split (None without one) and the label names."""
   kind, data = cfg.task, cfg.data
-  train, label_names = load_split(kind, data, _split_path(data, "train"), tokenizer.backend,
+  train, label_names = load_split(kind, data, split_path(data, "train"), tokenizer.backend,
                                   None, data.max_train_examples)
   dev = None
-  if _split_path(data, "dev"):
-    dev, _ = load_split(kind, data, _split_path(data, "dev"), tokenizer.backend, label_names,
+  if split_path(data, "dev"):
+    dev, _ = load_split(kind, data, split_path(data, "dev"), tokenizer.backend, label_names,
                         data.max_eval_examples)
   logging.info("%s: %d train features, %d dev features, labels %s", kind, len(train),
                len(dev) if dev else 0, label_names)
@@ -132,8 +128,8 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   runtime.preflight(cfg)
   tokenizer = _tokenizer(cfg, tokenizer_dir)
   train, dev, label_names = _read_splits(cfg, tokenizer)
-  _resolve_schedule(cfg, len(train), dev)
-  _resolve_length_buckets(cfg, train)
+  resolve_schedule(cfg, len(train), dev)
+  resolve_length_buckets(cfg, train)
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
   kind, data = cfg.task, cfg.data
@@ -240,7 +236,15 @@ class Adapted:
   source: str  # which checkpoint the trainable tree came from
 
   def merged(self) -> Any:
-    """The model's params with the adapter folded into the base (host arrays)."""
+    """The model's params with the adapter folded into the base (host arrays).
+
+    Raises:
+      ValueError: the method adds to the model (a prompt, prefixes, adapter layers) rather
+        than to its weights, so no plain model holds it.
+    """
+    if not self.plan.method.folds:
+      raise ValueError(f"peft.method={self.plan.method.name!r} adds to the model rather than to "
+                       "its weights, so it has no merged form: export it with --to_peft")
     return jax.device_get(jax.jit(self.plan.combine)(self.trainable, self.frozen))
 
 
@@ -291,7 +295,7 @@ def inference(workdir: str, run: workdir_lib.SavedRun, split: TaskSplit) -> Infe
 def evaluate(workdir: str, split: str, input_path: str = "") -> dict[str, float]:
   """Metrics of the workdir's best (else latest) checkpoint on a labelled split."""
   run = workdir_lib.load_run(workdir)
-  path = input_path or _split_path(run.cfg.data, split)
+  path = input_path or split_path(run.cfg.data, split)
   if not path:
     raise ValueError(f"no {split} data: the run's config has no data.{split}_file; pass --input")
   task_split, _ = load_split(run.cfg.task, run.cfg.data, path, run.tokenizer.backend,
