@@ -23,7 +23,6 @@ from absl import logging
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
-from jaxfm.peft import Plan
 from jaxfm import workdir as workdir_lib
 from jaxfm.cpu import process as cpu_process
 from jaxfm.train import actions, checkpoint, optim
@@ -42,6 +41,16 @@ class StatefulIterator(Protocol):
   def __next__(self) -> LocalBatch: ...
   def get_state(self) -> Any: ...
   def set_state(self, state: Any) -> None: ...
+
+
+class FrozenSplit(Protocol):
+  """Params split into a trainable tree and a frozen one the steps take as an argument, never
+  as a constant: `jaxfm.peft.Plan` (adapter + new head over the base), distillation's parts
+  (the student over the teacher)."""
+
+  def trainable(self, params: Any, rng: jax.Array) -> Any: ...
+  def frozen(self, params: Any) -> Any: ...
+  def combine(self, trainable: Any, frozen: Any) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +98,9 @@ class Steps:
   outputs ({} without a `predict_fn`), replicated. Neither is compiled yet: `.lower(...)`
   them with real or abstract (`abstract_state`, `abstract_batch`) arguments.
 
-  With a `peft.Plan` the state's params are the trainable tree and `train_step` takes a third
-  argument, the frozen base (`frozen_args()`): abstract until `with_frozen` places the real
-  one, which `eval_step` then carries.
+  With a `FrozenSplit` plan the state's params are the trainable tree and `train_step` takes a
+  third argument, the frozen tree (`frozen_args()`): abstract until `with_frozen` places the
+  real one, which `eval_step` then carries.
   """
 
   tx: optax.GradientTransformation
@@ -128,7 +137,7 @@ def _with_base(eval_step: Any, frozen: Any, params: Any, batch: Any) -> Any:
 
 
 def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.Mesh,
-                plan: Plan | None = None) -> Steps:
+                plan: FrozenSplit | None = None) -> Steps:
   """Optimiser, state shardings and jitted train/eval steps for `task` on `mesh`; with `plan`,
   for its trainable tree over a frozen base (see `Steps`)."""
   t = cfg.train
@@ -220,7 +229,7 @@ class TrainResult:
 def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: StatefulIterator,
           eval_batches: Callable[[], Iterable[LocalBatch]], meta: dict[str, Any],
           initial_params: Any | None = None,
-          best: BestCheckpoint | None = None, plan: Plan | None = None,
+          best: BestCheckpoint | None = None, plan: FrozenSplit | None = None,
           frozen: Any = None) -> TrainResult:
   """Restores or initialises, trains to `cfg.train.steps`, evaluates and checkpoints.
 
@@ -232,9 +241,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     eval_batches: returns a fresh pass over this host's eval batches.
     meta: JSON-able run metadata stored with every checkpoint (config, counters...).
     initial_params: weights to start from instead of a random init (unused on a resume);
-      with `plan`, the trainable tree's (`Plan.trainable`).
+      with `plan`, the trainable tree's (`FrozenSplit.trainable`).
     best: keeps the best evaluation's params and stops early (fine-tuning).
-    plan: parameter-efficient fine-tuning: only `plan`'s trainable tree trains and is saved.
+    plan: a `FrozenSplit` (PEFT, distillation): only its trainable tree trains and is saved.
     frozen: with `plan`, the frozen base params (host arrays).
   """
   t = cfg.train
