@@ -16,7 +16,8 @@ from absl import flags
 from jaxfm import runtime
 from jaxfm.finetuning import run
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir, or an int8 folder "
+                                "written by jaxfm.quantize.")
 _SPLIT = flags.DEFINE_enum("split", "dev", ["train", "dev", "test"],
                            "Which configured split to score.")
 _INPUT = flags.DEFINE_string("input", "", "Score this file instead of the split's configured one.")

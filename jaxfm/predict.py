@@ -17,7 +17,8 @@ from absl import flags
 from jaxfm import runtime
 from jaxfm.finetuning import run
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir, or an int8 folder "
+                                "written by jaxfm.quantize.")
 _INPUT = flags.DEFINE_string("input", None, "JSONL inputs.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL predictions.")
 flags.mark_flags_as_required(["workdir", "input", "output"])

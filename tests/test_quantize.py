@@ -220,6 +220,18 @@ def test_int8_eval_step_scores_the_split_on_the_mesh(finetuned, int8_folder):
   assert metrics["loss"] == pytest.approx(expected["loss"], rel=0.05)
 
 
+def test_evaluate_and_predict_read_an_int8_folder_as_a_workdir(finetuned, int8_folder, tmp_path):
+  workdir, split, _ = finetuned
+  out = int8_folder[0]
+  ours, theirs = run.evaluate(out, "dev"), run.evaluate(workdir, "dev")
+  assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=1 / len(split.examples))
+  inputs = tmp_path / "in.jsonl"
+  inputs.write_text('{"sentence": "the film was great"}\n{"sentence": "a very awful plot"}\n')
+  rows = run.predict(out, str(inputs))
+  assert [r["label"] for r in rows] == [r["label"] for r in run.predict(workdir, str(inputs))]
+  assert not os.path.exists(os.path.join(out, "checkpoints"))  # nothing written into the folder
+
+
 def test_a_folder_that_does_not_fit_its_model_is_refused(finetuned, int8_folder):
   workdir, split, _ = finetuned
   saved = workdir_lib.load_run(workdir)

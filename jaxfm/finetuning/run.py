@@ -15,7 +15,7 @@ from absl import logging
 from etils import epath
 
 from jaxfm import config as config_lib
-from jaxfm import peft, sharding
+from jaxfm import compress, peft, sharding
 from jaxfm.data import length_groups, loader
 from jaxfm.data.tokenizer import load_tokenizer
 from jaxfm import runtime, weights
@@ -279,10 +279,14 @@ class Inference:
 
 
 def inference(workdir: str, run: workdir_lib.SavedRun, split: TaskSplit) -> Inference:
-  """Builds the run's task model and steps on its mesh and restores the best params."""
+  """Builds the run's task model and steps on its mesh and restores the best params (or reads
+  an int8 folder's)."""
   task = make_task(run.cfg.task, config_lib.bert_config(run.cfg, jax.devices()[0].platform),
                    run.label_names, split, run.cfg.data)
   mesh = loop.make_mesh(run.cfg)
+  if compress.is_int8_dir(workdir):  # a `jaxfm.quantize` folder: int8 params, no checkpoints
+    ready = compress.int8_inference(workdir, run.cfg, task, mesh)
+    return Inference(run, split, ready.task, ready.steps, mesh, ready.params, ready.source)
   if is_peft_run(run.cfg):
     plan, frozen = peft_base(run.cfg, task)
     steps = loop.build_steps(run.cfg, task, mesh, plan).with_frozen(frozen)
