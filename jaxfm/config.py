@@ -9,6 +9,8 @@ exist fails with a "did you mean" suggestion.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 import re
 
 import ml_collections
@@ -40,6 +42,16 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   fields["embedding_size"] = fields["embedding_size"] or 0
   fields["cpu_paths"] = cpu_paths
   return ml_collections.ConfigDict(fields)
+
+
+def recipe(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file `name` beside `config_file`: a config that varies another
+  recipe loads it instead of copying it (config files are loaded by path, not as a package)."""
+  spec = importlib.util.spec_from_file_location(pathlib.Path(name).stem,
+                                                pathlib.Path(config_file).with_name(name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def use_cpu_paths(cfg: ml_collections.ConfigDict, platform: str | None) -> bool:

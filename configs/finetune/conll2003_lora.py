@@ -6,17 +6,11 @@ r"""CoNLL-2003 NER with LoRA (r=8 on query and value) over a frozen cased BERT.
   python -m jaxfm.convert --to_peft --from=runs/conll_lora --out=conll_adapter
 """
 
-import importlib.util
-import pathlib
-
-_BASE = pathlib.Path(__file__).with_name("conll2003.py")
+from jaxfm.config import recipe
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("conll2003", _BASE)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  cfg = recipe.get_config()
+  cfg = recipe(__file__, "conll2003.py")
   cfg.peft.method = "lora"
   cfg.peft.rank = 8
   cfg.peft.alpha = 16.0

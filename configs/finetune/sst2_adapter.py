@@ -7,17 +7,11 @@ hidden / 16 wide); only they and the classifier train. peft has no adapters: no 
   python -m jaxfm.evaluate --workdir=runs/sst2_adapter --split=dev
 """
 
-import importlib.util
-import pathlib
-
-_BASE = pathlib.Path(__file__).with_name("sst2.py")
+from jaxfm.config import recipe
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("sst2", _BASE)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  cfg = recipe.get_config()
+  cfg = recipe(__file__, "sst2.py")
   cfg.peft.method = "houlsby"
   cfg.peft.reduction_factor = 16
   cfg.optim.peak_learning_rate = 1e-3

@@ -6,17 +6,11 @@ default targets), the classifier trained beside it.
       --config.data.train_file=SST-2/train.tsv --config.data.dev_file=SST-2/dev.tsv
 """
 
-import importlib.util
-import pathlib
-
-_BASE = pathlib.Path(__file__).with_name("sst2.py")
+from jaxfm.config import recipe
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("sst2", _BASE)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  cfg = recipe.get_config()
+  cfg = recipe(__file__, "sst2.py")
   cfg.peft.method = "ia3"
   cfg.optim.peak_learning_rate = 3e-3
   return cfg

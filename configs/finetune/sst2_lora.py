@@ -8,17 +8,11 @@ the checkpoints hold only them (the base is named by path and sha256 in config.j
   python -m jaxfm.convert --to_peft --from=runs/sst2_lora --out=sst2_adapter
 """
 
-import importlib.util
-import pathlib
-
-_BASE = pathlib.Path(__file__).with_name("sst2.py")
+from jaxfm.config import recipe
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("sst2", _BASE)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  cfg = recipe.get_config()
+  cfg = recipe(__file__, "sst2.py")
   cfg.peft.method = "lora"
   cfg.peft.rank = 8
   cfg.peft.alpha = 16.0

@@ -8,17 +8,11 @@ reparameterised through peft's MLP; only they and the classifier train. Exports 
   python -m jaxfm.evaluate --workdir=runs/sst2_prefix --split=dev
 """
 
-import importlib.util
-import pathlib
-
-_BASE = pathlib.Path(__file__).with_name("sst2.py")
+from jaxfm.config import recipe
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("sst2", _BASE)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  cfg = recipe.get_config()
+  cfg = recipe(__file__, "sst2.py")
   cfg.peft.method = "prefix"
   cfg.peft.num_virtual_tokens = 20
   cfg.peft.prefix_projection = True

@@ -9,17 +9,11 @@ methods on base-size models (Lester et al., 2021). Exports with
   python -m jaxfm.evaluate --workdir=runs/sst2_prompt --split=dev
 """
 
-import importlib.util
-import pathlib
-
-_BASE = pathlib.Path(__file__).with_name("sst2.py")
+from jaxfm.config import recipe
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("sst2", _BASE)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  cfg = recipe.get_config()
+  cfg = recipe(__file__, "sst2.py")
   cfg.peft.method = "prompt"
   cfg.peft.num_virtual_tokens = 20
   cfg.peft.prompt_init_text = "classify the sentiment of this movie review as positive or negative"

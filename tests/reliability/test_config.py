@@ -334,3 +334,11 @@ def test_read_only_workdir_is_refused(tmp_path):
       workdir_lib.prepare_workdir(str(tmp_path), config_lib.pretrain_defaults(), False)
   finally:
     tmp_path.chmod(0o755)
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in
+                                        (ROOT / "configs").glob("*/*.py")))
+def test_every_shipped_config_loads_and_its_model_mesh_and_optimizer_validate(path):
+  cfg = config_lib.recipe(str(ROOT / path), os.path.basename(path))
+  for check in (config_lib.validate_model, config_lib.validate_mesh, config_lib.validate_optim):
+    check(cfg)
