@@ -13,29 +13,16 @@ resume), 1 on a user error.
 
 from __future__ import annotations
 
-import json
-
-import jax
-
 from jaxfm import runtime
 from jaxfm.distillation import run
+from jaxfm.finetuning import run as finetuning
 
 _FLAGS = runtime.define_run_flags("The student's checkpoints, logs, labels and tokenizer.")
 
 
 def main(argv):
   del argv
-  with runtime.exit_on(run.USER_ERRORS):
-    runtime.initialize_runtime()
-    runtime.check_paths(_FLAGS.config.value, workdir=_FLAGS.workdir.value)
-    runtime.use_compilation_cache(_FLAGS.workdir.value)
-    result, best_step = run.distill(_FLAGS.config.value, _FLAGS.workdir.value,
-                                    _FLAGS.allow_config_change.value)
-  if jax.process_index() == 0:
-    print(json.dumps({"step": result.step, "best_step": best_step,
-                      "early_stopped": result.stopped_early, "preempted": result.preempted,
-                      "dev": result.eval}))
-  runtime.finish_training(_FLAGS.workdir.value, result.step, result.preempted)
+  finetuning.train_cli(_FLAGS, run.distill)
 
 
 if __name__ == "__main__":

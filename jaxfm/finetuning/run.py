@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -173,6 +173,25 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
     if keeper is not None:
       keeper.close()
   return result, keeper.best_step() if keeper is not None else None
+
+
+def train_cli(flags: runtime.RunFlags,
+              train: Callable[[ml_collections.ConfigDict, str, bool],
+                              tuple[loop.TrainResult, int | None]] = finetune) -> None:
+  """The body of `jaxfm.finetune` (and, with its runner, `jaxfm.distill`): start the process,
+  train, print one JSON line (final step, best step, last dev metrics), exit 0 with DONE or
+  143 after a SIGTERM save."""
+  with runtime.exit_on(USER_ERRORS):
+    runtime.initialize_runtime()
+    runtime.check_paths(flags.config.value, workdir=flags.workdir.value)
+    runtime.use_compilation_cache(flags.workdir.value)
+    result, best_step = train(flags.config.value, flags.workdir.value,
+                              flags.allow_config_change.value)
+  if jax.process_index() == 0:
+    print(json.dumps({"step": result.step, "best_step": best_step,
+                      "early_stopped": result.stopped_early, "preempted": result.preempted,
+                      "dev": result.eval}))
+  runtime.finish_training(flags.workdir.value, result.step, result.preempted)
 
 
 def _record_base(cfg: ml_collections.ConfigDict, frozen: Any) -> None:
