@@ -246,4 +246,5 @@ def test_cli_finetuning_config_on_a_multi_host_slice_reports_each_length():
   reports = [json.loads(line) for line in result.stdout.strip().splitlines()]
   assert [r["seq_len"] for r in reports] == [64, 128]
   assert all(r["fits"] and r["hosts"] == 4 and r["devices"] == 16 for r in reports)
-  assert reports[0]["peak_bytes"] < reports[1]["peak_bytes"]
+  # Twice the tokens, about twice the work; memory is the params' and the optimizer's at both.
+  assert reports[1]["model_flops_per_step"] > 1.9 * reports[0]["model_flops_per_step"]
