@@ -52,6 +52,9 @@ def _is_peft_workdir(source: str) -> bool:
 def _to_hf(source: str, out: str) -> str:
   if _is_peft_workdir(source):
     parts = run.adapted(source)
+    if not parts.plan.method.folds:
+      raise ValueError(f"peft.method={parts.plan.method.name!r} adds to the model rather than "
+                       "to its weights, so it has no merged form: export it with --to_peft")
     config, params = workdir.read_model_config(source), parts.merged()
     tokenizer_dir, origin = str(workdir.tokenizer_dir(source)), f"{parts.source} merged"
   else:

@@ -255,15 +255,8 @@ class Adapted:
   source: str  # which checkpoint the trainable tree came from
 
   def merged(self) -> Any:
-    """The model's params with the adapter folded into the base (host arrays).
-
-    Raises:
-      ValueError: the method adds to the model (a prompt, prefixes, adapter layers) rather
-        than to its weights, so no plain model holds it.
-    """
-    if not self.plan.method.folds:
-      raise ValueError(f"peft.method={self.plan.method.name!r} adds to the model rather than to "
-                       "its weights, so it has no merged form: export it with --to_peft")
+    """The model's params (host arrays): the base with the adapter folded in, or with the
+    hooks' params under `encoder/peft` for a method that adds to the model."""
     return jax.device_get(jax.jit(self.plan.combine)(self.trainable, self.frozen))
 
 
