@@ -219,10 +219,13 @@ def test_chinese_study_runs_end_to_end_and_resumes(tmp_path):
   for row in rows.values():
     assert 0 <= row["dev"] <= 1 and 0 <= row["test"] <= 1 and row["seed"] == 0
   assert "| msra_ner | wwm |" in proc.stdout
+  assert sorted(results["wall_s_by_part"]) == sorted([
+      "pretrain_char", "pretrain_wwm", "cross_evals", "finetune_waimai", "finetune_msra_ner"])
   # The same command again finds every run done and prints the same table.
   again = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True,
                          timeout=300, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("done before") == 2 + 2 + 6 * 2
-  assert proc.stdout.split("| pretraining")[1].split("wall ")[0] == (
-      again.stdout.split("| pretraining")[1].split("wall ")[0])
+  table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+  assert len(table) == 4 + 8 and table == [
+      line for line in again.stdout.splitlines() if line.startswith("|")]
