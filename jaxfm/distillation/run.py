@@ -22,7 +22,6 @@ from absl import logging
 from jaxfm import config as config_lib
 from jaxfm import runtime, sharding, weights
 from jaxfm import workdir as workdir_lib
-from jaxfm.data import loader
 from jaxfm.distillation import capture, losses, student
 from jaxfm.distillation.teacher import Teacher, load_teacher
 from jaxfm.finetuning import run as finetuning
@@ -223,19 +222,14 @@ def distill(cfg: ml_collections.ConfigDict, workdir: str,
   keeper = StudentBest(workdir, cfg.train.best_metric or TASKS[kind].main_metric,
                        cfg.train.best_mode, cfg.train.early_stopping_patience,
                        cfg.train.eval_every)
-  per_host = runtime.per_host_batch_size(cfg)
-  buckets = config_lib.length_buckets(data)
-  train_iter = loader.feature_train_iterator(train.device_arrays(),
-                                             loader.HostLayout.of_process(per_host),
-                                             seed=data.seed, length_buckets=buckets,
-                                             group_by_length=data.group_by_length)
+  train_iter = finetuning.train_iterator(cfg, train)
   frozen = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.distill.teacher_dtype)),
                         teacher.params)
   meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}
   try:
     result = loop.train(
         cfg, workdir, task, train_iter,
-        lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count(), buckets),
+        finetuning.dev_batches(cfg, dev),
         meta, initial_params=initial, best=keeper, plan=Parts(cfg.distill.teacher_dtype),
         frozen=frozen)
   finally:

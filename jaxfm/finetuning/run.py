@@ -157,14 +157,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
     keeper = best.BestCheckpoint(workdir, cfg.train.best_metric or TASKS[kind].main_metric,
                                  cfg.train.best_mode, cfg.train.early_stopping_patience,
                                  cfg.train.eval_every)
-  per_host = runtime.per_host_batch_size(cfg)
-  buckets = config_lib.length_buckets(data)
-  train_iter = loader.feature_train_iterator(train.device_arrays(),
-                                             loader.HostLayout.of_process(per_host),
-                                             seed=data.seed, length_buckets=buckets,
-                                             group_by_length=data.group_by_length)
-  eval_batches = (lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count(),
-                                            buckets)) if dev is not None else (lambda: [])
+  train_iter, eval_batches = train_iterator(cfg, train), dev_batches(cfg, dev)
   meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}
   try:
     result = loop.train(cfg, workdir, task, train_iter, eval_batches, meta,
@@ -173,6 +166,24 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
     if keeper is not None:
       keeper.close()
   return result, keeper.best_step() if keeper is not None else None
+
+
+def train_iterator(cfg: ml_collections.ConfigDict, train: TaskSplit) -> loader.TrainIterator:
+  """This host's training batches of `train`, shuffled per epoch and cut to the length buckets."""
+  data = cfg.data
+  return loader.feature_train_iterator(
+      train.device_arrays(), loader.HostLayout.of_process(runtime.per_host_batch_size(cfg)),
+      seed=data.seed, length_buckets=config_lib.length_buckets(data),
+      group_by_length=data.group_by_length)
+
+
+def dev_batches(cfg: ml_collections.ConfigDict, dev: TaskSplit | None
+                ) -> Callable[[], Iterator[Any]]:
+  """A fresh pass over this host's share of the dev split at each call (none without one)."""
+  if dev is None:
+    return lambda: iter(())
+  per_host, buckets = runtime.per_host_batch_size(cfg), config_lib.length_buckets(cfg.data)
+  return lambda: dev.eval_batches(per_host, jax.process_index(), jax.process_count(), buckets)
 
 
 def train_cli(flags: runtime.RunFlags,
