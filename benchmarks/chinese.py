@@ -21,7 +21,8 @@ masking, then fine-tuned on waimai_10k and MSRA NER beside the same model from r
    for every init) from random init (the same architecture and vocabulary), the character-masking
    model and the whole-word-masking model, for each seed (`train.seed` and `data.seed`). Dev: the
    best checkpoint's dev score (it picks the checkpoint); test (`--test`): that checkpoint on the
-   test split, via `jaxfm.evaluate`.
+   test split, via `jaxfm.evaluate`. The default learning rates are the better of two for the
+   random-init arm on seed 0 (waimai 1e-4 / 5e-4, MSRA 5e-4 / 1e-3), which favours the baseline.
 
 Every child runs as its own process, its command and output in OUT/logs/; a finished run's
 result is kept in OUT/results/, so the same command again resumes the study (a changed command
