@@ -4,7 +4,8 @@
 
 The JSON object sets dotted config fields; `pace` sleeps that many seconds per batch
 (a wider window for timed kills; it does not change the math). FAULT injects one failure:
-  kill_in_save:STEP    SIGKILL while step STEP is half written (its tmp dir exists)
+  kill_in_save:STEP    SIGKILL once step STEP is written but before it is committed (locally
+                       its tmp dir is left; on GCS its files without commit_success.txt)
   kill_in_delete:N     SIGKILL halfway through removing the N-th old step (retention)
   fail_save:STEP       the background write of step STEP raises (a failing handler)
   poison:STEP          the batch of step STEP (1-based) has a NaN weight
@@ -60,7 +61,7 @@ def _die(message: str) -> None:
 
 
 def _patch_json_save(step: int, action) -> None:
-  """Runs `action()` instead of writing the `meta` item of `step` (after `state` is written)."""
+  """Runs `action(step folder)` before writing the `meta` item of `step`."""
   from orbax.checkpoint._src.handlers import json_checkpoint_handler as json_handler
   handler = json_handler.JsonCheckpointHandler
   original = handler._save_fn  # pylint: disable=protected-access
@@ -75,7 +76,18 @@ def _patch_json_save(step: int, action) -> None:
 
 
 def _kill_in_save(step: int) -> None:
-  _patch_json_save(step, lambda tmp: _die(f"killed while saving step {step} into {tmp}"))
+  """Dies in the commit of `step`'s folder, after Orbax has written every item into it: a
+  deterministic half-written step (the items themselves are written concurrently)."""
+  from orbax.checkpoint._src.path import atomicity
+  for kind in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+    original = kind.finalize
+
+    async def finalize(self, *args, _original=original, **kwargs):
+      if self._final_path.name == str(step):  # pylint: disable=protected-access
+        _die(f"killed while saving step {step} into {self.get()}")
+      return await _original(self, *args, **kwargs)
+
+    kind.finalize = finalize
 
 
 def _fail_save(step: int) -> None:
