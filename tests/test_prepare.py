@@ -2,7 +2,11 @@
 checked preparation, refused mismatches."""
 
 import hashlib
+import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 from etils import epath
@@ -111,6 +115,49 @@ def test_an_interrupted_prepare_resumes_to_the_same_files(corpus, prepared_dir, 
   prepared.prepare(_cfg(corpus), str(out))  # every shard finished: only the manifest
   assert (out / prepared.split_file("train", 1, 2)).stat().st_mtime_ns == before
   assert _digests(out) == want
+
+
+# Prepares `sys.argv[1]` into `sys.argv[2]` and SIGKILLs itself while shard 1's train file is
+# half written (shard 0 finished).
+_KILLED_PREPARE = """
+import os, signal, sys
+from jaxfm.data import prepared
+from tests.test_prepare import _cfg
+
+class KilledMidFile:
+  write_records = prepared.ArrayRecordWriter
+
+  def __init__(self, path, options):
+    self.writer, self.path, self.written = self.write_records(path, options), path, 0
+
+  def write(self, record):
+    self.writer.write(record)
+    self.written += 1
+    if "train-00001-of-00002" in self.path and self.written == 3:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  def close(self):
+    self.writer.close()
+
+prepared.ArrayRecordWriter = KilledMidFile
+prepared.prepare(_cfg(sys.argv[1]), sys.argv[2])
+"""
+
+
+def test_a_prepare_killed_mid_shard_resumes_to_byte_identical_files(corpus, prepared_dir,
+                                                                      tmp_path):
+  out = tmp_path / "killed"
+  killed = subprocess.run([sys.executable, "-c", _KILLED_PREPARE, corpus, str(out)],
+                          cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  left = {p.name for p in out.iterdir()}
+  assert prepared.split_file("train", 1, 2) + ".tmp" in left and prepared.MANIFEST not in left
+  finished = out / prepared.split_file("train", 0, 2)
+  before = finished.stat().st_mtime_ns
+  assert prepared.prepare(_cfg(corpus), str(out)) is not None
+  assert _digests(out) == _digests(prepared_dir)
+  assert finished.stat().st_mtime_ns == before  # shard 0 was finished: not written again
 
 
 def _damaged(prepared_dir, tmp_path, damage) -> tuple:
