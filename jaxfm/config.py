@@ -40,8 +40,21 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   fields = dataclasses.asdict(preset(name, **overrides))
   # ConfigDict needs a concrete type for fields that may be None.
   fields["embedding_size"] = fields["embedding_size"] or 0
+  # Only a pruned model's section has it (`set_pruned_heads`): configs saved before it existed
+  # resume unchanged.
+  del fields["pruned_heads"]
   fields["cpu_paths"] = cpu_paths
   return ml_collections.ConfigDict(fields)
+
+
+def set_pruned_heads(cfg: ml_collections.ConfigDict, source: BertConfig) -> None:
+  """Copies a structurally pruned `source`'s `pruned_heads` into `cfg.model` (nothing for an
+  unpruned one), beside the `ARCHITECTURE_FIELDS` a run takes from its checkpoint."""
+  with cfg.unlocked():
+    if source.pruned_heads:
+      cfg.model.pruned_heads = source.pruned_heads
+    elif "pruned_heads" in cfg.model:
+      del cfg.model["pruned_heads"]
 
 
 def recipe(config_file: str, name: str) -> ml_collections.ConfigDict:

@@ -82,6 +82,7 @@ def _take_architecture(cfg: ml_collections.ConfigDict) -> tuple[Any, str | None]
   with cfg.unlocked():
     for field in config_lib.ARCHITECTURE_FIELDS:
       cfg.model[field] = getattr(source.config, field) or 0  # embedding_size None -> 0
+  config_lib.set_pruned_heads(cfg, source.config)
   return source.params, source.tokenizer_dir
 
 

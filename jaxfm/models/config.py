@@ -16,6 +16,10 @@ class BertConfig:
 
   `embedding_size` smaller than `hidden_size` gives ELECTRA-style factorised
   embeddings (a projection after the embedding LayerNorm).
+
+  `pruned_heads` describes a structurally pruned model (`jaxfm.compress.pruning`), as HF's
+  config field of that name: per layer, the original indices of the attention heads it no
+  longer has; the others keep their size `head_dim` and their order. () = none pruned.
   """
 
   vocab_size: int = 30522
@@ -40,10 +44,39 @@ class BertConfig:
   # The MLM loss runs the tied decoder over this many vocabulary rows at a time and never
   # holds the whole logits (`jaxfm.train.cross_entropy`); 0 = the whole vocabulary at once.
   loss_vocab_chunk: int = 4096
+  pruned_heads: tuple[tuple[int, ...], ...] = ()
+
+  def __post_init__(self):
+    # A saved config holds lists; the config is hashed (jit, caches), so tuples of sorted ints.
+    pruned = tuple(tuple(sorted(int(h) for h in layer)) for layer in self.pruned_heads or ())
+    object.__setattr__(self, "pruned_heads", pruned if any(pruned) else ())
+    if not self.pruned_heads:
+      return
+    if len(pruned) != self.num_layers:
+      raise ValueError(f"model.pruned_heads has {len(pruned)} layers, the model "
+                       f"{self.num_layers}")
+    for layer, heads in enumerate(pruned):
+      if len(set(heads)) != len(heads) or not all(0 <= h < self.num_heads for h in heads):
+        raise ValueError(f"model.pruned_heads[{layer}]={list(heads)}: each must be a distinct "
+                         f"head index in [0, {self.num_heads})")
+      if len(heads) == self.num_heads:
+        raise ValueError(f"model.pruned_heads[{layer}] removes every head of layer {layer}")
+    if self.scan_layers and len(set(map(len, pruned))) > 1:
+      raise ValueError(f"model.scan_layers=True needs the same number of heads in every layer; "
+                       f"model.pruned_heads leaves {[self.layer_heads(i) for i in range(len(pruned))]}")
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  def kept_heads(self, layer: int) -> tuple[int, ...]:
+    """The original indices of layer `layer`'s attention heads, ascending."""
+    pruned = set(self.pruned_heads[layer]) if self.pruned_heads else set()
+    return tuple(h for h in range(self.num_heads) if h not in pruned)
+
+  def layer_heads(self, layer: int) -> int:
+    """How many attention heads layer `layer` has."""
+    return self.num_heads - (len(self.pruned_heads[layer]) if self.pruned_heads else 0)
 
   @property
   def embedding_dim(self) -> int:

@@ -199,9 +199,14 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-  """Bidirectional multi-head self-attention with a fused QKV projection."""
+  """Bidirectional multi-head self-attention with a fused QKV projection.
+
+  `num_heads` heads of `config.head_dim` each: `config.num_heads` unless the layer was pruned
+  (`BertConfig.pruned_heads`).
+  """
 
   config: BertConfig
+  num_heads: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
@@ -211,10 +216,11 @@ class SelfAttention(nn.Module):
     # when None). `prefix`: key/value prefixes every query attends to (`with_prefix`).
     # [batch, queries, hidden] out.
     cfg = self.config
+    heads = self.num_heads or cfg.num_heads
     param = functools.partial(self.param, dtype=jnp.float32)
     qkv_kernel = param("qkv_kernel", _normal(cfg, (EMBED, None, HEADS, KV)),
-                       (cfg.hidden_size, 3, cfg.num_heads, cfg.head_dim))
-    qkv_bias = param("qkv_bias", _zeros((None, HEADS, KV)), (3, cfg.num_heads, cfg.head_dim))
+                       (cfg.hidden_size, 3, heads, cfg.head_dim))
+    qkv_bias = param("qkv_bias", _zeros((None, HEADS, KV)), (3, heads, cfg.head_dim))
 
     def project(inputs: Array, parts: slice) -> Array:  # -> [batch, length, heads, parts, head_dim]
       # Heads (tensor-sharded) lead the kernel's output axes, as `cpu_layers.matmul_over_tokens`
@@ -245,16 +251,18 @@ class SelfAttention(nn.Module):
                                                   deterministic=False)
       context = jnp.einsum("bnqk,bknh->bqnh", probs.astype(cfg.dtype), v)
     out_kernel = param("out_kernel", _normal(cfg, (HEADS, KV, EMBED)),
-                       (cfg.num_heads, cfg.head_dim, cfg.hidden_size))
+                       (heads, cfg.head_dim, cfg.hidden_size))
     out_bias = param("out_bias", _zeros((EMBED,)), (cfg.hidden_size,))
     return (contract(cfg, context, out_kernel.astype(cfg.dtype), axes=2)
             + out_bias.astype(cfg.dtype))  # [batch, length, hidden]
 
 
 class TransformerLayer(nn.Module):
-  """Post-LN transformer block: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+  """Post-LN transformer block: x = LN(x + Attn(x)); x = LN(x + MLP(x)), with `num_heads`
+  attention heads (None: `config.num_heads`)."""
 
   config: BertConfig
+  num_heads: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
@@ -265,8 +273,8 @@ class TransformerLayer(nn.Module):
     cfg = self.config
     hooks = hooks or {}
     drop = dropout(cfg, cfg.hidden_dropout)
-    attended = SelfAttention(cfg, name="attention")(x, mask, deterministic, positions,
-                                                    hooks.get(PEFT_PREFIX))
+    attended = SelfAttention(cfg, self.num_heads, name="attention")(
+        x, mask, deterministic, positions, hooks.get(PEFT_PREFIX))
     skip = at_positions(x, positions)
     attended = drop(attended, deterministic=deterministic)
     if PEFT_ATTENTION_ADAPTER in hooks:
@@ -321,9 +329,10 @@ class BertEncoder(nn.Module):
                                     split_rngs={"params": True, "dropout": True},
                                     in_axes=(nn.broadcast,) * 3 + (0,), length=scanned,
                                     metadata_params={nn.PARTITION_NAME: LAYERS}
-                                    )(cfg, name="layers")
+                                    )(cfg, cfg.layer_heads(0), name="layers")
     layer = _layer_class(cfg, scanned=False)
-    self.layers = [layer(cfg, name=f"layer_{i}") for i in range(scanned, cfg.num_layers)]
+    self.layers = [layer(cfg, cfg.layer_heads(i), name=f"layer_{i}")
+                   for i in range(scanned, cfg.num_layers)]
     self.pooler = dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), "pooler")
 
   def __call__(self, input_ids: Array, token_type_ids: Array, attention_mask: Array,
