@@ -108,6 +108,25 @@ def test_each_process_reads_only_its_shard(runs, two_process_run):
     assert f"Pretraining data: shards [{i}] of 2 read here" in log, log[-2000:]
 
 
+def test_two_processes_train_from_prepared_data_like_from_the_corpus(runs, two_process_run):
+  """`jaxfm.prepare` once, then the 2 x 4 run from its shards: the online run's losses and
+  evaluations (the same examples, masks and dropout)."""
+  out, workdir = runs / "prepared-data", runs / "from-prepared"
+  data = [a for a in TINY if a.startswith("--config.data.") or a.startswith("--config=")]
+  with h.launched([sys.executable, "-m", "jaxfm.prepare", f"--out={out}", *data], 1, 1, runs,
+                  "prepare") as group:
+    group.wait()
+  _train(workdir, 2, 4, [*TINY, f"--config.data.prepared={out}"])
+  np.testing.assert_allclose(_losses(workdir), _losses(two_process_run), rtol=1e-5, atol=1e-5)
+  evals = [h.records(w, "eval") for w in (workdir, two_process_run)]
+  for step in (0, STEPS):
+    np.testing.assert_allclose(evals[0][step]["loss"], evals[1][step]["loss"], rtol=1e-5)
+  for i in (0, 1):
+    log = (runs / f"from-prepared-proc{i}.log").read_text()
+    assert f"Prepared data {out}: shards [{i}] of 2 read here" in log, log[-2000:]
+    assert "corpus/text_lines" not in log, log[-2000:]  # no text read
+
+
 def _examples(batch: dict[str, np.ndarray]) -> list[bytes]:
   """The unmasked rows behind a batch (a row identifies its example), padding rows dropped."""
   real = batch["masked_weights"].sum(axis=1) > 0
