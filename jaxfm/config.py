@@ -516,7 +516,9 @@ def validate_peft_positions(cfg: ml_collections.ConfigDict) -> None:
 
 # ---------------------------------------------------------------- distillation
 
-DISTILL_LOSSES = ("kl", "task", "hidden")  # soft targets, hard labels, hidden-state MSE
+# soft targets, hard labels, hidden-state MSE, MiniLM's attention and value-relation KL
+DISTILL_LOSSES = ("kl", "task", "hidden", "attention", "value_relation")
+_STATE_LOSSES = ("hidden", "attention", "value_relation")  # read inside both encoders
 STUDENT_INITS = ("random", "every_k", "init_from")
 TEACHER_DTYPES = ("float32", "bfloat16")
 
@@ -534,12 +536,20 @@ def distill_defaults() -> ml_collections.ConfigDict:
   d.student_init = "every_k"  # random | every_k (DistilBERT) | init_from
   # name=weight, comma-separated: kl (soft targets at `temperature`, scaled by T^2; for
   # regression the squared error to the teacher's output), task (the hard-label loss), hidden
-  # (TinyBERT hidden-state MSE over `layer_map`, through a learned projection when widths differ).
+  # (TinyBERT hidden-state MSE over `layer_map`, through a learned projection when widths differ),
+  # attention and value_relation (MiniLM: per-head KL of the self-attention distributions and
+  # of softmax(V V^T / sqrt(d)) over `attention_map`; the student keeps the teacher's heads).
   d.losses = "kl=1.0,task=0.0"
   d.temperature = 2.0
   # 'S:T,...' student:teacher hidden states, 0 = the embeddings, i = layer i's output;
   # '' = uniform: 0:0 and i:i*k for k = teacher layers / student layers.
   d.layer_map = ""
+  # 'S:T,...' student:teacher layers (1-based) for attention and value_relation; '' = the last.
+  d.attention_map = ""
+  # A directory: the teacher's top-k logits on the training set, written once (resumable) and
+  # read instead of running the teacher in the step; '' = the teacher runs in the step.
+  d.teacher_cache = ""
+  d.teacher_top_k = 16  # logits kept per target (all of them when the head has no more)
   d.teacher_dtype = "float32"  # float32 | bfloat16: the teacher's params and compute
   d.teacher_sha256 = ""  # resolved: the teacher's params; a changed teacher is refused
   cfg.distill = d
@@ -597,11 +607,17 @@ def validate_distill(cfg: ml_collections.ConfigDict) -> None:
   losses = distill_losses(d)
   positive(cfg, "distill.temperature")
   one_of(cfg, "distill.teacher_dtype", TEACHER_DTYPES)
-  if "hidden" in losses:  # hidden states are read at each layer's call (`distillation.capture`)
+  positive(cfg, "distill.teacher_top_k")
+  inside = [name for name in _STATE_LOSSES if name in losses]
+  if inside:  # read at each layer's call (`distillation.capture`)
     if cfg.model.scan_layers:
-      fail("model.scan_layers", cfg.model.scan_layers, "must be False for the hidden loss")
+      fail("model.scan_layers", cfg.model.scan_layers, f"must be False for the {inside[0]} loss")
     if cfg.model.remat_policy != "none":
-      fail("model.remat_policy", cfg.model.remat_policy, "must be 'none' for the hidden loss")
+      fail("model.remat_policy", cfg.model.remat_policy,
+           f"must be 'none' for the {inside[0]} loss")
+    if d.teacher_cache:
+      fail("distill.teacher_cache", d.teacher_cache, f"holds logits only: the {inside[0]} loss "
+           "needs the teacher in the step")
   if cfg.data.packing:
     fail("data.packing", cfg.data.packing, "is not supported by distillation yet")
   if cfg.peft.method:

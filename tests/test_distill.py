@@ -79,6 +79,84 @@ def test_soft_target_mse_and_hidden_mse_match_numpy():
   np.testing.assert_allclose(float(got), (per_token * tokens).sum() / tokens.sum(), rtol=1e-5)
 
 
+def _relation(a, b, keys):
+  """softmax over real keys of a b^T / sqrt(d) per head, written out: [b, heads, t, t]."""
+  batch, t, heads, d = a.shape
+  out = np.zeros((batch, heads, t, t))
+  for i in range(batch):
+    for n in range(heads):
+      for q in range(t):
+        scores = [a[i, q, n] @ b[i, k, n] / np.sqrt(d) if keys[i, k] else -np.inf
+                  for k in range(t)]
+        e = np.exp(np.array(scores) - max(scores))
+        out[i, n, q] = e / e.sum()
+  return out
+
+
+def test_relation_kl_matches_a_hand_computed_value_and_ignores_padding():
+  # One example of two tokens, one head of width 1, the first query counted: the teacher's
+  # attention is softmax(q k) = softmax([1, 2]), the student's (q = 0) uniform.
+  k = jnp.asarray([1.0, 2.0]).reshape(1, 2, 1, 1)  # [b, t, heads, d]
+  q_t, q_s = jnp.asarray([1.0, 0.0]).reshape(1, 2, 1, 1), jnp.zeros((1, 2, 1, 1))
+  got = losses.relation_kl((q_s, k), (q_t, k), jnp.ones((1, 2)), jnp.asarray([[1.0, 0.0]]))
+  p = np.exp([1.0, 2.0]) / np.exp([1.0, 2.0]).sum()
+  want = p[0] * np.log(p[0] / 0.5) + p[1] * np.log(p[1] / 0.5)  # KL(p || uniform)
+  np.testing.assert_allclose(float(got), want, rtol=1e-6)
+  assert want == pytest.approx(0.1109, abs=1e-4)
+  # Random heads with padding: against the written-out softmax, and blind to padded keys.
+  rng = np.random.default_rng(3)
+  s_q, s_k, t_q, t_k = (rng.normal(size=(2, 4, 2, d)) for d in (3, 3, 5, 5))
+  keys = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+  queries = keys * np.array([[1.0], [0.5]], np.float32)
+  got = losses.relation_kl((jnp.asarray(s_q), jnp.asarray(s_k)),
+                           (jnp.asarray(t_q), jnp.asarray(t_k)), jnp.asarray(keys),
+                           jnp.asarray(queries))
+  a_s, a_t = _relation(s_q, s_k, keys), _relation(t_q, t_k, keys)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    per_key = np.where(a_t > 0, a_t * (np.log(a_t) - np.log(a_s)), 0.0)
+  per_query = per_key.sum(-1).mean(1)  # [b, t]
+  np.testing.assert_allclose(float(got), (per_query * queries).sum() / queries.sum(), rtol=1e-5)
+  s_k_padded = s_k.copy()
+  s_k_padded[1, 2:] = 100.0
+  assert float(losses.relation_kl((jnp.asarray(s_q), jnp.asarray(s_k_padded)),
+                                  (jnp.asarray(t_q), jnp.asarray(t_k)), jnp.asarray(keys),
+                                  jnp.asarray(queries))) == pytest.approx(float(got), rel=1e-6)
+  assert float(losses.relation_kl((jnp.asarray(t_q), jnp.asarray(t_k)),
+                                  (jnp.asarray(t_q), jnp.asarray(t_k)), jnp.asarray(keys),
+                                  jnp.asarray(queries))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relation_kl_gradient_reaches_the_student_only_through_real_tokens():
+  rng = np.random.default_rng(4)
+  s_q, s_k, t_q, t_k = (jnp.asarray(rng.normal(size=(2, 4, 2, 3)), jnp.float32)
+                        for _ in range(4))
+  keys = jnp.asarray([[1, 1, 1, 0], [1, 1, 0, 0]], jnp.float32)
+  grad_q, grad_k = jax.grad(lambda q, k: losses.relation_kl((q, k), (t_q, t_k), keys, keys),
+                            argnums=(0, 1))(s_q, s_k)
+  assert np.all(np.isfinite(grad_q)) and np.all(np.isfinite(grad_k))
+  assert np.abs(grad_q[0, :3]).min() > 0 and np.abs(grad_k[1, :2]).min() > 0
+  np.testing.assert_array_equal(grad_q[1, 2:], 0.0)  # padded queries count for nothing
+  np.testing.assert_array_equal(grad_k[1, 2:], 0.0)  # padded keys are never attended
+
+
+def test_top_k_kl_equals_the_full_kl_when_k_covers_the_classes_and_renormalises_otherwise():
+  rng = np.random.default_rng(5)
+  s, t = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+  w = jnp.asarray([1.0, 0.5, 0.0])
+  full = losses.soft_target_kl(jnp.asarray(s), jnp.asarray(t), w, 2.0)
+  order = np.argsort(-t, axis=-1)
+  values = np.take_along_axis(t, order, axis=-1)
+  np.testing.assert_allclose(float(losses.top_k_kl(jnp.asarray(s), jnp.asarray(values),
+                                                   jnp.asarray(order), w, 2.0)),
+                             float(full), rtol=1e-5)
+  got = losses.top_k_kl(jnp.asarray(s), jnp.asarray(values[:, :2]), jnp.asarray(order[:, :2]),
+                        w, 2.0)
+  p = np.exp(values[:, :2] / 2) / np.exp(values[:, :2] / 2).sum(-1, keepdims=True)
+  log_q = np.log(np.exp(s / 2) / np.exp(s / 2).sum(-1, keepdims=True))
+  kl = (p * (np.log(p) - np.take_along_axis(log_q, order[:, :2], -1))).sum(-1)
+  np.testing.assert_allclose(float(got), 4 * float((kl * np.asarray(w)).sum()), rtol=1e-5)
+
+
 # ---------------------------------------------------------------- config and student
 
 def _distill_cfg(**distill):
@@ -149,9 +227,63 @@ def test_every_k_student_starts_from_the_teachers_top_layer(teacher_run):
   np.testing.assert_array_equal(start["classifier/kernel"], source["classifier/kernel"])
 
 
+def _batch(vocab_size, seed=0):
+  """Four rows of 8 tokens, the last two padded after 5 and 3."""
+  rng = np.random.default_rng(seed)
+  mask = np.ones((4, 8), np.int32)
+  mask[2, 5:], mask[3, 3:] = 0, 0
+  return {"input_ids": rng.integers(5, vocab_size, (4, 8)).astype(np.int32) * mask,
+          "token_type_ids": np.zeros((4, 8), np.int32), "attention_mask": mask,
+          "labels": np.array([0, 1, 1, 0], np.int32), "weights": np.ones(4, np.float32),
+          "feature_index": np.arange(4, dtype=np.int32)}
+
+
+def test_minilm_losses_vanish_for_the_teacher_itself_and_teach_a_changed_student(teacher_run):
+  cfg = _config(teacher_run, losses="kl=1.0,attention=1.0,value_relation=1.0",
+                attention_map="1:1,2:2")
+  cfg.model.num_layers = 2  # every_k with k = 1: the teacher itself
+  teacher = load_teacher(cfg)
+  start = student.take_architecture(cfg, teacher)
+  settings = distill_run.loss_settings(cfg, teacher)
+  assert settings.attention_pairs == ((1, 1), (2, 2))
+  task, _ = distill_run._tasks(cfg, teacher, None, settings)
+  batch = {k: jnp.asarray(v) for k, v in _batch(teacher.config.vocab_size).items()}
+  params = {"student": start, "teacher": teacher.params}
+  loss_fn = jax.jit(task.loss_fn)
+  _, sums = loss_fn(params, batch, None)
+  for name in ("kl_sum", "attention_sum", "value_relation_sum"):
+    assert abs(float(sums[name])) < 1e-5, name
+  kernel = start["encoder"]["layer_1"]["attention"]["qkv_kernel"]
+  changed = jax.tree.map(lambda x: x, start)
+  changed["encoder"]["layer_1"]["attention"]["qkv_kernel"] = kernel + 0.2 * np.random.default_rng(
+      0).normal(size=kernel.shape).astype(np.float32)
+
+  def attention(kernel_1):
+    tree = jax.tree.map(lambda x: x, changed)
+    tree["encoder"]["layer_1"]["attention"]["qkv_kernel"] = kernel_1
+    sums = loss_fn({"student": tree, "teacher": teacher.params}, batch, None)[1]
+    return sums["attention_sum"] + sums["value_relation_sum"]
+  loss, grad = jax.value_and_grad(attention)(
+      jnp.asarray(changed["encoder"]["layer_1"]["attention"]["qkv_kernel"]))
+  assert float(loss) > 1e-3 and np.all(np.isfinite(grad)) and float(jnp.abs(grad).max()) > 0
+
+
+def test_minilm_losses_need_the_teachers_heads(teacher_run):
+  cfg = _config(teacher_run, student_init="random", losses="kl=1.0,attention=1.0")
+  cfg.model.update(hidden_size=64, num_heads=4, intermediate_size=128)
+  teacher = load_teacher(cfg)
+  student.take_architecture(cfg, teacher)
+  with pytest.raises(config_lib.ConfigError, match=r"model.num_heads=4 .*teacher's 2 heads"):
+    distill_run.loss_settings(cfg, teacher)
+  cfg.model.num_heads, cfg.distill.attention_map = 2, "0:1"
+  with pytest.raises(config_lib.ConfigError, match=r"distill.attention_map='0:1'"):
+    distill_run.loss_settings(cfg, teacher)
+
+
 @pytest.fixture(scope="module")
 def student_run(teacher_run):
-  cfg = _config(teacher_run, losses="kl=0.5,task=0.5,hidden=1.0")
+  cfg = _config(teacher_run, losses="kl=0.5,task=0.5,hidden=1.0,attention=1.0,"
+                "value_relation=1.0")
   workdir = str(teacher_run[0] / "student")
   result, best_step = distill_run.distill(cfg, workdir)
   return workdir, result, best_step
@@ -164,8 +296,10 @@ def test_distilled_student_approaches_the_teacher(teacher_run, student_run):
   assert result.eval["accuracy"] >= teacher.eval["accuracy"] - 0.1 and best_step is not None
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     train = [r for r in map(json.loads, f) if r["split"] == "train"]
-  assert {"kl_loss", "task_loss", "hidden_loss"} <= set(train[-1])
-  assert train[-1]["kl_loss"] < train[0]["kl_loss"]
+  assert {"kl_loss", "task_loss", "hidden_loss", "attention_loss",
+          "value_relation_loss"} <= set(train[-1])
+  for name in ("kl_loss", "attention_loss", "value_relation_loss"):
+    assert train[-1][name] < train[0][name], name
   saved = json.loads(open(os.path.join(workdir, "config.json")).read())["config"]
   assert saved["teacher"] == teacher_run[1] and len(saved["distill"]["teacher_sha256"]) == 64
 

@@ -4,7 +4,11 @@
 Soft targets follow Hinton et al. (2015): KL(teacher || student) of the temperature-T
 softmaxes, scaled by T^2 so the gradients keep their size as T changes; a regression head
 takes the squared error to the teacher's output instead. Hidden states follow TinyBERT: the
-mean squared error between the student's (projected) and the teacher's states.
+mean squared error between the student's (projected) and the teacher's states. Attention
+follows MiniLM (Wang et al., 2020): the KL between the teacher's and the student's per-head
+self-attention distributions, softmax(Q K^T / sqrt(d)), and value relations,
+softmax(V V^T / sqrt(d)). A cached teacher's top-k logits (`teacher_cache`) give the soft
+targets over their support, renormalised.
 """
 
 from __future__ import annotations
@@ -55,3 +59,40 @@ def init_projection(rng: jax.Array, student_width: int, teacher_width: int,
   """A linear map student width -> teacher width: kernel ~ N(0, scale^2), bias 0."""
   return {"kernel": scale * jax.random.normal(rng, (student_width, teacher_width), jnp.float32),
           "bias": jnp.zeros((teacher_width,), jnp.float32)}
+
+
+def relation_kl(student: tuple[jax.Array, jax.Array], teacher: tuple[jax.Array, jax.Array],
+                key_mask: jax.Array, query_weights: jax.Array) -> jax.Array:
+  """MiniLM's relation transfer: KL(teacher || student) of softmax(A B^T / sqrt(d)) over the
+  keys, per head, averaged over heads and weighted queries.
+
+  (A, B): (queries, keys) for attention distributions, (values, values) for value relations,
+  each [b, t, heads, d] (d may differ between student and teacher, heads may not);
+  key_mask [b, t] (0 = padding, never attended), query_weights [b, t] (0 = not counted).
+  """
+  def log_relation(a: jax.Array, b: jax.Array) -> jax.Array:  # -> [b, heads, t, t]
+    scores = jnp.einsum("bqnd,bknd->bnqk", a.astype(jnp.float32), b.astype(jnp.float32))
+    scores = jnp.where(key_mask[:, None, None, :] > 0, scores * a.shape[-1] ** -0.5,
+                       jnp.finfo(jnp.float32).min)
+    return jax.nn.log_softmax(scores, axis=-1)
+
+  log_s, log_t = log_relation(*student), log_relation(*teacher)
+  per_key = jnp.where(key_mask[:, None, None, :] > 0, jnp.exp(log_t) * (log_t - log_s), 0.0)
+  per_query = jnp.mean(jnp.sum(per_key, axis=-1), axis=1)  # [b, t]: mean over heads
+  return jnp.sum(per_query * query_weights) / jnp.maximum(jnp.sum(query_weights), 1.0)
+
+
+def top_k_kl(student_logits: jax.Array, teacher_values: jax.Array, teacher_indices: jax.Array,
+             weights: jax.Array, temperature: float) -> jax.Array:
+  """`soft_target_kl` against a teacher known by its top-k logits only: the teacher's
+  distribution is the softmax of its k logits (renormalised on their support), the student's
+  its full temperature-T softmax read at the k indices.
+
+  student_logits [..., classes]; teacher_values [..., k] float, teacher_indices [..., k] int;
+  weights [...]. Equal to `soft_target_kl` when the k indices cover every class.
+  """
+  teacher_log_p = jax.nn.log_softmax(teacher_values / temperature, axis=-1)  # [..., k]
+  student_log_p = jnp.take_along_axis(
+      jax.nn.log_softmax(student_logits / temperature, axis=-1), teacher_indices, axis=-1)
+  kl = jnp.sum(jnp.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)  # [...]
+  return temperature ** 2 * jnp.sum(kl * weights)

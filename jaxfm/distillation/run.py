@@ -30,7 +30,7 @@ from jaxfm.train import best, loop
 from jaxfm.train.step import Batch, LossFn, Sums
 
 USER_ERRORS = finetuning.USER_ERRORS
-Pairs = tuple[tuple[int, int], ...]  # (student, teacher) hidden-state indices
+Pairs = tuple[tuple[int, int], ...]  # (student, teacher) layers: 0 = embeddings, i = layer i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,16 +86,52 @@ def _hidden_sum(found_s: capture.Captured, found_t: capture.Captured, batch: Bat
   return total
 
 
+def _relation_sums(found_s: capture.Captured, found_t: capture.Captured, batch: Batch,
+                   pairs: Pairs, names: set[str]) -> dict[str, jax.Array]:
+  """MiniLM's losses (`names`: attention, value_relation), each summed over the mapped
+  (student, teacher) layers, per real query token of the batch."""
+  keys = batch["attention_mask"]  # [b, t]
+  queries = keys * batch["weights"][:, None]  # [b, t]
+  totals = {name: jnp.zeros((), jnp.float32) for name in names}
+  for s, t in pairs:
+    q_s, k_s, v_s = found_s.attention[s].qkv()  # each [b, t, heads, student head_dim]
+    q_t, k_t, v_t = (jax.lax.stop_gradient(x) for x in found_t.attention[t].qkv())
+    if q_s.shape[2] != q_t.shape[2]:  # e.g. a head-pruned teacher or student
+      config_lib.fail("distill.attention_map", f"{s}:{t}", f"pairs a layer of {q_s.shape[2]} "
+                      f"heads with one of {q_t.shape[2]}: MiniLM compares them head by head")
+    if "attention" in names:
+      totals["attention"] += losses.relation_kl((q_s, k_s), (q_t, k_t), keys, queries)
+    if "value_relation" in names:
+      totals["value_relation"] += losses.relation_kl((v_s, v_s), (v_t, v_t), keys, queries)
+  return totals
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """`distill.losses` as {name: weight} and what they read: the temperature, the hidden-state
+  pairs (`distill.layer_map`) and the attention pairs (`distill.attention_map`)."""
+
+  weights: dict[str, float]
+  temperature: float
+  regression: bool
+  hidden_pairs: Pairs = ()
+  attention_pairs: Pairs = ()
+
+
 def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
-                 loss_weights: dict[str, float], temperature: float, pairs: Pairs,
-                 regression: bool) -> LossFn:
+                 settings: LossSettings) -> LossFn:
   """The weighted sum of `distill.losses` over one batch (see `jaxfm.distillation.losses`).
 
   The student's task loss runs as fine-tuning's (its sums: loss, accuracy counts), with its
-  logits and hidden states read from the same forward (`capture`); the teacher runs without
-  dropout. Sums: the task's, `loss_sum` the weighted total, and `<name>_sum` per loss (`kl`
-  and `task` always, `hidden` when weighted).
+  logits, hidden states and attention inputs read from the same forward (`capture`); the
+  teacher runs without dropout. Sums: the task's, `loss_sum` the weighted total, and
+  `<name>_sum` per loss (`kl` and `task` always, the others when weighted). The per-batch
+  means (hidden, attention, value_relation) count times the batch's targets, which the step
+  divides by.
   """
+  weights = settings.weights
+  relations = {"attention", "value_relation"} & set(weights)
+
   def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
     with capture.capturing() as found_s:
       task_sum, sums = student_task.loss_fn(params["student"], batch, rng)
@@ -105,12 +141,15 @@ def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
     teacher_out = jax.lax.stop_gradient(found_t.output).astype(jnp.float32)
     targets = _target_weights(batch, student_out)
     parts = {"task": task_sum, "kl": (
-        losses.soft_target_mse(student_out, teacher_out, targets) if regression else
-        losses.soft_target_kl(student_out, teacher_out, targets, temperature))}
-    if "hidden" in loss_weights:  # a per-batch mean: times the target count the step divides by
+        losses.soft_target_mse(student_out, teacher_out, targets) if settings.regression else
+        losses.soft_target_kl(student_out, teacher_out, targets, settings.temperature))}
+    if "hidden" in weights:
       parts["hidden"] = sums["weight"] * _hidden_sum(
-          found_s, found_t, batch, params.get("projection", {}), pairs)
-    total = sum(weight * parts[name] for name, weight in loss_weights.items())
+          found_s, found_t, batch, params.get("projection", {}), settings.hidden_pairs)
+    for name, value in _relation_sums(found_s, found_t, batch, settings.attention_pairs,
+                                      relations).items():
+      parts[name] = sums["weight"] * value
+    total = sum(weight * parts[name] for name, weight in weights.items())
     return total, {**sums, "loss_sum": total, **{f"{n}_sum": v for n, v in parts.items()}}
   return loss_fn
 
@@ -143,7 +182,7 @@ class StudentBest(best.BestCheckpoint):
     super().update(step, params["student"], metrics)
 
 
-def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, pairs: Pairs
+def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, settings: LossSettings
            ) -> tuple[DistillTask, Callable[[jax.Array], dict[str, Any]]]:
   """The distillation task and `init_trainable(rng)`: {'student', ('projection')}."""
   kind, data = cfg.task, cfg.data
@@ -152,7 +191,8 @@ def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, pairs: Pa
                            dev, data)
   teacher_task = make_task(kind, teacher.config.replace(cpu_paths=config_lib.use_cpu_paths(
       cfg, platform)), teacher.label_names, None, data)
-  projections = _projections(pairs, cfg.model.hidden_size, teacher.config.hidden_size)
+  projections = _projections(settings.hidden_pairs, cfg.model.hidden_size,
+                             teacher.config.hidden_size)
 
   def init_trainable(rng: jax.Array) -> dict[str, Any]:
     projection = projections(jax.random.fold_in(rng, 1))
@@ -163,11 +203,47 @@ def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, pairs: Pa
   fields.update(
       summarize=_summarize(student_task.summarize),
       predict_fn=lambda params, batch: student_task.predict_fn(params["student"], batch),
-      loss_fn=distill_loss(student_task, teacher_task, config_lib.distill_losses(cfg.distill),
-                           cfg.distill.temperature, pairs, kind == "regression"))
+      loss_fn=distill_loss(student_task, teacher_task, settings))
   task = DistillTask(**fields, init_fn=lambda rng: {
       **init_trainable(rng), "teacher": teacher_task.init_params(jax.random.fold_in(rng, 2))})
   return task, init_trainable
+
+
+def attention_map(d: ml_collections.ConfigDict, student_layers: int,
+                  teacher_layers: int) -> Pairs:
+  """`distill.attention_map` as (student, teacher) layers, 1-based: '' = the last of each."""
+  if not d.attention_map.strip():
+    return ((student_layers, teacher_layers),)
+  pairs = []
+  for entry in d.attention_map.split(","):
+    s, _, t = entry.strip().partition(":")
+    if not (s.isdigit() and t.isdigit() and 1 <= int(s) <= student_layers
+            and 1 <= int(t) <= teacher_layers):
+      config_lib.fail("distill.attention_map", d.attention_map,
+                      f"must list S:T layer pairs with 1 <= S <= {student_layers} (student "
+                      f"layers) and 1 <= T <= {teacher_layers} (teacher layers)")
+    pairs.append((int(s), int(t)))
+  return tuple(pairs)
+
+
+def loss_settings(cfg: ml_collections.ConfigDict, teacher: Teacher) -> LossSettings:
+  """The losses of a student of `teacher` (its architecture in `cfg.model`).
+
+  Raises:
+    ConfigError: a bad layer map, or MiniLM's losses with another head count than the teacher's.
+  """
+  d, model = cfg.distill, cfg.model
+  weights = config_lib.distill_losses(d)
+  hidden = attention = ()
+  if "hidden" in weights:
+    hidden = config_lib.layer_map(d, model.num_layers, teacher.config.num_layers)
+  if {"attention", "value_relation"} & set(weights):
+    if model.num_heads != teacher.config.num_heads:
+      config_lib.fail("model.num_heads", model.num_heads, f"must equal the teacher's "
+                      f"{teacher.config.num_heads} heads for the attention and value_relation "
+                      "losses (MiniLM compares them head by head)")
+    attention = attention_map(d, model.num_layers, teacher.config.num_layers)
+  return LossSettings(weights, d.temperature, cfg.task == "regression", hidden, attention)
 
 
 def _initial(cfg: ml_collections.ConfigDict, start: Any, init_trainable: Callable) -> Any:
@@ -200,9 +276,7 @@ def distill(cfg: ml_collections.ConfigDict, workdir: str,
   if teacher.config.max_position_embeddings < data.max_seq_length:
     config_lib.fail("data.max_seq_length", data.max_seq_length, f"exceeds the teacher's "
                     f"{teacher.config.max_position_embeddings} positions")
-  pairs: Pairs = ()
-  if "hidden" in config_lib.distill_losses(cfg.distill):
-    pairs = config_lib.layer_map(cfg.distill, cfg.model.num_layers, teacher.config.num_layers)
+  settings = loss_settings(cfg, teacher)
   label_names = teacher.label_names
   train, _ = load_split(kind, data, finetuning.split_path(data, "train"),
                         teacher.tokenizer.backend, label_names, data.max_train_examples)
@@ -214,7 +288,7 @@ def distill(cfg: ml_collections.ConfigDict, workdir: str,
   finetuning.resolve_length_buckets(cfg, train)
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
-  task, init_trainable = _tasks(cfg, teacher, dev, pairs)
+  task, init_trainable = _tasks(cfg, teacher, dev, settings)
   initial = _initial(cfg, start, init_trainable)
   workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
   workdir_lib.write_resolved_config(workdir, cfg)
