@@ -628,6 +628,48 @@ def validate_distill(cfg: ml_collections.ConfigDict) -> None:
                       "WORKDIR/best, which evaluate, predict and convert read")
 
 
+# ---------------------------------------------------------------- structured pruning
+
+PRUNE_IMPORTANCE = ("gradient", "magnitude")
+
+
+def prune_defaults() -> ml_collections.ConfigDict:
+  """Every structured-pruning field: fine-tuning's (the task, the data whose training batches
+  rank the heads and neurons and whose dev split scores the result, the eval batch size),
+  `init_from` (the fine-tuned workdir to prune) and the `prune` section. The architecture is
+  the workdir's, made smaller; `model` keeps its compute fields (dtype, scan, remat)."""
+  cfg = finetune_defaults()
+  cfg.train.epochs = 0.0  # a pruning run trains nothing: recover with jaxfm.finetune
+  p = ml_collections.ConfigDict()
+  p.heads_share = 0.0  # of all attention heads, removed (never a layer's last head)
+  p.ffn_share = 0.0  # of each layer's FFN neurons, removed (the same count per layer)
+  p.importance = "gradient"  # gradient (Michel et al. 2019: |dL/d gate|) | magnitude
+  p.batches = 8  # training batches of train.batch_size the gradient importance sums over
+  cfg.prune = p
+  return cfg
+
+
+def validate_prune(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the pruning fields before the source workdir or the data is read."""
+  p = cfg.prune
+  if not cfg.init_from:
+    raise ConfigError("init_from is required: the jaxfm fine-tuning workdir to prune")
+  for field in ("prune.heads_share", "prune.ffn_share"):
+    if not 0.0 <= _get(cfg, field) < 1.0:
+      fail(field, _get(cfg, field), "must be in [0, 1) (the share of units removed)")
+  one_of(cfg, "prune.importance", PRUNE_IMPORTANCE)
+  positive(cfg, "prune.batches")
+  if cfg.peft.method:
+    fail("peft.method", cfg.peft.method, "is not supported by pruning: prune a fully "
+         "fine-tuned (or merged) workdir")
+  if not (cfg.data.dev_file or cfg.data.tfds_name):
+    raise ConfigError("data.dev_file is required: the pruned model is scored on it and kept in "
+                      "WORKDIR/best, which evaluate, predict and convert read")
+  if p.importance == "gradient" and not (cfg.data.train_file or cfg.data.tfds_name):
+    raise ConfigError("data.train_file is required: its batches rank the heads and neurons "
+                      "(prune.importance=gradient)")
+
+
 def profile_window(train: ml_collections.ConfigDict) -> tuple[int, int] | None:
   """`train.profile_steps` as (START, STOP): trace the steps after START up to STOP; None when
   '' (or in a config saved before the field existed).

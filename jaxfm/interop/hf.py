@@ -25,7 +25,8 @@ import safetensors.numpy
 from jaxfm.interop import torch_pickle
 from jaxfm.interop.hf_names import (BERT, ELECTRA, Dialect, InteropError, Rule, TaskHead,
                                     check_head_activation, config_from_hf, config_to_hf,
-                                    dialect_of, labels_to_hf, linear, param_rules, task_head)
+                                    dialect_of, heads_padded, labels_to_hf, linear,
+                                    param_rules, task_head)
 from jaxfm.interop.checkpoint_dir import (Params, atomic_directory, copy_tokenizer_files,
                                           numpy_params, read_safetensors, tokenizer_files)
 from jaxfm.trees import flatten, unflatten
@@ -186,14 +187,15 @@ def import_hf(hf_dir: str, *, task: str = "mlm", init_missing_head: bool = False
   """
   if task not in TASKS:
     raise InteropError(f"task {task!r} is not one of {TASKS}")
-  config, dialect = _read_config(hf_dir)
+  config, dialect, padded = _read_config(hf_dir)
   source, raw = _read_checkpoint(hf_dir)
   tensors, origin = _canonical(raw, dialect, source)
   if task == "auto":
     task = "mlm" if any(n.startswith(dialect.mlm_modules) for n in tensors) else "base"
   mlm = task == "mlm"
   check_head_activation(config, dialect, mlm)
-  flat, used, missing = _convert(param_rules(config, dialect, pooler=not mlm, mlm=mlm),
+  flat, used, missing = _convert(param_rules(config, dialect, pooler=not mlm, mlm=mlm,
+                                             padded=padded),
                                  _param_shapes(config, mlm), tensors, origin, source)
   ignored, unexpected = _unused(tensors, origin, set(used), dialect, mlm, source)
   head = "mlm_head/" if mlm else "encoder/pooler/"
@@ -209,8 +211,9 @@ def import_hf(hf_dir: str, *, task: str = "mlm", init_missing_head: bool = False
                       ignored, initialised)
 
 
-def _read_config(hf_dir: str) -> tuple[BertConfig, Dialect]:
-  """The architecture and naming dialect of an HF model dir's config.json."""
+def _read_config(hf_dir: str) -> tuple[BertConfig, Dialect, bool]:
+  """The architecture and naming dialect of an HF model dir's config.json, and whether a
+  pruned model's tensors hold its pruned heads as zeros (`hf_names.heads_padded`)."""
   config_path = os.path.join(hf_dir, CONFIG_FILE)
   try:
     with open(config_path) as f:
@@ -218,7 +221,7 @@ def _read_config(hf_dir: str) -> tuple[BertConfig, Dialect]:
   except json.JSONDecodeError as e:
     raise InteropError(f"{config_path}: not valid JSON ({e})") from None
   dialect = dialect_of(hf_config, config_path)
-  return config_from_hf(hf_config, dialect, config_path), dialect
+  return config_from_hf(hf_config, dialect, config_path), dialect, heads_padded(hf_config)
 
 
 def _convert(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]],

@@ -30,6 +30,9 @@ _CONFIG_FIELDS = {
     "initializer_range": "initializer_range",
     "embedding_size": "embedding_size",
 }
+# A pruned model's heads (`BertConfig.pruned_heads`, {"layer": [heads]}): transformers 4's key,
+# whose tensors lack them, and jaxfm's, whose tensors hold them as zero heads (`_padded_attention`).
+PRUNED_HEADS, PADDED_PRUNED_HEADS = "pruned_heads", "jaxfm_pruned_heads"
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "intermediate_size")
 # HF activation name -> jaxfm's.
@@ -107,8 +110,13 @@ def _layer_norm(path: str, name: str) -> list[Rule]:
   return [_copy(f"{path}/scale", f"{name}.weight"), _copy(f"{path}/bias", f"{name}.bias")]
 
 
-def _attention(path: str, name: str, config: BertConfig) -> list[Rule]:
-  hidden, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
+def _attention(path: str, name: str, config: BertConfig, layer: int,
+               padded: bool) -> list[Rule]:
+  """The attention's rules; a pruned layer's heads (`config.pruned_heads`) are absent from the
+  HF tensors, or with `padded` there as zero heads (`pad_pruned_heads`)."""
+  if padded and config.pruned_heads:
+    return _padded_attention(path, name, config, layer)
+  hidden, heads, head_dim = config.hidden_size, config.layer_heads(layer), config.head_dim
   qkv = tuple(f"{name}.self.{p}" for p in ("query", "key", "value"))
   return [
       # 3 x [heads * head_dim, hidden] <-> [hidden, 3, heads, head_dim]
@@ -127,8 +135,55 @@ def _attention(path: str, name: str, config: BertConfig) -> list[Rule]:
   ]
 
 
-def param_rules(config: BertConfig, dialect: Dialect, *, pooler: bool, mlm: bool) -> list[Rule]:
-  """Every parameter of the unscanned jaxfm tree with its HF source tensors."""
+def _padded_attention(path: str, name: str, config: BertConfig, layer: int) -> list[Rule]:
+  """The attention rules of a pruned layer written with all `num_heads` heads, the pruned ones
+  zero: transformers 5 has no head pruning (`prune_heads`), and a zero head adds nothing to
+  the attention output, so the HF model computes the pruned model's function. Read back, the
+  zero heads are dropped again (and must be zero)."""
+  hidden, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
+  kept = np.asarray(config.kept_heads(layer))
+  # Original head h <- kept position slot[h] (0 for a pruned head), times live[h] (0 or 1).
+  slot = np.zeros(heads, np.int64)
+  slot[kept] = np.arange(len(kept))
+  live = np.zeros(heads, np.float32)
+  live[kept] = 1.0
+  qkv = tuple(f"{name}.self.{p}" for p in ("query", "key", "value"))
+
+  def drop(full: np.ndarray, axis: int, source: str) -> np.ndarray:
+    if np.any(np.delete(full, kept, axis=axis)):
+      raise InteropError(f"{source}: heads {sorted(set(range(heads)) - set(kept.tolist()))} "
+                         f"of layer {layer} are listed in {PADDED_PRUNED_HEADS} but not zero")
+    return np.take(full, kept, axis=axis)
+
+  def pad(x: Any, axis: int) -> Any:  # [..., kept, ...] -> [..., heads, ...] (runs on tracers)
+    index = (slice(None),) * axis + (slot,)
+    return x[index] * live.reshape((heads,) + (1,) * (x.ndim - axis - 1))
+
+  return [
+      # 3 x [heads * head_dim, hidden] <-> [hidden, 3, kept, head_dim]
+      Rule(f"{path}/qkv_kernel", tuple(f"{n}.weight" for n in qkv),
+            lambda *ws: np.stack([drop(w.T.reshape(hidden, heads, head_dim), 1, f"{n}.weight")
+                                  for w, n in zip(ws, qkv)], axis=1),
+            lambda k: tuple(pad(k[:, i], 1).reshape(hidden, heads * head_dim).T
+                            for i in range(3))),
+      # 3 x [heads * head_dim] <-> [3, kept, head_dim]
+      Rule(f"{path}/qkv_bias", tuple(f"{n}.bias" for n in qkv),
+            lambda *bs: np.stack([drop(b.reshape(heads, head_dim), 0, f"{n}.bias")
+                                  for b, n in zip(bs, qkv)]),
+            lambda b: tuple(pad(b[i], 0).reshape(heads * head_dim) for i in range(3))),
+      # [hidden, heads * head_dim] <-> [kept, head_dim, hidden]
+      Rule(f"{path}/out_kernel", (f"{name}.output.dense.weight",),
+            lambda w: drop(w.T.reshape(heads, head_dim, hidden), 0,
+                           f"{name}.output.dense.weight"),
+            lambda k: (pad(k, 0).reshape(heads * head_dim, hidden).T,)),
+      _copy(f"{path}/out_bias", f"{name}.output.dense.bias"),
+  ]
+
+
+def param_rules(config: BertConfig, dialect: Dialect, *, pooler: bool, mlm: bool,
+                padded: bool = True) -> list[Rule]:
+  """Every parameter of the unscanned jaxfm tree with its HF source tensors; `padded`: a
+  pruned model's HF tensors hold its pruned heads as zeros (see `_padded_attention`)."""
   rules = [
       _copy("encoder/embeddings/word_embeddings/embedding", "embeddings.word_embeddings.weight"),
       _copy("encoder/embeddings/position_embeddings/embedding",
@@ -141,7 +196,7 @@ def param_rules(config: BertConfig, dialect: Dialect, *, pooler: bool, mlm: bool
     rules += linear("encoder/embeddings/projection", "embeddings_project")
   for i in range(config.num_layers):
     path, name = f"encoder/layer_{i}", f"encoder.layer.{i}"
-    rules += [*_attention(f"{path}/attention", f"{name}.attention", config),
+    rules += [*_attention(f"{path}/attention", f"{name}.attention", config, i, padded),
               *_layer_norm(f"{path}/attention_norm", f"{name}.attention.output.LayerNorm"),
               *linear(f"{path}/intermediate", f"{name}.intermediate.dense"),
               *linear(f"{path}/output", f"{name}.output.dense"),
@@ -210,12 +265,39 @@ def config_from_hf(hf_config: Mapping[str, Any], dialect: Dialect, source: str) 
     raise InteropError(f"{source}: hidden_act {act!r} is not supported ({', '.join(_ACTIVATIONS)})")
   fields = {field: hf_config[key] for key, field in _CONFIG_FIELDS.items() if key in hf_config}
   fields["hidden_act"] = _ACTIVATIONS[act]
+  fields["pruned_heads"] = _pruned_heads(hf_config, fields["num_layers"], source)
   if dialect is BERT:
     fields.pop("embedding_size", None)  # not a BERT field: HF itself ignores it
   if fields["hidden_size"] % fields["num_heads"]:
     raise InteropError(f"{source}: hidden_size {fields['hidden_size']} is not a multiple of "
                        f"num_attention_heads {fields['num_heads']}")
-  return BertConfig(**fields)
+  try:
+    return BertConfig(**fields)
+  except ValueError as e:
+    raise InteropError(f"{source}: {e}") from None
+
+
+def heads_padded(hf_config: Mapping[str, Any]) -> bool:
+  """Whether a pruned model's tensors hold its pruned heads as zeros (jaxfm's export)."""
+  return bool(hf_config.get(PADDED_PRUNED_HEADS))
+
+
+def _pruned_heads(hf_config: Mapping[str, Any], layers: int,
+                  source: str) -> tuple[tuple[int, ...], ...]:
+  """{"layer": [heads]} under either key as one tuple per layer."""
+  found = [k for k in (PRUNED_HEADS, PADDED_PRUNED_HEADS) if hf_config.get(k)]
+  if len(found) > 1:
+    raise InteropError(f"{source}: both {PRUNED_HEADS} and {PADDED_PRUNED_HEADS} are set")
+  if not found:
+    return ()
+  per_layer = [[] for _ in range(layers)]
+  try:
+    for layer, heads in hf_config[found[0]].items():
+      per_layer[int(layer)] = [int(h) for h in heads]
+  except (AttributeError, IndexError, TypeError, ValueError):
+    raise InteropError(f"{source}: {found[0]} must map layer indices below {layers} to lists "
+                       f"of head indices, not {hf_config[found[0]]!r}") from None
+  return tuple(map(tuple, per_layer))
 
 
 def config_to_hf(config: BertConfig, dialect: Dialect, architecture: str) -> dict[str, Any]:
@@ -223,6 +305,9 @@ def config_to_hf(config: BertConfig, dialect: Dialect, architecture: str) -> dic
                "position_embedding_type": "absolute", "tie_word_embeddings": True}
   hf_config.update({key: getattr(config, field) for key, field in _CONFIG_FIELDS.items()})
   hf_config["hidden_act"] = {v: k for k, v in _ACTIVATIONS.items()}[config.hidden_act]
+  if config.pruned_heads:
+    hf_config[PADDED_PRUNED_HEADS] = {str(i): list(heads)
+                                      for i, heads in enumerate(config.pruned_heads) if heads}
   if dialect is ELECTRA:
     hf_config["embedding_size"] = config.embedding_dim
   else:

@@ -1,0 +1,255 @@
+"""Structured pruning (`jaxfm.compress.pruning`, `jaxfm.prune`) on a tiny fine-tuned classifier:
+smaller shapes and parameter counts, share 0 changes nothing, a pruned head or neuron computes
+what the unpruned model computes with it masked, gradient importance is the gate's derivative,
+the pruned workdir is read by evaluate, predict, finetune and convert (transformers loads the
+export with matching logits; it imports back), and bad input is a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from tests import finetune_fixtures as ff
+from jaxfm import config as config_lib
+from jaxfm import interop, weights
+from jaxfm import workdir as workdir_lib
+from jaxfm.compress import prune_run, pruning
+from jaxfm.finetuning import run
+from jaxfm.interop import hf_names
+from jaxfm.models import BertConfig, preset
+from jaxfm.tasks import load_split, make_task
+from jaxfm.trees import flatten, unflatten
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+  """A fine-tuned tiny sentiment workdir (2 layers x 2 heads, FFN 512), its data files, dev
+  split, architecture and best params."""
+  root = tmp_path_factory.mktemp("pruning")
+  files = ff.write_sentiment(root)
+  cfg = ff.config("classification", str(ff.write_model_dir(root)), *files, epochs=2.0)
+  workdir = str(root / "sst")
+  run.finetune(cfg, workdir)
+  saved = workdir_lib.load_run(workdir)
+  split, _ = load_split("classification", saved.cfg.data, saved.cfg.data.dev_file,
+                        saved.tokenizer.backend, saved.label_names)
+  config = config_lib.bert_config(saved.cfg, "cpu")
+  return workdir, files, split, config, weights.workdir_params(workdir).params
+
+
+def _model(config: BertConfig) -> nn.Module:
+  data = config_lib.finetune_defaults().data
+  data.max_seq_length = ff.SEQ
+  return make_task("classification", config, ["0", "1"], None, data).model
+
+
+def _inputs(split) -> tuple[np.ndarray, ...]:
+  batch = next(split.eval_batches(40, 0, 1))
+  return batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+
+
+def _logits(config: BertConfig, params, inputs) -> np.ndarray:
+  return np.asarray(jax.jit(lambda p: _model(config).apply({"params": p}, *inputs))(params))
+
+
+def test_pruned_shapes_and_parameter_count(finetuned):
+  _, _, _, config, params = finetuned
+  kept = pruning.plan(config, pruning.magnitude_scores(params, config), 0.5, 0.25)
+  pruned, small = pruning.apply(params, config, kept)
+  # 4 heads, half of them go, never a layer's last: one per layer stays.
+  assert [small.layer_heads(i) for i in range(2)] == [1, 1]
+  assert small.intermediate_size == 384 and small.num_heads == 2
+  flat = flatten(pruned)
+  assert flat["encoder/layer_0/attention/qkv_kernel"].shape == (128, 3, 1, 64)
+  assert flat["encoder/layer_1/attention/out_kernel"].shape == (1, 64, 128)
+  assert flat["encoder/layer_0/intermediate/kernel"].shape == (128, 384)
+  assert flat["encoder/layer_1/output/kernel"].shape == (384, 128)
+  # Per layer: a head is 4 x 128 x 64 weights + 3 x 64 biases, a neuron 2 x 128 + 1.
+  removed = 2 * (4 * 128 * 64 + 3 * 64) + 2 * 128 * (2 * 128 + 1)
+  assert pruning.count_params(params) - pruning.count_params(pruned) == removed
+  # The smaller architecture builds exactly these shapes.
+  abstract = jax.eval_shape(lambda: _model(small).init(jax.random.key(0), *_dummy()))
+  assert {k: v.shape for k, v in flatten(nn.meta.unbox(abstract["params"])).items()} == {
+      k: v.shape for k, v in flat.items()}
+
+
+def _dummy() -> tuple[np.ndarray, ...]:
+  ids = np.zeros((1, 8), np.int32)
+  return ids, ids, np.ones_like(ids)
+
+
+def test_share_zero_leaves_the_model_unchanged(finetuned):
+  _, _, _, config, params = finetuned
+  kept = pruning.plan(config, pruning.magnitude_scores(params, config), 0.0, 0.0)
+  pruned, same = pruning.apply(params, config, kept)
+  assert same == config and same.pruned_heads == ()
+  for name, value in flatten(params).items():
+    np.testing.assert_array_equal(flatten(pruned)[name], value)
+
+
+def test_pruning_equals_masking(finetuned):
+  _, _, split, config, params = finetuned
+  inputs = _inputs(split)
+  rng = np.random.default_rng(0)
+  neurons = tuple(np.sort(rng.choice(512, 300, replace=False)) for _ in range(2))
+  kept = pruning.Plan(heads=((0,), (0, 1)), neurons=neurons)
+  pruned, small = pruning.apply(params, config, kept)
+  assert small.pruned_heads == ((1,), ())
+  masked = dict(flatten(params))
+  masked["encoder/layer_0/attention/out_kernel"] = np.asarray(
+      masked["encoder/layer_0/attention/out_kernel"]).copy()
+  masked["encoder/layer_0/attention/out_kernel"][1] = 0.0  # head 1's gate at 0
+  for i in range(2):
+    name = f"encoder/layer_{i}/output/kernel"
+    gate = np.zeros(512, np.float32)
+    gate[neurons[i]] = 1.0
+    masked[name] = np.asarray(masked[name]) * gate[:, None]
+  expected = _logits(config, unflatten(masked), inputs)
+  np.testing.assert_allclose(_logits(small, pruned, inputs), expected, atol=1e-5)
+  assert np.abs(expected - _logits(config, params, inputs)).max() > 1e-3  # masking mattered
+
+
+def test_gradient_importance_is_the_gate_derivative(finetuned):
+  # dL/dg of a gate g on head h is the derivative of the loss along out_kernel[h] scaled by g.
+  _, _, split, config, params = finetuned
+  task = make_task("classification", config, ["0", "1"], None, _data())
+  batch = next(split.eval_batches(40, 0, 1))
+  scores = pruning.gradient_scores(task.loss_fn, params, config, [batch])
+  loss = jax.jit(lambda p: task.loss_fn(p, batch, None)[0])
+
+  def gated(layer: int, head: int, g: float) -> float:
+    flat = {k: np.asarray(v, np.float64) for k, v in flatten(params).items()}
+    name = f"encoder/layer_{layer}/attention/out_kernel"
+    flat[name][head] *= g
+    return float(loss(jax.tree.map(lambda x: x.astype(np.float32), unflatten(flat))))
+
+  eps = 1e-2
+  for layer, head in ((0, 0), (1, 1)):
+    numeric = abs(gated(layer, head, 1 + eps) - gated(layer, head, 1 - eps)) / (2 * eps)
+    assert scores.heads[layer][head] == pytest.approx(numeric, rel=0.05, abs=1e-4)
+
+
+def _data():
+  data = config_lib.finetune_defaults().data
+  data.max_seq_length = ff.SEQ
+  return data
+
+
+def test_bad_shares_are_clear_errors(finetuned):
+  _, _, _, config, params = finetuned
+  scores = pruning.magnitude_scores(params, config)
+  with pytest.raises(ValueError, match=r"prune.heads_share=0.9 removes 4 of 4 heads; at most 2"):
+    pruning.plan(config, scores, 0.9, 0.0)
+  with pytest.raises(ValueError, match=r"prune.ffn_share=1.0: must be in \[0, 1\)"):
+    pruning.plan(config, scores, 0.0, 1.0)
+  with pytest.raises(ValueError, match=r"prune.heads_share=-0.1"):
+    pruning.plan(config, scores, -0.1, 0.0)
+  cfg = config_lib.prune_defaults()
+  cfg.init_from, cfg.data.train_file, cfg.data.dev_file = "w", "t", "d"
+  cfg.prune.heads_share = 1.5
+  with pytest.raises(config_lib.ConfigError, match=r"prune.heads_share"):
+    config_lib.validate_prune(cfg)
+
+
+def test_pruned_heads_config_is_checked():
+  config = preset("tiny")
+  with pytest.raises(ValueError, match=r"pruned_heads\[0\] removes every head"):
+    config.replace(pruned_heads=((0, 1), ()))
+  with pytest.raises(ValueError, match=r"scan_layers=True needs the same number of heads"):
+    config.replace(pruned_heads=((0,), ()), scan_layers=True)
+  with pytest.raises(ValueError, match=r"distinct head index in \[0, 2\)"):
+    config.replace(pruned_heads=((2,), ()))
+  assert config.replace(pruned_heads=[[], []]) == config  # nothing pruned is the plain model
+
+
+def _prune_config(finetuned) -> ml_collections.ConfigDict:
+  workdir, (train, dev), *_ = finetuned
+  cfg = config_lib.prune_defaults()
+  cfg.task = "classification"
+  cfg.init_from = workdir
+  cfg.data.train_file, cfg.data.dev_file = train, dev
+  cfg.data.max_seq_length = ff.SEQ
+  cfg.train.batch_size = 16
+  cfg.prune.heads_share, cfg.prune.ffn_share, cfg.prune.batches = 0.25, 0.5, 4
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def pruned_workdir(finetuned, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("pruned") / "sst-pruned")
+  return out, prune_run.prune(_prune_config(finetuned), out)
+
+
+def test_prune_run_writes_a_workdir_evaluate_and_predict_read(pruned_workdir, finetuned,
+                                                             tmp_path):
+  out, info = pruned_workdir
+  assert info["heads"] in ([1, 2], [2, 1]) and info["intermediate_size"] == [512, 256]
+  assert info["params"][1] < info["params"][0]
+  assert json.loads((pathlib.Path(out) / prune_run.INFO_FILE).read_text())["dev"] == info["dev"]
+  metrics = run.evaluate(out, "dev")
+  assert metrics["accuracy"] == pytest.approx(info["dev"]["accuracy"])
+  (tmp_path / "in.jsonl").write_text('{"sentence": "a good film"}\n{"sentence": "awful"}\n')
+  rows = run.predict(out, str(tmp_path / "in.jsonl"))
+  assert len(rows) == 2 and all("label" in r for r in rows)
+  with pytest.raises(workdir_lib.WorkdirError, match="is not empty"):
+    prune_run.prune(_prune_config(finetuned), out)
+
+
+def test_hf_export_loads_in_transformers_and_imports_back(pruned_workdir, finetuned, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  out, _ = pruned_workdir
+  split = finetuned[2]
+  config, params, tokenizer_dir, _ = weights.load_jaxfm(out)
+  assert config.pruned_heads
+  hf_dir = str(tmp_path / "hf")
+  interop.export_hf(params, config, hf_dir, tokenizer_dir, workdir_lib.label_names(out))
+  saved = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+  assert saved["intermediate_size"] == 256 and saved[hf_names.PADDED_PRUNED_HEADS]
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+  ids, types, mask = _inputs(split)
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                   token_type_ids=torch.tensor(types, dtype=torch.long),
+                   attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+  ours = _logits(config, params, (ids, types, mask))
+  np.testing.assert_allclose(theirs, ours, atol=1e-4)
+  # jaxfm imports encoders (BertModel): the pruned encoder goes out and back unchanged.
+  interop.export_hf({"encoder": params["encoder"]}, config, str(tmp_path / "base"))
+  back = interop.import_hf(str(tmp_path / "base"), task="base")
+  assert back.config.pruned_heads == config.pruned_heads
+  assert back.config.intermediate_size == 256
+  assert flatten(back.params).keys() == flatten({"encoder": params["encoder"]}).keys()
+  for name, value in flatten(back.params).items():
+    np.testing.assert_array_equal(value, flatten(params)[name])
+
+
+def test_finetune_recovers_from_a_pruned_workdir(pruned_workdir, finetuned, tmp_path):
+  out, _ = pruned_workdir
+  _, (train, dev), *_ = finetuned
+  cfg = ff.config("classification", out, train, dev, epochs=1.0)
+  result, best_step = run.finetune(cfg, str(tmp_path / "recovered"))
+  assert best_step is not None and "accuracy" in result.eval
+  saved = workdir_lib.read_model_config(str(tmp_path / "recovered"))
+  assert saved.pruned_heads == workdir_lib.read_model_config(out).pruned_heads
+
+
+def test_cli_bad_share_is_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxfm.prune", f"--config={ROOT}/configs/prune/sst2_minilm.py",
+       f"--workdir={tmp_path / 'w'}", "--config.init_from=x", "--config.data.train_file=t",
+       "--config.data.dev_file=d", "--config.prune.ffn_share=1.0"],
+      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 1
+  assert "error: prune.ffn_share=1.0" in proc.stderr
