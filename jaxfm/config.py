@@ -347,6 +347,11 @@ def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
   if cfg.mesh.tensor > 1 and cfg.model.num_heads % cfg.mesh.tensor:
     raise ConfigError(f"mesh.tensor={cfg.mesh.tensor} does not divide "
                       f"model.num_heads={cfg.model.num_heads}")
+  if cfg.mesh.tensor > 1 and cfg.model.get("pruned_heads"):
+    heads = [cfg.model.num_heads - len(pruned) for pruned in cfg.model.pruned_heads]
+    if any(n % cfg.mesh.tensor for n in heads):
+      raise ConfigError(f"mesh.tensor={cfg.mesh.tensor} does not divide every layer's heads "
+                        f"{heads} (model.pruned_heads)")
 
 
 def validate_optim(cfg: ml_collections.ConfigDict) -> None:

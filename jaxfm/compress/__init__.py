@@ -1,8 +1,10 @@
 """Compression of fine-tuned encoders: post-training int8 quantization (`quantize`), the int8
-folder `jaxfm.quantize` writes (`int8_dir`) and the eval step that runs it (`inference`).
+folder `jaxfm.quantize` writes (`int8_dir`) and the eval step that runs it (`inference`);
+structured pruning of attention heads and FFN neurons (`pruning`, run by `prune_run`).
 
-They need qwix (`pip install 'jaxfm[quant]'`); what `evaluate` and `predict` call to recognise
-an int8 folder does not, so qwix is imported only when one is run.
+Quantization needs qwix (`pip install 'jaxfm[quant]'`); what `evaluate` and `predict` call to
+recognise an int8 folder does not, so qwix is imported only when one is run. Pruning needs
+nothing beyond jaxfm: its output is an ordinary (smaller) model.
 """
 
 from __future__ import annotations
