@@ -4,6 +4,7 @@ predict on the student's workdir, one-line errors)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -246,7 +247,7 @@ def test_minilm_losses_vanish_for_the_teacher_itself_and_teach_a_changed_student
   start = student.take_architecture(cfg, teacher)
   settings = distill_run.loss_settings(cfg, teacher)
   assert settings.attention_pairs == ((1, 1), (2, 2))
-  task, _ = distill_run._tasks(cfg, teacher, None, settings)
+  task = distill_run._tasks(cfg, teacher, None, settings)[0]
   batch = {k: jnp.asarray(v) for k, v in _batch(teacher.config.vocab_size).items()}
   params = {"student": start, "teacher": teacher.params}
   loss_fn = jax.jit(task.loss_fn)
@@ -371,6 +372,93 @@ def test_random_narrow_student_with_projection_resumes_exactly(teacher_run, monk
   _, best_params, best_metrics = best.restore_best(str(root / "narrow"))
   assert "projection" not in best_params and "encoder" in best_params  # the student alone
   assert finetuning.evaluate(str(root / "narrow"), "dev")["accuracy"] == best_metrics["accuracy"]
+
+
+# ---------------------------------------------------------------- cached teacher
+
+def _train_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def _short(cfg, steps=6):
+  cfg.train.update(epochs=0.0, steps=steps, log_every=1, eval_every=steps)
+  return cfg
+
+
+def test_cached_teacher_gives_the_in_step_losses_and_is_not_recomputed(teacher_run,
+                                                                      monkeypatch):
+  # k = 2 covers both labels: the cached soft targets are the in-step ones, step by step. A
+  # run preempted and resumed reads the cache the first run wrote.
+  root = teacher_run[0]
+  in_step, _ = distill_run.distill(_short(_config(teacher_run, losses="kl=0.7,task=0.3")),
+                                   str(root / "in_step"))
+
+  def cached():
+    return _short(_config(teacher_run, losses="kl=0.7,task=0.3", teacher_top_k=2,
+                          teacher_cache=str(root / "cache")))
+  iterator = distill_run.loader.feature_train_iterator
+  monkeypatch.setattr(distill_run.loader, "feature_train_iterator",
+                      lambda *a, **k: _SigtermAtBatch(iterator(*a, **k), 4))
+  first, _ = distill_run.distill(cached(), str(root / "cached"))
+  assert first.preempted and first.step == 4
+  parts = sorted(p.name for p in (root / "cache").iterdir())
+  assert parts == ["cache.json", "part-000000000-000000160.npz"]
+  monkeypatch.setattr(distill_run.loader, "feature_train_iterator", iterator)
+
+  def no_teacher(*args):
+    raise AssertionError("the teacher ran again")
+  monkeypatch.setattr(distill_run.cache, "_teacher_pass", no_teacher)
+  resumed, _ = distill_run.distill(cached(), str(root / "cached"))
+  assert resumed.step == in_step.step == 6
+  want, got = _train_metrics(str(root / "in_step")), _train_metrics(str(root / "cached"))
+  assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+  assert min(r["kl_loss"] for r in want) > 1e-4
+  for a, b in zip(want, got):
+    for name in ("loss", "kl_loss", "task_loss"):
+      assert b[name] == pytest.approx(a[name], abs=1e-5, rel=1e-5), (a["step"], name)
+  assert "kl_loss" not in resumed.eval and "accuracy" in resumed.eval  # dev: no teacher
+
+
+def test_teacher_cache_resumes_a_cut_pass_and_refuses_another_teacher_or_data(
+    teacher_run, tmp_path, monkeypatch):
+  cfg = _config(teacher_run, teacher_cache=str(tmp_path / "cache"), teacher_top_k=1)
+  teacher = load_teacher(cfg)
+  student.take_architecture(cfg, teacher)
+  teacher_task = distill_run._tasks(cfg, teacher, None, distill_run.loss_settings(
+      cfg, teacher))[2]
+  train, _ = distill_run.load_split("classification", cfg.data, cfg.data.train_file,
+                                    teacher.tokenizer.backend, teacher.label_names)
+  features = train.device_arrays()
+  monkeypatch.setattr(distill_run.cache, "CHUNK", 64)
+  whole = distill_run.cache.teacher_outputs(cfg, teacher, teacher_task, features)
+  values, indices = whole[distill_run.cache.VALUES], whole[distill_run.cache.INDICES]
+  assert values.shape == indices.shape == (160, 1, 1)  # top-1 of 2 labels, per example
+  (tmp_path / "cache" / "part-000000064-000000128.npz").unlink()  # a pass cut short
+  passes = []
+  teacher_pass = distill_run.cache._teacher_pass
+
+  def counting(*args):
+    run = teacher_pass(*args)
+    return lambda chunk: passes.append(len(chunk["input_ids"])) or run(chunk)
+  monkeypatch.setattr(distill_run.cache, "_teacher_pass", counting)
+  again = distill_run.cache.teacher_outputs(cfg, teacher, teacher_task, features)
+  assert passes == [64]
+  np.testing.assert_allclose(again[distill_run.cache.VALUES], values, rtol=1e-6)
+  np.testing.assert_array_equal(again[distill_run.cache.INDICES], indices)
+  with pytest.raises(config_lib.ConfigError, match=r"^teacher=.*differs from what "
+                     r"distill.teacher_cache=.*teacher_sha256"):
+    distill_run.cache.teacher_outputs(cfg, dataclasses.replace(teacher, sha256="0" * 64),
+                                      teacher_task, features)
+  fewer = {k: v[:-1] for k, v in features.items()}
+  with pytest.raises(config_lib.ConfigError, match=r"^data.train_file=.*num_examples 160"):
+    distill_run.cache.teacher_outputs(cfg, teacher, teacher_task, fewer)
+  other = {**features, "input_ids": features["input_ids"][::-1].copy()}
+  with pytest.raises(config_lib.ConfigError, match=r"^data.train_file=.*examples_crc32"):
+    distill_run.cache.teacher_outputs(cfg, teacher, teacher_task, other)
+  cfg.distill.teacher_top_k = 4
+  with pytest.raises(config_lib.ConfigError, match=r"^distill.teacher_top_k=4 differs"):
+    distill_run.cache.teacher_outputs(cfg, teacher, teacher_task, features)
 
 
 def _cli(*args):

@@ -6,6 +6,9 @@ frozen argument (`loop.Steps.frozen_args`, as PEFT's base), sharded on the run's
 logical axes, in `distill.teacher_dtype`, never an executable's constant. The train state holds
 the student and the learned hidden-state projections only, and `best/` the student's params
 alone: the workdir is a fine-tuning workdir that evaluate, predict and convert read as any.
+
+With `distill.teacher_cache` the teacher runs once over the training set instead (`cache`),
+its top-k logits travel with each training batch, and the step holds no teacher.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from absl import logging
 from jaxfm import config as config_lib
 from jaxfm import runtime, sharding, weights
 from jaxfm import workdir as workdir_lib
-from jaxfm.distillation import capture, losses, student
+from jaxfm.data import loader
+from jaxfm.distillation import cache, capture, losses, student
 from jaxfm.distillation.teacher import Teacher, load_teacher
 from jaxfm.finetuning import run as finetuning
 from jaxfm.tasks import TASKS, load_split, make_task, validate_finetune
@@ -124,9 +128,10 @@ def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
 
   The student's task loss runs as fine-tuning's (its sums: loss, accuracy counts), with its
   logits, hidden states and attention inputs read from the same forward (`capture`); the
-  teacher runs without dropout. Sums: the task's, `loss_sum` the weighted total, and
-  `<name>_sum` per loss (`kl` and `task` always, the others when weighted). The per-batch
-  means (hidden, attention, value_relation) count times the batch's targets, which the step
+  teacher runs without dropout, or its top-k logits come with the batch (`cache`; dev batches
+  then have none, and no kl). Sums: the task's, `loss_sum` the weighted total, and
+  `<name>_sum` per loss (`kl` and `task`, the others when weighted). The per-batch means
+  (hidden, attention, value_relation) count times the batch's targets, which the step
   divides by.
   """
   weights = settings.weights
@@ -135,23 +140,38 @@ def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
   def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
     with capture.capturing() as found_s:
       task_sum, sums = student_task.loss_fn(params["student"], batch, rng)
-    with capture.capturing() as found_t:
-      teacher_task.predict_fn(params["teacher"], batch)
     student_out = found_s.output  # [b, classes] or [b, t, classes]
-    teacher_out = jax.lax.stop_gradient(found_t.output).astype(jnp.float32)
     targets = _target_weights(batch, student_out)
-    parts = {"task": task_sum, "kl": (
-        losses.soft_target_mse(student_out, teacher_out, targets) if settings.regression else
-        losses.soft_target_kl(student_out, teacher_out, targets, settings.temperature))}
-    if "hidden" in weights:
-      parts["hidden"] = sums["weight"] * _hidden_sum(
-          found_s, found_t, batch, params.get("projection", {}), settings.hidden_pairs)
-    for name, value in _relation_sums(found_s, found_t, batch, settings.attention_pairs,
-                                      relations).items():
-      parts[name] = sums["weight"] * value
-    total = sum(weight * parts[name] for name, weight in weights.items())
+    parts = {"task": task_sum}
+    if cache.VALUES in batch:  # a cached teacher's training batch
+      parts["kl"] = _cached_soft_targets(student_out, batch, targets, settings)
+    elif "teacher" in params:  # else a cached teacher's dev batch: the labels alone
+      with capture.capturing() as found_t:
+        teacher_task.predict_fn(params["teacher"], batch)
+      teacher_out = jax.lax.stop_gradient(found_t.output).astype(jnp.float32)
+      parts["kl"] = (
+          losses.soft_target_mse(student_out, teacher_out, targets) if settings.regression else
+          losses.soft_target_kl(student_out, teacher_out, targets, settings.temperature))
+      if "hidden" in weights:
+        parts["hidden"] = sums["weight"] * _hidden_sum(
+            found_s, found_t, batch, params.get("projection", {}), settings.hidden_pairs)
+      for name, value in _relation_sums(found_s, found_t, batch, settings.attention_pairs,
+                                        relations).items():
+        parts[name] = sums["weight"] * value
+    total = sum(weight * parts[name] for name, weight in weights.items() if name in parts)
     return total, {**sums, "loss_sum": total, **{f"{n}_sum": v for n, v in parts.items()}}
   return loss_fn
+
+
+def _cached_soft_targets(student_out: jax.Array, batch: Batch, targets: jax.Array,
+                         settings: LossSettings) -> jax.Array:
+  """The kl loss against `cache.teacher_outputs` in the batch ([b, 1 or t, k] each)."""
+  values, indices = batch[cache.VALUES], batch[cache.INDICES]
+  if student_out.ndim == 2:  # a per-example head: the cache's position axis has length 1
+    values, indices = values[:, 0], indices[:, 0]
+  if settings.regression:  # one output, kept whole
+    return losses.soft_target_mse(student_out, values, targets)
+  return losses.top_k_kl(student_out, values, indices, targets, settings.temperature)
 
 
 def _summarize(base: Callable[[dict[str, float]], dict[str, float]]
@@ -183,8 +203,9 @@ class StudentBest(best.BestCheckpoint):
 
 
 def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, settings: LossSettings
-           ) -> tuple[DistillTask, Callable[[jax.Array], dict[str, Any]]]:
-  """The distillation task and `init_trainable(rng)`: {'student', ('projection')}."""
+           ) -> tuple[DistillTask, Callable[[jax.Array], dict[str, Any]], loop.Task]:
+  """The distillation task, `init_trainable(rng)`: {'student', ('projection')}, and the
+  teacher's task. With `distill.teacher_cache` the params hold no teacher."""
   kind, data = cfg.task, cfg.data
   platform = jax.devices()[0].platform
   student_task = make_task(kind, config_lib.bert_config(cfg, platform), teacher.label_names,
@@ -204,9 +225,12 @@ def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, settings:
       summarize=_summarize(student_task.summarize),
       predict_fn=lambda params, batch: student_task.predict_fn(params["student"], batch),
       loss_fn=distill_loss(student_task, teacher_task, settings))
-  task = DistillTask(**fields, init_fn=lambda rng: {
-      **init_trainable(rng), "teacher": teacher_task.init_params(jax.random.fold_in(rng, 2))})
-  return task, init_trainable
+  def init_params(rng: jax.Array) -> dict[str, Any]:
+    params = init_trainable(rng)
+    if cfg.distill.teacher_cache:
+      return params
+    return {**params, "teacher": teacher_task.init_params(jax.random.fold_in(rng, 2))}
+  return DistillTask(**fields, init_fn=init_params), init_trainable, teacher_task
 
 
 def attention_map(d: ml_collections.ConfigDict, student_layers: int,
@@ -259,6 +283,17 @@ def _initial(cfg: ml_collections.ConfigDict, start: Any, init_trainable: Callabl
   return {**fresh, "student": merged.params}
 
 
+def _train_iterator(cfg: ml_collections.ConfigDict, features: dict[str, np.ndarray]
+                    ) -> loader.TrainIterator:
+  """As `finetuning.train_iterator`, over the training features with any cached teacher
+  outputs beside them (a per-token field is cut to the length buckets with the tokens)."""
+  data = cfg.data
+  return loader.feature_train_iterator(
+      features, loader.HostLayout.of_process(runtime.per_host_batch_size(cfg)),
+      seed=data.seed, length_buckets=config_lib.length_buckets(data),
+      group_by_length=data.group_by_length)
+
+
 def distill(cfg: ml_collections.ConfigDict, workdir: str,
             allow_config_change: bool = False) -> tuple[loop.TrainResult, int | None]:
   """Reads the teacher and the data, builds the student and runs the shared loop.
@@ -288,7 +323,7 @@ def distill(cfg: ml_collections.ConfigDict, workdir: str,
   finetuning.resolve_length_buckets(cfg, train)
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
-  task, init_trainable = _tasks(cfg, teacher, dev, settings)
+  task, init_trainable, teacher_task = _tasks(cfg, teacher, dev, settings)
   initial = _initial(cfg, start, init_trainable)
   workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
   workdir_lib.write_resolved_config(workdir, cfg)
@@ -296,16 +331,20 @@ def distill(cfg: ml_collections.ConfigDict, workdir: str,
   keeper = StudentBest(workdir, cfg.train.best_metric or TASKS[kind].main_metric,
                        cfg.train.best_mode, cfg.train.early_stopping_patience,
                        cfg.train.eval_every)
-  train_iter = finetuning.train_iterator(cfg, train)
-  frozen = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.distill.teacher_dtype)),
-                        teacher.params)
+  features, plan, frozen = train.device_arrays(), None, None
+  if cfg.distill.teacher_cache:
+    features.update(cache.teacher_outputs(cfg, teacher, teacher_task, features))
+  else:
+    plan = Parts(cfg.distill.teacher_dtype)
+    frozen = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.distill.teacher_dtype)),
+                          teacher.params)
+  train_iter = _train_iterator(cfg, features)
   meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}
   try:
     result = loop.train(
         cfg, workdir, task, train_iter,
         finetuning.dev_batches(cfg, dev),
-        meta, initial_params=initial, best=keeper, plan=Parts(cfg.distill.teacher_dtype),
-        frozen=frozen)
+        meta, initial_params=initial, best=keeper, plan=plan, frozen=frozen)
   finally:
     keeper.close()
   return result, keeper.best_step()

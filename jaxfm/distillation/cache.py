@@ -1,0 +1,166 @@
+"""The teacher's top-k logits on the training set, on disk (`distill.teacher_cache`).
+
+For a teacher too expensive to run in every step: one pass of the frozen teacher over the
+training features, in feature order, writes `part-<start>-<end>.npz` files of `chunk`
+features each, every one renamed into place once complete, so a pass cut short resumes at the
+first missing part and a complete cache is read, never recomputed. Each feature keeps the
+teacher's k largest logits per target with their class indices (every logit, in class order,
+when the head has no more than k), which `losses.top_k_kl` reads.
+
+`cache.json`, written before any part, records what the cache was made from: the teacher's
+params (sha256) and dtype, the training features (their count and crc32), the task and k. A
+cache made otherwise is refused, naming the field that differs.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxfm import config as config_lib
+from jaxfm import runtime, sharding
+from jaxfm.distillation import capture
+from jaxfm.distillation.teacher import Teacher
+from jaxfm.tasks.base import INPUTS
+from jaxfm.train import loop
+
+VALUES, INDICES = "teacher_values", "teacher_indices"  # the batch fields a cached run adds
+CHUNK = 4096  # features per part file
+_MANIFEST = "cache.json"
+
+
+def top_k(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """[..., classes] -> the k largest logits and their indices, [..., min(k, classes)]: all of
+  them in class order when classes <= k."""
+  classes = logits.shape[-1]
+  if classes <= k:
+    return logits, jnp.broadcast_to(jnp.arange(classes, dtype=jnp.int32), logits.shape)
+  return jax.lax.top_k(logits, k)
+
+
+def _made_from(cfg: ml_collections.ConfigDict, teacher: Teacher,
+               features: dict[str, np.ndarray]) -> dict[str, Any]:
+  """What a cache for this run must have been made from (the manifest's fields)."""
+  inputs = b"".join(np.ascontiguousarray(features[name]).tobytes() for name in INPUTS)
+  return {"teacher_sha256": teacher.sha256, "teacher_dtype": cfg.distill.teacher_dtype,
+          "task": cfg.task, "top_k": cfg.distill.teacher_top_k,
+          "num_examples": int(len(features["input_ids"])),
+          "examples_crc32": zlib.crc32(inputs), "chunk": CHUNK}
+
+
+# The config field that names what each manifest entry depends on.
+_FIELDS = {"teacher_sha256": "teacher", "teacher_dtype": "distill.teacher_dtype",
+           "task": "task", "top_k": "distill.teacher_top_k",
+           "num_examples": "data.train_file", "examples_crc32": "data.train_file"}
+
+
+def _check(cfg: ml_collections.ConfigDict, directory: epath.Path,
+           expected: dict[str, Any]) -> dict[str, Any]:
+  """The manifest of `directory`, written now if absent; ConfigError naming the field whose
+  value made the cache otherwise."""
+  path = directory / _MANIFEST
+  if not path.exists():
+    directory.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      path.write_text(json.dumps(expected, indent=1))
+    return expected
+  found = json.loads(path.read_text())
+  for key, field in _FIELDS.items():
+    if found.get(key) != expected[key]:
+      config_lib.fail(field, _value(cfg, field), f"differs from what distill.teacher_cache="
+                      f"{str(directory)!r} was made from ({key} {found.get(key)!r}, this run "
+                      f"{expected[key]!r}): name another directory")
+  return found
+
+
+def _value(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _part(directory: epath.Path, start: int, end: int) -> epath.Path:
+  return directory / f"part-{start:09d}-{end:09d}.npz"
+
+
+def _teacher_pass(cfg: ml_collections.ConfigDict, teacher: Teacher, teacher_task: loop.Task
+                  ) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+  """features (one chunk, host arrays) -> (values, indices) [n, 1 or t, k], the teacher's
+  params sharded on the run's mesh by their logical axes, `train.batch_size` rows a step."""
+  mesh = loop.make_mesh(cfg)
+  abstract = jax.eval_shape(teacher_task.init_params, jax.random.key(0))
+  shardings = sharding.unbox(sharding.logical_shardings(abstract, mesh))
+  dtype = jnp.dtype(cfg.distill.teacher_dtype)
+  params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, dtype), teacher.params),
+                          shardings)
+  k = cfg.distill.teacher_top_k
+
+  def step(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    with capture.capturing() as found:
+      teacher_task.predict_fn(params, batch)
+    logits = found.output.astype(jnp.float32)  # [b, classes] or [b, t, classes]
+    values, indices = top_k(logits if logits.ndim == 3 else logits[:, None], k)
+    return values, indices  # [b, 1 or t, k]
+  replicated = NamedSharding(mesh, PartitionSpec())
+  run = jax.jit(step, out_shardings=(replicated, replicated))
+  size, per_host = cfg.train.batch_size, runtime.per_host_batch_size(cfg)
+  mine = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+
+  def chunk(features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    n = len(features["input_ids"])
+    out = []
+    with sharding.activation_sharding(mesh):
+      for start in range(0, n, size):
+        rows = np.minimum(np.arange(start, start + size), n - 1)  # the last batch repeats a row
+        local = {name: features[name][rows[mine]] for name in (*INPUTS, "feature_index",
+                                                               "weights")}
+        out.append(jax.device_get(run(params, sharding.global_batch(local, mesh))))
+    values, indices = (np.concatenate(parts)[:n] for parts in zip(*out))
+    return values, indices
+  return chunk
+
+
+def teacher_outputs(cfg: ml_collections.ConfigDict, teacher: Teacher, teacher_task: loop.Task,
+                    features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{VALUES: [n, 1 or t, k] float32, INDICES: int32} of the training `features`, read from
+  `distill.teacher_cache`, computing and writing the parts it lacks.
+
+  Raises:
+    ConfigError: the directory holds a cache made from another teacher, training set or k.
+  """
+  directory = epath.Path(cfg.distill.teacher_cache)
+  made = _check(cfg, directory, _made_from(cfg, teacher, features))
+  n, step = made["num_examples"], made["chunk"]
+  run = None
+  values, indices, computed = [], [], 0
+  for start in range(0, n, step):
+    end = min(start + step, n)
+    path = _part(directory, start, end)
+    if path.exists():
+      with path.open("rb") as f, np.load(f) as part:
+        v, i = part["values"], part["indices"]
+    else:
+      run = run or _teacher_pass(cfg, teacher, teacher_task)
+      v, i = run({name: array[start:end] for name, array in features.items()})
+      if jax.process_index() == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+          np.savez(f, values=v, indices=i)
+        tmp.rename(path)
+      computed += end - start
+    values.append(v)
+    indices.append(i)
+  logging.info("teacher cache %s: %d of %d features computed now, the rest read", directory,
+               computed, n)
+  return {VALUES: np.concatenate(values).astype(np.float32),
+          INDICES: np.concatenate(indices).astype(np.int32)}
