@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from tests import finetune_fixtures as ff
 from jaxfm import config as config_lib
@@ -253,3 +254,32 @@ def test_cli_bad_share_is_one_line(tmp_path):
       capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode == 1
   assert "error: prune.ffn_share=1.0" in proc.stderr
+
+
+def test_hf_import_reads_transformers_4_pruned_heads(pruned_workdir, tmp_path):
+  # transformers 4 saved a pruned model with `pruned_heads` and tensors that lack those heads.
+  out, _ = pruned_workdir
+  config, params, _, _ = weights.load_jaxfm(out)
+  encoder = {"encoder": params["encoder"]}
+  padded = tmp_path / "padded"
+  interop.export_hf(encoder, config, str(padded))
+  hf_config = json.loads((padded / "config.json").read_text())
+  tensors = safetensors.numpy.load_file(str(padded / "model.safetensors"))
+  for i in range(config.num_layers):
+    rows = np.concatenate([np.arange(h * 64, (h + 1) * 64) for h in config.kept_heads(i)])
+    prefix = f"bert.encoder.layer.{i}.attention."
+    for part in ("query", "key", "value"):
+      for kind in ("weight", "bias"):
+        tensors[f"{prefix}self.{part}.{kind}"] = tensors[f"{prefix}self.{part}.{kind}"][rows]
+    name = f"{prefix}output.dense.weight"
+    tensors[name] = np.ascontiguousarray(tensors[name][:, rows])
+  hf_config[hf_names.PRUNED_HEADS] = hf_config.pop(hf_names.PADDED_PRUNED_HEADS)
+  legacy = tmp_path / "legacy"
+  legacy.mkdir()
+  (legacy / "config.json").write_text(json.dumps(hf_config))
+  safetensors.numpy.save_file(tensors, str(legacy / "model.safetensors"))
+  back = interop.import_hf(str(legacy), task="base")
+  assert back.config.pruned_heads == config.pruned_heads
+  assert back.config.intermediate_size == config.intermediate_size
+  for name, value in flatten(back.params).items():
+    np.testing.assert_array_equal(value, flatten(encoder)[name])
