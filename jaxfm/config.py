@@ -521,9 +521,11 @@ def validate_peft_positions(cfg: ml_collections.ConfigDict) -> None:
 
 # ---------------------------------------------------------------- distillation
 
-# soft targets, hard labels, hidden-state MSE, MiniLM's attention and value-relation KL
-DISTILL_LOSSES = ("kl", "task", "hidden", "attention", "value_relation")
-_STATE_LOSSES = ("hidden", "attention", "value_relation")  # read inside both encoders
+# soft targets, hard labels, hidden-state MSE, MiniLM's attention and value-relation KL;
+# task=mlm: DistilBERT's cosine between the last hidden states
+DISTILL_LOSSES = ("kl", "task", "hidden", "attention", "value_relation", "cosine")
+_TASK_LOSSES = {"mlm": ("kl", "task", "cosine")}  # else every loss but cosine
+_STATE_LOSSES = ("hidden", "attention", "value_relation", "cosine")  # read inside the encoders
 STUDENT_INITS = ("random", "every_k", "init_from")
 TEACHER_DTYPES = ("float32", "bfloat16")
 
@@ -537,13 +539,31 @@ def distill_defaults() -> ml_collections.ConfigDict:
   """
   cfg = finetune_defaults()
   cfg.teacher = ""  # a jaxfm fine-tuning workdir (its best, else latest, params)
+  cfg.distill = _distill_section()
+  return cfg
+
+
+def distill_mlm_defaults() -> ml_collections.ConfigDict:
+  """Task-agnostic distillation on the pretraining corpus (DistilBERT): pretraining's fields,
+  `task='mlm'`, `teacher` (an MLM checkpoint) and the `distill` section. `data.tokenizer` ''
+  takes the teacher's."""
+  cfg = pretrain_defaults()
+  cfg.task = "mlm"
+  cfg.teacher = ""  # 'hf:DIR', a jaxfm model dir or a pretraining workdir
+  cfg.distill = _distill_section()
+  cfg.distill.losses = "kl=5.0,task=2.0,cosine=1.0"  # DistilBERT's weights
+  return cfg
+
+
+def _distill_section() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   d.student_init = "every_k"  # random | every_k (DistilBERT) | init_from
   # name=weight, comma-separated: kl (soft targets at `temperature`, scaled by T^2; for
   # regression the squared error to the teacher's output), task (the hard-label loss), hidden
   # (TinyBERT hidden-state MSE over `layer_map`, through a learned projection when widths differ),
   # attention and value_relation (MiniLM: per-head KL of the self-attention distributions and
-  # of softmax(V V^T / sqrt(d)) over `attention_map`; the student keeps the teacher's heads).
+  # of softmax(V V^T / sqrt(d)) over `attention_map`; the student keeps the teacher's heads);
+  # task=mlm: kl and task at the masked positions, cosine (1 - cos of the last hidden states).
   d.losses = "kl=1.0,task=0.0"
   d.temperature = 2.0
   # 'S:T,...' student:teacher hidden states, 0 = the embeddings, i = layer i's output;
@@ -557,8 +577,7 @@ def distill_defaults() -> ml_collections.ConfigDict:
   d.teacher_top_k = 16  # logits kept per target (all of them when the head has no more)
   d.teacher_dtype = "float32"  # float32 | bfloat16: the teacher's params and compute
   d.teacher_sha256 = ""  # resolved: the teacher's params; a changed teacher is refused
-  cfg.distill = d
-  return cfg
+  return d
 
 
 def distill_losses(d: ml_collections.ConfigDict) -> dict[str, float]:
@@ -604,12 +623,16 @@ def validate_distill(cfg: ml_collections.ConfigDict) -> None:
   if not cfg.teacher:
     raise ConfigError("teacher is required: a jaxfm fine-tuning workdir")
   if cfg.task == "qa":
-    fail("task", cfg.task, "is not distilled yet: classification, regression or ner")
+    fail("task", cfg.task, "is not distilled yet: classification, regression, ner or mlm")
   one_of(cfg, "distill.student_init", STUDENT_INITS)
   if (d.student_init == "init_from") != bool(cfg.init_from):
     fail("distill.student_init", d.student_init,
          "must be 'init_from' exactly when init_from is set")
   losses = distill_losses(d)
+  allowed = _TASK_LOSSES.get(cfg.task, tuple(n for n in DISTILL_LOSSES if n != "cosine"))
+  if other := [name for name in losses if name not in allowed]:
+    fail("distill.losses", d.losses, f"names {other[0]!r}, which task={cfg.task!r} does not "
+         f"take; choose from {', '.join(allowed)}")
   positive(cfg, "distill.temperature")
   one_of(cfg, "distill.teacher_dtype", TEACHER_DTYPES)
   positive(cfg, "distill.teacher_top_k")
@@ -623,6 +646,11 @@ def validate_distill(cfg: ml_collections.ConfigDict) -> None:
     if d.teacher_cache:
       fail("distill.teacher_cache", d.teacher_cache, f"holds logits only: the {inside[0]} loss "
            "needs the teacher in the step")
+  if cfg.task == "mlm":
+    if d.teacher_cache:
+      fail("distill.teacher_cache", d.teacher_cache, "is not for task='mlm': its masks are "
+           "drawn anew each epoch")
+    return
   if cfg.data.packing:
     fail("data.packing", cfg.data.packing, "is not supported by distillation yet")
   if cfg.peft.method:

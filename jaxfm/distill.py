@@ -5,24 +5,38 @@ r"""Knowledge distillation: a fine-tuned teacher trains a smaller student.
       --config.data.dev_file=SST-2/dev.tsv
 
 Running the same command again resumes. The workdir is a fine-tuning workdir: `python -m
-jaxfm.evaluate`, `jaxfm.predict` and `jaxfm.convert --to_hf` read the student as any. Prints
-one JSON line: the final step, the best checkpoint's step and the last dev metrics. Exit
-status: 0 when finished (the workdir then holds DONE), 143 after a SIGTERM save (relaunch to
-resume), 1 on a user error.
+jaxfm.evaluate`, `jaxfm.predict` and `jaxfm.convert --to_hf` read the student as any. With
+`task='mlm'` (configs/distill/mlm_distilbert.py) the teacher is an MLM checkpoint and the student
+learns on the pretraining corpus (DistilBERT); the finished student is WORKDIR/student, a model
+dir for `jaxfm.finetune --config.init_from`. Prints one JSON line: the final step, the best
+checkpoint's step and the last dev metrics. Exit status: 0 when finished (the workdir then holds
+DONE), 143 after a SIGTERM save (relaunch to resume), 1 on a user error.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import ml_collections
+
 from jaxfm import runtime
-from jaxfm.distillation import run
+from jaxfm.distillation import mlm, run
 from jaxfm.finetuning import run as finetuning
 
 _FLAGS = runtime.define_run_flags("The student's checkpoints, logs, labels and tokenizer.")
 
 
+def distill(cfg: ml_collections.ConfigDict, workdir: str,
+            allow_config_change: bool = False) -> tuple[Any, int | None]:
+  """The runner for the config's task: task-agnostic (mlm) or a fine-tuned task's."""
+  if cfg.get("task") == "mlm":
+    return mlm.distill_mlm(cfg, workdir, allow_config_change)
+  return run.distill(cfg, workdir, allow_config_change)
+
+
 def main(argv):
   del argv
-  finetuning.train_cli(_FLAGS, run.distill)
+  finetuning.train_cli(_FLAGS, distill)
 
 
 if __name__ == "__main__":

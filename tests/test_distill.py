@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import torch
 
 from tests import finetune_fixtures as ff
 from jaxfm import config as config_lib
+from jaxfm import distill as distill_cli
+from jaxfm import interop, weights
 from jaxfm.distillation import losses, student
 from jaxfm.distillation import run as distill_run
 from jaxfm.distillation.teacher import load_teacher
@@ -459,6 +462,75 @@ def test_teacher_cache_resumes_a_cut_pass_and_refuses_another_teacher_or_data(
   cfg.distill.teacher_top_k = 4
   with pytest.raises(config_lib.ConfigError, match=r"^distill.teacher_top_k=4 differs"):
     distill_run.cache.teacher_outputs(cfg, teacher, teacher_task, features)
+
+
+# ---------------------------------------------------------------- task-agnostic (MLM)
+
+def test_cosine_distance_matches_a_hand_computed_value():
+  s = jnp.asarray([[[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]]])  # [1, 3, 2]
+  t = jnp.asarray([[[0.0, 2.0], [2.0, 2.0], [1.0, 0.0]]])
+  got = losses.cosine_distance(s, t, jnp.asarray([[1.0, 1.0, 0.0]]))  # the third is padding
+  assert float(got) == pytest.approx(((1 - 0.0) + (1 - 1.0)) / 2, abs=1e-6)
+
+
+def _mlm_config(root, **distill):
+  words = ff.POSITIVE + ff.NEGATIVE + ff.FILLER
+  rng = np.random.default_rng(6)
+  (root / "corpus.txt").write_text("\n\n".join(
+      "\n".join(" ".join(rng.choice(words, 12)) + " ." for _ in range(3)) for _ in range(60)))
+  cfg = config_lib.distill_mlm_defaults()
+  cfg.teacher = str(root / "mlm_teacher")
+  cfg.model.num_layers = 1
+  cfg.data.update(train_files=str(root / "corpus.txt"), max_seq_length=ff.SEQ,
+                  max_predictions_per_seq=5, worker_count=0, eval_fraction=0.1)
+  cfg.train.update(steps=12, batch_size=8, log_every=1, eval_every=12, eval_batches=2,
+                   checkpoint_every=12, progress_bar=False)
+  cfg.optim.update(peak_learning_rate=2e-3, warmup_steps=0)
+  cfg.distill.update(distill)
+  return cfg
+
+
+def test_mlm_student_of_an_mlm_teacher_learns_and_is_written_as_a_model_dir(teacher_run):
+  # DistilBERT on the pretraining corpus: a random student of the teacher's width moves toward
+  # the teacher's masked-token distributions and last hidden states; the finished student is a
+  # model dir that fine-tuning reads as init_from.
+  root = teacher_run[0]
+  config, params, tokenizer = weights.read_pretrained(str(root / "pretrained"), "mlm")[:3]
+  bias = params["mlm_head"]["bias"]  # a peaked teacher: the random MLM's output is near uniform
+  params["mlm_head"]["bias"] = 3.0 * np.random.default_rng(7).normal(size=bias.shape)
+  interop.save_model_dir(str(root / "mlm_teacher"), config, params,
+                         [str(p) for p in pathlib.Path(tokenizer).iterdir()])
+  workdir = str(root / "mlm_student")
+  cfg = _mlm_config(root, student_init="random", losses="kl=5.0,task=2.0,cosine=1.0")
+  cfg.model.update(num_heads=2, intermediate_size=128)
+  result, best_step = distill_cli.distill(cfg, workdir)
+  assert result.step == 12 and best_step is None and not result.preempted
+  train = _train_metrics(workdir)
+  assert {"kl_loss", "task_loss", "cosine_loss", "accuracy"} <= set(train[-1])
+  for name in ("kl_loss", "cosine_loss"):
+    first, last = (np.mean([r[name] for r in rows]) for rows in (train[:3], train[-3:]))
+    assert last < 0.9 * first, (name, [r[name] for r in train])
+  saved = weights.read_pretrained(os.path.join(workdir, "student"), "mlm")
+  assert saved.config.num_layers == 1 and saved.tokenizer_dir is not None
+  step, state = checkpoint.restore_latest_params(workdir)
+  for name, value in flatten(state["student"]).items():
+    np.testing.assert_array_equal(flatten(saved.params)[name], value, err_msg=name)
+
+
+def test_mlm_distillation_refuses_fine_tuning_losses_and_a_cache(tmp_path):
+  cfg = config_lib.distill_mlm_defaults()
+  cfg.teacher = "hf:teacher"
+  cfg.distill.losses = "kl=1,hidden=1"
+  with pytest.raises(config_lib.ConfigError, match=r"distill.losses=.*names 'hidden', which "
+                     r"task='mlm' does not take"):
+    config_lib.validate_distill(cfg)
+  cfg.distill.losses, cfg.distill.teacher_cache = "kl=1", str(tmp_path)
+  with pytest.raises(config_lib.ConfigError, match=r"distill.teacher_cache=.*not for "
+                     r"task='mlm'"):
+    config_lib.validate_distill(cfg)
+  fine_tuning = _distill_cfg(losses="kl=1,cosine=1")
+  with pytest.raises(config_lib.ConfigError, match=r"names 'cosine', which task="):
+    config_lib.validate_distill(fine_tuning)
 
 
 def _cli(*args):

@@ -4,7 +4,8 @@
 Soft targets follow Hinton et al. (2015): KL(teacher || student) of the temperature-T
 softmaxes, scaled by T^2 so the gradients keep their size as T changes; a regression head
 takes the squared error to the teacher's output instead. Hidden states follow TinyBERT: the
-mean squared error between the student's (projected) and the teacher's states. Attention
+mean squared error between the student's (projected) and the teacher's states; DistilBERT's
+cosine loss the cosine distance between them. Attention
 follows MiniLM (Wang et al., 2020): the KL between the teacher's and the student's per-head
 self-attention distributions, softmax(Q K^T / sqrt(d)), and value relations,
 softmax(V V^T / sqrt(d)). A cached teacher's top-k logits (`teacher_cache`) give the soft
@@ -52,6 +53,18 @@ def hidden_mse(student: jax.Array, teacher: jax.Array, token_weights: jax.Array)
   per_token = jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)),
                        axis=-1)  # [b, t]
   return jnp.sum(per_token * token_weights) / jnp.maximum(jnp.sum(token_weights), 1.0)
+
+
+def cosine_distance(student: jax.Array, teacher: jax.Array, token_weights: jax.Array
+                    ) -> jax.Array:
+  """Mean over weighted tokens of 1 - cos(student, teacher) (DistilBERT's cosine loss).
+
+  States [b, t, d] in the same width, token_weights [b, t] (0 = padding).
+  """
+  s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
+  cos = jnp.sum(s * t, axis=-1) / jnp.maximum(
+      jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1), 1e-8)  # [b, t]
+  return jnp.sum((1.0 - cos) * token_weights) / jnp.maximum(jnp.sum(token_weights), 1.0)
 
 
 def init_projection(rng: jax.Array, student_width: int, teacher_width: int,

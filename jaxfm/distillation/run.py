@@ -174,7 +174,7 @@ def _cached_soft_targets(student_out: jax.Array, batch: Batch, targets: jax.Arra
   return losses.top_k_kl(student_out, values, indices, targets, settings.temperature)
 
 
-def _summarize(base: Callable[[dict[str, float]], dict[str, float]]
+def summarize_parts(base: Callable[[dict[str, float]], dict[str, float]]
                ) -> Callable[[dict[str, float]], dict[str, float]]:
   """The task's summary (loss: the weighted total) plus each loss per target (`kl_loss`...)."""
   def summarize(sums: dict[str, float]) -> dict[str, float]:
@@ -222,7 +222,7 @@ def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, settings:
 
   fields = {f.name: getattr(student_task, f.name) for f in dataclasses.fields(loop.Task)}
   fields.update(
-      summarize=_summarize(student_task.summarize),
+      summarize=summarize_parts(student_task.summarize),
       predict_fn=lambda params, batch: student_task.predict_fn(params["student"], batch),
       loss_fn=distill_loss(student_task, teacher_task, settings))
   def init_params(rng: jax.Array) -> dict[str, Any]:
@@ -270,7 +270,7 @@ def loss_settings(cfg: ml_collections.ConfigDict, teacher: Teacher) -> LossSetti
   return LossSettings(weights, d.temperature, cfg.task == "regression", hidden, attention)
 
 
-def _initial(cfg: ml_collections.ConfigDict, start: Any, init_trainable: Callable) -> Any:
+def initial_trainable(cfg: ml_collections.ConfigDict, start: Any, init_trainable: Callable) -> Any:
   """The trainable tree to start from: the student's params from `start` (fresh where it
   lacks them) and fresh projections; None for a random student (the loop initialises it)."""
   if start is None:
@@ -324,7 +324,7 @@ def distill(cfg: ml_collections.ConfigDict, workdir: str,
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
   task, init_trainable, teacher_task = _tasks(cfg, teacher, dev, settings)
-  initial = _initial(cfg, start, init_trainable)
+  initial = initial_trainable(cfg, start, init_trainable)
   workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
   workdir_lib.write_resolved_config(workdir, cfg)
   workdir_lib.save_run_files(workdir, kind, label_names, teacher.tokenizer)

@@ -1,4 +1,5 @@
-"""The teacher: a jaxfm fine-tuning workdir's task model and params, frozen.
+"""The teacher: a jaxfm fine-tuning workdir's task model and params, frozen (or, for
+task-agnostic distillation, an MLM checkpoint).
 
 The distilled run's config names the teacher by path (`teacher`) and records the sha256 of its
 params (`distill.teacher_sha256`); a resumed run whose teacher changed is refused.
@@ -63,11 +64,38 @@ def load_teacher(cfg: ml_collections.ConfigDict) -> Teacher:
   config = config_lib.bert_config(run.cfg, jax.devices()[0].platform).replace(
       scan_layers=False, remat_policy="none", dtype=cfg.distill.teacher_dtype)
   params = weights.in_layout(params, config)
+  return Teacher(path, config, params, run.label_names, run.tokenizer, _checked(cfg, params),
+                 source)
+
+
+def load_mlm_teacher(cfg: ml_collections.ConfigDict) -> tuple[Teacher, str | None]:
+  """Reads `cfg.teacher`, an MLM checkpoint ('hf:DIR', a jaxfm model dir or a pretraining
+  workdir), checked as `load_teacher`'s; returns it and its tokenizer folder (None if none).
+
+  Raises:
+    ConfigError: naming `teacher` (unreadable, changed params).
+  """
+  path = cfg.teacher
+  try:
+    source = weights.read_pretrained(path, "mlm")
+  except (FileNotFoundError, ValueError, workdir_lib.WorkdirError) as e:
+    config_lib.fail("teacher", path, f"is not readable: {e}")
+  config = source.config.replace(scan_layers=False, remat_policy="none",
+                                 dtype=cfg.distill.teacher_dtype)
+  params = weights.in_layout(source.params, config)
+  teacher = Teacher(path, config, params, None, None, _checked(cfg, params),
+                    source.origin or path)
+  return teacher, source.tokenizer_dir
+
+
+def _checked(cfg: ml_collections.ConfigDict, params: Any) -> str:
+  """The params' sha256, recorded in `distill.teacher_sha256`; ConfigError naming `teacher`
+  when the config recorded another (a resumed run whose teacher changed)."""
   digest = peft.base_sha256(params)
   recorded = cfg.distill.teacher_sha256
   if recorded and recorded != digest:
-    config_lib.fail("teacher", path, f"changed: its params have sha256 {digest}, the run was "
-                    f"distilled from distill.teacher_sha256={recorded}")
+    config_lib.fail("teacher", cfg.teacher, f"changed: its params have sha256 {digest}, the run "
+                    f"was distilled from distill.teacher_sha256={recorded}")
   with cfg.unlocked():
     cfg.distill.teacher_sha256 = digest
-  return Teacher(path, config, params, run.label_names, run.tokenizer, digest, source)
+  return digest

@@ -168,6 +168,8 @@ RULES = [
     Rule(DI, "model.remat_policy", "full", "must be 'none' for the hidden loss", HIDDEN),
     *_positive(DI, "distill.teacher_top_k"),
     Rule(DI, "distill.teacher_cache", "cache", "holds logits only: the hidden loss", HIDDEN),
+    Rule(DI, "distill.losses", "kl=1,cosine=1", "names 'cosine', which task='classification'"),
+    Rule(DI, "distill.teacher_cache", "cache", "is not for task='mlm'", {"task": "mlm"}),
     Rule(DI, "data.packing", True, "data.packing=True is not supported by distillation"),
     Rule(DI, "peft.method", "lora", "is not supported by distillation"),
     Rule(DI, "data.dev_file", "", "data.dev_file is required"),
