@@ -216,7 +216,8 @@ def finetune_defaults() -> ml_collections.ConfigDict:
 def _peft_defaults() -> ml_collections.ConfigDict:
   """Parameter-efficient fine-tuning (`jaxfm.peft`): only the adapter and the new head train."""
   p = ml_collections.ConfigDict()
-  p.method = ""  # '' = full fine-tuning; lora | ia3 | prompt | prefix | houlsby | pfeiffer
+  # '' = full fine-tuning; lora | adalora | ia3 | prompt | prefix | houlsby | pfeiffer
+  p.method = ""
   p.rank = 8  # lora: r
   p.alpha = 8.0  # lora: the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
   p.rslora = False
@@ -228,6 +229,18 @@ def _peft_defaults() -> ml_collections.ConfigDict:
   p.prompt_init_text = ""  # prompt: start from these words' embeddings ('' = sampled tokens)
   p.prefix_projection = False  # prefix: reparameterise the prefix through peft's MLP
   p.reduction_factor = 16  # houlsby, pfeiffer: the bottleneck is hidden_size / reduction_factor
+  # adalora, with peft's AdaLoraConfig names: each site starts at rank init_r; the total rank
+  # falls (cubic, every deltaT steps) from step tinit to train.steps - tfinal, to target_r per
+  # site on average; beta1, beta2: the importance EMAs; orth_reg_weight: the orthogonality
+  # regulariser's weight in the loss (0 = off). alpha and target_modules as for lora.
+  p.init_r = 12
+  p.target_r = 8
+  p.tinit = 0
+  p.tfinal = 0
+  p.deltaT = 1
+  p.beta1 = 0.85
+  p.beta2 = 0.85
+  p.orth_reg_weight = 0.5
   p.base_sha256 = ""  # resolved: the frozen base's content hash; a changed base is refused
   return p
 
@@ -386,6 +399,7 @@ def validate_train(cfg: ml_collections.ConfigDict) -> None:
   if cfg.optim.warmup_steps > t.steps:
     raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds "
                       f"train.steps={t.steps}")
+  validate_peft_schedule(cfg)
 
 
 def validate_sequence_length(cfg: ml_collections.ConfigDict) -> None:
@@ -500,10 +514,38 @@ def validate_peft(cfg: ml_collections.ConfigDict) -> None:
     positive(cfg, "peft.num_virtual_tokens")
   if p.method in ("houlsby", "pfeiffer"):
     positive(cfg, "peft.reduction_factor")
+  if p.method == "adalora":
+    validate_adalora(cfg)
   if p.method == "prompt" and cfg.data.get("packing"):
     fail("data.packing", True, "cannot put a soft prompt (prompt tuning) before packed "
          "rows: one row holds several examples")
   validate_peft_positions(cfg)
+
+
+def validate_adalora(cfg: ml_collections.ConfigDict) -> None:
+  """AdaLoRA's ranks, EMAs and regulariser (its schedule: `validate_peft_schedule`)."""
+  p = cfg.peft
+  positive(cfg, "peft.init_r", "peft.target_r", "peft.deltaT")
+  if p.target_r > p.init_r:
+    fail("peft.target_r", p.target_r, f"exceeds peft.init_r={p.init_r}: AdaLoRA prunes ranks, "
+         "it does not add them")
+  for field in ("peft.beta1", "peft.beta2"):
+    if not 0.0 < _get(cfg, field) < 1.0:
+      fail(field, _get(cfg, field), "must be in (0, 1)")
+  for field in ("peft.tinit", "peft.tfinal", "peft.orth_reg_weight"):
+    if _get(cfg, field) < 0:
+      fail(field, _get(cfg, field), "must be >= 0")
+
+
+def validate_peft_schedule(cfg: ml_collections.ConfigDict) -> None:
+  """AdaLoRA's budgeting phase lies inside the run (peft's rule: tinit < total_step - tfinal,
+  total_step = train.steps); checked once train.steps is final."""
+  p = cfg.get("peft")
+  if not (p and p.method == "adalora"):
+    return
+  if p.tinit + p.tfinal >= cfg.train.steps:
+    fail("peft.tfinal", p.tfinal, f"with peft.tinit={p.tinit} leaves no budgeting phase in "
+         f"train.steps={cfg.train.steps}: tinit + tfinal must be < train.steps")
 
 
 def validate_peft_positions(cfg: ml_collections.ConfigDict) -> None:

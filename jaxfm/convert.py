@@ -69,7 +69,7 @@ def _to_peft(source: str, out: str) -> str:
   report = peft_format.export_peft(parts.plan, parts.trainable, parts.frozen,
                                    workdir.read_model_config(source), out,
                                    init_from[3:] if init_from.startswith("hf:") else "",
-                                   parts.run.label_names)
+                                   parts.run.label_names, parts.run.cfg.train.steps)
   return f"{report}\nparams: {parts.source}"
 
 

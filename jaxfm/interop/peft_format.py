@@ -1,11 +1,13 @@
 """huggingface/peft's adapter folder: `adapter_config.json` + `adapter_model.safetensors`.
 
-A LoRA or IA³ adapter of a jaxfm task model is written under transformers' BERT module names
-(`base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight`), the trained task
+A LoRA, AdaLoRA or IA³ adapter of a jaxfm task model is written under transformers' BERT module
+names (`base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight`), the trained task
 head as `modules_to_save`, so that `peft.PeftModel.from_pretrained(BertFor...(base), DIR)`
 computes what jaxfm computes. Each listed module is named in full (`bert.encoder.layer.0.
 output.dense`), because peft matches names by suffix and `output.dense` also ends
-`attention.output.dense`.
+`attention.output.dense`. AdaLoRA is written as peft saves it after rank allocation: each
+module keeps only its triplets with E != 0 (lora_A [rank, in], lora_E [rank, 1], lora_B [out,
+rank]) and `rank_pattern` in the config says which of its init_r they were.
 
 Prompt and prefix tuning are peft's PROMPT_TUNING and PREFIX_TUNING: one `prompt_embeddings`
 table (the soft prompt [virtual, hidden], or the prefix [virtual, layers * 2 * hidden] with a
@@ -28,7 +30,7 @@ from jaxfm import peft
 from jaxfm.interop.checkpoint_dir import atomic_directory
 from jaxfm.interop.hf_names import InteropError, task_head
 from jaxfm.models import BertConfig
-from jaxfm.peft import ia3, prefix
+from jaxfm.peft import adalora, ia3, prefix
 from jaxfm.trees import flatten
 
 CONFIG_FILE = "adapter_config.json"
@@ -54,7 +56,17 @@ def _ia3_tensors(site: peft.Site, leaves: Mapping[str, np.ndarray]) -> dict[str,
   return {"ia3_l": scale[None, :] if ia3.scales_input(site) else scale[:, None]}
 
 
-_TENSORS = {"lora": _lora_tensors, "ia3": _ia3_tensors}
+def _adalora_tensors(site: peft.Site, leaves: Mapping[str, np.ndarray]
+                     ) -> dict[str, np.ndarray]:
+  """The kept triplets (E != 0) in peft's layout: lora_A [rank, in], lora_E [rank, 1], lora_B
+  [out, rank] (jaxfm: A [*in, r], E [r], B [r, *out])."""
+  a, e, b = leaves["lora_a"], leaves[adalora.E], leaves["lora_b"]
+  r, kept = e.shape[-1], e != 0
+  return {"lora_A": a.reshape(-1, r).T[kept], "lora_E": e[kept][:, None],
+          "lora_B": b.reshape(r, -1).T[:, kept]}
+
+
+_TENSORS = {"lora": _lora_tensors, "adalora": _adalora_tensors, "ia3": _ia3_tensors}
 _PROMPT_TABLES = {"prompt": lambda adapter: adapter["prompt"], "prefix": prefix.table}
 
 
@@ -72,9 +84,11 @@ def _head_modules(head: Mapping[str, np.ndarray], pooler: bool) -> tuple[str, di
 
 
 def export_peft(plan: peft.Plan, trainable: Any, frozen: Any, config: BertConfig, out_dir: str,
-                base_model: str, label_names: Sequence[str] | None = None) -> str:
+                base_model: str, label_names: Sequence[str] | None = None,
+                total_step: int = 0) -> str:
   """Writes the adapter and head of a PEFT run (host arrays) as a peft adapter folder
-  (atomically); returns a report line.
+  (atomically); returns a report line. `total_step` is the run's train.steps (AdaLoRA's
+  config needs it).
 
   Raises:
     InteropError: a method, model or head peft cannot load.
@@ -95,10 +109,10 @@ def export_peft(plan: peft.Plan, trainable: Any, frozen: Any, config: BertConfig
     adapter_config = _prompt_config(plan, config, sorted(head_modules.values()), base_model)
     modules = 0
   else:
-    tensors, targets, input_scaled = _site_tensors(plan, trainable["adapter"], frozen)
+    tensors, targets, fields = _site_tensors(plan, trainable["adapter"], frozen)
     prefix_key = _PREFIX
-    adapter_config = _config(plan, targets, input_scaled, sorted(head_modules.values()),
-                             _TASK_TYPES[architecture], base_model)
+    adapter_config = {**_config(plan, targets, sorted(head_modules.values()),
+                                _TASK_TYPES[architecture], base_model, total_step), **fields}
     modules = len(targets)
   for path, module in head_modules.items():
     tensors[f"{prefix_key}{module}.weight"] = np.ascontiguousarray(head[f"{path}/kernel"].T)
@@ -118,13 +132,14 @@ def export_peft(plan: peft.Plan, trainable: Any, frozen: Any, config: BertConfig
 
 
 def _site_tensors(plan: peft.Plan, trainable_adapter: Any, frozen: Any
-                  ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+                  ) -> tuple[dict[str, np.ndarray], list[str], dict[str, Any]]:
   """A weight method's tensors under transformers' module names, its target modules and the
-  input-scaled ones (IA³'s `feedforward_modules`)."""
+  config fields that list modules: IA³'s input-scaled `feedforward_modules`, AdaLoRA's
+  `rank_pattern` (per module, which triplets are kept)."""
   adapter = flatten(trainable_adapter)
   scanned = peft.num_scanned(flatten(frozen))
   tensors: dict[str, np.ndarray] = {}
-  targets, input_scaled = [], []
+  targets, input_scaled, ranks = [], [], {}
   for site in plan.sites(frozen):
     leaves = {k.rsplit("/", 1)[1]: np.asarray(v) for k, v in adapter.items()
               if k.rsplit("/", 1)[0] == site.adapter}
@@ -135,7 +150,10 @@ def _site_tensors(plan: peft.Plan, trainable_adapter: Any, frozen: Any
       targets.append(_ENCODER + module)
       if plan.method.name == "ia3" and ia3.scales_input(site):
         input_scaled.append(_ENCODER + module)
-  return tensors, targets, input_scaled
+      if plan.method.name == "adalora":
+        ranks[f"{_ENCODER}{module}.lora_E"] = (own[adalora.E] != 0).tolist()
+  fields = {"ia3": {"feedforward_modules": input_scaled}, "adalora": {"rank_pattern": ranks}}
+  return tensors, targets, fields.get(plan.method.name, {})
 
 
 def _prompt_config(plan: peft.Plan, config: BertConfig, modules_to_save: list[str],
@@ -152,8 +170,8 @@ def _prompt_config(plan: peft.Plan, config: BertConfig, modules_to_save: list[st
   return {**common, "encoder_hidden_size": config.hidden_size, "prefix_projection": False}
 
 
-def _config(plan: peft.Plan, targets: list[str], input_scaled: list[str],
-            modules_to_save: list[str], task_type: str, base_model: str) -> dict[str, Any]:
+def _config(plan: peft.Plan, targets: list[str], modules_to_save: list[str], task_type: str,
+            base_model: str, total_step: int) -> dict[str, Any]:
   common = {"peft_type": plan.method.peft_type, "task_type": task_type,
             "target_modules": targets, "modules_to_save": modules_to_save,
             "base_model_name_or_path": base_model, "inference_mode": True,
@@ -162,4 +180,9 @@ def _config(plan: peft.Plan, targets: list[str], input_scaled: list[str],
   if plan.method.name == "lora":
     return {**common, "r": s.rank, "lora_alpha": s.alpha, "use_rslora": s.rslora,
             "lora_dropout": s.dropout, "bias": "none", "init_lora_weights": True}
-  return {**common, "feedforward_modules": input_scaled, "init_ia3_weights": True}
+  if plan.method.name == "adalora":
+    return {**common, "init_r": s.init_r, "target_r": s.target_r, "lora_alpha": s.alpha,
+            "lora_dropout": s.dropout, "tinit": s.tinit, "tfinal": s.tfinal, "deltaT": s.deltaT,
+            "beta1": s.beta1, "beta2": s.beta2, "orth_reg_weight": s.orth_reg_weight,
+            "total_step": total_step, "bias": "none", "init_lora_weights": True}
+  return {**common, "init_ia3_weights": True}

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning: a frozen base, a small trainable tree (adapter + new heads).
 
-Methods that change weights (`lora`, `ia3`) have `init(site, kernel, rng, settings)` (the
+Methods that change weights (`lora`, `adalora`, `ia3`) have `init(site, kernel, rng, settings)` (the
 site's adapter params, on the kernel's logical axes, so they shard like the base) and
 `fold(site, flat, adapter, settings)` (the adapted params). Methods that act on activations
 (`prompt`, `prefix`, `adapters` for houlsby / pfeiffer) have `init(flat, rng, settings,
@@ -8,12 +8,14 @@ text_ids)` and `hooks(adapter, settings, dims)`: the model inputs that `Plan.com
 under `encoder/peft`, where `jaxfm.models.encoder.BertEncoder` reads them. `Plan` splits a task
 model's params into the frozen base (what `init_from` provided) and the trainable tree
 `{'adapter': ..., 'head': ...}` (the adapter and everything the base lacked: the task head),
-and `Plan.combine` rebuilds the model's params from the two. The train state holds only the
+and `Plan.combine` rebuilds the model's params from the two. A method may also add a term to
+the training loss (`Plan.penalty`) and wrap the run's optimiser (`Plan.optimizer`): AdaLoRA's
+orthogonality regulariser and rank allocator. The train state holds only the
 trainable tree; the base goes to the jitted steps as an argument with its own shardings, never
 as a constant inside the executable.
 
 LoRA with input dropout would need the projections as interceptable module methods; it is not
-here yet.
+here yet (`peft.dropout` must be 0).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+import optax
 
 from jaxfm.models.encoder import PEFT
-from jaxfm.peft import adapters, ia3, lora, prefix, prompt
+from jaxfm.peft import adalora, adapters, ia3, lora, prefix, prompt
 from jaxfm.peft.sites import (ALL_LINEAR, TARGETS, EncoderDims, Site, Target, num_scanned,
                               parse_targets, sites)
 from jaxfm.trees import flatten, unflatten
@@ -51,6 +54,7 @@ class Method:
 
 METHODS = {m.name: m for m in (
     Method("lora", "LORA", lora, ("query", "value")),
+    Method("adalora", "ADALORA", adalora, ("query", "value")),
     Method("ia3", "IA3", ia3, ("key", "value", "output")),
     Method("prompt", "PROMPT_TUNING", prompt),
     Method("prefix", "PREFIX_TUNING", prefix),
@@ -73,6 +77,15 @@ class Settings:
   prompt_init_text: str = ""  # prompt: start from these words' embeddings ('' = sampled)
   prefix_projection: bool = False  # prefix: reparameterise through peft's MLP
   reduction_factor: int = 16  # houlsby, pfeiffer: bottleneck = hidden / reduction_factor
+  # adalora, with peft's names (see `jaxfm.peft.adalora`): ranks, schedule, EMAs, regulariser.
+  init_r: int = 12
+  target_r: int = 8
+  tinit: int = 0
+  tfinal: int = 0
+  deltaT: int = 1  # pylint: disable=invalid-name
+  beta1: float = 0.85
+  beta2: float = 0.85
+  orth_reg_weight: float = 0.5
 
   @classmethod
   def of(cls, section: Mapping[str, Any]) -> Settings:
@@ -117,6 +130,22 @@ class Plan:
       adapter[site.adapter] = self.method.module.init(
           site, flat[site.kernel], jax.random.fold_in(rng, index), self.settings)
     return {"adapter": unflatten(adapter), "head": unflatten(head)}
+
+  @property
+  def penalty(self) -> Callable[[Any], jax.Array] | None:
+    """The method's term of the training loss (per weighted target), a function of the
+    trainable tree: AdaLoRA's orthogonality regulariser; None for the others."""
+    if self.settings.method != "adalora" or self.settings.orth_reg_weight == 0:
+      return None
+    return lambda trainable: adalora.penalty(trainable["adapter"], self.settings)
+
+  def optimizer(self, tx: optax.GradientTransformationExtraArgs, total_steps: int
+                ) -> optax.GradientTransformationExtraArgs:
+    """The run's optimiser `tx` with the method's own state and updates: AdaLoRA's rank
+    allocator (on the schedule of `total_steps`); `tx` for the others."""
+    if self.settings.method != "adalora":
+      return tx
+    return adalora.allocator(tx, self.settings, total_steps)
 
   def _text_ids(self) -> tuple[int, ...]:
     text = self.settings.prompt_init_text

@@ -23,13 +23,24 @@ LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, Sums]]
 StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 # (trainable params, frozen params) -> the model's params (`jaxfm.peft.Plan.combine`).
 Combine = Callable[[Any, Any], Any]
+# trainable params -> a scalar added to the loss per weighted target (`jaxfm.peft.Plan.penalty`).
+Penalty = Callable[[Any], jax.Array]
 
 
-def _model_loss(loss_fn: LossFn, combine: Combine | None, frozen: Any) -> LossFn:
-  """`loss_fn` of the trainable params: with `combine`, the frozen ones are folded in."""
-  if combine is None:
+def _model_loss(loss_fn: LossFn, combine: Combine | None, frozen: Any,
+                penalty: Penalty | None = None) -> LossFn:
+  """`loss_fn` of the trainable params: with `combine`, the frozen ones are folded in; with
+  `penalty`, penalty · weight is added to the differentiated loss sum (so the step's mean
+  loss gains the penalty once; the reported `sums` stay the task's)."""
+  if combine is None and penalty is None:
     return loss_fn
-  return lambda params, batch, rng: loss_fn(combine(params, frozen), batch, rng)
+
+  def loss(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
+    loss_sum, sums = loss_fn(params if combine is None else combine(params, frozen), batch, rng)
+    if penalty is not None:
+      loss_sum = loss_sum + penalty(params) * sums["weight"]
+    return loss_sum, sums
+  return loss
 
 
 def _split_micro_batches(batch: Batch, count: int) -> Batch:
@@ -42,18 +53,20 @@ def _split_micro_batches(batch: Batch, count: int) -> Batch:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformationExtraArgs,
                     schedule: optax.Schedule, grad_accum_steps: int = 1,
-                    skip_nonfinite: bool = True, combine: Combine | None = None) -> StepFn:
+                    skip_nonfinite: bool = True, combine: Combine | None = None,
+                    penalty: Penalty | None = None) -> StepFn:
   """Returns `train_step(state, batch, frozen=None) -> (state, metrics)`, pure and jittable.
 
   `tx` is an `optim.make_optimizer` optimiser: its `update` takes the gradients' global norm
   and `apply` (False when `skip_nonfinite` and the step is not finite: state kept). With
   `combine` (parameter-efficient fine-tuning) `state.params` is the trainable tree and the
   model's params are `combine(state.params, frozen)`: gradients and optimizer state exist for
-  the trainable tree only.
+  the trainable tree only. `penalty` (a function of `state.params`) is added to the mean loss
+  that is differentiated.
   """
   def train_step(state: TrainState, batch: Batch, frozen: Any = None
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
-    grad_fn = jax.value_and_grad(_model_loss(loss_fn, combine, frozen), has_aux=True)
+    grad_fn = jax.value_and_grad(_model_loss(loss_fn, combine, frozen, penalty), has_aux=True)
 
     def micro_step(params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Sums]:
       (_, sums), grads = grad_fn(params, batch, rng)

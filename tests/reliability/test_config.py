@@ -47,13 +47,15 @@ M, MESH, O, T, S, D, F = ("validate_model", "validate_mesh", "validate_optim", "
                           "validate_sequence_length", "validate_pretrain_data", "validate_finetune")
 K = "tasks.validate_finetune"  # the task kind and its fields, then F
 DI = "validate_distill"
-VALIDATORS = {**{name: getattr(config_lib, name) for name in (M, MESH, O, T, S, D, F, DI)},
+PS = "validate_peft_schedule"
+VALIDATORS = {**{name: getattr(config_lib, name) for name in (M, MESH, O, T, S, D, F, DI, PS)},
               K: tasks.validate_finetune}
 QA, NER = {"task": "qa"}, {"task": "ner"}
 LORA = {"peft.method": "lora", "init_from": "hf:base"}
 PREFIX = {"peft.method": "prefix", "init_from": "hf:base"}
 PROMPT = {"peft.method": "prompt", "init_from": "hf:base"}
 HOULSBY = {"peft.method": "houlsby", "init_from": "hf:base"}
+ADALORA = {"peft.method": "adalora", "init_from": "hf:base"}
 HIDDEN = {"distill.losses": "kl=1,hidden=1"}
 RULES = [
     *_positive(M, "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
@@ -144,7 +146,7 @@ RULES = [
     Rule(F, "optim.layer_decay", 0.0, "optim.layer_decay=0.0 must be in (0, 1]"),
     Rule(F, "optim.warmup_ratio", 1.0, "optim.warmup_ratio=1.0 must be < 1"),
     Rule(F, "train.early_stopping_patience", 3, "train.early_stopping_patience needs a dev set"),
-    Rule(F, "peft.method", "dora", "peft.method='dora' must be one of lora, ia3"),
+    Rule(F, "peft.method", "dora", "peft.method='dora' must be one of lora, adalora, ia3"),
     Rule(F, "peft.method", "lora", "peft.method='lora' needs init_from"),
     Rule(F, "peft.rank", 0, "peft.rank=0 must be > 0", LORA),
     Rule(F, "peft.alpha", 0.0, "peft.alpha=0.0 must be > 0", LORA),
@@ -155,6 +157,15 @@ RULES = [
          "data.max_seq_length=128 exceeds the model's max_position_embeddings=512", PREFIX),
     Rule(F, "peft.reduction_factor", 0, "peft.reduction_factor=0 must be > 0", HOULSBY),
     Rule(F, "data.packing", True, "data.packing=True cannot put a soft prompt", PROMPT),
+    *(Rule(F, f, 0, f"{f}=0 must be > 0", ADALORA)
+      for f in ("peft.init_r", "peft.target_r", "peft.deltaT")),
+    Rule(F, "peft.target_r", 16, "peft.target_r=16 exceeds peft.init_r=12", ADALORA),
+    Rule(F, "peft.beta1", 1.0, "peft.beta1=1.0 must be in (0, 1)", ADALORA),
+    Rule(F, "peft.beta2", 0.0, "peft.beta2=0.0 must be in (0, 1)", ADALORA),
+    *(Rule(F, f, v, f"{f}={v!r} must be >= 0", ADALORA)
+      for f, v in (("peft.tinit", -1), ("peft.tfinal", -1), ("peft.orth_reg_weight", -1.0))),
+    Rule(PS, "peft.tfinal", 1, "peft.tfinal=1 with peft.tinit=0 leaves no budgeting phase in "
+         "train.steps=1", ADALORA),
     Rule(DI, "teacher", "", "teacher is required"),
     Rule(DI, "task", "qa", "task='qa' is not distilled yet"),
     Rule(DI, "distill.student_init", "copy", "distill.student_init='copy' must be one of"),
@@ -186,7 +197,7 @@ def _base(check: str):
     cfg = config_lib.distill_defaults()
     cfg.teacher, cfg.data.train_file, cfg.data.dev_file = "teacher", "train.tsv", "dev.tsv"
     return cfg
-  if check not in (F, K):
+  if check not in (F, K, PS):
     return config_lib.pretrain_defaults()
   cfg = config_lib.finetune_defaults()
   cfg.data.train_file = "train.tsv"
