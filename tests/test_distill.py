@@ -548,21 +548,34 @@ def test_bad_teacher_is_one_error_line(tmp_path):
   assert len(errors) == 1 and f"teacher='{tmp_path / 'nope'}' is not readable" in errors[0]
 
 
-@pytest.mark.slow
-def test_ner_student_of_a_bfloat16_teacher(teacher_run, monkeypatch):
-  # Per-token soft targets (the labelled first sub-words) and hidden states at every position,
-  # from a teacher whose params and compute are bfloat16 in the step.
+@pytest.fixture(scope="module")
+def ner_teacher(teacher_run):
+  """An NER teacher fine-tuned on the CoNLL fixtures: (train, dev, its workdir, its result)."""
   root = teacher_run[0]
   train, dev = ff.write_conll(root)
   cfg = ff.config("ner", str(root / "pretrained"), train, dev)
   teacher, _ = finetuning.finetune(cfg, str(root / "ner_teacher"))
+  return train, dev, str(root / "ner_teacher"), teacher
+
+
+def _ner_config(ner_teacher, **distill):
+  train, dev, workdir, _ = ner_teacher
   cfg = config_lib.distill_defaults()
   cfg.task = "ner"
   base = ff.config("ner", "", train, dev)
   for section in ("data", "train", "optim", "model"):
     cfg[section].update(base[section].to_dict())
-  cfg.teacher, cfg.model.num_layers = str(root / "ner_teacher"), 1
-  cfg.distill.update(losses="kl=0.5,task=0.5,hidden=1.0", teacher_dtype="bfloat16")
+  cfg.teacher, cfg.model.num_layers = workdir, 1
+  cfg.distill.update(distill)
+  return cfg
+
+
+@pytest.mark.slow
+def test_ner_student_of_a_bfloat16_teacher(teacher_run, ner_teacher, monkeypatch):
+  # Per-token soft targets (the labelled first sub-words) and hidden states at every position,
+  # from a teacher whose params and compute are bfloat16 in the step.
+  root = teacher_run[0]
+  cfg = _ner_config(ner_teacher, losses="kl=0.5,task=0.5,hidden=1.0", teacher_dtype="bfloat16")
   train_loop, frozen_dtypes = distill_run.loop.train, set()
 
   def recording(*args, **kwargs):
@@ -571,5 +584,23 @@ def test_ner_student_of_a_bfloat16_teacher(teacher_run, monkeypatch):
   monkeypatch.setattr(distill_run.loop, "train", recording)
   result, _ = distill_run.distill(cfg, str(root / "ner_student"))
   assert frozen_dtypes == {"bfloat16"}
+  teacher = ner_teacher[3]
   assert teacher.eval["f1"] > 0.8
   assert result.eval["f1"] >= teacher.eval["f1"] - 0.1 and "kl_loss" in result.eval
+
+
+@pytest.mark.slow
+def test_ner_student_of_a_cached_top_2_teacher(teacher_run, ner_teacher):
+  # Per-token top-2 logits of a 4-label head, cut to the length buckets with the tokens: the
+  # student learns from the renormalised top-2 distribution without the teacher in the step.
+  root = teacher_run[0]
+  cfg = _ner_config(ner_teacher, losses="kl=0.5,task=0.5", teacher_top_k=2,
+                    teacher_cache=str(root / "ner_cache"))
+  result, _ = distill_run.distill(cfg, str(root / "ner_cached_student"))
+  assert len(config_lib.length_buckets(cfg.data)) > 1  # batches are cut to shorter lengths
+  with np.load(root / "ner_cache" / "part-000000000-000000160.npz") as part:
+    assert part["values"].shape == (160, ff.SEQ, 2)
+    assert np.all(part["values"][..., 0] >= part["values"][..., 1])
+  train = _train_metrics(str(root / "ner_cached_student"))
+  assert train[-1]["kl_loss"] < train[0]["kl_loss"]
+  assert result.eval["f1"] >= ner_teacher[3].eval["f1"] - 0.1
