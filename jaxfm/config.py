@@ -563,11 +563,13 @@ def validate_peft_positions(cfg: ml_collections.ConfigDict) -> None:
 
 # ---------------------------------------------------------------- distillation
 
-# soft targets, hard labels, hidden-state MSE, MiniLM's attention and value-relation KL;
-# task=mlm: DistilBERT's cosine between the last hidden states
-DISTILL_LOSSES = ("kl", "task", "hidden", "attention", "value_relation", "cosine")
+# soft targets, hard labels, hidden-state MSE, MiniLM's attention and value-relation KL,
+# MiniLMv2's query and key relations; task=mlm: DistilBERT's cosine of the last hidden states
+DISTILL_LOSSES = ("kl", "task", "hidden", "attention", "value_relation", "query_relation",
+                  "key_relation", "cosine")
 _TASK_LOSSES = {"mlm": ("kl", "task", "cosine")}  # else every loss but cosine
-_STATE_LOSSES = ("hidden", "attention", "value_relation", "cosine")  # read inside the encoders
+_STATE_LOSSES = ("hidden", "attention", "value_relation", "query_relation", "key_relation",
+                 "cosine")  # read inside the encoders
 STUDENT_INITS = ("random", "every_k", "init_from")
 TEACHER_DTYPES = ("float32", "bfloat16")
 
@@ -604,15 +606,20 @@ def _distill_section() -> ml_collections.ConfigDict:
   # regression the squared error to the teacher's output), task (the hard-label loss), hidden
   # (TinyBERT hidden-state MSE over `layer_map`, through a learned projection when widths differ),
   # attention and value_relation (MiniLM: per-head KL of the self-attention distributions and
-  # of softmax(V V^T / sqrt(d)) over `attention_map`; the student keeps the teacher's heads);
+  # of softmax(V V^T / sqrt(d)) over `attention_map`; the student keeps the teacher's heads),
+  # query_relation and key_relation (MiniLMv2: softmax(Q Q^T / sqrt(d)), K K^T likewise);
   # task=mlm: kl and task at the masked positions, cosine (1 - cos of the last hidden states).
   d.losses = "kl=1.0,task=0.0"
   d.temperature = 2.0
   # 'S:T,...' student:teacher hidden states, 0 = the embeddings, i = layer i's output;
   # '' = uniform: 0:0 and i:i*k for k = teacher layers / student layers.
   d.layer_map = ""
-  # 'S:T,...' student:teacher layers (1-based) for attention and value_relation; '' = the last.
+  # 'S:T,...' student:teacher layers (1-based) for the attention and relation losses; '' = the
+  # last of each.
   d.attention_map = ""
+  # 0: the relations per attention head (the student's head count must be the teacher's);
+  # R > 0: MiniLMv2's relation heads, each model's heads concatenated and split into R.
+  d.relation_heads = 0
   # A directory: the teacher's top-k logits on the training set, written once (resumable) and
   # read instead of running the teacher in the step; '' = the teacher runs in the step.
   d.teacher_cache = ""
@@ -678,6 +685,12 @@ def validate_distill(cfg: ml_collections.ConfigDict) -> None:
   positive(cfg, "distill.temperature")
   one_of(cfg, "distill.teacher_dtype", TEACHER_DTYPES)
   positive(cfg, "distill.teacher_top_k")
+  if d.relation_heads < 0:
+    fail("distill.relation_heads", d.relation_heads, "must be >= 0")
+  if d.relation_heads and "attention" in losses:
+    fail("distill.relation_heads", d.relation_heads, "splits queries, keys and values into "
+         "MiniLMv2's relation heads, which compare no attention distributions: use "
+         "query_relation and key_relation instead of attention")
   inside = [name for name in _STATE_LOSSES if name in losses]
   if inside:  # read at each layer's call (`distillation.capture`)
     if cfg.model.scan_layers:

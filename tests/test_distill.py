@@ -143,6 +143,15 @@ def test_relation_kl_gradient_reaches_the_student_only_through_real_tokens():
   np.testing.assert_array_equal(grad_k[1, 2:], 0.0)  # padded keys are never attended
 
 
+def test_relation_heads_concatenate_the_heads_and_split_them_anew():
+  # MiniLMv2: 4 heads of width 2 and 2 heads of width 4 give the same 2 relation heads.
+  x = np.arange(2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8)
+  four, two = x.reshape(2, 3, 4, 2), x.reshape(2, 3, 2, 4)
+  np.testing.assert_array_equal(losses.relation_heads(jnp.asarray(four), 2), two)
+  np.testing.assert_array_equal(losses.relation_heads(jnp.asarray(two), 2), two)
+  np.testing.assert_array_equal(losses.relation_heads(jnp.asarray(four), 1), x[:, :, None])
+
+
 def test_top_k_kl_equals_the_full_kl_when_k_covers_the_classes_and_renormalises_otherwise():
   rng = np.random.default_rng(5)
   s, t = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
@@ -282,6 +291,36 @@ def test_minilm_losses_need_the_teachers_heads(teacher_run):
   cfg.model.num_heads, cfg.distill.attention_map = 2, "0:1"
   with pytest.raises(config_lib.ConfigError, match=r"distill.attention_map='0:1'"):
     distill_run.loss_settings(cfg, teacher)
+
+
+def test_minilm_v2_relation_heads_teach_a_student_of_other_heads(teacher_run):
+  # A random student of 4 heads in 64 features against the teacher's 2 heads in 128: query,
+  # key and value relations over 2 relation heads, with gradients to the student's QKV.
+  cfg = _config(teacher_run, student_init="random", relation_heads=2,
+                losses="kl=1.0,query_relation=1.0,key_relation=1.0,value_relation=1.0")
+  cfg.model.update(hidden_size=64, num_heads=4, intermediate_size=128)
+  teacher = load_teacher(cfg)
+  student.take_architecture(cfg, teacher)
+  settings = distill_run.loss_settings(cfg, teacher)
+  task, init_trainable, _ = distill_run._tasks(cfg, teacher, None, settings)
+  trainable = distill_run.sharding.unbox(init_trainable(jax.random.key(0)))
+  batch = {k: jnp.asarray(v) for k, v in _batch(teacher.config.vocab_size).items()}
+
+  def relations(params):
+    sums = task.loss_fn({**params, "teacher": teacher.params}, batch, None)[1]
+    return sum(sums[f"{n}_relation_sum"] for n in ("query", "key", "value")), sums
+  (loss, sums), grad = jax.jit(jax.value_and_grad(relations, has_aux=True))(trainable)
+  assert all(float(sums[f"{n}_relation_sum"]) > 1e-3 for n in ("query", "key", "value"))
+  kernel = grad["student"]["encoder"]["layer_0"]["attention"]["qkv_kernel"]
+  assert np.all(np.isfinite(kernel)) and float(jnp.abs(kernel).max()) > 0
+  cfg.distill.relation_heads = 3
+  with pytest.raises(config_lib.ConfigError, match=r"distill.relation_heads=3 must divide the "
+                     r"student's attention width 64"):
+    distill_run.loss_settings(cfg, teacher)
+  cfg.distill.update(relation_heads=2, losses="kl=1.0,attention=1.0")
+  with pytest.raises(config_lib.ConfigError, match=r"distill.relation_heads=2 .*use "
+                     r"query_relation and key_relation"):
+    config_lib.validate_distill(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ mean squared error between the student's (projected) and the teacher's states; D
 cosine loss the cosine distance between them. Attention
 follows MiniLM (Wang et al., 2020): the KL between the teacher's and the student's per-head
 self-attention distributions, softmax(Q K^T / sqrt(d)), and value relations,
-softmax(V V^T / sqrt(d)). A cached teacher's top-k logits (`teacher_cache`) give the soft
+softmax(V V^T / sqrt(d)); MiniLMv2 (Wang et al., 2021) adds query and key relations, over
+relation heads that need not be the models' own. A cached teacher's top-k logits (`teacher_cache`) give the soft
 targets over their support, renormalised.
 """
 
@@ -93,6 +94,13 @@ def relation_kl(student: tuple[jax.Array, jax.Array], teacher: tuple[jax.Array, 
   per_key = jnp.where(key_mask[:, None, None, :] > 0, jnp.exp(log_t) * (log_t - log_s), 0.0)
   per_query = jnp.mean(jnp.sum(per_key, axis=-1), axis=1)  # [b, t]: mean over heads
   return jnp.sum(per_query * query_weights) / jnp.maximum(jnp.sum(query_weights), 1.0)
+
+
+def relation_heads(x: jax.Array, heads: int) -> jax.Array:
+  """MiniLMv2's relation heads: [b, t, n, d] -> the n heads concatenated, split into `heads`,
+  [b, t, heads, n * d / heads]."""
+  b, t, n, d = x.shape
+  return x.reshape(b, t, heads, n * d // heads)
 
 
 def top_k_kl(student_logits: jax.Array, teacher_values: jax.Array, teacher_indices: jax.Array,

@@ -90,23 +90,38 @@ def _hidden_sum(found_s: capture.Captured, found_t: capture.Captured, batch: Bat
   return total
 
 
+# Each relation loss: the (A, B) of softmax(A B^T / sqrt(d)) as indices into (q, k, v).
+RELATIONS = {"attention": (0, 1), "value_relation": (2, 2), "query_relation": (0, 0),
+             "key_relation": (1, 1)}
+
+
 def _relation_sums(found_s: capture.Captured, found_t: capture.Captured, batch: Batch,
-                   pairs: Pairs, names: set[str]) -> dict[str, jax.Array]:
-  """MiniLM's losses (`names`: attention, value_relation), each summed over the mapped
-  (student, teacher) layers, per real query token of the batch."""
+                   settings: LossSettings) -> dict[str, jax.Array]:
+  """MiniLM's losses (those of `RELATIONS` weighted), each summed over the mapped (student,
+  teacher) layers, per real query token of the batch; over MiniLMv2's relation heads when
+  `settings.relation_heads`."""
+  names = [name for name in RELATIONS if name in settings.weights]
   keys = batch["attention_mask"]  # [b, t]
   queries = keys * batch["weights"][:, None]  # [b, t]
   totals = {name: jnp.zeros((), jnp.float32) for name in names}
-  for s, t in pairs:
-    q_s, k_s, v_s = found_s.attention[s].qkv()  # each [b, t, heads, student head_dim]
-    q_t, k_t, v_t = (jax.lax.stop_gradient(x) for x in found_t.attention[t].qkv())
-    if q_s.shape[2] != q_t.shape[2]:  # e.g. a head-pruned teacher or student
-      config_lib.fail("distill.attention_map", f"{s}:{t}", f"pairs a layer of {q_s.shape[2]} "
-                      f"heads with one of {q_t.shape[2]}: MiniLM compares them head by head")
-    if "attention" in names:
-      totals["attention"] += losses.relation_kl((q_s, k_s), (q_t, k_t), keys, queries)
-    if "value_relation" in names:
-      totals["value_relation"] += losses.relation_kl((v_s, v_s), (v_t, v_t), keys, queries)
+  for s, t in settings.attention_pairs:
+    qkv_s = found_s.attention[s].qkv()  # each [b, t, heads, student head_dim]
+    qkv_t = tuple(jax.lax.stop_gradient(x) for x in found_t.attention[t].qkv())
+    if settings.relation_heads:
+      for x in (qkv_s[0], qkv_t[0]):  # a head-pruned layer has a narrower width
+        if (x.shape[2] * x.shape[3]) % settings.relation_heads:
+          config_lib.fail("distill.relation_heads", settings.relation_heads, f"must divide "
+                          f"the attention width {x.shape[2] * x.shape[3]} of layers {s}:{t}")
+      qkv_s, qkv_t = ([losses.relation_heads(x, settings.relation_heads) for x in qkv]
+                      for qkv in (qkv_s, qkv_t))
+    elif qkv_s[0].shape[2] != qkv_t[0].shape[2]:  # e.g. a head-pruned teacher or student
+      config_lib.fail("distill.attention_map", f"{s}:{t}", f"pairs a layer of "
+                      f"{qkv_s[0].shape[2]} heads with one of {qkv_t[0].shape[2]}: MiniLM "
+                      "compares them head by head (or set distill.relation_heads)")
+    for name in names:
+      a, b = RELATIONS[name]
+      totals[name] += losses.relation_kl((qkv_s[a], qkv_s[b]), (qkv_t[a], qkv_t[b]), keys,
+                                         queries)
   return totals
 
 
@@ -120,6 +135,7 @@ class LossSettings:
   regression: bool
   hidden_pairs: Pairs = ()
   attention_pairs: Pairs = ()
+  relation_heads: int = 0  # MiniLMv2's (0: the models' own heads)
 
 
 def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
@@ -135,7 +151,6 @@ def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
   divides by.
   """
   weights = settings.weights
-  relations = {"attention", "value_relation"} & set(weights)
 
   def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
     with capture.capturing() as found_s:
@@ -155,8 +170,7 @@ def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
       if "hidden" in weights:
         parts["hidden"] = sums["weight"] * _hidden_sum(
             found_s, found_t, batch, params.get("projection", {}), settings.hidden_pairs)
-      for name, value in _relation_sums(found_s, found_t, batch, settings.attention_pairs,
-                                        relations).items():
+      for name, value in _relation_sums(found_s, found_t, batch, settings).items():
         parts[name] = sums["weight"] * value
     total = sum(weight * parts[name] for name, weight in weights.items() if name in parts)
     return total, {**sums, "loss_sum": total, **{f"{n}_sum": v for n, v in parts.items()}}
@@ -261,13 +275,28 @@ def loss_settings(cfg: ml_collections.ConfigDict, teacher: Teacher) -> LossSetti
   hidden = attention = ()
   if "hidden" in weights:
     hidden = config_lib.layer_map(d, model.num_layers, teacher.config.num_layers)
-  if {"attention", "value_relation"} & set(weights):
+  if set(RELATIONS) & set(weights):
+    attention = attention_map(d, model.num_layers, teacher.config.num_layers)
+    _check_relation_heads(cfg, teacher)
+  return LossSettings(weights, d.temperature, cfg.task == "regression", hidden, attention,
+                      d.relation_heads)
+
+
+def _check_relation_heads(cfg: ml_collections.ConfigDict, teacher: Teacher) -> None:
+  """The student's heads are the teacher's (MiniLM), or `distill.relation_heads` splits both
+  attention widths (MiniLMv2)."""
+  model, heads = cfg.model, cfg.distill.relation_heads
+  if not heads:
     if model.num_heads != teacher.config.num_heads:
       config_lib.fail("model.num_heads", model.num_heads, f"must equal the teacher's "
-                      f"{teacher.config.num_heads} heads for the attention and value_relation "
-                      "losses (MiniLM compares them head by head)")
-    attention = attention_map(d, model.num_layers, teacher.config.num_layers)
-  return LossSettings(weights, d.temperature, cfg.task == "regression", hidden, attention)
+                      f"{teacher.config.num_heads} heads for MiniLM's relation losses, which "
+                      "compare them head by head (or set distill.relation_heads)")
+    return
+  widths = {"student's": model.hidden_size, "teacher's": teacher.config.hidden_size}
+  for whose, width in widths.items():
+    if width % heads:
+      config_lib.fail("distill.relation_heads", heads, f"must divide the {whose} attention "
+                      f"width {width}")
 
 
 def initial_trainable(cfg: ml_collections.ConfigDict, start: Any, init_trainable: Callable) -> Any:
