@@ -9,8 +9,8 @@ cosine loss the cosine distance between them. Attention
 follows MiniLM (Wang et al., 2020): the KL between the teacher's and the student's per-head
 self-attention distributions, softmax(Q K^T / sqrt(d)), and value relations,
 softmax(V V^T / sqrt(d)); MiniLMv2 (Wang et al., 2021) adds query and key relations, over
-relation heads that need not be the models' own. A cached teacher's top-k logits (`teacher_cache`) give the soft
-targets over their support, renormalised.
+relation heads that need not be the models' own. A cached teacher's top-k logits
+(`teacher_cache`) give the soft targets over their support, renormalised.
 """
 
 from __future__ import annotations

@@ -136,7 +136,9 @@ def distill_mlm(cfg: ml_collections.ConfigDict, workdir: str,
   fields = {f.name: getattr(student_task, f.name) for f in dataclasses.fields(loop.Task)}
   fields.update(summarize=run.summarize_parts(student_task.summarize), loss_fn=mlm_distill_loss(
       student_task.model, teacher_task.model, loss_weights, cfg.distill.temperature))
-  init_trainable = lambda rng: {"student": student_task.init_params(rng)}
+
+  def init_trainable(rng: jax.Array) -> dict[str, Any]:
+    return {"student": student_task.init_params(rng)}
   task = run.DistillTask(**fields, init_fn=lambda rng: {
       **init_trainable(rng), "teacher": teacher_task.init_params(jax.random.fold_in(rng, 2))})
   initial = run.initial_trainable(cfg, start, init_trainable)

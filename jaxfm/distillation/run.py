@@ -128,7 +128,8 @@ def _relation_sums(found_s: capture.Captured, found_t: capture.Captured, batch: 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
   """`distill.losses` as {name: weight} and what they read: the temperature, the hidden-state
-  pairs (`distill.layer_map`) and the attention pairs (`distill.attention_map`)."""
+  pairs (`distill.layer_map`), the attention pairs (`distill.attention_map`) and the relation
+  heads (`distill.relation_heads`)."""
 
   weights: dict[str, float]
   temperature: float
@@ -147,8 +148,7 @@ def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
   teacher runs without dropout, or its top-k logits come with the batch (`cache`; dev batches
   then have none, and no kl). Sums: the task's, `loss_sum` the weighted total, and
   `<name>_sum` per loss (`kl` and `task`, the others when weighted). The per-batch means
-  (hidden, attention, value_relation) count times the batch's targets, which the step
-  divides by.
+  (hidden and the relations) count times the batch's targets, which the step divides by.
   """
   weights = settings.weights
 
@@ -189,7 +189,7 @@ def _cached_soft_targets(student_out: jax.Array, batch: Batch, targets: jax.Arra
 
 
 def summarize_parts(base: Callable[[dict[str, float]], dict[str, float]]
-               ) -> Callable[[dict[str, float]], dict[str, float]]:
+                    ) -> Callable[[dict[str, float]], dict[str, float]]:
   """The task's summary (loss: the weighted total) plus each loss per target (`kl_loss`...)."""
   def summarize(sums: dict[str, float]) -> dict[str, float]:
     weight = max(sums["weight"], 1.0)
@@ -239,6 +239,7 @@ def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, settings:
       summarize=summarize_parts(student_task.summarize),
       predict_fn=lambda params, batch: student_task.predict_fn(params["student"], batch),
       loss_fn=distill_loss(student_task, teacher_task, settings))
+
   def init_params(rng: jax.Array) -> dict[str, Any]:
     params = init_trainable(rng)
     if cfg.distill.teacher_cache:
@@ -268,7 +269,7 @@ def loss_settings(cfg: ml_collections.ConfigDict, teacher: Teacher) -> LossSetti
   """The losses of a student of `teacher` (its architecture in `cfg.model`).
 
   Raises:
-    ConfigError: a bad layer map, or MiniLM's losses with another head count than the teacher's.
+    ConfigError: a bad layer map, or relation losses whose heads do not match up.
   """
   d, model = cfg.distill, cfg.model
   weights = config_lib.distill_losses(d)
