@@ -587,6 +587,14 @@ def test_bad_teacher_is_one_error_line(tmp_path):
   assert len(errors) == 1 and f"teacher='{tmp_path / 'nope'}' is not readable" in errors[0]
 
 
+def test_bad_mlm_teacher_is_one_error_line(tmp_path):
+  out = _cli("--config=configs/distill/mlm_distilbert.py", f"--workdir={tmp_path / 'w'}",
+             f"--config.teacher={tmp_path / 'nope'}")
+  assert out.returncode == 1
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and f"teacher='{tmp_path / 'nope'}' is not readable" in errors[0]
+
+
 @pytest.fixture(scope="module")
 def ner_teacher(teacher_run):
   """An NER teacher fine-tuned on the CoNLL fixtures: (train, dev, its workdir, its result)."""
