@@ -126,13 +126,14 @@ def plan(config: BertConfig, scores: Scores, heads_share: float, ffn_share: floa
   normalised = [s / (np.linalg.norm(s) + 1e-20) for s in scores.heads]
   ranked = sorted((float(s), i, h) for i, layer in enumerate(normalised)
                   for h, s in enumerate(layer))
-  left, dropped = list(counts), [set() for _ in counts]
+  left, dropped, removed = list(counts), [set() for _ in counts], 0
   for _, i, h in ranked:
-    if sum(map(len, dropped)) == drop:
+    if removed == drop:
       break
-    if left[i] > 1:
+    if left[i] > 1:  # a layer's last head stays
       dropped[i].add(h)
       left[i] -= 1
+      removed += 1
   neurons = config.intermediate_size - round(ffn_share * config.intermediate_size)
   if neurons < 1:
     raise ValueError(f"prune.ffn_share={ffn_share} removes every one of the "
@@ -150,7 +151,7 @@ def apply(params: Any, config: BertConfig, kept: Plan) -> tuple[Any, BertConfig]
   for i in range(config.num_layers):
     path = _LAYER.format(i)
     heads, neurons = np.asarray(kept.heads[i], np.int64), kept.neurons[i]
-    _layer(flat, config, i)
+    _layer(flat, config, i)  # the unscanned layer is there, else a clear error
     for name, axis in (("attention/qkv_kernel", 2), ("attention/qkv_bias", 1),
                        ("attention/out_kernel", 0)):
       flat[f"{path}/{name}"] = np.take(np.asarray(flat[f"{path}/{name}"]), heads, axis=axis)
