@@ -141,13 +141,32 @@ class AllocatorState(NamedTuple):
 
 def _scores(ipt: Any, unc: Any) -> dict[str, jax.Array]:
   """{site: [*layers, r]}: each triplet's importance, peft's E score + mean A and B scores."""
-  scores = {}
+  scores, uncertainties = {}, _triplets(unc)
   for site, i in _triplets(ipt).items():
-    u = _triplets(unc)[site]
-    s = {n: i[n] * u[n] for n in i}
+    s = {n: i[n] * uncertainties[site][n] for n in i}
     a, b = _matrices(s)
     scores[site] = s[E] + (a.mean(axis=-2) + b.mean(axis=-1))
   return scores
+
+
+def _smoothed(settings: Any, state: AllocatorState, weights: Any, grads: Any
+              ) -> tuple[Any, Any]:
+  """peft's `update_ipt`: the EMAs (adapter trees) of the sensitivity |w·g| and of its
+  uncertainty |sensitivity - its EMA|."""
+  b1, b2 = settings.beta1, settings.beta2
+  ipt = jax.tree.map(lambda w, g: jnp.abs(w * g), weights, grads)
+  ipt_avg = jax.tree.map(lambda old, i: b1 * old + (1 - b1) * i, state.ipt, ipt)
+  unc_avg = jax.tree.map(lambda old, i, avg: b2 * old + (1 - b2) * jnp.abs(i - avg),
+                         state.unc, ipt, ipt_avg)
+  return ipt_avg, unc_avg
+
+
+def _kept(scores: dict[str, jax.Array], pruned: jax.Array) -> dict[str, jax.Array]:
+  """peft's `mask_to_budget`: keep the triplets scoring above the `pruned`-th lowest score
+  (torch.kthvalue's k; all of them at 0)."""
+  ranked = jnp.sort(jnp.concatenate([s.reshape(-1) for s in scores.values()]))
+  threshold = jnp.where(pruned > 0, ranked[jnp.maximum(pruned - 1, 0)], -jnp.inf)
+  return {site: s > threshold for site, s in scores.items()}
 
 
 def allocator(inner: optax.GradientTransformationExtraArgs, settings: Any, total_steps: int
@@ -178,39 +197,29 @@ def allocator(inner: optax.GradientTransformationExtraArgs, settings: Any, total
   def update_fn(grads: Any, state: AllocatorState, params: Any = None, **extra: Any
                 ) -> tuple[Any, AllocatorState]:
     updates, inner_state = inner.update(grads, state.inner, params, **extra)
-    apply = extra.get("apply", jnp.array(True))
-    t = state.count
+    apply, t = extra.get("apply", jnp.array(True)), state.count
     init_bgt, target_bgt = budgets(settings, params["adapter"])
-    new = jax.tree.map(jnp.add, params["adapter"], updates["adapter"])
-    ipt = jax.tree.map(lambda w, g: jnp.abs(w * g), new, grads["adapter"])
-    ipt_avg = jax.tree.map(lambda old, i: settings.beta1 * old + (1 - settings.beta1) * i,
-                           state.ipt, ipt)
-    unc_avg = jax.tree.map(
-        lambda old, i, avg: settings.beta2 * old + (1 - settings.beta2) * jnp.abs(i - avg),
-        state.unc, ipt, ipt_avg)
-    learning = t < final
-    ipt_avg, unc_avg = (jax.tree.map(lambda n, o: jnp.where(learning, n, o), new_tree, old)
-                        for new_tree, old in ((ipt_avg, state.ipt), (unc_avg, state.unc)))
+    weights = jax.tree.map(jnp.add, params["adapter"], updates["adapter"])
+    learning, cleared = t < final, t == final  # peft: reset_ipt after the final allocation
+    ipt, unc = (jax.tree.map(lambda new, old: jnp.where(learning, new, old), new_tree, old_tree)
+                for new_tree, old_tree in zip(_smoothed(settings, state, weights,
+                                                        grads["adapter"]),
+                                              (state.ipt, state.unc)))
     budget, scheduled = budget_schedule(t, init_bgt, target_bgt, settings, total_steps)
-    allocate = (scheduled & learning) | (t == final)
-    scores = _scores(ipt_avg, unc_avg)
-    ranked = jnp.sort(jnp.concatenate([s.reshape(-1) for s in scores.values()]))
-    cut = init_bgt - budget  # peft's kthvalue k (no triplet pruned at 0)
-    threshold = jnp.where(cut > 0, ranked[jnp.maximum(cut - 1, 0)], -jnp.inf)
+    allocate = (scheduled & learning) | cleared
     old_keep = flatten(state.keep)
-    keep = {site: jnp.where(allocate, s > threshold, old_keep[site]) for site, s in scores.items()}
+    keep = {site: jnp.where(allocate, kept, old_keep[site])
+            for site, kept in _kept(_scores(ipt, unc), init_bgt - budget).items()}
     masking = allocate | (t > final)
     flat_updates, flat_params = flatten(updates["adapter"]), flatten(params["adapter"])
-    for site, kept in keep.items():
+    for site, kept in keep.items():  # E + update = 0 where pruned
       name = f"{site}/{E}"
-      pruned = masking & ~kept
-      flat_updates[name] = jnp.where(pruned, -flat_params[name], flat_updates[name])
-    cleared = t == final  # peft's reset_ipt after the final allocation
-    ipt_avg, unc_avg = (jax.tree.map(lambda x: jnp.where(cleared, jnp.zeros_like(x), x), tree)
-                        for tree in (ipt_avg, unc_avg))
-    allocated = AllocatorState(inner_state, t + 1, ipt_avg, unc_avg, unflatten(keep))
-    kept_state = state._replace(inner=inner_state, count=t + 1)
-    new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), allocated, kept_state)
+      flat_updates[name] = jnp.where(masking & ~kept, -flat_params[name], flat_updates[name])
+    ipt, unc = (jax.tree.map(lambda x: jnp.where(cleared, jnp.zeros_like(x), x), tree)
+                for tree in (ipt, unc))
+    allocated = AllocatorState(inner_state, t + 1, ipt, unc, unflatten(keep))
+    skipped = state._replace(inner=inner_state, count=t + 1)
+    new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), allocated, skipped)
     masked = {**updates, "adapter": unflatten(flat_updates)}
     return jax.tree.map(lambda m, u: jnp.where(apply, m, u), masked, updates), new_state
 
