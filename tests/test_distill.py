@@ -24,7 +24,7 @@ from jaxfm import distill as distill_cli
 from jaxfm import interop, weights
 from jaxfm.distillation import losses, student
 from jaxfm.distillation import run as distill_run
-from jaxfm.distillation.teacher import load_teacher
+from jaxfm.distillation.teacher import load_mlm_teacher, load_teacher
 from jaxfm.finetuning import run as finetuning
 from jaxfm.train import best, checkpoint
 from jaxfm.trees import flatten
@@ -554,6 +554,13 @@ def test_mlm_student_of_an_mlm_teacher_learns_and_is_written_as_a_model_dir(teac
   step, state = checkpoint.restore_latest_params(workdir)
   for name, value in flatten(state["student"]).items():
     np.testing.assert_array_equal(flatten(saved.params)[name], value, err_msg=name)
+
+
+def test_mlm_teacher_without_an_mlm_head_is_refused(teacher_run):
+  cfg = _mlm_config(teacher_run[0])
+  cfg.teacher = teacher_run[1]  # a fine-tuned classifier: encoder, pooler and classifier only
+  with pytest.raises(config_lib.ConfigError, match=r"^teacher=.* has no MLM head"):
+    load_mlm_teacher(cfg)
 
 
 def test_mlm_distillation_refuses_fine_tuning_losses_and_a_cache(tmp_path):

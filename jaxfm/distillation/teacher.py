@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from jaxfm import config as config_lib
-from jaxfm import peft, weights
+from jaxfm import interop, peft, weights
 from jaxfm import workdir as workdir_lib
 from jaxfm.finetuning import run as finetuning
 from jaxfm.models import BertConfig
@@ -77,9 +77,16 @@ def load_mlm_teacher(cfg: ml_collections.ConfigDict) -> tuple[Teacher, str | Non
   """
   path = cfg.teacher
   try:
-    source = weights.read_pretrained(path, "mlm")
+    if path.startswith("hf:"):  # a folder without an MLM head is refused, not filled in
+      result = interop.import_hf(path[3:], task="mlm")
+      source = weights.Weights(result.config, result.params, path[3:])
+    else:
+      source = weights.load_jaxfm(path)
   except (FileNotFoundError, ValueError, workdir_lib.WorkdirError) as e:
     config_lib.fail("teacher", path, f"is not readable: {e}")
+  if "mlm_head" not in source.params:
+    config_lib.fail("teacher", path, "has no MLM head: task-agnostic distillation learns the "
+                    "teacher's masked-token predictions")
   config = source.config.replace(scan_layers=False, remat_policy="none",
                                  dtype=cfg.distill.teacher_dtype)
   params = weights.in_layout(source.params, config)
