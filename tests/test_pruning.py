@@ -28,6 +28,7 @@ from jaxfm.finetuning import run
 from jaxfm.interop import hf_names
 from jaxfm.models import BertConfig, preset
 from jaxfm.tasks import load_split, make_task
+from jaxfm.train import flops
 from jaxfm.trees import flatten, unflatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -283,3 +284,12 @@ def test_hf_import_reads_transformers_4_pruned_heads(pruned_workdir, tmp_path):
   assert back.config.intermediate_size == config.intermediate_size
   for name, value in flatten(back.params).items():
     np.testing.assert_array_equal(value, flatten(encoder)[name])
+
+
+def test_flops_count_the_pruned_attention_width():
+  config = preset("tiny")
+  pruned = config.replace(pruned_heads=((1,), ()))  # layer 0: one head of 64 of 128
+  a, h, t = 64, 128, 32
+  saved = 6 * 2 * h * (h - a) + 6 * 2 * h * (h - a) + 12 * t * (h - a)  # K, V; Q, out; attention
+  assert (flops.encoder_flops_per_token(config, t) - flops.encoder_flops_per_token(pruned, t)
+          == pytest.approx(saved))

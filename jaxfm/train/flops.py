@@ -1,8 +1,9 @@
 """Model FLOPs per token of a training step, for throughput and MFU reporting.
 
-Counting rule (matmuls only; one multiply-add = 2 FLOPs; backward = 2x forward):
-  per token, per layer:  6 * (4 H^2 + 2 H I)        dense weights (QKV, out, MLP)
-                       + 12 * T * H                 attention scores and weighted sum (full
+Counting rule (matmuls only; one multiply-add = 2 FLOPs; backward = 2x forward), with A the
+layer's attention width, heads x head size (H unless heads were pruned, `BertConfig.pruned_heads`):
+  per token, per layer:  6 * (4 H A + 2 H I)        dense weights (QKV, out, MLP)
+                       + 12 * T * A                 attention scores and weighted sum (full
                                                     bidirectional T x T, no causal halving)
   ELECTRA projection:    6 * E * H                  when embedding_size E != H
   MLM head, per *predicted* position (P of them per T tokens):
@@ -10,7 +11,7 @@ Counting rule (matmuls only; one multiply-add = 2 FLOPs; backward = 2x forward):
   The last layer computes only the positions its head reads
   (`BertEncoder(output_positions=...)`): position 0 for sequence classification, the P
   predicted positions for MLM. There that layer costs, per token,
-                         6 * 2 H^2 + (6 * (2 H^2 + 2 H I) + 12 * T * H) * P / T
+                         6 * 2 H A + (6 * (2 H A + 2 H I) + 12 * T * A) * P / T
   (keys and values everywhere; queries, attention, output projection and MLP at the P
   positions; P = 1 for classification, its [CLS] slots for packed rows). Classification heads
   are negligible and not counted. Embedding lookups, LayerNorm, softmax, GELU are not counted;
@@ -27,12 +28,15 @@ def encoder_flops_per_token(config: BertConfig, seq_len: int,
   """Training FLOPs per input token of the encoder; `last_layer_outputs`: the number of
   positions its last layer computes (None: all)."""
   h, i = config.hidden_size, config.intermediate_size
-  keys_values = 6 * 2 * h * h
-  per_query = 6 * (2 * h * h + 2 * h * i) + 12 * seq_len * h  # Q, out, MLP, attention
   outputs = seq_len if last_layer_outputs is None else last_layer_outputs
-  last_layer = keys_values + per_query * outputs / seq_len
-  projection = 6 * config.embedding_dim * h if config.embedding_dim != h else 0
-  return (config.num_layers - 1) * (keys_values + per_query) + last_layer + projection
+  total = 6 * config.embedding_dim * h if config.embedding_dim != h else 0  # the projection
+  for layer in range(config.num_layers):
+    a = config.layer_heads(layer) * config.head_dim  # attention width
+    keys_values = 6 * 2 * h * a
+    per_query = 6 * (2 * h * a + 2 * h * i) + 12 * seq_len * a  # Q, out, MLP, attention
+    last = layer == config.num_layers - 1
+    total += keys_values + per_query * (outputs / seq_len if last else 1)
+  return total
 
 
 def classification_flops_per_token(config: BertConfig, seq_len: int,
