@@ -10,6 +10,7 @@ import shutil
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -19,6 +20,9 @@ from jaxfm import peft
 from jaxfm import workdir as workdir_lib
 from jaxfm.finetuning import run
 from jaxfm.peft import adalora
+from jaxfm.train import optim
+from jaxfm.train.state import create_train_state
+from jaxfm.train.step import make_train_step
 from jaxfm.trees import flatten
 from tests import finetune_fixtures as ff
 from tests.test_peft import (_cli, _config, _inputs, _jaxfm_logits, _peft_model, _torch_logits,
@@ -173,6 +177,23 @@ def test_penalty_is_peft_orthogonality_regulariser():
       cov = m @ m.T if m.shape[0] == 3 else m.T @ m
       expected += torch.norm(cov - torch.eye(3), p="fro").item() / 4
   assert float(adalora.penalty(adapter, settings)) == pytest.approx(0.3 * expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_penalty_joins_the_mean_loss_once(micro_batches):
+  """The train step differentiates mean task loss + penalty(params), with or without gradient
+  accumulation: one SGD step at rate 1 from w gives w - (mean x + 2w) for penalty |w|²."""
+  def loss_fn(params, batch, rng):
+    del rng
+    loss_sum = (batch["x"] @ params["w"]).sum()
+    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.float32(batch["x"].shape[0])}
+  tx = optim.applied_if(optax.sgd(1.0))
+  step = make_train_step(loss_fn, tx, optax.constant_schedule(1.0), micro_batches,
+                         penalty=lambda params: jnp.sum(params["w"] ** 2))
+  w = np.array([0.5, -1.0], np.float32)
+  x = np.arange(8, dtype=np.float32).reshape(4, 2)
+  state, _ = jax.jit(step)(create_train_state({"w": w}, tx, 0), {"x": x})
+  np.testing.assert_allclose(state.params["w"], w - (x.mean(0) + 2 * w), rtol=1e-6)
 
 
 def test_resume_continues_identically(adalora_run, files):
