@@ -26,4 +26,6 @@ def get_config():
   cfg.peft.tfinal = 1200
   cfg.peft.deltaT = 10
   cfg.peft.orth_reg_weight = 0.1  # the AdaLoRA paper's GLUE setting (peft's default is 0.5)
+  # peft's start (E = 0, P and Q drawn at 0.02) moves slowly: a larger step than LoRA's.
+  cfg.optim.peak_learning_rate = 5e-3
   return cfg
