@@ -16,10 +16,12 @@ import optax
 import pytest
 
 from jaxfm import config as config_lib
-from jaxfm import peft
+from jaxfm import peft, sharding
 from jaxfm import workdir as workdir_lib
 from jaxfm.finetuning import run
 from jaxfm.peft import adalora
+from jaxfm.tasks import make_task
+from jaxfm.train import loop
 from jaxfm.train import optim
 from jaxfm.train.state import create_train_state
 from jaxfm.train.step import make_train_step
@@ -235,6 +237,31 @@ def test_merged_export_equals_base_plus_adapter(adalora_run, files, tmp_path):
   inputs = _inputs(merged.config.vocab_size)
   np.testing.assert_allclose(_torch_logits(merged, inputs), _jaxfm_logits(workdir, inputs),
                              atol=1e-5)
+
+
+def test_the_allocator_state_shards_like_the_adapter(files):
+  """On 8 devices as data 2 x fsdp 2 x tensor 2 with scanned layers, the EMAs shard like the
+  adapter and the kept triplets like E; the step compiles."""
+  cfg, _ = _adalora_config(files, "unused")
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  cfg.model.scan_layers = True
+  cfg.train.steps = 80
+  config = config_lib.bert_config(cfg, "cpu")
+  task = make_task("classification", config, ["0", "1"], None, cfg.data)
+  plan = peft.Plan(peft.Settings.of(cfg.peft), frozenset(
+      n for n in flatten(sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0))))
+      if not n.startswith(("classifier", "encoder/pooler"))))
+  mesh = loop.make_mesh(cfg)
+  steps = loop.build_steps(cfg, task, mesh, plan)
+  specs = lambda tree: {k: tuple(v.spec) for k, v in flatten(tree).items()}
+  params = specs(steps.state_shardings.params["adapter"])
+  allocator_state = steps.state_shardings.opt_state
+  assert isinstance(allocator_state, adalora.AllocatorState)
+  assert specs(allocator_state.ipt) == specs(allocator_state.unc) == params
+  assert params["encoder/layers/query/lora_a"] == (None, "fsdp", None)  # [layers, hidden, r]
+  assert {f"{k}/lora_e": v for k, v in specs(allocator_state.keep).items()} == {
+      k: v for k, v in params.items() if k.endswith("lora_e")}
+  loop.compile_train_step(steps, steps.abstract_batch(task, cfg.train.batch_size), mesh)
 
 
 @pytest.mark.parametrize("field,value,message", [
