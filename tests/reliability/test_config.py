@@ -48,7 +48,8 @@ M, MESH, O, T, S, D, F = ("validate_model", "validate_mesh", "validate_optim", "
 K = "tasks.validate_finetune"  # the task kind and its fields, then F
 DI = "validate_distill"
 PS = "validate_peft_schedule"
-VALIDATORS = {**{name: getattr(config_lib, name) for name in (M, MESH, O, T, S, D, F, DI, PS)},
+PR = "validate_prune"
+VALIDATORS = {**{name: getattr(config_lib, name) for name in (M, MESH, O, T, S, D, F, DI, PS, PR)},
               K: tasks.validate_finetune}
 QA, NER = {"task": "qa"}, {"task": "ner"}
 LORA = {"peft.method": "lora", "init_from": "hf:base"}
@@ -76,6 +77,8 @@ RULES = [
     Rule(MESH, "mesh.tensor", 0, "mesh.tensor=0 must be a positive size or -1"),
     Rule(MESH, "mesh.fsdp", -1, "at most one of mesh.data/fsdp/tensor may be -1"),
     Rule(MESH, "mesh.tensor", 3, "mesh.tensor=3 does not divide model.num_heads=2"),
+    Rule(MESH, "mesh.tensor", 2, "mesh.tensor=2 does not divide every layer's heads [1, 2]",
+         {"model.pruned_heads": ((0,), ())}),
     Rule(MESH, "runtime.platform", "metal",
          "runtime.platform='metal' must be one of auto, tpu, gpu, cpu"),
     Rule(O, "optim.name", "sgd", "optim.name='sgd' must be one of adamw, lamb"),
@@ -187,6 +190,14 @@ RULES = [
     Rule(DI, "data.packing", True, "data.packing=True is not supported by distillation"),
     Rule(DI, "peft.method", "lora", "is not supported by distillation"),
     Rule(DI, "data.dev_file", "", "data.dev_file is required"),
+    Rule(PR, "init_from", "", "init_from is required"),
+    *(Rule(PR, f, v, f"{f}={v!r} must be in [0, 1)") for f, v in (
+        ("prune.heads_share", 1.0), ("prune.ffn_share", -0.25))),
+    Rule(PR, "prune.importance", "taylor", "prune.importance='taylor' must be one of gradient"),
+    *_positive(PR, "prune.batches"),
+    Rule(PR, "peft.method", "lora", "is not supported by pruning"),
+    Rule(PR, "data.dev_file", "", "data.dev_file is required"),
+    Rule(PR, "data.train_file", "", "data.train_file is required: its batches rank"),
     *(Rule(K, f, 0, f"{f}=0 must be > 0", QA) for f in (
         "data.doc_stride", "data.max_query_length", "data.max_answer_length", "data.n_best_size")),
     Rule(K, "data.max_query_length", 126, "data.max_query_length=126 leaves no room", QA),
@@ -195,10 +206,14 @@ RULES = [
 
 def _base(check: str):
   """A config that passes `check`: the pretraining defaults, or fine-tuning with a train file
-  (distillation: and a dev file and a teacher)."""
+  (distillation: and a dev file and a teacher; pruning: and a dev file and a workdir)."""
   if check == DI:
     cfg = config_lib.distill_defaults()
     cfg.teacher, cfg.data.train_file, cfg.data.dev_file = "teacher", "train.tsv", "dev.tsv"
+    return cfg
+  if check == PR:
+    cfg = config_lib.prune_defaults()
+    cfg.init_from, cfg.data.train_file, cfg.data.dev_file = "run", "train.tsv", "dev.tsv"
     return cfg
   if check not in (F, K, PS):
     return config_lib.pretrain_defaults()
