@@ -591,7 +591,8 @@ def test_bad_teacher_is_one_error_line(tmp_path):
              "--config.data.dev_file=y.tsv")
   assert out.returncode == 1
   errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1 and f"teacher='{tmp_path / 'nope'}' is not readable" in errors[0]
+  assert len(errors) == 1 and (
+      f"teacher='{tmp_path / 'nope'}' is not a readable fine-tuning workdir" in errors[0])
 
 
 def test_bad_mlm_teacher_is_one_error_line(tmp_path):

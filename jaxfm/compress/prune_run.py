@@ -34,12 +34,7 @@ def _source(cfg: ml_collections.ConfigDict) -> tuple[workdir_lib.SavedRun, BertC
   """The fine-tuned run `init_from`: its files, architecture (unscanned), best (else latest)
   params (unscanned host arrays) and which checkpoint they are."""
   path = cfg.init_from
-  try:
-    run = workdir_lib.load_run(path)
-  except (FileNotFoundError, workdir_lib.WorkdirError) as e:
-    config_lib.fail("init_from", path, f"is not a readable fine-tuning workdir: {e}")
-  if run.cfg.task != cfg.task:
-    config_lib.fail("init_from", path, f"is a task={run.cfg.task!r} run, not task={cfg.task!r}")
+  run = finetuning.load_finetuned("init_from", path, cfg.task)
   if finetuning.is_peft_run(run.cfg):
     config_lib.fail("init_from", path, f"trained a {run.cfg.peft.method} adapter: export it "
                     "merged (jaxfm.convert --to_hf), fine-tune that, and prune the result")

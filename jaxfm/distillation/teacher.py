@@ -54,12 +54,7 @@ def load_teacher(cfg: ml_collections.ConfigDict) -> Teacher:
   if path.startswith("hf:"):
     config_lib.fail("teacher", path, "is a Hugging Face folder: fine-tune it with jaxfm.finetune "
                     "(init_from=hf:...) and name that workdir")
-  try:
-    run = workdir_lib.load_run(path)
-  except (FileNotFoundError, workdir_lib.WorkdirError) as e:
-    config_lib.fail("teacher", path, f"is not readable: {e}")
-  if run.cfg.task != cfg.task:
-    config_lib.fail("teacher", path, f"is a task={run.cfg.task!r} run, not task={cfg.task!r}")
+  run = finetuning.load_finetuned("teacher", path, cfg.task)
   params, source = _params(path, run.cfg)
   config = config_lib.bert_config(run.cfg, jax.devices()[0].platform).replace(
       scan_layers=False, remat_policy="none", dtype=cfg.distill.teacher_dtype)

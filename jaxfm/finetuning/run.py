@@ -229,6 +229,22 @@ def _log_trainable(trainable: Any, frozen: Any) -> None:
                100.0 * (adapter + head) / (adapter + head + base))
 
 
+def load_finetuned(field: str, path: str, task: str) -> workdir_lib.SavedRun:
+  """The fine-tuning workdir `path` that the config's `field` names, checked to be a `task`
+  run.
+
+  Raises:
+    ConfigError: naming `field` (an unreadable workdir, another task).
+  """
+  try:
+    run = workdir_lib.load_run(path)
+  except (FileNotFoundError, workdir_lib.WorkdirError) as e:
+    config_lib.fail(field, path, f"is not a readable fine-tuning workdir: {e}")
+  if run.cfg.task != task:
+    config_lib.fail(field, path, f"is a task={run.cfg.task!r} run, not task={task!r}")
+  return run
+
+
 def is_peft_run(cfg: ml_collections.ConfigDict) -> bool:
   """Whether a run trained an adapter over a frozen base (configs without a peft section
   predate it: full fine-tuning)."""
