@@ -16,11 +16,10 @@ import optax
 import pytest
 
 from jaxfm import config as config_lib
-from jaxfm import peft, sharding
+from jaxfm import peft
 from jaxfm import workdir as workdir_lib
 from jaxfm.finetuning import run
 from jaxfm.peft import adalora
-from jaxfm.tasks import make_task
 from jaxfm.train import loop
 from jaxfm.train import optim
 from jaxfm.train.state import create_train_state
@@ -28,7 +27,7 @@ from jaxfm.train.step import make_train_step
 from jaxfm.trees import flatten
 from tests import finetune_fixtures as ff
 from tests.test_peft import (_cli, _config, _inputs, _jaxfm_logits, _peft_model, _torch_logits,
-                             files)
+                             classifier_steps, files)
 
 __all__ = ["files"]  # the fixture, shared with test_peft
 
@@ -246,13 +245,7 @@ def test_the_allocator_state_shards_like_the_adapter(files):
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   cfg.model.scan_layers = True
   cfg.train.steps = 80
-  config = config_lib.bert_config(cfg, "cpu")
-  task = make_task("classification", config, ["0", "1"], None, cfg.data)
-  plan = peft.Plan(peft.Settings.of(cfg.peft), frozenset(
-      n for n in flatten(sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0))))
-      if not n.startswith(("classifier", "encoder/pooler"))))
-  mesh = loop.make_mesh(cfg)
-  steps = loop.build_steps(cfg, task, mesh, plan)
+  steps, task, mesh = classifier_steps(cfg)
   specs = lambda tree: {k: tuple(v.spec) for k, v in flatten(tree).items()}
   params = specs(steps.state_shardings.params["adapter"])
   allocator_state = steps.state_shardings.opt_state

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from jaxfm.cpu import process as cpu_process
-from jaxfm import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Imports an entry point (nothing may start JAX's backends at import), does what its main()

@@ -92,7 +92,7 @@ def test_cli_exports_the_best_checkpoint_as_a_transformers_classifier(sentiment_
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
   from jaxfm.models import BertForSequenceClassification  # pylint: disable=import-outside-toplevel
-  from jaxfm.train import best, checkpoint  # pylint: disable=import-outside-toplevel
+  from jaxfm.train import best  # pylint: disable=import-outside-toplevel
   workdir, _, best_step = sentiment_run
   out = tmp_path / "hf"
   # On one device, as on a laptop after a run on a slice: the 8-device layout is not needed.

@@ -3,7 +3,6 @@ checkpoint holds only them and names its base by content hash, and the adapter e
 huggingface/peft's format gives jaxfm's logits in PyTorch (peft and transformers as references).
 """
 
-import json
 import math
 import os
 import pathlib
@@ -187,19 +186,25 @@ def test_merged_export_equals_base_plus_adapter(which, files, request, tmp_path)
                              atol=1e-5)
 
 
+def classifier_steps(cfg) -> tuple[loop.Steps, loop.Task, jax.sharding.Mesh]:
+  """The steps (and their shardings) of a binary classifier whose base is every encoder param
+  but the pooler, under `cfg`'s PEFT method on `cfg`'s mesh; the task and the mesh."""
+  task = make_task("classification", config_lib.bert_config(cfg, "cpu"), ["0", "1"], None,
+                   cfg.data)
+  plan = peft.Plan(peft.Settings.of(cfg.peft), frozenset(
+      n for n in flatten(sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0))))
+      if not n.startswith(("classifier", "encoder/pooler"))))
+  mesh = loop.make_mesh(cfg)
+  return loop.build_steps(cfg, task, mesh, plan), task, mesh
+
+
 def test_lora_shards_like_the_kernel_it_adapts(files):
   """On 8 devices as data 2 x fsdp 2 x tensor 2, A takes the kernel's input axes and B its
   output axes; the frozen base is a sharded argument of the step, not a constant."""
   cfg = _config(files, "classification", ff.write_sentiment, "lora", target_modules="all-linear")
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
   cfg.model.scan_layers = True
-  config = config_lib.bert_config(cfg, "cpu")
-  task = make_task("classification", config, ["0", "1"], None, cfg.data)
-  plan = peft.Plan(peft.Settings.of(cfg.peft), frozenset(
-      n for n in flatten(sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0))))
-      if not n.startswith(("classifier", "encoder/pooler"))))
-  mesh = loop.make_mesh(cfg)
-  steps = loop.build_steps(cfg, task, mesh, plan)
+  steps, task, mesh = classifier_steps(cfg)
   specs = {k: tuple(v.spec) for k, v in flatten(steps.state_shardings.params["adapter"]).items()}
   # A on the kernel's input axes, B on its output axes, the rank axis replicated.
   assert specs["encoder/layers/query/lora_a"] == (None, "fsdp", None)  # [layers, hidden, r]

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax

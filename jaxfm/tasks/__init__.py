@@ -18,7 +18,7 @@ from jaxfm import config as config_lib
 from jaxfm.data.packing import Packing
 from jaxfm.models import BertConfig
 from jaxfm.tasks import classification, ner, qa
-from jaxfm.tasks.base import INPUTS, Features, TaskKind, TaskSplit, predict_outputs, summarize
+from jaxfm.tasks.base import Features, TaskKind, TaskSplit, predict_outputs, summarize
 from jaxfm.tasks.mlm import mlm_task
 from jaxfm.train.loop import Task
 
