@@ -15,23 +15,11 @@ DONE), 143 after a SIGTERM save (relaunch to resume), 1 on a user error.
 
 from __future__ import annotations
 
-from typing import Any
-
-import ml_collections
-
 from jaxfm import runtime
-from jaxfm.distillation import mlm, run
+from jaxfm.distillation import distill
 from jaxfm.finetuning import run as finetuning
 
 _FLAGS = runtime.define_run_flags("The student's checkpoints, logs, labels and tokenizer.")
-
-
-def distill(cfg: ml_collections.ConfigDict, workdir: str,
-            allow_config_change: bool = False) -> tuple[Any, int | None]:
-  """The runner for the config's task: task-agnostic (mlm) or a fine-tuned task's."""
-  if cfg.get("task") == "mlm":
-    return mlm.distill_mlm(cfg, workdir, allow_config_change)
-  return run.distill(cfg, workdir, allow_config_change)
 
 
 def main(argv):

@@ -20,8 +20,7 @@ import torch
 
 from tests import finetune_fixtures as ff
 from jaxfm import config as config_lib
-from jaxfm import distill as distill_cli
-from jaxfm import interop, weights
+from jaxfm import distillation, interop, weights
 from jaxfm.distillation import losses, student
 from jaxfm.distillation import run as distill_run
 from jaxfm.distillation.teacher import load_mlm_teacher, load_teacher
@@ -542,7 +541,7 @@ def test_mlm_student_of_an_mlm_teacher_learns_and_is_written_as_a_model_dir(teac
   workdir = str(root / "mlm_student")
   cfg = _mlm_config(root, student_init="random", losses="kl=5.0,task=2.0,cosine=1.0")
   cfg.model.update(num_heads=2, intermediate_size=128)
-  result, best_step = distill_cli.distill(cfg, workdir)
+  result, best_step = distillation.distill(cfg, workdir)
   assert result.step == 12 and best_step is None and not result.preempted
   train = _train_metrics(workdir)
   assert {"kl_loss", "task_loss", "cosine_loss", "accuracy"} <= set(train[-1])
