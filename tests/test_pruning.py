@@ -21,7 +21,7 @@ import safetensors.numpy
 
 from tests import finetune_fixtures as ff
 from jaxfm import config as config_lib
-from jaxfm import interop, weights
+from jaxfm import distillation, interop, weights
 from jaxfm import workdir as workdir_lib
 from jaxfm.compress import prune_run, pruning
 from jaxfm.finetuning import run
@@ -206,6 +206,23 @@ def test_prune_run_writes_a_workdir_evaluate_and_predict_read(pruned_workdir, fi
   assert len(rows) == 2 and all("label" in r for r in rows)
   with pytest.raises(workdir_lib.WorkdirError, match="is not empty"):
     prune_run.prune(_prune_config(finetuned), out)
+
+
+def test_a_pruned_teacher_distils_into_an_every_k_student(pruned_workdir, finetuned, tmp_path):
+  """The student's one layer is the teacher's top layer, with its pruned heads."""
+  out, info = pruned_workdir
+  _, (train, dev), *_ = finetuned
+  cfg = config_lib.distill_defaults()
+  base = ff.config("classification", "", train, dev)
+  for section in ("data", "train", "optim", "model"):
+    cfg[section].update(base[section].to_dict())
+  cfg.teacher, cfg.model.num_layers = out, 1
+  result, _ = distillation.distill(cfg, str(tmp_path / "student"))
+  assert result.step > 0
+  student = workdir_lib.load_run(str(tmp_path / "student")).cfg.model
+  top = workdir_lib.load_run(out).cfg.model.pruned_heads[-1]
+  assert info["heads"][-1] == 2 - len(top)
+  assert list(map(list, student.get("pruned_heads", [[]]))) == [list(top)]
 
 
 def test_hf_export_loads_in_transformers_and_imports_back(pruned_workdir, finetuned, tmp_path):

@@ -1,9 +1,9 @@
 """The student's architecture and starting params (`distill.student_init`).
 
 - `every_k` (DistilBERT): the teacher's architecture with `model.num_layers` layers; student
-  layer i starts as teacher layer (i+1)k-1 (k = teacher layers / student layers), so the top
-  layer under the pooler and head stays the teacher's top layer; the embeddings, pooler and
-  head are the teacher's.
+  layer i starts as teacher layer (i+1)k-1 (k = teacher layers / student layers), with that
+  layer's heads if the teacher was pruned, so the top layer under the pooler and head stays the
+  teacher's top layer; the embeddings, pooler and head are the teacher's.
 - `random`: the config's size fields, with the teacher's vocabulary, positions and token types.
 - `init_from`: the checkpoint's architecture and params (as fine-tuning's `init_from`).
 """
@@ -48,8 +48,11 @@ def take_architecture(cfg: ml_collections.ConfigDict, teacher: Teacher) -> Any:
                       f"{teacher.config.num_layers} layers (distill.student_init=every_k)")
     _set_architecture(cfg, teacher.config, tuple(f for f in config_lib.ARCHITECTURE_FIELDS if f != "num_layers"))
     k = teacher.config.num_layers // layers
-    logging.info("student: every %d-th teacher layer (%s)", k,
-                 [(i + 1) * k - 1 for i in range(layers)])
+    kept = [(i + 1) * k - 1 for i in range(layers)]
+    pruned = teacher.config.pruned_heads
+    config_lib.set_pruned_heads(cfg, teacher.config.replace(
+        num_layers=layers, pruned_heads=tuple(pruned[i] for i in kept) if pruned else ()))
+    logging.info("student: every %d-th teacher layer (%s)", k, kept)
     return every_k_layers(teacher.params, k, layers)
   if init == "random":
     _set_architecture(cfg, teacher.config, _FROM_TEACHER_WHEN_RANDOM)
@@ -59,6 +62,7 @@ def take_architecture(cfg: ml_collections.ConfigDict, teacher: Teacher) -> Any:
     config_lib.fail("init_from", cfg.init_from, f"has vocab_size={source.config.vocab_size}, "
                     f"the teacher {teacher.config.vocab_size}: they must share the tokenizer")
   _set_architecture(cfg, source.config, config_lib.ARCHITECTURE_FIELDS)
+  config_lib.set_pruned_heads(cfg, source.config)
   return source.params
 
 
