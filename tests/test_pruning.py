@@ -225,6 +225,20 @@ def test_a_pruned_teacher_distils_into_an_every_k_student(pruned_workdir, finetu
   assert list(map(list, student.get("pruned_heads", [[]]))) == [list(top)]
 
 
+@pytest.mark.parametrize("task,write", [("ner", ff.write_conll), ("qa", ff.write_squad)])
+def test_token_and_span_heads_prune_to_a_workdir_evaluate_reads(tmp_path, task, write):
+  files = write(tmp_path)
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "pruned")
+  run.finetune(ff.config(task, str(ff.write_model_dir(tmp_path)), *files), workdir)
+  cfg = config_lib.prune_defaults()
+  cfg.task, cfg.init_from = task, workdir
+  cfg.data.update(workdir_lib.load_run(workdir).cfg.data.to_dict())
+  cfg.prune.heads_share, cfg.prune.ffn_share, cfg.prune.batches = 0.25, 0.5, 2
+  info = prune_run.prune(cfg, out)
+  assert sorted(info["heads"]) == [1, 2] and info["intermediate_size"] == [512, 256]
+  assert run.evaluate(out, "dev") == pytest.approx(info["dev"])
+
+
 def test_hf_export_loads_in_transformers_and_imports_back(pruned_workdir, finetuned, tmp_path):
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
