@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from jaxfm import config as config_lib
@@ -39,8 +40,8 @@ Pairs = tuple[tuple[int, int], ...]  # (student, teacher) layers: 0 = embeddings
 
 @dataclasses.dataclass(frozen=True)
 class Parts:
-  """How `loop.build_steps` splits the distillation model's params (a `peft.Plan`'s three
-  methods): the teacher is the frozen tree, the student and the projections train."""
+  """How `loop.build_steps` splits the distillation model's params (a `loop.FrozenSplit`): the
+  teacher is the frozen tree, the student and the projections train."""
 
   teacher_dtype: str
 
@@ -55,6 +56,13 @@ class Parts:
 
   def combine(self, trainable: dict[str, Any], frozen: Any) -> dict[str, Any]:
     return {**trainable, "teacher": frozen}
+
+  penalty = None  # no loss term beyond the distillation loss
+
+  def optimizer(self, tx: optax.GradientTransformationExtraArgs, total_steps: int
+                ) -> optax.GradientTransformationExtraArgs:
+    del total_steps
+    return tx
 
 
 @dataclasses.dataclass(frozen=True)

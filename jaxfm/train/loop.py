@@ -46,13 +46,17 @@ class StatefulIterator(Protocol):
 class FrozenSplit(Protocol):
   """Params split into a trainable tree and a frozen one the steps take as an argument, never
   as a constant: `jaxfm.peft.Plan` (adapter + new head over the base), distillation's parts
-  (the student over the teacher). A split may also have `penalty` (None or a function of the
-  trainable tree added to the training loss per weighted target) and `optimizer(tx,
-  total_steps)` (the run's optimiser wrapped with its own state): see `jaxfm.peft.Plan`."""
+  (the student over the teacher). `penalty` is None or a function of the trainable tree added
+  to the training loss per weighted target; `optimizer(tx, total_steps)` is the run's
+  optimiser, or it wrapped with the split's own state (`jaxfm.peft.Plan`: AdaLoRA)."""
+
+  penalty: Callable[[Any], jax.Array] | None
 
   def trainable(self, params: Any, rng: jax.Array) -> Any: ...
   def frozen(self, params: Any) -> Any: ...
   def combine(self, trainable: Any, frozen: Any) -> Any: ...
+  def optimizer(self, tx: optax.GradientTransformationExtraArgs, total_steps: int
+                ) -> optax.GradientTransformationExtraArgs: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +150,7 @@ def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.M
   schedule = optim.learning_rate_schedule(cfg.optim, t.steps)
   tx = optim.make_optimizer(
       cfg.optim, t.steps, fused=config_lib.use_cpu_paths(cfg, mesh.devices.flat[0].platform))
-  if hasattr(plan, "optimizer"):
+  if plan is not None:
     tx = plan.optimizer(tx, t.steps)
 
   def init_params(rng: jax.Array) -> Any:
@@ -171,7 +175,7 @@ def build_steps(cfg: ml_collections.ConfigDict, task: Task, mesh: jax.sharding.M
   base = () if plan is None else (frozen_shardings,)
   train_step = jax.jit(
       make_train_step(task.loss_fn, tx, schedule, t.grad_accum_steps, t.skip_nonfinite, combine,
-                      getattr(plan, "penalty", None)),
+                      None if plan is None else plan.penalty),
       in_shardings=(state_shardings, batch_sharding, *base),
       out_shardings=(state_shardings, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(task.loss_fn, task.predict_fn, combine),
