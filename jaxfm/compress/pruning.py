@@ -29,7 +29,6 @@ import numpy as np
 from jaxfm.models import BertConfig
 from jaxfm.trees import flatten, unflatten
 
-IMPORTANCE = ("gradient", "magnitude")
 _LAYER = "encoder/layer_{}"
 
 
@@ -51,10 +50,9 @@ class Plan:
   neurons: tuple[np.ndarray, ...]
 
 
-def check_share(field: str, share: float) -> float:
+def _check_share(field: str, share: float) -> None:
   if not 0.0 <= share < 1.0:
     raise ValueError(f"{field}={share}: must be in [0, 1) (the share of units removed)")
-  return share
 
 
 def _layer(flat: dict[str, Any], config: BertConfig, i: int) -> dict[str, Any]:
@@ -115,8 +113,8 @@ def plan(config: BertConfig, scores: Scores, heads_share: float, ffn_share: floa
     ValueError: a share outside [0, 1), or one that would leave a layer with no head or no
       neuron.
   """
-  check_share("prune.heads_share", heads_share)
-  check_share("prune.ffn_share", ffn_share)
+  _check_share("prune.heads_share", heads_share)
+  _check_share("prune.ffn_share", ffn_share)
   counts = [config.layer_heads(i) for i in range(config.num_layers)]
   total = sum(counts)
   drop = round(heads_share * total)
