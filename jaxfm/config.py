@@ -57,6 +57,16 @@ def set_pruned_heads(cfg: ml_collections.ConfigDict, source: BertConfig) -> None
       del cfg.model["pruned_heads"]
 
 
+def take_architecture(cfg: ml_collections.ConfigDict, source: BertConfig,
+                      fields: tuple[str, ...] = ARCHITECTURE_FIELDS) -> None:
+  """Copies `source`'s architecture `fields` into `cfg.model`, and its pruned heads
+  (`set_pruned_heads`): a run takes the architecture of the checkpoint it starts from."""
+  with cfg.unlocked():
+    for field in fields:
+      cfg.model[field] = getattr(source, field) or 0  # embedding_size None -> 0
+  set_pruned_heads(cfg, source)
+
+
 def recipe(config_file: str, name: str) -> ml_collections.ConfigDict:
   """`get_config()` of the config file `name` beside `config_file`: a config that varies another
   recipe loads it instead of copying it (config files are loaded by path, not as a package)."""

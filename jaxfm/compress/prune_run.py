@@ -60,13 +60,6 @@ def _scores(cfg: ml_collections.ConfigDict, config: BertConfig, params: Any, run
   return pruning.gradient_scores(task.loss_fn, params, config, batches)
 
 
-def _take_architecture(cfg: ml_collections.ConfigDict, config: BertConfig) -> None:
-  with cfg.unlocked():
-    for field in config_lib.ARCHITECTURE_FIELDS:
-      cfg.model[field] = getattr(config, field) or 0  # embedding_size None -> 0
-  config_lib.set_pruned_heads(cfg, config)
-
-
 def prune(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Prunes `cfg.init_from` into the new `workdir`; returns what pruning.json records.
 
@@ -86,7 +79,7 @@ def prune(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   scores = _scores(cfg, config, params, run, train)
   kept = pruning.plan(config, scores, cfg.prune.heads_share, cfg.prune.ffn_share)
   pruned, small = pruning.apply(params, config, kept)
-  _take_architecture(cfg, small)
+  config_lib.take_architecture(cfg, small)
   config_lib.validate_model(cfg)
   config_lib.validate_mesh(cfg)
   runtime.preflight(cfg)

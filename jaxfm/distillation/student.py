@@ -19,18 +19,10 @@ from absl import logging
 from jaxfm import config as config_lib
 from jaxfm import weights
 from jaxfm.distillation.teacher import Teacher
-from jaxfm.models import BertConfig
 from jaxfm.trees import flatten, unflatten
 
 _LAYER_PARAM = re.compile(r"encoder/layer_(\d+)/(.*)")
 _FROM_TEACHER_WHEN_RANDOM = ("vocab_size", "max_position_embeddings", "type_vocab_size")
-
-
-def _set_architecture(cfg: ml_collections.ConfigDict, source: BertConfig,
-                      fields: tuple[str, ...]) -> None:
-  with cfg.unlocked():
-    for field in fields:
-      cfg.model[field] = getattr(source, field) or 0  # embedding_size None -> 0
 
 
 def take_architecture(cfg: ml_collections.ConfigDict, teacher: Teacher) -> Any:
@@ -46,23 +38,23 @@ def take_architecture(cfg: ml_collections.ConfigDict, teacher: Teacher) -> Any:
     if layers <= 0 or teacher.config.num_layers % layers:
       config_lib.fail("model.num_layers", layers, f"must divide the teacher's "
                       f"{teacher.config.num_layers} layers (distill.student_init=every_k)")
-    _set_architecture(cfg, teacher.config, tuple(f for f in config_lib.ARCHITECTURE_FIELDS if f != "num_layers"))
     k = teacher.config.num_layers // layers
     kept = [(i + 1) * k - 1 for i in range(layers)]
     pruned = teacher.config.pruned_heads
-    config_lib.set_pruned_heads(cfg, teacher.config.replace(
+    config_lib.take_architecture(cfg, teacher.config.replace(
         num_layers=layers, pruned_heads=tuple(pruned[i] for i in kept) if pruned else ()))
     logging.info("student: every %d-th teacher layer (%s)", k, kept)
     return every_k_layers(teacher.params, k, layers)
   if init == "random":
-    _set_architecture(cfg, teacher.config, _FROM_TEACHER_WHEN_RANDOM)
+    # The size fields stay the config's, so the student has every head.
+    config_lib.take_architecture(cfg, teacher.config.replace(pruned_heads=()),
+                                 _FROM_TEACHER_WHEN_RANDOM)
     return None
   source = weights.read_pretrained(cfg.init_from, "auto")
   if source.config.vocab_size != teacher.config.vocab_size:
     config_lib.fail("init_from", cfg.init_from, f"has vocab_size={source.config.vocab_size}, "
                     f"the teacher {teacher.config.vocab_size}: they must share the tokenizer")
-  _set_architecture(cfg, source.config, config_lib.ARCHITECTURE_FIELDS)
-  config_lib.set_pruned_heads(cfg, source.config)
+  config_lib.take_architecture(cfg, source.config)
   return source.params
 
 

@@ -73,16 +73,13 @@ def resolve_length_buckets(cfg: ml_collections.ConfigDict, train: TaskSplit) -> 
                buckets, " (batches grouped by length)" if data.group_by_length else "", share)
 
 
-def _take_architecture(cfg: ml_collections.ConfigDict) -> tuple[Any, str | None]:
+def _read_init_from(cfg: ml_collections.ConfigDict) -> tuple[Any, str | None]:
   """The `init_from` params and tokenizer folder (None, None without one); its architecture
   replaces the config's."""
   if not cfg.init_from:
     return None, None
   source = weights.read_pretrained(cfg.init_from, "auto")
-  with cfg.unlocked():
-    for field in config_lib.ARCHITECTURE_FIELDS:
-      cfg.model[field] = getattr(source.config, field) or 0  # embedding_size None -> 0
-  config_lib.set_pruned_heads(cfg, source.config)
+  config_lib.take_architecture(cfg, source.config)
   return source.params, source.tokenizer_dir
 
 
@@ -123,7 +120,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   checkpoint (None without a dev set).
   """
   validate_finetune(cfg)
-  pretrained, tokenizer_dir = _take_architecture(cfg)
+  pretrained, tokenizer_dir = _read_init_from(cfg)
   config_lib.validate_model(cfg)
   config_lib.validate_mesh(cfg)
   runtime.preflight(cfg)
