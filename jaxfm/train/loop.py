@@ -7,8 +7,11 @@ stops) lives in `jaxfm.train.actions`; one pass of the eval step in `jaxfm.train
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -207,23 +210,63 @@ def compile_train_step(steps: Steps, batch: dict[str, Any],
 
 
 class _TrainExecutables:
-  """The compiled train step per global batch shape, each compiled when first asked for
-  (fine-tuning's `data.length_buckets` gives batches of several lengths)."""
+  """The compiled train step per global batch shape.
+
+  The first batch's shape is compiled when asked for, before any state exists. `compile_ahead`
+  then compiles the run's other shapes (fine-tuning's length buckets) on background threads
+  while the loop trains: XLA compiles one program on one core, and the step leaves cores idle
+  (most of a TPU host's, some of a CPU's), so a bucket's first batch seldom waits for its
+  compile. `compile_s` counts the seconds the loop waited for compiles.
+  """
 
   def __init__(self, steps: Steps, mesh: jax.sharding.Mesh):
     self._steps, self.mesh = steps, mesh
-    self.compiled: dict[tuple[int, ...], Any] = {}  # input_ids shape -> executable
-    self.compile_s = 0.0  # all compiles so far
+    self._compiled: dict[tuple[int, ...], Any] = {}  # input_ids shape -> executable
+    self._ahead: dict[tuple[int, ...], concurrent.futures.Future] = {}
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+    self.compile_s = 0.0
 
   def for_batch(self, batch: dict[str, Any]) -> Any:
     """The executable for `batch` (arrays or ShapeDtypeStructs), compiling it if new."""
     shape = tuple(batch["input_ids"].shape)
-    if shape not in self.compiled:
-      self.compiled[shape], seconds = compile_train_step(self._steps, batch, self.mesh)
-      self.compile_s += seconds
-      if len(self.compiled) > 1:
-        logging.info("compiled the train step for batches of shape %s in %.1f s", shape, seconds)
-    return self.compiled[shape]
+    if shape not in self._compiled:
+      start = time.perf_counter()
+      if shape in self._ahead:
+        self._compiled[shape] = self._ahead.pop(shape).result()
+      else:
+        self._compiled[shape] = self._compile(batch)
+      self.compile_s += time.perf_counter() - start
+    return self._compiled[shape]
+
+  def compile_ahead(self, first: dict[str, Any], task: Task, lengths: Sequence[int]) -> None:
+    """Starts compiling the step for batches like `first` (a global batch) cut to each of
+    `lengths` (ascending, ending with the full length) not compiled yet, shortest first, one
+    thread per length up to a thread per core."""
+    cut = {k for k, (shape, _) in task.batch_spec.items() if shape and shape[0] == lengths[-1]}
+    batches = {}
+    for length in lengths:
+      batch = {k: jax.ShapeDtypeStruct((v.shape[0], length, *v.shape[2:]) if k in cut
+                                       else v.shape, v.dtype, sharding=v.sharding)
+               for k, v in first.items()}
+      batches.setdefault(tuple(batch["input_ids"].shape), batch)
+    new = {shape: b for shape, b in batches.items() if shape not in self._compiled}
+    if new:
+      self._pool = concurrent.futures.ThreadPoolExecutor(min(len(new), os.cpu_count() or 1),
+                                                         "compile_ahead")
+      self._ahead = {shape: self._pool.submit(self._compile, b) for shape, b in new.items()}
+
+  def close(self) -> None:
+    """Drops the compiles not started yet; waits for those running (a thread cannot be
+    stopped)."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def _compile(self, batch: dict[str, Any]) -> Any:
+    compiled, seconds = compile_train_step(self._steps, batch, self.mesh)
+    if self._compiled or self._ahead:
+      logging.info("compiled the train step for batches of shape %s in %.1f s",
+                   tuple(batch["input_ids"].shape), seconds)
+    return compiled
 
 
 @dataclasses.dataclass
@@ -270,6 +313,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     logging.info("step %d: training is already complete in %s", start, workdir)
     manager.close()
     return TrainResult(step=start, train={}, eval={}, preempted=False)
+  if batch is None:
+    batch = sharding.global_batch(next(train_iter), mesh)
+  executables.compile_ahead(batch, task, config_lib.length_buckets(cfg.data))
 
   writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict(), start_step=start)
   evaluation = actions.Evaluation(
@@ -282,7 +328,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   spent: collections.Counter[str] = collections.Counter()  # seconds in each kind of action
   loop_start = time.perf_counter()
   with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
-      profile.closing(), _progress_bar(t, start) as bar:
+      profile.closing(), contextlib.closing(executables), _progress_bar(t, start) as bar:
     log_line(start, {"compile_s": executables.compile_s}, "compile")
     if start == 0 and t.eval_batches and t.eval_at_start:
       with actions.timed(spent, evaluation):
