@@ -231,7 +231,7 @@ def _peft_defaults() -> ml_collections.ConfigDict:
   p.rank = 8  # lora: r
   p.alpha = 8.0  # lora: the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
   p.rslora = False
-  p.dropout = 0.0  # lora: dropout on the adapter's input (needs a model hook: 0 for now)
+  p.dropout = 0.0  # lora: dropout on the LoRA path's input (peft's lora_dropout)
   # Comma-separated: query, key, value, attention.output, intermediate, output; or all-linear.
   # '' = the method's default (lora: query,value; ia3: key,value,output), as in peft.
   p.target_modules = ""
@@ -513,9 +513,11 @@ def validate_peft(cfg: ml_collections.ConfigDict) -> None:
   if not cfg.init_from:
     raise ConfigError(f"peft.method={p.method!r} needs init_from: the base it adapts")
   positive(cfg, "peft.rank", "peft.alpha")
-  if p.dropout != 0.0:
-    fail("peft.dropout", p.dropout, "must be 0: the adapter is folded into the kernels, where "
-         "dropout on its input has no place")
+  if not 0.0 <= p.dropout < 1.0:
+    fail("peft.dropout", p.dropout, "must be in [0, 1)")
+  if p.dropout and p.method != "lora":
+    fail("peft.dropout", p.dropout, f"is LoRA's (dropout on its input): "
+         f"peft.method={p.method!r} has none, set it to 0")
   try:
     peft.parse_targets(p.target_modules, ())
   except ValueError as e:

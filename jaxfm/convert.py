@@ -55,7 +55,8 @@ def _to_hf(source: str, out: str) -> str:
     if not parts.plan.method.folds:
       raise ValueError(f"peft.method={parts.plan.method.name!r} adds to the model rather than "
                        "to its weights, so it has no merged form: export it with --to_peft")
-    config, params = workdir.read_model_config(source), parts.merged()
+    params = jax.device_get(jax.jit(parts.plan.merge)(parts.trainable, parts.frozen))
+    config = workdir.read_model_config(source)
     tokenizer_dir, origin = str(workdir.tokenizer_dir(source)), f"{parts.source} merged"
   else:
     config, params, tokenizer_dir, origin = weights.load_jaxfm(source)

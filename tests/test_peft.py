@@ -59,6 +59,14 @@ def lora_run(files):
 
 
 @pytest.fixture(scope="module")
+def lora_dropout_run(files):
+  # Dropout on the LoRA input trains beside the projections; export folds as without it.
+  return _finetune(files, "lora_dropout", "classification", ff.write_sentiment, "lora",
+                   rank=4, alpha=8.0, dropout=0.1,
+                   target_modules="key,attention.output,intermediate")
+
+
+@pytest.fixture(scope="module")
 def ia3_run(files):
   return _finetune(files, "ia3", "classification", ff.write_sentiment, "ia3")
 
@@ -158,7 +166,7 @@ def test_a_changed_base_is_refused_by_name(files):
     run.evaluate(workdir, "dev")
 
 
-@pytest.mark.parametrize("which", ["lora_run", "ia3_run", "ner_run"])
+@pytest.mark.parametrize("which", ["lora_run", "lora_dropout_run", "ia3_run", "ner_run"])
 def test_peft_format_gives_jaxfm_logits_in_pytorch(which, files, request, tmp_path):
   workdir, _ = request.getfixturevalue(which)
   model = _peft_model(files, workdir, tmp_path / "adapter")
@@ -171,7 +179,7 @@ def test_peft_format_gives_jaxfm_logits_in_pytorch(which, files, request, tmp_pa
              for k, v in trained.items() if not k.endswith("lora_a"))
 
 
-@pytest.mark.parametrize("which", ["lora_run", "ia3_run"])
+@pytest.mark.parametrize("which", ["lora_run", "lora_dropout_run", "ia3_run"])
 def test_merged_export_equals_base_plus_adapter(which, files, request, tmp_path):
   transformers = pytest.importorskip("transformers")
   workdir, _ = request.getfixturevalue(which)

@@ -10,10 +10,10 @@ With `config.cpu_paths` the matmuls, dropout and the remat'd backward order take
 `jaxfm.cpu`'s XLA:CPU forms (the same values); otherwise this is plain Flax.
 
 Parameter-efficient methods that act on activations (`jaxfm.peft`: prompt and prefix tuning,
-bottleneck adapters) reach the model as one optional subtree of its params, `encoder/peft`
-(`PEFT_*` below), which `jaxfm.peft.Plan.combine` puts there and `BertEncoder` hands to the
-embeddings and to each layer as inputs. `init` never creates it, and without it the model is
-the plain encoder, compiled to the same program.
+bottleneck adapters, LoRA's low-rank path beside the projections) reach the model as one
+optional subtree of its params, `encoder/peft` (`PEFT_*` below), which `jaxfm.peft.Plan.combine`
+puts there and `BertEncoder` hands to the embeddings and to each layer as inputs. `init` never
+creates it, and without it the model is the plain encoder, compiled to the same program.
 """
 
 from __future__ import annotations
@@ -42,10 +42,15 @@ ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP = (
 # key/value prefixes [layers, virtual, 2, heads, head_dim]; bottleneck adapters after the
 # attention output and after the FFN output, each {down_kernel [layers, hidden, bottleneck],
 # down_bias [layers, bottleneck], up_kernel [layers, bottleneck, hidden], up_bias [layers, hidden]}.
+# LoRA: {projection: {lora_a [layers, *in, r], lora_b [layers, r, *out] (scale included)}, and
+# LORA_DROPOUT [layers] float (the rate on the LoRA path's input; absent = none)}, projections
+# named as `jaxfm.peft.sites.TARGETS` names them.
 PEFT = "peft"
-PEFT_PROMPT, PEFT_PREFIX, PEFT_ATTENTION_ADAPTER, PEFT_OUTPUT_ADAPTER = (
-    "prompt", "prefix", "attention_adapter", "output_adapter")
-PEFT_PER_LAYER = (PEFT_PREFIX, PEFT_ATTENTION_ADAPTER, PEFT_OUTPUT_ADAPTER)
+PEFT_PROMPT, PEFT_PREFIX, PEFT_ATTENTION_ADAPTER, PEFT_OUTPUT_ADAPTER, PEFT_LORA = (
+    "prompt", "prefix", "attention_adapter", "output_adapter", "lora")
+PEFT_PER_LAYER = (PEFT_PREFIX, PEFT_ATTENTION_ADAPTER, PEFT_OUTPUT_ADAPTER, PEFT_LORA)
+LORA_DROPOUT = "dropout"
+QKV = ("query", "key", "value")  # the fused q/k/v axis's slots
 Hooks = dict  # {PEFT_* name: array or adapter dict}; per layer inside `TransformerLayer`
 
 
@@ -118,6 +123,23 @@ def bottleneck(config: BertConfig, x: Array, adapter: Hooks) -> Array:
   h = activation(config.hidden_act)(down + adapter["down_bias"].astype(config.dtype))
   up = contract(config, h, adapter["up_kernel"].astype(config.dtype))  # [b, l, hidden]
   return x + up + adapter["up_bias"].astype(config.dtype)
+
+
+def with_lora(module: nn.Module, y: Array, x: Array, lora: Hooks, name: str,
+              deterministic: bool, axes: int = 1) -> Array:
+  """y + scale · dropout(x)·A·B where one layer's `PEFT_LORA` adapts projection `name`
+  (y = x·W + b), as huggingface/peft's LoRA layer computes it; else y. x: [*tokens, *in]
+  (`axes` input axes), y: [*tokens, *out]. The dropout draws from `module`'s "dropout" stream;
+  the rate is a hook input (an array), so it is applied with a traced keep probability."""
+  if name not in lora:
+    return y
+  cfg = module.config
+  rate = lora.get(LORA_DROPOUT)
+  if rate is not None and not deterministic:
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+  h = contract(cfg, x, lora[name]["lora_a"].astype(cfg.dtype), axes)  # [*tokens, r]
+  return y + contract(cfg, h, lora[name]["lora_b"].astype(cfg.dtype))  # [*tokens, *out]
 
 
 def with_prefix(k: Array, v: Array, mask: Array, prefix: Array) -> tuple[Array, Array, Array]:
@@ -210,11 +232,12 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, deterministic: bool,
-               query_positions: Array | None = None, prefix: Array | None = None) -> Array:
+               query_positions: Array | None = None, prefix: Array | None = None,
+               lora: Hooks | None = None) -> Array:
     # x: [batch, length, hidden]; mask: [batch, 1, 1 or queries, length] bool, True = attend
     # (`attention_mask_4d`). Queries at `query_positions` ([batch, queries] int; all positions
-    # when None). `prefix`: key/value prefixes every query attends to (`with_prefix`).
-    # [batch, queries, hidden] out.
+    # when None). `prefix`: key/value prefixes every query attends to (`with_prefix`); `lora`:
+    # this layer's LoRA paths (`with_lora`). [batch, queries, hidden] out.
     cfg = self.config
     heads = self.num_heads or cfg.num_heads
     param = functools.partial(self.param, dtype=jnp.float32)
@@ -227,7 +250,12 @@ class SelfAttention(nn.Module):
       # needs to keep their sharding.
       kernel = jnp.swapaxes(qkv_kernel[:, parts], 1, 2)  # [hidden, heads, parts, head_dim]
       bias = jnp.swapaxes(qkv_bias[parts], 0, 1)  # [heads, parts, head_dim]
-      return contract(cfg, inputs, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
+      out = contract(cfg, inputs, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
+      names = QKV[parts]
+      if not lora or not set(names) & set(lora):
+        return out
+      return jnp.stack([with_lora(self, out[:, :, :, i], inputs, lora, name, deterministic)
+                        for i, name in enumerate(names)], axis=3)
 
     if query_positions is None:  # one fused QKV matmul
       qkv = project(x, slice(0, 3))
@@ -253,8 +281,9 @@ class SelfAttention(nn.Module):
     out_kernel = param("out_kernel", _normal(cfg, (HEADS, KV, EMBED)),
                        (heads, cfg.head_dim, cfg.hidden_size))
     out_bias = param("out_bias", _zeros((EMBED,)), (cfg.hidden_size,))
-    return (contract(cfg, context, out_kernel.astype(cfg.dtype), axes=2)
-            + out_bias.astype(cfg.dtype))  # [batch, length, hidden]
+    out = contract(cfg, context, out_kernel.astype(cfg.dtype), axes=2) + out_bias.astype(cfg.dtype)
+    return with_lora(self, out, context, lora or {}, "attention.output", deterministic,
+                     axes=2)  # [batch, length, hidden]
 
 
 class TransformerLayer(nn.Module):
@@ -272,17 +301,21 @@ class TransformerLayer(nn.Module):
     # `hooks`: this layer's PEFT hooks (a slice of `encoder/peft` without the layers axis).
     cfg = self.config
     hooks = hooks or {}
+    lora = hooks.get(PEFT_LORA, {})
     drop = dropout(cfg, cfg.hidden_dropout)
     attended = SelfAttention(cfg, self.num_heads, name="attention")(
-        x, mask, deterministic, positions, hooks.get(PEFT_PREFIX))
+        x, mask, deterministic, positions, hooks.get(PEFT_PREFIX), lora)
     skip = at_positions(x, positions)
     attended = drop(attended, deterministic=deterministic)
     if PEFT_ATTENTION_ADAPTER in hooks:
       attended = bottleneck(cfg, attended, hooks[PEFT_ATTENTION_ADAPTER])
     x = layer_norm(cfg, "attention_norm")(skip + attended)
-    h = dense(cfg, cfg.intermediate_size, (EMBED, MLP), "intermediate")(x)
+    h = with_lora(self, dense(cfg, cfg.intermediate_size, (EMBED, MLP), "intermediate")(x), x,
+                  lora, "intermediate", deterministic)
     h = nn.with_logical_constraint(activation(cfg.hidden_act)(h), (ACT_BATCH, ACT_LENGTH, ACT_MLP))
-    h = drop(dense(cfg, cfg.hidden_size, (MLP, EMBED), "output")(h), deterministic=deterministic)
+    h = with_lora(self, dense(cfg, cfg.hidden_size, (MLP, EMBED), "output")(h), h, lora, "output",
+                  deterministic)
+    h = drop(h, deterministic=deterministic)
     if PEFT_OUTPUT_ADAPTER in hooks:
       h = bottleneck(cfg, h, hooks[PEFT_OUTPUT_ADAPTER])
     x = layer_norm(cfg, "output_norm")(x + h)

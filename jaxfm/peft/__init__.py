@@ -14,8 +14,8 @@ orthogonality regulariser and rank allocator. The train state holds only the
 trainable tree; the base goes to the jitted steps as an argument with its own shardings, never
 as a constant inside the executable.
 
-LoRA with input dropout would need the projections as interceptable module methods; it is not
-here yet (`peft.dropout` must be 0).
+LoRA with dropout on its input (`peft.dropout` > 0) trains through a hook too, `encoder/peft/lora`
+(its path beside the projections, see `jaxfm.peft.lora`), and still folds for export.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Method:
 
   @property
   def folds(self) -> bool:
-    """Whether it changes the base's weights (else it feeds the model's PEFT hooks)."""
+    """Whether it changes the base's weights, so that it has a merged form."""
     return hasattr(self.module, "fold")
 
 
@@ -154,14 +154,19 @@ class Plan:
     return tuple(self.tokenizer.encode_batch([text])[0])
 
   def combine(self, trainable: Mapping[str, Any], frozen: Any) -> Any:
-    """The task model's params: the frozen base with the adapter folded in (or its hooks under
-    `encoder/peft`), plus the head. For weight methods also the merged model for export (base
-    and adapter as one set of weights)."""
+    """The task model's params as training and evaluation run them: the frozen base and the
+    head, with the adapter's hooks under `encoder/peft` or (`merge`) folded into the base."""
+    if self.method.folds and not lora.on_activations(self.settings):
+      return self.merge(trainable, frozen)
     flat = {**flatten(frozen), **flatten(trainable["head"])}
-    if not self.method.folds:
-      hooks = self.method.module.hooks(trainable["adapter"], self.settings, EncoderDims.of(flat))
-      flat.update(flatten(hooks, prefix=f"encoder/{PEFT}/"))
-      return unflatten(flat)
+    hooks = self.method.module.hooks(trainable["adapter"], self.settings, EncoderDims.of(flat))
+    flat.update(flatten(hooks, prefix=f"encoder/{PEFT}/"))
+    return unflatten(flat)
+
+  def merge(self, trainable: Mapping[str, Any], frozen: Any) -> Any:
+    """The merged model of a weight method (`Method.folds`): base and adapter as one set of
+    weights, plus the head (what `--to_hf` exports)."""
+    flat = {**flatten(frozen), **flatten(trainable["head"])}
     adapter = flatten(trainable["adapter"])
     for site in sites(flat, self.settings.targets):
       own = {k.rsplit("/", 1)[1]: v for k, v in adapter.items()

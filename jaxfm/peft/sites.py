@@ -107,11 +107,15 @@ class Site:
     return [f"encoder.layer.{i}.{self.target.hf_module}" for i in layers]
 
 
+def scope_order(scope: str) -> int:
+  """Sort key of a layer scope, bottom first: the scanned stack (-1) holds the bottom layers."""
+  return int(_SCOPE.match(scope).group(2) or -1)
+
+
 def sites(flat: Mapping[str, Any], targets: tuple[Target, ...]) -> list[Site]:
   """Every (layer scope, target) whose kernel `flat` (a flattened param tree) holds."""
-  found = {m.group(0): int(m.group(2) or -1)  # the scanned stack (-1) holds the bottom layers
-           for name in flat for m in [_SCOPE.match(name.rsplit("/", 2)[0])] if m}
-  scopes = sorted(found, key=found.get)
+  scopes = sorted({m.group(0) for name in flat for m in [_SCOPE.match(name.rsplit("/", 2)[0])]
+                   if m}, key=scope_order)
   return [Site(scope, t) for scope in scopes for t in targets if f"{scope}/{t.kernel}" in flat]
 
 

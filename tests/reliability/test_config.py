@@ -153,7 +153,9 @@ RULES = [
     Rule(F, "peft.method", "lora", "peft.method='lora' needs init_from"),
     Rule(F, "peft.rank", 0, "peft.rank=0 must be > 0", LORA),
     Rule(F, "peft.alpha", 0.0, "peft.alpha=0.0 must be > 0", LORA),
-    Rule(F, "peft.dropout", 0.1, "peft.dropout=0.1 must be 0", LORA),
+    Rule(F, "peft.dropout", 1.0, "peft.dropout=1.0 must be in [0, 1)", LORA),
+    Rule(F, "peft.dropout", 0.1, "peft.dropout=0.1 is LoRA's (dropout on its input): "
+         "peft.method='adalora' has none", ADALORA),
     Rule(F, "peft.target_modules", "query,qkv", "unknown target modules ['qkv']", LORA),
     Rule(F, "peft.num_virtual_tokens", 0, "peft.num_virtual_tokens=0 must be > 0", PREFIX),
     Rule(F, "peft.num_virtual_tokens", 500, "peft.num_virtual_tokens=500 plus "
