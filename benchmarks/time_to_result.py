@@ -8,7 +8,8 @@ the data, a fresh workdir and compilation cache) and `benchmarks.torch_loop` (tr
 dynamic padding) one after the other with the same recipe: the same examples, batch size,
 epochs, peak learning rate, warmup share, weight decay, clipping and truncation length. Each
 side's wall time and CPU seconds are its child's, from spawn to exit (on a machine shared with
-other work compare the CPU seconds). Prints one JSON line per side and the ratios.
+other work compare the CPU seconds, or alternate the sides with `--repeats`). Prints one JSON
+line per run and the ratios of the medians.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 from absl import app, flags
 
 _MODEL = flags.DEFINE_string("model", None, "A transformers BERT folder (config, weights, vocab).")
@@ -35,6 +37,9 @@ _EPOCHS = flags.DEFINE_float("epochs", 1.0, "Epochs.")
 _LR = flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 _SIDES = flags.DEFINE_list("sides", ["jaxfm", "torch"], "Which to run, in this order.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 1, "Runs of each side, alternating (on a shared machine both meet its load); "
+    "the ratios compare the medians.")
 flags.mark_flags_as_required(["model", "train", "dev"])
 
 _CONFIGS = {"classification": "configs/finetune/sst2.py", "ner": "configs/finetune/conll2003.py"}
@@ -86,13 +91,17 @@ def _torch() -> dict[str, Any]:
 
 def main(argv):
   del argv
-  results = {}
+  results: dict[str, list[dict[str, Any]]] = {side: [] for side in _SIDES.value}
   with tempfile.TemporaryDirectory() as tmp:
-    for side in _SIDES.value:
-      results[side] = _jaxfm(f"{tmp}/run") if side == "jaxfm" else _torch()
-      print(json.dumps(results[side]), flush=True)
+    for repeat in range(_REPEATS.value):
+      for side in _SIDES.value:
+        result = _jaxfm(f"{tmp}/run{repeat}") if side == "jaxfm" else _torch()
+        results[side].append(result)
+        print(json.dumps(result), flush=True)
   if len(results) == 2:
-    print(json.dumps({f"torch_over_jaxfm_{k}": round(results["torch"][k] / results["jaxfm"][k], 3)
+    median = {side: {k: float(np.median([r[k] for r in runs])) for k in ("wall_s", "cpu_s")}
+              for side, runs in results.items()}
+    print(json.dumps({f"torch_over_jaxfm_{k}": round(median["torch"][k] / median["jaxfm"][k], 3)
                       for k in ("wall_s", "cpu_s")}))
 
 
