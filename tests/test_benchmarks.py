@@ -229,3 +229,26 @@ def test_chinese_study_runs_end_to_end_and_resumes(tmp_path):
   table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
   assert len(table) == 4 + 8 and table == [
       line for line in again.stdout.splitlines() if line.startswith("|")]
+
+
+def test_pairs_from_squad_labels_the_answer_sentence_and_counts_a_crossing_answer(tmp_path):
+  context = 'The cat sat. It was "tired." Then 3 dogs came! Why? Nobody knows.'
+  qas = [{"id": "q1", "question": "How many dogs?", "answers": [
+             {"text": "3 dogs", "answer_start": context.index("3 dogs")}]},
+         {"id": "q2", "question": "Who crossed?", "answers": [
+             {"text": "sat. It", "answer_start": context.index("sat. It")}]}]
+  article = {"paragraphs": [{"context": context, "qas": qas}]}
+  squad = tmp_path / "squad.json"
+  squad.write_text(json.dumps({"version": "1.1", "data": [article, article]}))
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.pairs_from_squad", f"--squad={squad}",
+                         f"--out={tmp_path}", "--dev_articles=1"], cwd=_ROOT,
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  counts = json.loads(proc.stdout.splitlines()[-1])
+  assert counts == {"train": {"pairs": 5, "positive": 1}, "dev": {"pairs": 5, "positive": 1},
+                    "skipped_questions": 2}
+  rows = (tmp_path / "train.tsv").read_text().splitlines()
+  assert rows[0] == "question\tsentence\tlabel"
+  assert [r.split("\t")[1:] for r in rows[1:]] == [
+      ["The cat sat.", "0"], ['It was "tired."', "0"], ["Then 3 dogs came!", "1"],
+      ["Why?", "0"], ["Nobody knows.", "0"]]
