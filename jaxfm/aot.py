@@ -32,7 +32,9 @@ from ml_collections import config_flags
 
 from jaxfm import config as config_lib
 from jaxfm import sharding
-from jaxfm.tasks import TASKS, make_task, mlm_task
+from jaxfm.data.tokenizer import load_tokenizer
+from jaxfm.finetuning.run import resolve_length_buckets, split_path
+from jaxfm.tasks import TASKS, load_split, make_task, mlm_task
 from jaxfm.train import flops, loop
 
 GiB = 2**30
@@ -158,6 +160,8 @@ class Report:
   eval: CompiledStep
   model_flops_per_step: float
   peak_flops: float | None
+  length_buckets: tuple[int, ...] = ()  # a fine-tuning run's compiled lengths
+  padding_share: float | None = None  # tokens computed per real token, when planned from data
 
   @property
   def peak_bytes(self) -> int | None:
@@ -260,18 +264,38 @@ def with_architecture(cfg: ml_collections.ConfigDict, name: str) -> ml_collectio
 
 
 def compiled_lengths(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """The sequence lengths a run of `cfg` compiles: a fine-tuning config's buckets (`auto` is
-  decided from the data at run time: only `max_seq_length` then), else `max_seq_length`."""
+  """The sequence lengths a run of `cfg` compiles: a fine-tuning config's buckets, else
+  `max_seq_length`. `auto` is chosen from the training file as the run chooses it when the
+  config names that file and `data.tokenizer` (`plan_length_buckets`); else it stays open and
+  only `max_seq_length` is compiled."""
   if "task" in cfg and cfg.data.length_buckets != "auto":
     return config_lib.length_buckets(cfg.data)
   return (cfg.data.max_seq_length,)
+
+
+def plan_length_buckets(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`cfg`, or a copy whose `data.length_buckets=auto` holds the lengths a fine-tuning run
+  would choose from its training file (and `data.padding_share` what they give): the run's
+  shapes planned for the slice before it starts. Needs `data.tokenizer` with the file (the
+  vocabulary of the checkpoint the run would start from)."""
+  if "task" not in cfg or cfg.data.length_buckets != "auto" or not split_path(cfg.data, "train"):
+    return cfg
+  if not cfg.data.tokenizer:
+    raise AotError("data.length_buckets=auto with a training file needs data.tokenizer "
+                   "(the vocab of the checkpoint the run starts from) to plan the buckets")
+  cfg = cfg.copy_and_resolve_references()
+  tokenizer = load_tokenizer(cfg.data.tokenizer, lowercase=cfg.data.lowercase)
+  train, _ = load_split(cfg.task, cfg.data, split_path(cfg.data, "train"), tokenizer.backend,
+                        None, cfg.data.max_train_examples)
+  resolve_length_buckets(cfg, train)
+  return cfg
 
 
 def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_bytes: int,
           num_labels: int = 2) -> list[Report]:
   """Compiles `cfg`'s train and eval steps over `devices` (any platform) against `hbm_bytes`,
   one report per length in `compiled_lengths`."""
-  cfg = resolve_vocab(cfg)
+  cfg = resolve_vocab(plan_length_buckets(cfg))
   if "task" in cfg:  # the data fields are not needed: the batch is abstract
     # A run resolves its cadence from the data; it does not change what is compiled.
     cfg.train.eval_every = cfg.train.eval_every or 1
@@ -284,7 +308,8 @@ def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_byt
     config_lib.validate(cfg)
   mesh = _mesh(cfg, devices)
   reports = []
-  for seq_len in compiled_lengths(cfg):
+  lengths = compiled_lengths(cfg)
+  for seq_len in lengths:
     at_length = cfg.copy_and_resolve_references()
     at_length.data.max_seq_length = seq_len
     task = _task(at_length, devices[0].platform, num_labels)
@@ -300,7 +325,9 @@ def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_byt
         params=sum(math.prod(p.shape) for p in jax.tree.leaves(steps.abstract_state.params)),
         hbm_bytes=hbm_bytes, scan_layers=cfg.model.scan_layers, train=train, eval=evaluation,
         model_flops_per_step=task.flops_per_token(seq_len) * cfg.train.batch_size * seq_len,
-        peak_flops=flops.peak_flops_per_device(devices[0].device_kind)))
+        peak_flops=flops.peak_flops_per_device(devices[0].device_kind),
+        length_buckets=lengths if "task" in cfg else (),
+        padding_share=cfg.data.get("padding_share")))
   return reports
 
 
@@ -316,6 +343,9 @@ def format_report(report: Report, title: str) -> str:
   lines = [title,
            f"{r.devices} x {r.device_kind}, {r.hosts} host(s), mesh {r.mesh}; "
            f"batch {r.batch_size} x seq {r.seq_len}, {r.params / 1e6:.1f}M params",
+           *([f"length buckets {','.join(map(str, r.length_buckets))} (one compiled shape each)"
+              + (f": {r.padding_share:.3f} tokens computed per real token in the training data"
+                 if r.padding_share is not None else "")] if r.length_buckets else []),
            f"{'per-device memory':<20}{'train step':>14}{'eval step':>14}"]
   rows = ("arguments", "outputs", "aliased", "temporaries", "generated_code", "total")
   for row in rows:

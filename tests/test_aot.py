@@ -11,6 +11,10 @@ import pytest
 
 from jaxfm import aot
 from jaxfm import config as config_lib
+from jaxfm.data import length_groups
+from jaxfm.data.tokenizer import load_tokenizer
+from jaxfm.tasks import load_split
+from tests import finetune_fixtures as ff
 from tests.train_helpers import SEQ, VOCAB, tiny_config
 
 
@@ -130,6 +134,29 @@ def test_every_finetuning_kind_compiles(task):
 def test_auto_buckets_compile_the_longest_length_only():
   assert aot.compiled_lengths(_tiny_finetune(buckets="auto")) == (64,)
   assert aot.compiled_lengths(_tiny_finetune(buckets="16,32,64,99")) == (16, 32, 64)
+
+
+def test_auto_buckets_are_planned_from_the_training_file_as_the_run_chooses_them(tmp_path):
+  train, _ = ff.write_sentiment(tmp_path, n_train=400)
+  ff.write_model_dir(tmp_path)
+  cfg = _tiny_finetune(buckets="auto")
+  cfg.data.train_file, cfg.data.max_buckets, cfg.data.bucket_multiple = train, 3, 4
+  with pytest.raises(aot.AotError, match="data.tokenizer"):
+    aot.plan_length_buckets(cfg)
+  cfg.data.tokenizer = str(tmp_path / "vocab.txt")
+  planned = aot.plan_length_buckets(cfg)
+  tokenizer = load_tokenizer(cfg.data.tokenizer, lowercase=True)
+  split, _ = load_split("classification", cfg.data, train, tokenizer.backend, None, 0)
+  lengths = split.row_lengths()  # [rows]
+  expected = length_groups.auto_buckets(lengths, 8, cfg.data.seed, False, 64, 3, 4)
+  assert len(expected) > 1 and config_lib.length_buckets(planned.data) == expected
+  assert planned.data.padding_share == pytest.approx(
+      length_groups.padding_share(lengths, 8, cfg.data.seed, expected, False), abs=1e-4)
+  assert cfg.data.length_buckets == "auto"  # planned on a copy
+  reports = aot.check(cfg, jax.devices(), hbm_bytes=16 * aot.GiB)
+  assert [r.seq_len for r in reports] == list(expected)
+  assert all(r.length_buckets == expected for r in reports)
+  assert "tokens computed per real token" in aot.format_report(reports[0], "t")
 
 
 def test_architecture_preset_replaces_the_architecture_only():
