@@ -3,9 +3,12 @@
   python -m jaxfm.convert --from_hf=HF_DIR --out=JAXFM_DIR [--task=auto] [--init_missing_head]
   python -m jaxfm.convert --to_hf --from=JAXFM_DIR_OR_WORKDIR --out=HF_DIR
   python -m jaxfm.convert --to_peft --from=WORKDIR --out=ADAPTER_DIR
+  python -m jaxfm.convert --from_peft=ADAPTER_DIR --base=HF_DIR --out=WORKDIR [--labels=a,b]
 
 A parameter-efficient workdir (`peft.method`) exports with --to_hf as the merged model (the
-adapter folded into its base) and with --to_peft as a huggingface/peft adapter folder.
+adapter folded into its base) and with --to_peft as a huggingface/peft adapter folder;
+--from_peft reads a peft LoRA folder for the BERT at --base into such a workdir (evaluate it with
+--input, predict, or export it).
 
 Prints the accounting report; on error prints one line and exits with status 1.
 """
@@ -20,12 +23,17 @@ from absl import app, flags
 
 from jaxfm import weights, workdir
 from jaxfm.finetuning import run
-from jaxfm.interop import checkpoint_dir, hf, peft_format
+from jaxfm.interop import checkpoint_dir, hf, peft_format, peft_import
 
 flags.DEFINE_string("from_hf", None, "Hugging Face model dir to import.")
 flags.DEFINE_bool("to_hf", False, "Export --from to a Hugging Face model dir.")
 flags.DEFINE_bool("to_peft", False,
                   "Export the parameter-efficient workdir --from as a peft adapter folder.")
+flags.DEFINE_string("from_peft", None,
+                    "huggingface/peft LoRA adapter folder to import as a jaxfm workdir.")
+flags.DEFINE_string("base", None, "With --from_peft: the Hugging Face BERT folder it adapts.")
+flags.DEFINE_list("labels", None,
+                  "With --from_peft: the head's label names in output order (default 0 ... n-1).")
 flags.DEFINE_string("from", None,
                     "jaxfm model dir or training workdir to export (with --to_hf or --to_peft).")
 flags.DEFINE_string("out", None, "Destination dir; must not exist or be empty.")
@@ -77,15 +85,21 @@ def _to_peft(source: str, out: str) -> str:
 def _run() -> str:
   source = FLAGS["from"].value
   workdir.require_gcs_support({"--from": source or "", "--from_hf": FLAGS.from_hf or "",
+                                "--from_peft": FLAGS.from_peft or "", "--base": FLAGS.base or "",
                                 "--out": FLAGS.out or ""})
   if not FLAGS.out:
     raise ValueError("--out is required")
-  if FLAGS.to_hf + FLAGS.to_peft + bool(FLAGS.from_hf) != 1:
-    raise ValueError("give exactly one of --from_hf=HF_DIR, --to_hf --from=DIR or "
-                     "--to_peft --from=WORKDIR")
+  if FLAGS.to_hf + FLAGS.to_peft + bool(FLAGS.from_hf) + bool(FLAGS.from_peft) != 1:
+    raise ValueError("give exactly one of --from_hf=HF_DIR, --to_hf --from=DIR, "
+                     "--to_peft --from=WORKDIR or --from_peft=ADAPTER_DIR --base=HF_DIR")
+  if bool(FLAGS.from_peft) != bool(FLAGS.base):
+    raise ValueError("--from_peft=ADAPTER_DIR and --base=HF_DIR go together")
+  if (FLAGS.from_hf or FLAGS.from_peft) and source:
+    raise ValueError("--from goes with --to_hf / --to_peft; import with --from_hf=HF_DIR or "
+                     "--from_peft=ADAPTER_DIR")
+  if FLAGS.from_peft:
+    return peft_import.import_workdir(FLAGS.from_peft, FLAGS.base, FLAGS.out, FLAGS.labels)
   if FLAGS.from_hf:
-    if source:
-      raise ValueError("--from goes with --to_hf; use --from_hf=HF_DIR to import")
     return _from_hf(FLAGS.from_hf, FLAGS.out)
   if not source:
     raise ValueError("--to_hf / --to_peft need --from=JAXFM_DIR_OR_WORKDIR")

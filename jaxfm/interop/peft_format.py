@@ -41,6 +41,7 @@ _ENCODER = "bert."
 _TASK_TYPES = {"BertForSequenceClassification": "SEQ_CLS",
                "BertForTokenClassification": "TOKEN_CLS",
                "BertForQuestionAnswering": "QUESTION_ANS"}
+TASK_KINDS = {"SEQ_CLS": "classification", "TOKEN_CLS": "ner", "QUESTION_ANS": "qa"}  # jaxfm's
 
 
 def _lora_tensors(site: peft.Site, leaves: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
