@@ -16,6 +16,7 @@ import re
 import ml_collections
 
 from jaxfm import peft
+from jaxfm.compress import MODES as INT8_MODES
 from jaxfm.models.config import ACTIVATIONS, COMPUTE_DTYPES, REMAT_POLICIES, BertConfig, preset
 
 
@@ -220,6 +221,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
   cfg.train.best_mode = "max"  # max | min
   cfg.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
   cfg.peft = _peft_defaults()
+  # Quantization-aware fine-tuning: '' = off; weight_only | w8a8 = the train and eval steps run
+  # the model as `jaxfm.quantize --mode=` that mode runs its int8 export (`jaxfm.compress.qat`).
+  cfg.quantize = ml_collections.ConfigDict(dict(qat=""))
   return cfg
 
 
@@ -502,6 +506,19 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
   if t.early_stopping_patience and not (d.dev_file or d.tfds_name):
     raise ConfigError("train.early_stopping_patience needs a dev set (data.dev_file)")
   validate_peft(cfg)
+  validate_quantize(cfg)
+
+
+def validate_quantize(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the `quantize` section (fine-tuning)."""
+  qat = cfg.quantize.qat
+  if not qat:
+    return
+  if qat not in INT8_MODES:
+    fail("quantize.qat", qat, f"must be '' (off) or one of {', '.join(INT8_MODES)}")
+  if cfg.peft.method:
+    fail("quantize.qat", qat, f"trains the whole model for its int8 export: not with "
+         f"peft.method={cfg.peft.method!r} (int8 export takes fully fine-tuned runs)")
 
 
 def validate_peft(cfg: ml_collections.ConfigDict) -> None:
@@ -723,6 +740,9 @@ def validate_distill(cfg: ml_collections.ConfigDict) -> None:
   if cfg.peft.method:
     fail("peft.method", cfg.peft.method, "is not supported by distillation: the student trains "
          "whole")
+  if cfg.quantize.qat:
+    fail("quantize.qat", cfg.quantize.qat, "is not supported by distillation: distil in float, "
+         "then fine-tune or quantize the student")
   if not (cfg.data.dev_file or cfg.data.tfds_name):
     raise ConfigError("data.dev_file is required: a distilled student's params are kept in "
                       "WORKDIR/best, which evaluate, predict and convert read")
@@ -762,6 +782,9 @@ def validate_prune(cfg: ml_collections.ConfigDict) -> None:
   if cfg.peft.method:
     fail("peft.method", cfg.peft.method, "is not supported by pruning: prune a fully "
          "fine-tuned (or merged) workdir")
+  if cfg.quantize.qat:
+    fail("quantize.qat", cfg.quantize.qat, "is not for pruning, which trains nothing: give it to "
+         "the fine-tuning run that recovers the pruned workdir")
   if not (cfg.data.dev_file or cfg.data.tfds_name):
     raise ConfigError("data.dev_file is required: the pruned model is scored on it and kept in "
                       "WORKDIR/best, which evaluate, predict and convert read")

@@ -1,13 +1,14 @@
 r"""Post-training int8 quantization of a fine-tuning workdir.
 
-  python -m jaxfm.quantize --workdir=runs/sst2 --out=runs/sst2-int8 --mode=weight_only|w8a8
+  python -m jaxfm.quantize --workdir=runs/sst2 --out=runs/sst2-int8 [--mode=weight_only|w8a8]
 
 Writes an int8 folder (`jaxfm.compress.int8_dir`) from the workdir's best (else latest)
 checkpoint: every matmul kernel and embedding table as int8 with per-channel float32 scales,
 beside copies of the workdir's config, labels and tokenizer. `weight_only` computes in float
 with the dequantized weights; `w8a8` also quantizes each matmul's activations per token and
-multiplies in int8. Prints one JSON line (mode, source checkpoint, bytes); on error prints one
-line and exits with status 1.
+multiplies in int8. Without `--mode`, a quantization-aware run (`quantize.qat`) gets the mode
+it trained for (its evals scored this folder's model), any other run w8a8. Prints one JSON
+line (mode, source checkpoint, bytes); on error prints one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from jaxfm.compress import MODES, int8_dir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A jaxfm fine-tuning workdir.")
 _OUT = flags.DEFINE_string("out", None, "The int8 folder to write; must not exist or be empty.")
-_MODE = flags.DEFINE_string("mode", "w8a8", f"One of {', '.join(MODES)}.")
+_MODE = flags.DEFINE_string("mode", "", f"One of {', '.join(MODES)}; '' = the mode a "
+                            "quantization-aware run trained for (quantize.qat), else w8a8.")
 
 
 def main(argv: list[str]) -> None:

@@ -51,17 +51,20 @@ class Int8Model:
     return f"int8 {self.mode} params of the {self.origin}"
 
 
-def write(workdir: str, out: str, mode: str) -> dict[str, Any]:
+def write(workdir: str, out: str, mode: str = "") -> dict[str, Any]:
   """Quantizes the best (else latest) params of the fine-tuning `workdir` into the int8
   folder `out` (which must not exist or be empty); returns what quantization.json records.
+  `mode` '' is the one the run trained for (`quantize.qat`), else w8a8.
 
   Raises:
     FileNotFoundError: `workdir` is not a fine-tuning workdir, or holds no checkpoint.
     ValueError: an unknown mode, or a parameter-efficient run (its checkpoints hold an adapter).
   """
-  quantize.check_mode(mode)
+  if mode:
+    quantize.check_mode(mode)
   workdir_lib.load_run(workdir)  # a fine-tuning workdir: config, labels and tokenizer
   cfg = workdir_lib.read_config(workdir)
+  mode = mode or cfg.get("quantize", {}).get("qat") or "w8a8"
   if cfg.get("peft") and cfg.peft.method:
     raise ValueError(f"{workdir} trained a {cfg.peft.method} adapter; int8 quantization takes "
                      "fully fine-tuned workdirs only")

@@ -79,9 +79,15 @@ def _path(key_path: tuple[Any, ...]) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in key_path)
 
 
+@jax.jit
 def quantize_params(params: Any) -> Any:
   """`params` with each matmul kernel and embedding table as an int8 `QArray` (float32 scales
-  per output channel or table row); the other leaves as they were (works under jit)."""
+  per output channel or table row); the other leaves as they were.
+
+  Always compiled: XLA's arithmetic for the scales differs from op-by-op execution in the last
+  bit, which rounds a few weights to the neighbouring int8 value. Compiled alike, the export
+  holds the values quantization-aware training's steps computed with (`fake_quantize`).
+  """
   def quantize(key_path: tuple[Any, ...], value: Any) -> Any:
     axes = _channel_axes(_path(key_path), np.shape(value))
     if axes is None:
@@ -101,14 +107,25 @@ def dequantize_params(params: Any) -> Any:
                       is_leaf=is_quantized)
 
 
+def fake_quantize(params: Any) -> Any:
+  """`params` as their int8 export holds them (`dequantize_params(quantize_params(params))`)
+  in the forward pass, and the identity in the backward pass (straight-through), so that
+  quantization-aware training moves the float params the int8 values are rounded from."""
+  rounded = jax.lax.stop_gradient(dequantize_params(quantize_params(params)))
+  # q + (p - p): exactly q forward, d/dp = 1 backward.
+  return jax.tree.map(lambda p, q: q + (p - jax.lax.stop_gradient(p)), nn.meta.unbox(params),
+                      rounded)
+
+
 def compute_model(model: nn.Module, mode: str) -> nn.Module:
   """The model that runs the dequantized params: unchanged for `weight_only`; for `w8a8`,
   with qwix quantizing each matmul's operands to int8 (activations per token, weights per
-  output channel) and multiplying them in int8.
+  output channel) and multiplying them in int8. Differentiable (qwix's QT provider: the
+  backward pass is straight-through, in float), so quantization-aware training runs it too.
 
   `model` is a jaxfm task model (a `config: BertConfig` field). For `w8a8` its CPU paths are
-  off: their GEMMs go through `jnp.matmul`, whose `dot_general` qwix does not reach, and they
-  change only how the backward pass is scheduled, which inference does not run.
+  off: their GEMMs go through `jnp.matmul`, whose `dot_general` qwix does not reach; they
+  change only how the backward pass is scheduled, not what it computes.
   """
   if check_mode(mode) == "weight_only":
     return model

@@ -157,6 +157,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
                                  cfg.train.eval_every)
   train_iter, eval_batches = train_iterator(cfg, train), dev_batches(cfg, dev)
   meta = {"config": cfg.to_dict(), "task": kind, "label_names": label_names}
+  task = quantization_aware(cfg, task)  # after the float model initialised the new heads
   try:
     result = loop.train(cfg, workdir, task, train_iter, eval_batches, meta,
                         initial_params=initial, best=keeper, plan=plan, frozen=frozen)
@@ -164,6 +165,13 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
     if keeper is not None:
       keeper.close()
   return result, keeper.best_step() if keeper is not None else None
+
+
+def quantization_aware(cfg: ml_collections.ConfigDict, task: loop.Task) -> loop.Task:
+  """`task` as the run trains and scores it: computing as its int8 export does under
+  `quantize.qat` (`compress.qat_task`); else (and in configs saved before the option) as is."""
+  mode = cfg.get("quantize", {}).get("qat", "")
+  return compress.qat_task(task, cfg.task, mode) if mode else task
 
 
 def train_iterator(cfg: ml_collections.ConfigDict, train: TaskSplit) -> loader.TrainIterator:
@@ -328,6 +336,7 @@ def inference(workdir: str, run: workdir_lib.SavedRun, split: TaskSplit) -> Infe
     plan, frozen = peft_base(run.cfg, task)
     steps = loop.build_steps(run.cfg, task, mesh, plan).with_frozen(frozen)
   else:
+    task = quantization_aware(run.cfg, task)
     steps = loop.build_steps(run.cfg, task, mesh)
   loaded = weights.workdir_params(workdir, steps.abstract_state)
   return Inference(run, split, task, steps, mesh, loaded.params, loaded.describe())

@@ -162,6 +162,10 @@ RULES = [
          "data.max_seq_length=128 exceeds the model's max_position_embeddings=512", PREFIX),
     Rule(F, "peft.reduction_factor", 0, "peft.reduction_factor=0 must be > 0", HOULSBY),
     Rule(F, "data.packing", True, "data.packing=True cannot put a soft prompt", PROMPT),
+    Rule(F, "quantize.qat", "int4", "quantize.qat='int4' must be '' (off) or one of "
+         "weight_only, w8a8"),
+    Rule(F, "quantize.qat", "w8a8", "quantize.qat='w8a8' trains the whole model for its int8 "
+         "export: not with peft.method='lora'", LORA),
     *(Rule(F, f, 0, f"{f}=0 must be > 0", ADALORA)
       for f in ("peft.init_r", "peft.target_r", "peft.deltaT")),
     Rule(F, "peft.target_r", 16, "peft.target_r=16 exceeds peft.init_r=12", ADALORA),
@@ -191,6 +195,7 @@ RULES = [
          {"distill.losses": "kl=1,attention=1"}),
     Rule(DI, "data.packing", True, "data.packing=True is not supported by distillation"),
     Rule(DI, "peft.method", "lora", "is not supported by distillation"),
+    Rule(DI, "quantize.qat", "w8a8", "quantize.qat='w8a8' is not supported by distillation"),
     Rule(DI, "data.dev_file", "", "data.dev_file is required"),
     Rule(PR, "init_from", "", "init_from is required"),
     *(Rule(PR, f, v, f"{f}={v!r} must be in [0, 1)") for f, v in (
@@ -198,6 +203,7 @@ RULES = [
     Rule(PR, "prune.importance", "taylor", "prune.importance='taylor' must be one of gradient"),
     *_positive(PR, "prune.batches"),
     Rule(PR, "peft.method", "lora", "is not supported by pruning"),
+    Rule(PR, "quantize.qat", "w8a8", "quantize.qat='w8a8' is not for pruning"),
     Rule(PR, "data.dev_file", "", "data.dev_file is required"),
     Rule(PR, "data.train_file", "", "data.train_file is required: its batches rank"),
     *(Rule(K, f, 0, f"{f}=0 must be > 0", QA) for f in (
