@@ -42,7 +42,8 @@ HEAD_MODULES = {"classifier": "classifier", "qa_outputs": "span",
 _UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
                 "layers_to_transform": None, "layers_pattern": None, "bias": "none",
                 "fan_in_fan_out": False, "lora_bias": False, "target_parameters": None,
-                "trainable_token_indices": None}
+                "trainable_token_indices": None, "layer_replication": None, "use_qalora": False,
+                "alora_invocation_tokens": None, "megatron_config": None}
 
 
 @dataclasses.dataclass(frozen=True)
