@@ -63,10 +63,11 @@ def float_run(files):
 
 # ---------------------------------------------------------------- the hook
 
-@pytest.fixture(scope="module")
-def tiny():
-  """A float classification task, its params and one batch."""
-  config = preset("tiny", vocab_size=40, max_position_embeddings=ff.SEQ, cpu_paths=True)
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
+def tiny(request):
+  """A float classification task (layers unrolled or scanned), its params and one batch."""
+  config = preset("tiny", vocab_size=40, max_position_embeddings=ff.SEQ, cpu_paths=True,
+                  scan_layers=request.param)
   task = make_task("classification", config, ["0", "1"], None, config_lib.finetune_defaults().data)
   params = jax.device_get(sharding.unbox(task.init_params(jax.random.key(0))))
   rng = np.random.default_rng(0)
