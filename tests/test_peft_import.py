@@ -17,12 +17,12 @@ transformers = pytest.importorskip("transformers")
 peft_lib = pytest.importorskip("peft")
 
 
-def _peft_folder(files, out, config):
+def _peft_folder(files, out, config, architecture="BertForSequenceClassification", labels=2):
   """A peft adapter of `config` over the tiny base with every trainable tensor randomised, saved
   to `out`; returns the PeftModel (eval mode)."""
   torch.manual_seed(0)
-  base = transformers.BertForSequenceClassification.from_pretrained(str(files / "hf_base"),
-                                                                    num_labels=2)
+  base = getattr(transformers, architecture).from_pretrained(str(files / "hf_base"),
+                                                             num_labels=labels)
   model = peft_lib.get_peft_model(base, config)
   generator = torch.Generator().manual_seed(1)
   with torch.no_grad():
@@ -75,6 +75,24 @@ def test_imported_workdir_evaluates_and_exports_back(imported, files):
     np.testing.assert_allclose(back[key], value, atol=1e-7, err_msg=key)
   trained = flatten(run.adapted(workdir).trainable["adapter"])
   assert trained["encoder/layer_0/query/lora_a"].shape == (128, 4)
+
+
+def test_token_classification_imports_with_its_label_names(files, tmp_path):
+  config = peft_lib.LoraConfig(task_type="TOKEN_CLS", r=2, lora_alpha=4,
+                               target_modules=["key", "output.dense"])
+  model = _peft_folder(files, tmp_path / "adapter", config, "BertForTokenClassification", 3)
+  workdir = tmp_path / "workdir"
+  args = (f"--from_peft={tmp_path / 'adapter'}", f"--base={files / 'hf_base'}", f"--out={workdir}")
+  done = _cli("jaxfm.convert", *args, "--labels=O,B-PER")
+  assert done.returncode == 1 and "--labels names 2 labels; the adapter's head has 3" in done.stderr
+  done = _cli("jaxfm.convert", *args, "--labels=O,B-PER,I-PER")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert workdir_lib.label_names(str(workdir)) == ["O", "B-PER", "I-PER"]
+  # 'output.dense' is peft's suffix match: the attention output and the FFN output.
+  assert workdir_lib.read_config(str(workdir)).peft.target_modules == "key,attention.output,output"
+  inputs = _inputs(workdir_lib.read_model_config(str(workdir)).vocab_size)
+  np.testing.assert_allclose(_jaxfm_logits(str(workdir), inputs), _torch_logits(model, inputs),
+                             atol=1e-4)
 
 
 @pytest.mark.parametrize("config,refusal", [
