@@ -152,15 +152,21 @@ def test_length_buckets_train_like_full_length_batches_and_resume(sentiment_run,
   # Without dropout, cutting a batch's padding changes no number beyond float rounding: the
   # same losses as the full-length run, while the steps compile (and run) shorter shapes; here
   # through a SIGTERM at step 7 and a resume, which restores the cut batches exactly. Each
-  # run compiles its first batch's length first, then (ahead, in the background) the others.
+  # run compiles its first batch's length first, then (ahead, in the background) the others
+  # and the eval step's.
   from jaxfm.train import loop
-  compiled = []  # per run: the batch lengths compiled, in order
-  compile_train_step = loop.compile_train_step
+  compiled, eval_compiled = [], []  # per run: the batch lengths compiled, in order
+  compile_train_step, compile_eval_step = loop.compile_train_step, loop.compile_eval_step
 
   def recording(steps, batch, mesh):
     compiled[-1].append(batch["input_ids"].shape[1])
     return compile_train_step(steps, batch, mesh)
+
+  def recording_eval(steps, batch, mesh):
+    eval_compiled[-1].append(batch["input_ids"].shape[1])
+    return compile_eval_step(steps, batch, mesh)
   monkeypatch.setattr(loop, "compile_train_step", recording)
+  monkeypatch.setattr(loop, "compile_eval_step", recording_eval)
   root, model_dir = files
   cfg = ff.config("classification", model_dir, str(root / "train.tsv"), str(root / "dev.tsv"))
   cfg.data.length_buckets = "8,16"
@@ -172,6 +178,7 @@ def test_length_buckets_train_like_full_length_batches_and_resume(sentiment_run,
       iterators.append(_SigtermAtBatch(iterator(*args, **kwargs), at))
       return iterators[-1]
     compiled.append([])
+    eval_compiled.append([])
     monkeypatch.setattr(run.loader, "feature_train_iterator", wrapped)
     return run.finetune(cfg, workdir)[0]
   first = run_until(7)
@@ -179,6 +186,8 @@ def test_length_buckets_train_like_full_length_batches_and_resume(sentiment_run,
   result = run_until(None)
   for lengths, batches in zip(compiled, iterators):
     assert lengths[0] == batches.lengths[0] and sorted(lengths) == [8, 16, ff.SEQ]
+  # Compiles not started by a preemption are dropped; the finished run compiled every eval shape.
+  assert set(eval_compiled[0]) <= {8, 16, ff.SEQ} and sorted(eval_compiled[1]) == [8, 16, ff.SEQ]
   assert set(iterators[0].lengths + iterators[1].lengths) - {ff.SEQ}  # cut too
   plain_dir, plain, _ = sentiment_run
   plain_losses, losses = _train_losses(plain_dir), _train_losses(workdir)

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,7 +37,7 @@ from jaxfm.train.step import LossFn, make_eval_step, make_train_step
 from jaxfm.train.writer import MetricWriter, log_line
 
 __all__ = ["NonFiniteError", "StatefulIterator", "Steps", "Task", "TrainResult", "build_steps",
-           "compile_train_step", "evaluate", "gather_outputs", "make_mesh", "predict", "train"]
+           "compile_eval_step", "compile_train_step", "evaluate", "gather_outputs", "make_mesh", "predict", "train"]
 
 
 class StatefulIterator(Protocol):
@@ -200,31 +200,45 @@ def compile_train_step(steps: Steps, batch: dict[str, Any],
   the first batch's step before any state exists, so the compiler's peak is not added to the
   state's.
   """
+  return _compile(steps.train_step, (steps.abstract_state, batch, *steps.frozen_args()), mesh)
+
+
+def compile_eval_step(steps: Steps, batch: dict[str, Any],
+                      mesh: jax.sharding.Mesh) -> tuple[Any, float]:
+  """AOT-compiles `steps.eval_step` (before `with_frozen`) for the abstract params and
+  `batch`'s shapes and shardings: (executable, seconds)."""
+  return _compile(steps.eval_step, (steps.abstract_state.params, batch, *steps.frozen_args()),
+                  mesh)
+
+
+def _compile(step: Any, args: tuple[Any, ...], mesh: jax.sharding.Mesh) -> tuple[Any, float]:
   start = time.perf_counter()
   with sharding.activation_sharding(mesh):
-    compiled = steps.train_step.lower(steps.abstract_state, batch,
-                                      *steps.frozen_args()).compile()
+    compiled = step.lower(*args).compile()
   seconds = time.perf_counter() - start
   cpu_process.release_free_heap()
   return compiled, seconds
 
 
-class _TrainExecutables:
-  """The compiled train step per global batch shape.
+class _Executables:
+  """One step's executables per global batch shape, called as the step is, `(state or params,
+  batch, *frozen)`.
 
-  The first batch's shape is compiled when asked for, before any state exists. `compile_ahead`
-  then compiles the run's other shapes (fine-tuning's length buckets) on background threads
-  while the loop trains: XLA compiles one program on one core, and the step leaves cores idle
-  (most of a TPU host's, some of a CPU's), so a bucket's first batch seldom waits for its
-  compile. `compile_s` counts the seconds the loop waited for compiles.
+  A shape is compiled when a batch first needs it, or ahead (`compile_ahead`) on background
+  threads while the loop trains: fine-tuning's length buckets give batches of several lengths,
+  XLA compiles one program on one core, and the step leaves cores idle (most of a TPU host's,
+  some of a CPU's), so a bucket's first batch seldom waits for its compile. `compile_s`
+  counts the seconds callers waited.
   """
 
-  def __init__(self, steps: Steps, mesh: jax.sharding.Mesh):
-    self._steps, self.mesh = steps, mesh
+  def __init__(self, name: str, compile_step: Callable[[dict[str, Any]], tuple[Any, float]]):
+    self._name, self._compile_step = name, compile_step
     self._compiled: dict[tuple[int, ...], Any] = {}  # input_ids shape -> executable
     self._ahead: dict[tuple[int, ...], concurrent.futures.Future] = {}
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
     self.compile_s = 0.0
+
+  def __call__(self, *args: Any) -> Any:
+    return self.for_batch(args[1])(*args)
 
   def for_batch(self, batch: dict[str, Any]) -> Any:
     """The executable for `batch` (arrays or ShapeDtypeStructs), compiling it if new."""
@@ -238,35 +252,42 @@ class _TrainExecutables:
       self.compile_s += time.perf_counter() - start
     return self._compiled[shape]
 
-  def compile_ahead(self, first: dict[str, Any], task: Task, lengths: Sequence[int]) -> None:
-    """Starts compiling the step for batches like `first` (a global batch) cut to each of
-    `lengths` (ascending, ending with the full length) not compiled yet, shortest first, one
-    thread per length up to a thread per core."""
-    cut = {k for k, (shape, _) in task.batch_spec.items() if shape and shape[0] == lengths[-1]}
-    batches = {}
-    for length in lengths:
-      batch = {k: jax.ShapeDtypeStruct((v.shape[0], length, *v.shape[2:]) if k in cut
-                                       else v.shape, v.dtype, sharding=v.sharding)
-               for k, v in first.items()}
-      batches.setdefault(tuple(batch["input_ids"].shape), batch)
-    new = {shape: b for shape, b in batches.items() if shape not in self._compiled}
-    if new:
-      self._pool = concurrent.futures.ThreadPoolExecutor(min(len(new), os.cpu_count() or 1),
-                                                         "compile_ahead")
-      self._ahead = {shape: self._pool.submit(self._compile, b) for shape, b in new.items()}
-
-  def close(self) -> None:
-    """Drops the compiles not started yet; waits for those running (a thread cannot be
-    stopped)."""
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
+  def compile_ahead(self, batches: Iterable[dict[str, Any]],
+                    pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    """Queues on `pool` the compiles of `batches`' shapes not compiled or queued yet."""
+    for batch in batches:
+      shape = tuple(batch["input_ids"].shape)
+      if shape not in self._compiled and shape not in self._ahead:
+        self._ahead[shape] = pool.submit(self._compile, batch)
 
   def _compile(self, batch: dict[str, Any]) -> Any:
-    compiled, seconds = compile_train_step(self._steps, batch, self.mesh)
+    compiled, seconds = self._compile_step(batch)
     if self._compiled or self._ahead:
-      logging.info("compiled the train step for batches of shape %s in %.1f s",
+      logging.info("compiled the %s step for batches of shape %s in %.1f s", self._name,
                    tuple(batch["input_ids"].shape), seconds)
     return compiled
+
+
+def _bucket_batches(batch: dict[str, Any], task: Task,
+                    lengths: Sequence[int]) -> list[dict[str, jax.ShapeDtypeStruct]]:
+  """`batch` (a global batch, cut to any bucket) as abstract batches cut to each of `lengths`
+  (ascending, the last the full length), shortest first: the fields the task's batch has at
+  full length on axis 1 take each length."""
+  cut = {k for k, (shape, _) in task.batch_spec.items() if shape and shape[0] == lengths[-1]}
+  return [{k: jax.ShapeDtypeStruct((v.shape[0], length, *v.shape[2:]) if k in cut else v.shape,
+                                   v.dtype, sharding=v.sharding) for k, v in batch.items()}
+          for length in lengths]
+
+
+@contextlib.contextmanager
+def _compile_pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+  """Threads for compiles ahead, one per core; on exit the compiles not started are dropped
+  and those running awaited (a thread cannot be stopped)."""
+  pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "compile_ahead")
+  try:
+    yield pool
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclasses.dataclass
@@ -303,19 +324,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   steps = build_steps(cfg, task, mesh, plan)
   manager = checkpoint.make_manager(workdir, t.keep_checkpoints, t.keep_every,
                                     t.async_checkpointing)
-  executables = _TrainExecutables(steps, mesh)  # compiled against the abstract base
+  # Both compiled against the abstract base; the eval step is called through its executables.
+  executables = _Executables("train", functools.partial(compile_train_step, steps, mesh=mesh))
+  eval_executables = _Executables("eval", functools.partial(compile_eval_step, steps, mesh=mesh))
+  steps = dataclasses.replace(steps, eval_step=eval_executables)
   if plan is not None:
     steps = steps.with_frozen(frozen)
-  state, batch = _restore_or_init(cfg, steps, manager, executables, train_iter, initial_params,
-                                  best)
+  state, batch = _restore_or_init(cfg, steps, manager, mesh, executables, train_iter,
+                                  initial_params, best)
   start = int(jax.device_get(state.step))
   if _complete(t.steps, best, start):  # a relaunch of a finished run: nothing to compile or train
     logging.info("step %d: training is already complete in %s", start, workdir)
     manager.close()
     return TrainResult(step=start, train={}, eval={}, preempted=False)
-  if batch is None:
-    batch = sharding.global_batch(next(train_iter), mesh)
-  executables.compile_ahead(batch, task, config_lib.length_buckets(cfg.data))
 
   writer = MetricWriter(workdir, t.wandb_project, cfg.to_dict(), start_step=start)
   evaluation = actions.Evaluation(
@@ -328,8 +349,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   spent: collections.Counter[str] = collections.Counter()  # seconds in each kind of action
   loop_start = time.perf_counter()
   with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
-      profile.closing(), contextlib.closing(executables), _progress_bar(t, start) as bar:
+      profile.closing(), _compile_pool() as pool, _progress_bar(t, start) as bar:
     log_line(start, {"compile_s": executables.compile_s}, "compile")
+    if batch is None:
+      batch = sharding.global_batch(next(train_iter), mesh)
+    lengths = config_lib.length_buckets(cfg.data)
+    executables.compile_ahead(_bucket_batches(batch, task, lengths), pool)
+    if t.eval_batches:
+      first_eval = next(iter(eval_batches()), None)
+      if first_eval is not None:
+        eval_executables.compile_ahead(
+            _bucket_batches(sharding.global_batch(first_eval, mesh), task, lengths), pool)
     if start == 0 and t.eval_batches and t.eval_at_start:
       with actions.timed(spent, evaluation):
         evaluation.run(0, state.params)
@@ -342,7 +372,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
     for step in range(start, t.steps):
       if batch is None:
         batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = executables.for_batch(batch)(state, batch, *steps.frozen_args())
+      state, metrics = executables(state, batch, *steps.frozen_args())
       info = actions.StepInfo(step + 1, state, metrics, tuple(batch["input_ids"].shape))
       batch = None
       ended_by = actions.run_after_step(after_step, info, spent)
@@ -369,9 +399,9 @@ def _complete(total_steps: int, best: BestCheckpoint | None, step: int) -> bool:
 
 
 def _restore_or_init(cfg: ml_collections.ConfigDict, steps: Steps, manager: ocp.CheckpointManager,
-                     executables: _TrainExecutables, train_iter: StatefulIterator,
-                     initial_params: Any | None, best: BestCheckpoint | None
-                     ) -> tuple[TrainState, dict[str, jax.Array] | None]:
+                     mesh: jax.sharding.Mesh, executables: _Executables,
+                     train_iter: StatefulIterator, initial_params: Any | None,
+                     best: BestCheckpoint | None) -> tuple[TrainState, dict[str, jax.Array] | None]:
   """The state to train from (the newest checkpoint, `initial_params` or a random init) and the
   first global batch when it was fetched already, its step compiled."""
   t = cfg.train
@@ -384,7 +414,7 @@ def _restore_or_init(cfg: ml_collections.ConfigDict, steps: Steps, manager: ocp.
     # shape that batch has (fine-tuning's length buckets cut it), not for one it may not need.
     if data_state is not None:
       train_iter.set_state(data_state)
-    batch = sharding.global_batch(next(train_iter), executables.mesh)
+    batch = sharding.global_batch(next(train_iter), mesh)
     executables.for_batch(batch)
   restored = checkpoint.restore_latest(manager, steps.abstract_state)
   if restored is not None:
