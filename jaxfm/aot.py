@@ -33,7 +33,7 @@ from ml_collections import config_flags
 from jaxfm import config as config_lib
 from jaxfm import sharding
 from jaxfm.data.tokenizer import load_tokenizer
-from jaxfm.finetuning.run import resolve_length_buckets, split_path
+from jaxfm.finetuning.run import resolve_length_buckets, resolve_schedule, split_path
 from jaxfm.tasks import TASKS, load_split, make_task, mlm_task
 from jaxfm.train import flops, loop
 
@@ -273,11 +273,12 @@ def compiled_lengths(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
   return (cfg.data.max_seq_length,)
 
 
-def plan_length_buckets(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`cfg`, or a copy whose `data.length_buckets=auto` holds the lengths a fine-tuning run
-  would choose from its training file (and `data.padding_share` what they give): the run's
-  shapes planned for the slice before it starts. Needs `data.tokenizer` with the file (the
-  vocabulary of the checkpoint the run would start from)."""
+def plan_length_buckets(cfg: ml_collections.ConfigDict, platform: str
+                        ) -> ml_collections.ConfigDict:
+  """`cfg`, or a copy whose `data.length_buckets=auto` holds the lengths a fine-tuning run on
+  `platform` devices would choose from its training file (and `data.padding_share` what they
+  give): the run's shapes planned for the slice before it starts. Needs `data.tokenizer` with
+  the file (the vocabulary of the checkpoint the run would start from)."""
   if "task" not in cfg or cfg.data.length_buckets != "auto" or not split_path(cfg.data, "train"):
     return cfg
   if not cfg.data.tokenizer:
@@ -287,7 +288,8 @@ def plan_length_buckets(cfg: ml_collections.ConfigDict) -> ml_collections.Config
   tokenizer = load_tokenizer(cfg.data.tokenizer, lowercase=cfg.data.lowercase)
   train, _ = load_split(cfg.task, cfg.data, split_path(cfg.data, "train"), tokenizer.backend,
                         None, cfg.data.max_train_examples)
-  resolve_length_buckets(cfg, train)
+  resolve_schedule(cfg, len(train), None)
+  resolve_length_buckets(cfg, train, platform)
   return cfg
 
 
@@ -295,7 +297,7 @@ def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_byt
           num_labels: int = 2) -> list[Report]:
   """Compiles `cfg`'s train and eval steps over `devices` (any platform) against `hbm_bytes`,
   one report per length in `compiled_lengths`."""
-  cfg = resolve_vocab(plan_length_buckets(cfg))
+  cfg = resolve_vocab(plan_length_buckets(cfg, devices[0].platform))
   if "task" in cfg:  # the data fields are not needed: the batch is abstract
     # A run resolves its cadence from the data; it does not change what is compiled.
     cfg.train.eval_every = cfg.train.eval_every or 1

@@ -293,6 +293,9 @@ def _finetune_data_defaults() -> ml_collections.ConfigDict:
   data.length_buckets = "auto"
   data.max_buckets = 4
   data.bucket_multiple = 8
+  # With 'auto': one more length's compile costs the time of this many training tokens; 'auto'
+  # takes the platform's estimate (`length_groups.COMPILE_COST_TOKENS`), '0' counts compiles free.
+  data.compile_cost_tokens = "auto"
   # Each training batch holds rows of similar length: far less padding, but batches whose
   # labels correlate with length where the data has such a correlation.
   data.group_by_length = False
@@ -494,6 +497,9 @@ def validate_finetune(cfg: ml_collections.ConfigDict) -> None:
   if d.length_buckets != "auto":
     length_buckets(d)
   positive(cfg, "data.max_buckets", "data.bucket_multiple")
+  if d.compile_cost_tokens != "auto" and not str(d.compile_cost_tokens).isdigit():
+    fail("data.compile_cost_tokens", d.compile_cost_tokens,
+         "must be 'auto' or a whole number of tokens")
   for field in ("data.max_train_examples", "data.max_eval_examples", "train.epochs",
                 "train.eval_every", "train.checkpoint_every", "train.early_stopping_patience",
                 "optim.warmup_ratio"):

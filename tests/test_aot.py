@@ -142,9 +142,12 @@ def test_auto_buckets_are_planned_from_the_training_file_as_the_run_chooses_them
   cfg = _tiny_finetune(buckets="auto")
   cfg.data.train_file, cfg.data.max_buckets, cfg.data.bucket_multiple = train, 3, 4
   with pytest.raises(aot.AotError, match="data.tokenizer"):
-    aot.plan_length_buckets(cfg)
+    aot.plan_length_buckets(cfg, "tpu")
   cfg.data.tokenizer = str(tmp_path / "vocab.txt")
-  planned = aot.plan_length_buckets(cfg)
+  # A 3-epoch run of 150 steps on a TPU: no length saves what its compile costs there.
+  assert aot.plan_length_buckets(cfg, "tpu").data.length_buckets == "64"
+  cfg.data.compile_cost_tokens = "0"  # compiles counted free: the fewest tokens
+  planned = aot.plan_length_buckets(cfg, "tpu")
   tokenizer = load_tokenizer(cfg.data.tokenizer, lowercase=True)
   split, _ = load_split("classification", cfg.data, train, tokenizer.backend, None, 0)
   lengths = split.row_lengths()  # [rows]

@@ -38,6 +38,27 @@ def test_chosen_buckets_compute_the_fewest_tokens_of_any_choice():
     assert tokens(chosen) == best
 
 
+def test_a_compile_cost_per_bucket_trades_lengths_against_the_tokens_they_save():
+  longest = np.random.default_rng(3).integers(5, 128, 300)
+  def tokens(buckets):
+    return sum(next(b for b in buckets if b >= x) for x in longest)
+  candidates = sorted({int(-(-x // 8) * 8) for x in longest} - {128})
+  for cost in (0.0, 500.0, 3000.0, 1e9):
+    chosen = length_groups.choose_buckets(longest, 128, 4, 8, bucket_cost=cost)
+    best = min(tokens(c + (128,)) + cost * (r + 1)
+               for r in range(4) for c in itertools.combinations(candidates, r))
+    assert tokens(chosen) + cost * len(chosen) == best
+  assert length_groups.choose_buckets(longest, 128, 4, 8, bucket_cost=1e9) == (128,)
+  # auto_buckets: a compile costs the same tokens per run; a longer run affords more lengths.
+  lengths = _lengths()
+  few, many = (length_groups.auto_buckets(lengths, 32, 0, False, 128, 4, 8, steps, 2e5)
+               for steps in (60, 6000))
+  assert len(few) < len(many) == 4
+  assert length_groups.compile_cost_tokens("auto", "tpu") > length_groups.compile_cost_tokens(
+      "auto", "cpu") > 0 == length_groups.compile_cost_tokens("auto", "gpu")
+  assert length_groups.compile_cost_tokens("1000", "tpu") == 1000
+
+
 def test_grouping_and_auto_buckets_cut_the_padding():
   lengths, batch = _lengths(), 32
   ungrouped = length_groups.batch_longest(lengths, batch, 0, grouped=False)

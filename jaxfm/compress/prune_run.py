@@ -84,7 +84,7 @@ def prune(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config_lib.validate_mesh(cfg)
   runtime.preflight(cfg)
   finetuning.resolve_schedule(cfg, len(train), dev)
-  finetuning.resolve_length_buckets(cfg, train)
+  finetuning.resolve_length_buckets(cfg, train, jax.devices()[0].platform)
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
   model_config = config_lib.bert_config(cfg, jax.devices()[0].platform)

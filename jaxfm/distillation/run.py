@@ -358,7 +358,7 @@ def distill(cfg: ml_collections.ConfigDict, workdir: str,
   logging.info("distilling %s (%s) into a %d-layer student: %d train, %d dev features", teacher.path,
                teacher.source, cfg.model.num_layers, len(train), len(dev))
   finetuning.resolve_schedule(cfg, len(train), dev)
-  finetuning.resolve_length_buckets(cfg, train)
+  finetuning.resolve_length_buckets(cfg, train, jax.devices()[0].platform)
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
   task, init_trainable, teacher_task = _tasks(cfg, teacher, dev, settings)

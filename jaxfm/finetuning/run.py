@@ -52,16 +52,21 @@ def resolve_schedule(cfg: ml_collections.ConfigDict, num_train: int,
       cfg.optim.warmup_steps = round(cfg.optim.warmup_ratio * t.steps)
 
 
-def resolve_length_buckets(cfg: ml_collections.ConfigDict, train: TaskSplit) -> None:
+def resolve_length_buckets(cfg: ml_collections.ConfigDict, train: TaskSplit,
+                           platform: str) -> None:
   """Replaces `data.length_buckets=auto` by the lengths `length_groups.choose_buckets` picks for
-  the training set's batches (config.json records them: a resume, evaluate and predict use the
-  same), and logs the lengths and the padding share they give."""
+  the training set's batches in a run of `train.steps` on `platform` devices (config.json
+  records them: a resume, evaluate and predict use the same), and logs the lengths and the
+  padding share they give."""
   data, batch_size = cfg.data, cfg.train.batch_size
   lengths = train.row_lengths()  # [rows]: one per feature, or packed rows (data.packing)
   if data.length_buckets == "auto":
+    cost = length_groups.compile_cost_tokens(data.get("compile_cost_tokens", "auto"), platform)
     chosen = length_groups.auto_buckets(lengths, batch_size, data.seed, data.group_by_length,
                                         data.max_seq_length, data.max_buckets,
-                                        data.bucket_multiple)
+                                        data.bucket_multiple, cfg.train.steps, cost)
+    logging.info("length buckets chosen for %d steps, a compile counted as %.3g tokens",
+                 cfg.train.steps, cost)
     with cfg.unlocked():
       data.length_buckets = ",".join(map(str, chosen))
   buckets = config_lib.length_buckets(data)
@@ -127,7 +132,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
   tokenizer = _tokenizer(cfg, tokenizer_dir)
   train, dev, label_names = _read_splits(cfg, tokenizer)
   resolve_schedule(cfg, len(train), dev)
-  resolve_length_buckets(cfg, train)
+  resolve_length_buckets(cfg, train, jax.devices()[0].platform)
   config_lib.validate_optim(cfg)
   config_lib.validate_train(cfg)
   kind, data = cfg.task, cfg.data

@@ -142,6 +142,8 @@ RULES = [
          "data.max_seq_length // 2 = 64]", {"data.packing": True}),
     Rule(F, "data.max_seq_length", 4, "data.max_seq_length=4 must be >= 8"),
     *_positive(F, "data.max_buckets", "data.bucket_multiple"),
+    Rule(F, "data.compile_cost_tokens", "1e5", "data.compile_cost_tokens='1e5' must be 'auto' "
+         "or a whole number of tokens"),
     *(Rule(F, f, v, f"{f}={v!r} must be >= 0") for f, v in (
         ("data.max_train_examples", -1), ("data.max_eval_examples", -1), ("train.epochs", -1.0),
         ("train.eval_every", -1), ("train.checkpoint_every", -1),
