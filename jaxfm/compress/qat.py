@@ -6,7 +6,9 @@ int8 per output channel or table row, then dequantized) and runs them through
 `quantize.compute_model` of the same mode (for `w8a8` qwix's QT provider also rounds each
 matmul's activations per token). The backward pass is straight-through, so the optimizer keeps
 float params whose int8 export computes what training's forward pass computed: the eval step
-scores the int8 model, and `evaluate` of the exported folder gives the same metrics.
+scores the int8 model, and `evaluate` of the exported folder gives the same metrics up to
+w8a8's own noise (two compiled programs may differ in an activation's last bit, which can move
+it to the neighbouring int8 step; weight-only export is exact).
 """
 
 from __future__ import annotations
