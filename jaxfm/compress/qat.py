@@ -8,7 +8,7 @@ matmul's activations per token). The backward pass is straight-through, so the o
 float params whose int8 export computes what training's forward pass computed: the eval step
 scores the int8 model, and `evaluate` of the exported folder gives the same metrics up to
 w8a8's own noise (two compiled programs may differ in an activation's last bit, which can move
-it to the neighbouring int8 step; weight-only export is exact).
+it to the neighbouring int8 step; weight-only matches to float rounding).
 """
 
 from __future__ import annotations
