@@ -348,8 +348,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task, train_iter: 
   ended_by = None  # the action that ended the run before `t.steps`, if one did
   spent: collections.Counter[str] = collections.Counter()  # seconds in each kind of action
   loop_start = time.perf_counter()
-  with checkpoint.finishing(manager), sharding.activation_sharding(mesh), stop.installed(), \
-      profile.closing(), _compile_pool() as pool, _progress_bar(t, start) as bar:
+  # The pool closes last: a preempted run's checkpoint commits before running compiles end.
+  with _compile_pool() as pool, checkpoint.finishing(manager), sharding.activation_sharding(mesh), \
+      stop.installed(), profile.closing(), _progress_bar(t, start) as bar:
     log_line(start, {"compile_s": executables.compile_s}, "compile")
     if batch is None:
       batch = sharding.global_batch(next(train_iter), mesh)
