@@ -33,7 +33,8 @@ from ml_collections import config_flags
 from jaxfm import config as config_lib
 from jaxfm import sharding
 from jaxfm.data.tokenizer import load_tokenizer
-from jaxfm.finetuning.run import resolve_length_buckets, resolve_schedule, split_path
+from jaxfm.finetuning.run import (quantization_aware, resolve_length_buckets, resolve_schedule,
+                                  split_path)
 from jaxfm.tasks import TASKS, load_split, make_task, mlm_task
 from jaxfm.train import flops, loop
 
@@ -246,7 +247,7 @@ def _task(cfg: ml_collections.ConfigDict, platform: str, num_labels: int) -> loo
   if cfg.task not in TASKS:
     raise AotError(f"task={cfg.task!r}: choose one of {', '.join(TASKS)}")
   labels = [f"L{i}" for i in range(num_labels)] if cfg.task in ("classification", "ner") else None
-  return make_task(cfg.task, model, labels, None, cfg.data)
+  return quantization_aware(cfg, make_task(cfg.task, model, labels, None, cfg.data))
 
 
 def with_architecture(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
