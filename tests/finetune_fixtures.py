@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import signal
 
 import jax
 import numpy as np
@@ -108,3 +110,25 @@ def config(task: str, init_from: str, train: str, dev: str, **train_overrides):
   cfg.model.hidden_dropout = 0.0
   cfg.model.attention_dropout = 0.0
   return cfg
+
+
+class SigtermAtBatch:
+  """A train iterator that sends this process SIGTERM while producing batch `at` (None:
+  never) and records the length of every batch it gives."""
+
+  def __init__(self, inner, at: int | None):
+    self.inner, self.at, self.index, self.lengths = inner, at, 0, []
+
+  def __next__(self):
+    self.index += 1
+    if self.index == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    batch = next(self.inner)
+    self.lengths.append(batch["input_ids"].shape[1])
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)

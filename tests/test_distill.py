@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -358,25 +357,6 @@ def test_evaluate_and_predict_read_the_student_workdir(teacher_run, student_run,
   assert [r["label"] for r in rows] == ["1", "0"]
 
 
-class _SigtermAtBatch:
-  """A train iterator that sends this process SIGTERM while producing batch `at`."""
-
-  def __init__(self, inner, at):
-    self.inner, self.at, self.index = inner, at, 0
-
-  def __next__(self):
-    self.index += 1
-    if self.index == self.at:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return next(self.inner)
-
-  def get_state(self):
-    return self.inner.get_state()
-
-  def set_state(self, state):
-    self.inner.set_state(state)
-
-
 def _latest_state(workdir):
   return checkpoint.restore_latest_params(workdir)
 
@@ -395,7 +375,7 @@ def test_random_narrow_student_with_projection_resumes_exactly(teacher_run, monk
   straight, _ = distill_run.distill(cfg(), str(root / "narrow"))
   iterator = distill_run.loader.feature_train_iterator
   monkeypatch.setattr(distill_run.loader, "feature_train_iterator",
-                      lambda *a, **k: _SigtermAtBatch(iterator(*a, **k), 7))
+                      lambda *a, **k: ff.SigtermAtBatch(iterator(*a, **k), 7))
   first, _ = distill_run.distill(cfg(), str(root / "narrow_resumed"))
   assert first.preempted and first.step == 7
   monkeypatch.setattr(distill_run.loader, "feature_train_iterator", iterator)
@@ -440,7 +420,7 @@ def test_cached_teacher_gives_the_in_step_losses_and_is_not_recomputed(teacher_r
                           teacher_cache=str(root / "cache")))
   iterator = distill_run.loader.feature_train_iterator
   monkeypatch.setattr(distill_run.loader, "feature_train_iterator",
-                      lambda *a, **k: _SigtermAtBatch(iterator(*a, **k), 4))
+                      lambda *a, **k: ff.SigtermAtBatch(iterator(*a, **k), 4))
   first, _ = distill_run.distill(cached(), str(root / "cached"))
   assert first.preempted and first.step == 4
   parts = sorted(p.name for p in (root / "cache").iterdir())

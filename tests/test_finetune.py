@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -125,28 +124,6 @@ def _train_losses(workdir: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
 
 
-class _SigtermAtBatch:
-  """A train iterator that sends this process SIGTERM while producing batch `at` (None:
-  never) and records the length of every batch it gives."""
-
-  def __init__(self, inner, at: int | None):
-    self.inner, self.at, self.index, self.lengths = inner, at, 0, []
-
-  def __next__(self):
-    self.index += 1
-    if self.index == self.at:
-      os.kill(os.getpid(), signal.SIGTERM)
-    batch = next(self.inner)
-    self.lengths.append(batch["input_ids"].shape[1])
-    return batch
-
-  def get_state(self):
-    return self.inner.get_state()
-
-  def set_state(self, state):
-    self.inner.set_state(state)
-
-
 def test_length_buckets_train_like_full_length_batches_and_resume(sentiment_run, files,
                                                                  monkeypatch):
   # Without dropout, cutting a batch's padding changes no number beyond float rounding: the
@@ -175,7 +152,7 @@ def test_length_buckets_train_like_full_length_batches_and_resume(sentiment_run,
 
   def run_until(at: int | None):
     def wrapped(*args, **kwargs):
-      iterators.append(_SigtermAtBatch(iterator(*args, **kwargs), at))
+      iterators.append(ff.SigtermAtBatch(iterator(*args, **kwargs), at))
       return iterators[-1]
     compiled.append([])
     eval_compiled.append([])

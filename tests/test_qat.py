@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -186,31 +185,12 @@ def test_w8a8_qat_eval_is_its_int8_exports_to_activation_rounding(qat_run, float
   assert scored["loss"] == pytest.approx(trained["loss"], rel=1e-3)
 
 
-class _SigtermAtBatch:
-  """A train iterator that sends this process SIGTERM while producing batch `at`."""
-
-  def __init__(self, inner, at: int):
-    self.inner, self.at, self.index = inner, at, 0
-
-  def __next__(self):
-    self.index += 1
-    if self.index == self.at:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return next(self.inner)
-
-  def get_state(self):
-    return self.inner.get_state()
-
-  def set_state(self, state):
-    self.inner.set_state(state)
-
-
 def test_preempted_qat_run_resumes_exactly(qat_run, files, monkeypatch):
   straight_dir, straight, _ = qat_run
   workdir = str(files[0] / "qat-resumed")
   iterator = run.loader.feature_train_iterator
   monkeypatch.setattr(run.loader, "feature_train_iterator",
-                      lambda *a, **k: _SigtermAtBatch(iterator(*a, **k), 7))
+                      lambda *a, **k: ff.SigtermAtBatch(iterator(*a, **k), 7))
   first, _ = run.finetune(_config(files, "w8a8"), workdir)
   assert first.preempted and first.step == 7
   monkeypatch.setattr(run.loader, "feature_train_iterator", iterator)
