@@ -101,6 +101,16 @@ def in_layout(params: Any, config: BertConfig) -> Any:
   return stack_layers(params) if config.scan_layers else params
 
 
+def provided_params(params: Any, config: BertConfig, task_params: Any) -> dict[str, np.ndarray]:
+  """The entries of the task model's params (`task_params`: their shapes, any boxing) that
+  checkpoint `params` provide, flat, in `config`'s layer layout and the model's dtypes: a PEFT
+  run's frozen base."""
+  pretrained = flatten(in_layout(params, config))
+  shapes = flatten(task_params)
+  return {name: np.asarray(pretrained[name], shape.dtype) for name, shape in shapes.items()
+          if name in pretrained}
+
+
 def load_initial_params(init_from: str, config: BertConfig, task: str) -> Any:
   """Weights from 'hf:DIR', a jaxfm model dir or a jaxfm workdir, in `config`'s layout."""
   source = read_pretrained(init_from, task)

@@ -270,10 +270,9 @@ def peft_base(cfg: ml_collections.ConfigDict, task: loop.Task) -> tuple[peft.Pla
   """
   source = weights.read_pretrained(cfg.init_from, "auto")
   model_config = config_lib.bert_config(cfg, jax.devices()[0].platform)
-  pretrained = flatten(weights.in_layout(source.params, model_config))
-  shapes = flatten(sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0))))
-  base = {name: np.asarray(pretrained[name], shape.dtype) for name, shape in shapes.items()
-          if name in pretrained}
+  base = weights.provided_params(
+      source.params, model_config,
+      sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0))))
   digest = peft.base_sha256(unstack_layers(unflatten(base)))
   if digest != cfg.peft.base_sha256:
     raise config_lib.ConfigError(

@@ -204,11 +204,8 @@ def import_workdir(adapter_dir: str, base_dir: str, out: str,
   model_config = config_lib.bert_config(cfg, "cpu")
   task = make_task(cfg.task, model_config, labels, None, cfg.data)
   shapes = sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
-  # The frozen base as a run rebuilds it (`jaxfm.finetuning.run.peft_base`): the task model's
-  # params that the base provides, in the model's layer layout.
-  pretrained = flatten(weights.in_layout(source.params, model_config))
-  frozen = unflatten({n: np.asarray(pretrained[n], v.dtype) for n, v in flatten(shapes).items()
-                      if n in pretrained})
+  # The frozen base as a run rebuilds it (`jaxfm.finetuning.run.peft_base`).
+  frozen = unflatten(weights.provided_params(source.params, model_config, shapes))
   cfg.peft.base_sha256 = peft.base_sha256(unstack_layers(frozen))
   plan = peft.Plan(peft.Settings.of(cfg.peft), frozenset(flatten(frozen)))
   trainable = trainable_tree(adapter, plan, frozen,
