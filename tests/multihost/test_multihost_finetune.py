@@ -1,4 +1,5 @@
-"""`python -m jaxfm.finetune` (NER) on 2 processes x 4 devices equals 1 process x 8 devices.
+"""`python -m jaxfm.finetune` (NER) on 2 processes x 4 devices equals 1 process x 8 devices,
+fully and with LoRA on a data x fsdp x tensor mesh.
 
 Entity F1 needs every dev prediction: the eval step's replicated outputs give each host the
 whole global batch, so the score is computed over the whole dev set, not per host.
@@ -31,10 +32,10 @@ def files(tmp_path_factory) -> tuple[pathlib.Path, list[str]]:
   return root, argv
 
 
-def _run(files, num_processes: int, devices: int) -> dict:
+def _run(files, num_processes: int, devices: int, *overrides: str) -> dict:
   root, argv = files
-  name = f"ner-{num_processes}x{devices}"
-  with h.launched([*argv, f"--workdir={root / name}"], num_processes, devices, root,
+  name = f"ner-{num_processes}x{devices}" + ("-lora" if overrides else "")
+  with h.launched([*argv, *overrides, f"--workdir={root / name}"], num_processes, devices, root,
                   name) as group:
     group.wait()
   lines = [l for l in group.logs[0].read_text().splitlines() if l.startswith('{"step"')]
@@ -50,3 +51,18 @@ def test_two_process_fine_tuning_scores_like_one_process(files):
     np.testing.assert_allclose(two["dev"][key], one["dev"][key], rtol=1e-5, atol=1e-6,
                                err_msg=key)
   assert 0.1 < two["dev"]["f1"] < 1  # part-trained: F1 is not saturated, so equality says something
+
+
+def test_two_process_lora_fine_tuning_scores_like_one_process(files):
+  # LoRA A/B shard on the kernels' axes: fsdp and tensor split them across the two hosts.
+  lora = ("--config.peft.method=lora", "--config.peft.rank=4",
+          "--config.peft.target_modules=query,value,attention.output,intermediate",
+          "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+          "--config.optim.peak_learning_rate=1e-2")
+  two, one = _run(files, 2, 4, *lora), _run(files, 1, 8, *lora)
+  assert two["step"] == one["step"] == 12
+  for key in ("loss", "f1"):
+    np.testing.assert_allclose(two["dev"][key], one["dev"][key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+  saved = json.loads((files[0] / "ner-2x4-lora" / "config.json").read_text())["config"]
+  assert saved["peft"]["method"] == "lora" and saved["mesh"]["tensor"] == 2
