@@ -330,7 +330,7 @@ def check(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_byt
         model_flops_per_step=task.flops_per_token(seq_len) * cfg.train.batch_size * seq_len,
         peak_flops=flops.peak_flops_per_device(devices[0].device_kind),
         length_buckets=lengths if "task" in cfg else (),
-        padding_share=cfg.data.get("padding_share")))
+        padding_share=cfg.data.get("padding_share") or None))  # 0.0: not planned from data
   return reports
 
 

@@ -136,6 +136,12 @@ def test_auto_buckets_compile_the_longest_length_only():
   assert aot.compiled_lengths(_tiny_finetune(buckets="16,32,64,99")) == (16, 32, 64)
 
 
+def test_buckets_not_planned_from_data_report_no_padding_share():
+  reports = aot.check(_tiny_finetune(buckets="32"), jax.devices(), 16 * aot.GiB)
+  assert [(r.length_buckets, r.padding_share) for r in reports] == [((32, 64), None)] * 2
+  assert "tokens computed per real token" not in aot.format_report(reports[0], "t")
+
+
 def test_auto_buckets_are_planned_from_the_training_file_as_the_run_chooses_them(tmp_path):
   train, _ = ff.write_sentiment(tmp_path, n_train=400)
   ff.write_model_dir(tmp_path)
