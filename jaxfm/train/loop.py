@@ -37,7 +37,8 @@ from jaxfm.train.step import LossFn, make_eval_step, make_train_step
 from jaxfm.train.writer import MetricWriter, log_line
 
 __all__ = ["NonFiniteError", "StatefulIterator", "Steps", "Task", "TrainResult", "build_steps",
-           "compile_eval_step", "compile_train_step", "evaluate", "gather_outputs", "make_mesh", "predict", "train"]
+           "compile_eval_step", "compile_train_step", "evaluate", "gather_outputs", "make_mesh",
+           "predict", "train"]
 
 
 class StatefulIterator(Protocol):
