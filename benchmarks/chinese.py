@@ -1,5 +1,6 @@
-r"""Chinese end to end: BERT-tiny pretrained with character masking and with jieba whole-word
-masking, then fine-tuned on waimai_10k and MSRA NER beside the same model from random init.
+r"""Chinese end to end: BERT-tiny pretrained with character masking, with jieba whole-word
+masking, and with character then whole-word masking, then fine-tuned on waimai_10k and MSRA NER
+beside the same model from random init.
 
   python -m benchmarks.chinese --data=/path/to/chinese --out=/tmp/zh_study
 
@@ -11,18 +12,26 @@ masking, then fine-tuned on waimai_10k and MSRA NER beside the same model from r
    at least `--min_line_chars` characters (the paragraphs have no article boundaries; a line is a
    document, and each document's last example is padded, so short lines waste steps on padding).
 2. Pretraining (configs/pretrain/bert_tiny_zh_cpu.py), same steps and seeds: whole-word masking
-   by jieba first (it trains the vocabulary, with the CJK '##' pieces whole-word masking needs),
-   then character masking (BERT's default) with that same vocabulary, so the two differ only in
-   masking. Held-out MLM loss/accuracy is measured on each run's own masking, so the two
-   accuracies are not comparable 1:1; `--cross_eval` also scores each model on the other's
-   masked held-out batches (a 1-step run from it that evaluates at step 0: the same held-out
-   examples and masks as the other run's evaluations).
+   by jieba first (`wwm`; it trains the vocabulary, with the CJK '##' pieces whole-word masking
+   needs), then character masking (`char`, BERT's default) with that same vocabulary, so the two
+   differ only in masking. Then `wwm_from_char`: the char model continued with whole-word masking
+   for `--continue_steps` (a fresh warmup and decay; what Chinese-BERT-wwm did from
+   bert-base-chinese). Held-out MLM loss/accuracy is measured on each run's own masking (the same
+   held-out examples; wwm_from_char's step 0 is the char model on whole-word masks), so char's
+   accuracy is not comparable 1:1 with the others'; `--cross_eval` also scores each model on the
+   other masking's held-out batches (a 1-step run from it that evaluates at step 0: the same
+   held-out examples and masks as that masking's evaluations).
 3. Fine-tuning (configs/finetune/{waimai,msra_ner}.py with `--*_epochs` and `--*_lr`, the same
-   for every init) from random init (the same architecture and vocabulary), the character-masking
-   model and the whole-word-masking model, for each seed (`train.seed` and `data.seed`). Dev: the
-   best checkpoint's dev score (it picks the checkpoint); test (`--test`): that checkpoint on the
-   test split, via `jaxfm.evaluate`. The default learning rates are the better of two for the
+   for every init) from random init (the same architecture and vocabulary) and from each
+   pretrained model (`--inits`), for each seed (`train.seed` and `data.seed`). Dev: the best
+   checkpoint's dev score (it picks the checkpoint); test (`--test`): that checkpoint on the test
+   split, via `jaxfm.evaluate`. The default learning rates are the better of two for the
    random-init arm on seed 0 (waimai 1e-4 / 5e-4, MSRA 5e-4 / 1e-3), which favours the baseline.
+   `--waimai_train_examples=N` fine-tunes on a label-stratified random sample of N reviews
+   (`--waimai_sample_seed`, the same sample for every run, written to OUT/): train.tsv is sorted
+   by label, so its first N would be one class. The low-resource study is
+   `--waimai_train_examples=1000 --waimai_epochs=10 --waimai_lr=5e-4`: 5e-4 the best of
+   1e-4 / 5e-4 / 1e-3 for random init on seed 0.
 
 Every child runs as its own process, its command and output in OUT/logs/; a finished run's
 result is kept in OUT/results/, so the same command again resumes the study (a changed command
@@ -36,6 +45,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import random
 import re
 import shlex
 import statistics
@@ -57,11 +67,19 @@ _MIN_LINE_CHARS = flags.DEFINE_integer(
     "(0: one paragraph a line).")
 _CROSS_EVAL = flags.DEFINE_bool("cross_eval", True, "Also score each model on the other masking.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tuning seeds.")
-_INITS = flags.DEFINE_list("inits", ["random", "char", "wwm"], "Fine-tuning starting points.")
+_CONTINUE_STEPS = flags.DEFINE_integer(
+    "continue_steps", 5000, "Whole-word-masking steps continuing the character-masking model "
+    "(the wwm_from_char model; 0 = none).")
+_INITS = flags.DEFINE_list("inits", ["random", "char", "wwm", "wwm_from_char"],
+                           "Fine-tuning starting points.")
 _TASKS = flags.DEFINE_list("tasks", ["waimai", "msra_ner"], "Fine-tuning tasks.")
 _WAIMAI_EPOCHS = flags.DEFINE_float("waimai_epochs", 2.0, "waimai_10k epochs.")
 _WAIMAI_LR = flags.DEFINE_float("waimai_lr", 5e-4, "waimai_10k peak learning rate.")
-_WAIMAI_EXAMPLES = flags.DEFINE_integer("waimai_train_examples", 0, "0 = all; else the first N.")
+_WAIMAI_EXAMPLES = flags.DEFINE_integer(
+    "waimai_train_examples", 0, "0 = all; else a label-stratified sample of N (train.tsv is "
+    "sorted by label: its first 3,200 reviews are positive).")
+_WAIMAI_SAMPLE_SEED = flags.DEFINE_integer("waimai_sample_seed", 0,
+                                           "Seed of that sample (the same for every run).")
 _MSRA_EPOCHS = flags.DEFINE_float("msra_epochs", 2.0, "MSRA NER epochs.")
 _MSRA_LR = flags.DEFINE_float("msra_lr", 1e-3, "MSRA NER peak learning rate.")
 _MSRA_EXAMPLES = flags.DEFINE_integer("msra_train_examples", 10000,
@@ -84,14 +102,33 @@ class Task:
   epochs: float
   lr: float
   max_train_examples: int
+  sample_seed: int | None  # the N as a label-stratified sample with this seed; None: the first N
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """A pretraining run: its masking, and the arm whose model it continues (None: scratch)."""
+  name: str
+  masking: str  # wwm | char
+  steps: int
+  init: str | None = None
+
+
+def _arms() -> list[Arm]:
+  """wwm first: it trains the vocabulary every other arm uses."""
+  arms = [Arm("wwm", "wwm", _PRETRAIN_STEPS.value), Arm("char", "char", _PRETRAIN_STEPS.value)]
+  if _CONTINUE_STEPS.value:
+    arms.append(Arm("wwm_from_char", "wwm", _CONTINUE_STEPS.value, init="char"))
+  return arms
 
 
 def _tasks() -> dict[str, Task]:
   return {
       "waimai": Task("waimai", "configs/finetune/waimai.py", "waimai_10k/{split}.tsv",
-                     "accuracy", _WAIMAI_EPOCHS.value, _WAIMAI_LR.value, _WAIMAI_EXAMPLES.value),
+                     "accuracy", _WAIMAI_EPOCHS.value, _WAIMAI_LR.value, _WAIMAI_EXAMPLES.value,
+                     _WAIMAI_SAMPLE_SEED.value),
       "msra_ner": Task("msra_ner", "configs/finetune/msra_ner.py", "msra_ner/{split}.txt", "f1",
-                       _MSRA_EPOCHS.value, _MSRA_LR.value, _MSRA_EXAMPLES.value)}
+                       _MSRA_EPOCHS.value, _MSRA_LR.value, _MSRA_EXAMPLES.value, None)}
 
 
 def unsegment(line: str) -> str:
@@ -119,6 +156,43 @@ def build_corpus(data: pathlib.Path, path: pathlib.Path, min_line_chars: int) ->
   tmp.replace(path)
   return {"lines": len(lines), "thucnews_lines": articles,
           "peoples_daily_lines": len(lines) - articles, "chars": sum(map(len, lines))}
+
+
+def stratified_sample(src: pathlib.Path, dst: pathlib.Path, n: int, seed: int,
+                      label_field: str = "label") -> dict[str, int]:
+  """Writes n rows of a TSV with a header, drawn at random (seeded) from each label in the
+  label's share of the file (largest remainders round), in random order; returns the counts."""
+  header, *rows = src.read_text(encoding="utf-8").splitlines(keepends=True)
+  if not 0 < n <= len(rows):
+    raise ValueError(f"sample of n={n} from {src}: it has {len(rows)} rows")
+  column = header.rstrip("\n").split("\t").index(label_field)
+  by_label: dict[str, list[str]] = {}
+  for row in rows:
+    by_label.setdefault(row.rstrip("\n").split("\t")[column], []).append(row)
+  labels = sorted(by_label)
+  quota = {label: n * len(by_label[label]) // len(rows) for label in labels}
+  short = sorted(labels, key=lambda label: -(n * len(by_label[label]) % len(rows)))
+  for label in short[:n - sum(quota.values())]:
+    quota[label] += 1
+  rng = random.Random(seed)
+  sample = [row for label in labels for row in rng.sample(by_label[label], quota[label])]
+  rng.shuffle(sample)
+  tmp = dst.with_suffix(".tmp")
+  tmp.write_text(header + "".join(sample), encoding="utf-8")
+  tmp.replace(dst)
+  return quota
+
+
+def training_set(task: Task, data: pathlib.Path, out: pathlib.Path) -> tuple[pathlib.Path, int]:
+  """The train file and data.max_train_examples of a task's fine-tunings: a sampled task's N
+  are written to OUT/ (the loader keeps the first N)."""
+  train = data / task.files.format(split="train")
+  if task.sample_seed is None or not task.max_train_examples:
+    return train, task.max_train_examples
+  path = out / f"{task.name}_train_{task.max_train_examples}_seed{task.sample_seed}.tsv"
+  counts = stratified_sample(train, path, task.max_train_examples, task.sample_seed)
+  print(f"{task.name} training sample {path}: {counts}", flush=True)
+  return path, 0
 
 
 class Study:
@@ -172,54 +246,61 @@ def _evals(workdir: str) -> list[dict[str, Any]]:
 
 
 def pretrain(study: Study, corpus: pathlib.Path) -> dict[str, dict[str, Any]]:
-  """Both pretraining runs (wwm first: it trains the shared vocabulary) and the cross evals."""
-  steps, seed = _PRETRAIN_STEPS.value, _PRETRAIN_SEED.value
+  """Every pretraining arm in order, then each model on the other masking (`--cross_eval`)."""
+  seed = _PRETRAIN_SEED.value
   common = [sys.executable, "-m", "jaxfm.pretrain", f"--config={_PRETRAIN_CONFIG}",
             f"--config.data.train_files={corpus}", f"--config.data.eval_fraction="
             f"{_EVAL_FRACTION.value}", f"--config.train.seed={seed}",
             f"--config.data.seed={seed}", "--config.train.eval_batches=100000",
             "--config.train.progress_bar=False"]
-  schedule = [f"--config.train.steps={steps}", f"--config.optim.warmup_steps={steps // 10}",
-              f"--config.train.eval_every={max(1, steps // _PRETRAIN_EVALS.value)}",
-              f"--config.train.checkpoint_every={steps}"]
   vocab = [f"--config.data.tokenizer={study.workdir('pretrain_wwm')}/tokenizer"]
   masking = {"wwm": list(_WWM), "char": []}
+  arms = _arms()
   rows = {}
-  for arm in ("wwm", "char"):
-    workdir = study.workdir(f"pretrain_{arm}")
-    result = study.run(f"pretrain_{arm}", [*common, f"--workdir={workdir}", *schedule,
-                                           *masking[arm], *([] if arm == "wwm" else vocab)])
+  for arm in arms:
+    workdir = study.workdir(f"pretrain_{arm.name}")
+    schedule = [f"--config.train.steps={arm.steps}",
+                f"--config.optim.warmup_steps={arm.steps // 10}",
+                f"--config.train.eval_every={max(1, arm.steps // _PRETRAIN_EVALS.value)}",
+                f"--config.train.checkpoint_every={arm.steps}"]
+    init = [f"--config.init_from={study.workdir(f'pretrain_{arm.init}')}"] if arm.init else []
+    result = study.run(f"pretrain_{arm.name}", [
+        *common, f"--workdir={workdir}", *schedule, *masking[arm.masking],
+        *([] if arm is arms[0] else vocab), *init])
     evals = _evals(workdir)
-    rows[arm] = {"steps": steps, "wall_s": result["wall_s"], "command": result["command"],
-                 "evals": [{k: r[k] for k in ("step", "loss", "accuracy")} for r in evals],
-                 "own": {"loss": evals[-1]["loss"], "accuracy": evals[-1]["accuracy"]}}
+    rows[arm.name] = {"masking": arm.masking, "init": arm.init, "steps": arm.steps,
+                      "wall_s": result["wall_s"], "command": result["command"],
+                      "evals": [{k: r[k] for k in ("step", "loss", "accuracy")} for r in evals],
+                      "own": {"loss": evals[-1]["loss"], "accuracy": evals[-1]["accuracy"]}}
   if _CROSS_EVAL.value:
-    for arm, other in (("wwm", "char"), ("char", "wwm")):
-      name = f"eval_{arm}_on_{other}_masking"
+    for arm in arms:
+      other = "char" if arm.masking == "wwm" else "wwm"
+      name = f"eval_{arm.name}_on_{other}_masking"
       workdir = study.workdir(name)
       result = study.run(name, [*common, f"--workdir={workdir}",
-                                f"--config.init_from={study.workdir(f'pretrain_{arm}')}",
+                                f"--config.init_from={study.workdir(f'pretrain_{arm.name}')}",
                                 "--config.train.steps=1", "--config.optim.warmup_steps=0",
                                 "--config.train.eval_every=1", "--config.train.checkpoint_every=1",
                                 "--config.train.eval_at_start=True", *masking[other],
                                 *vocab])
       start = next(r for r in _evals(workdir) if r["step"] == 0)
-      rows[arm][f"on_{other}_masking"] = {"loss": start["loss"], "accuracy": start["accuracy"],
-                                          "wall_s": result["wall_s"],
-                                          "command": result["command"]}
+      rows[arm.name][f"on_{other}_masking"] = {
+          "loss": start["loss"], "accuracy": start["accuracy"], "wall_s": result["wall_s"],
+          "command": result["command"]}
   return rows
 
 
-def finetune(study: Study, task: Task, init: str, seed: int, data: pathlib.Path
-             ) -> dict[str, Any]:
-  """One fine-tuning run (and its test evaluation): dev and test metric of the best checkpoint."""
+def finetune(study: Study, task: Task, init: str, seed: int, data: pathlib.Path,
+             train: tuple[pathlib.Path, int]) -> dict[str, Any]:
+  """One fine-tuning run on `train` (file, max examples) and its test evaluation: dev and test
+  metric of the best checkpoint."""
   name = f"{task.name}_{init}_seed{seed}"
   workdir = study.workdir(name)
-  files = {split: str(data / task.files.format(split=split)) for split in ("train", "dev", "test")}
+  files = {split: str(data / task.files.format(split=split)) for split in ("dev", "test")}
   command = [sys.executable, "-m", "jaxfm.finetune", f"--config={task.config}",
-             f"--workdir={workdir}", f"--config.data.train_file={files['train']}",
+             f"--workdir={workdir}", f"--config.data.train_file={train[0]}",
              f"--config.data.dev_file={files['dev']}", f"--config.data.test_file={files['test']}",
-             f"--config.data.max_train_examples={task.max_train_examples}",
+             f"--config.data.max_train_examples={train[1]}",
              f"--config.train.epochs={task.epochs}", f"--config.optim.peak_learning_rate={task.lr}",
              f"--config.train.seed={seed}", f"--config.data.seed={seed}",
              "--config.train.progress_bar=False"]
@@ -259,7 +340,7 @@ def table(results: dict[str, Any]) -> str:
     for masking in ("char", "wwm"):
       cross = row.get(f"on_{masking}_masking")
       cells.append(f"{cross['loss']:.3f} / {100 * cross['accuracy']:.2f}" if cross else
-                   ("(own)" if masking == arm else "–"))
+                   ("(own)" if masking == row["masking"] else "–"))
     out.append(f"| {arm} | {row['steps']} | {row['own']['loss']:.3f} / "
                f"{100 * row['own']['accuracy']:.2f} | {' | '.join(cells)} | {row['wall_s']} |")
   out += ["", "| task | init | dev (mean ± sd (seeds)) | test | wall s per seed |",
@@ -290,6 +371,11 @@ def wall_by_part(results: dict[str, Any]) -> dict[str, float]:
 def main(argv):
   del argv
   data, out = pathlib.Path(_DATA.value), pathlib.Path(_OUT.value).resolve()
+  pretrained = {arm.name for arm in _arms()}
+  unknown = set(_INITS.value) - pretrained - {"random"}
+  if unknown:
+    raise app.UsageError(f"--inits: {sorted(unknown)} not among random, {sorted(pretrained)} "
+                         "(wwm_from_char needs --continue_steps > 0)")
   study = Study(out)
   tasks = _tasks()
   start = time.time()
@@ -299,9 +385,10 @@ def main(argv):
   results["pretraining"] = pretrain(study, corpus)
   results["finetuning"] = []
   for task in _TASKS.value:
+    train = training_set(tasks[task], data, out)
     for seed in map(int, _SEEDS.value):
       for init in _INITS.value:
-        results["finetuning"].append(finetune(study, tasks[task], init, seed, data))
+        results["finetuning"].append(finetune(study, tasks[task], init, seed, data, train))
   results["wall_s"] = round(time.time() - start, 1)
   results["wall_s_by_part"] = wall_by_part(results)
   (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))

@@ -195,7 +195,26 @@ def test_chinese_corpus_joins_and_unsegments(tmp_path):
   assert "".join(corpus[40:]).replace(" ", "") == "".join(_zh_lines()[40:]).replace(" ", "")
 
 
-@pytest.mark.slow  # two pretraining runs, two cross evaluations, six fine-tunings: minutes
+def test_chinese_stratified_sample_keeps_label_shares_of_a_sorted_file(tmp_path):
+  from benchmarks import chinese  # pylint: disable=import-outside-toplevel
+  src = tmp_path / "train.tsv"  # sorted by label as waimai's: the first N are all positive
+  rows = [f"好{i}\t1\n" for i in range(30)] + [f"差{i}\t0\n" for i in range(70)]
+  src.write_text("sentence\tlabel\n" + "".join(rows), encoding="utf-8")
+  counts = chinese.stratified_sample(src, tmp_path / "a.tsv", 11, seed=0)
+  assert counts == {"0": 8, "1": 3}  # 7.7 and 3.3: the larger remainder rounds up
+  header, *sample = (tmp_path / "a.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+  assert header == "sentence\tlabel\n" and len(set(sample)) == 11 and set(sample) <= set(rows)
+  assert sum(row.endswith("\t1\n") for row in sample) == 3
+  assert sample[:3] != [row for row in sample if row.endswith("\t1\n")]  # shuffled, not grouped
+  chinese.stratified_sample(src, tmp_path / "b.tsv", 11, seed=0)
+  chinese.stratified_sample(src, tmp_path / "c.tsv", 11, seed=1)
+  assert (tmp_path / "b.tsv").read_text() == (tmp_path / "a.tsv").read_text()
+  assert (tmp_path / "c.tsv").read_text() != (tmp_path / "a.tsv").read_text()
+  with pytest.raises(ValueError, match="n=101"):
+    chinese.stratified_sample(src, tmp_path / "d.tsv", 101, seed=0)
+
+
+@pytest.mark.slow  # three pretraining runs, three cross evaluations, eight fine-tunings: minutes
 def test_chinese_study_runs_end_to_end_and_resumes(tmp_path):
   pytest.importorskip("jieba")
   _zh_data(tmp_path / "data")
@@ -203,31 +222,38 @@ def test_chinese_study_runs_end_to_end_and_resumes(tmp_path):
   command = [sys.executable, "-m", "benchmarks.chinese", f"--data={tmp_path / 'data'}",
              f"--out={tmp_path / 'out'}", "--pretrain_steps=2", "--pretrain_evals=1",
              "--eval_fraction=0.3", "--min_line_chars=0", "--seeds=0", "--waimai_epochs=1",
-             "--msra_epochs=1", "--msra_train_examples=0"]
+             "--msra_epochs=1", "--msra_train_examples=0", "--continue_steps=2",
+             "--waimai_train_examples=40"]
   proc = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True,
                         timeout=1800, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   results = json.loads((tmp_path / "out" / "results.json").read_text())
-  for arm, other in (("char", "wwm"), ("wwm", "char")):
+  for arm, other in (("char", "wwm"), ("wwm", "char"), ("wwm_from_char", "char")):
     row = results["pretraining"][arm]
     assert [e["step"] for e in row["evals"]] == [0, 2]
     for key in ("own", f"on_{other}_masking"):
       assert row[key]["loss"] > 0 and 0 <= row[key]["accuracy"] <= 1, (arm, key)
   rows = {(r["task"], r["init"]): r for r in results["finetuning"]}
   assert sorted(rows) == sorted((t, i) for t in ("waimai", "msra_ner")
-                                for i in ("random", "char", "wwm"))
+                                for i in ("random", "char", "wwm", "wwm_from_char"))
   for row in rows.values():
     assert 0 <= row["dev"] <= 1 and 0 <= row["test"] <= 1 and row["seed"] == 0
   assert "| msra_ner | wwm |" in proc.stdout
+  assert "--config.init_from=" + str(tmp_path / "out" / "runs" / "pretrain_char") in (
+      results["pretraining"]["wwm_from_char"]["command"])
+  sample = tmp_path / "out" / "waimai_train_40_seed0.tsv"
+  assert f"--config.data.train_file={sample}" in rows[("waimai", "random")]["command"]
+  assert len(sample.read_text(encoding="utf-8").splitlines()) == 1 + 40
   assert sorted(results["wall_s_by_part"]) == sorted([
-      "pretrain_char", "pretrain_wwm", "cross_evals", "finetune_waimai", "finetune_msra_ner"])
+      "pretrain_char", "pretrain_wwm", "pretrain_wwm_from_char", "cross_evals",
+      "finetune_waimai", "finetune_msra_ner"])
   # The same command again finds every run done and prints the same table.
   again = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True,
                          timeout=300, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count("done before") == 2 + 2 + 6 * 2
+  assert again.stdout.count("done before") == 3 + 3 + 8 * 2
   table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
-  assert len(table) == 4 + 8 and table == [
+  assert len(table) == 5 + 10 and table == [
       line for line in again.stdout.splitlines() if line.startswith("|")]
 
 
