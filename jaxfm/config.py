@@ -256,6 +256,9 @@ def _peft_defaults() -> ml_collections.ConfigDict:
   p.beta2 = 0.85
   p.orth_reg_weight = 0.5
   p.base_sha256 = ""  # resolved: the frozen base's content hash; a changed base is refused
+  # A PEFT workdir (trained here or `convert --from_peft`) whose adapter, and head when the
+  # labels agree, this run starts from instead of a fresh one: same method, shape and base.
+  p.init_adapter = ""
   return p
 
 
@@ -531,8 +534,14 @@ def validate_peft(cfg: ml_collections.ConfigDict) -> None:
   """Checks the `peft` section (fine-tuning)."""
   p = cfg.peft
   if not p.method:
+    if p.get("init_adapter"):
+      raise ConfigError(f"peft.init_adapter={p.init_adapter!r} needs peft.method: the method "
+                        "of its adapter")
     return
   one_of(cfg, "peft.method", tuple(peft.METHODS))
+  if p.get("init_adapter") and p.method == "adalora":
+    fail("peft.init_adapter", p.init_adapter, "cannot continue AdaLoRA: its rank allocation "
+         "(importance EMAs, budget schedule) would start over on pruned triplets")
   if not cfg.init_from:
     raise ConfigError(f"peft.method={p.method!r} needs init_from: the base it adapts")
   positive(cfg, "peft.rank", "peft.alpha")

@@ -12,7 +12,7 @@ from absl import logging
 from etils import epath
 
 from jaxfm import config as config_lib
-from jaxfm import interop
+from jaxfm import interop, peft
 from jaxfm import workdir as workdir_lib
 from jaxfm.interop.checkpoint_dir import CONFIG_FILE as MODEL_CONFIG_FILE
 from jaxfm.models import BertConfig, stack_layers, unstack_layers
@@ -76,9 +76,25 @@ def load_jaxfm(path: str) -> Weights:
                               "there (gsutil -m cp -r), or name a gs:// training workdir")
     return Weights(*interop.load_model_dir(path))
   config = workdir_lib.read_model_config(path)
+  _refuse_adapter_only(path)
   loaded = workdir_params(path)
   return Weights(config, loaded.params, workdir_lib.existing_tokenizer_dir(path),
                  loaded.describe() if loaded.best else "")
+
+
+def _refuse_adapter_only(workdir: str) -> None:
+  """A PEFT workdir's checkpoints hold an adapter and a head, not a model: says what to do."""
+  run_cfg = workdir_lib.read_config(workdir)
+  method = run_cfg.get("peft", {}).get("method", "")
+  if not method:
+    return
+  merged = (f"; to start from its merged model: python -m jaxfm.convert --to_hf "
+            f"--from={workdir} --out=DIR, then init_from=hf:DIR"
+            if peft.METHODS[method].folds else "")
+  raise config_lib.ConfigError(
+      f"init_from={workdir} is a parameter-efficient run (peft.method={method!r}): its "
+      f"checkpoints hold only the adapter and head. To go on training that adapter: "
+      f"init_from={run_cfg.init_from} (its base) with peft.init_adapter={workdir}{merged}")
 
 
 def read_pretrained(init_from: str, task: str) -> Weights:

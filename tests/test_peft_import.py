@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from jaxfm import config as config_lib
 from jaxfm import workdir as workdir_lib
 from jaxfm.finetuning import run
 from jaxfm.trees import flatten
@@ -65,7 +66,7 @@ def test_imported_workdir_evaluates_and_exports_back(imported, files):
   model, workdir, root = imported
   _, dev = ff.write_sentiment(files)
   metrics = run.evaluate(workdir, "dev", dev)
-  assert 0.0 <= metrics["accuracy"] <= 1.0
+  assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
   done = _cli("jaxfm.convert", "--to_peft", f"--from={workdir}", f"--out={root / 'back'}")
   assert done.returncode == 0, done.stderr[-3000:]
   original = safetensors.numpy.load_file(str(root / "adapter" / "adapter_model.safetensors"))
@@ -75,6 +76,42 @@ def test_imported_workdir_evaluates_and_exports_back(imported, files):
     np.testing.assert_allclose(back[key], value, atol=1e-7, err_msg=key)
   trained = flatten(run.adapted(workdir).trainable["adapter"])
   assert trained["encoder/layer_0/query/lora_a"].shape == (128, 4)
+
+
+def _continuing(imported, files, **peft_fields):
+  """A LoRA fine-tuning config over the imported adapter's base, starting from that adapter."""
+  _, workdir, _ = imported
+  saved = workdir_lib.read_config(workdir)
+  cfg = ff.config("classification", saved.init_from, *ff.write_sentiment(files), epochs=1.0)
+  cfg.peft.update(method="lora", rank=4, alpha=8.0, rslora=True,
+                  target_modules=saved.peft.target_modules, init_adapter=workdir)
+  cfg.peft.update(peft_fields)
+  return cfg
+
+
+def test_fine_tuning_continues_from_an_imported_adapter(imported, files):
+  _, workdir, root = imported
+  start = run.evaluate(workdir, "dev", ff.write_sentiment(files)[1])
+  cfg = _continuing(imported, files)
+  cfg.optim.peak_learning_rate = 1e-9  # the adapter and head barely move: scores stay
+  result, _ = run.finetune(cfg, str(root / "continued"))
+  assert result.eval["loss"] == pytest.approx(start["loss"], rel=1e-5)
+  assert result.eval["accuracy"] == start["accuracy"]
+  assert workdir_lib.read_config(str(root / "continued")).peft.init_adapter == workdir
+
+
+def test_an_adapter_is_continued_only_as_it_was_trained(imported, files, tmp_path):
+  _, workdir, _ = imported
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"peft.rank=2 differs from the adapter at peft.init_adapter=.*rank=4"):
+    run.finetune(_continuing(imported, files, rank=2), str(tmp_path / "rank2"))
+  cfg = _continuing(imported, files, init_adapter="")
+  cfg.init_from = workdir  # a PEFT workdir holds no base: the error says what to do instead
+  cfg.peft.method = ""
+  with pytest.raises(config_lib.ConfigError, match=(
+      rf"init_from={workdir} is a parameter-efficient run .*init_from=hf:.* with "
+      rf"peft.init_adapter={workdir}; to start from its merged model: .*--to_hf")):
+    run.finetune(cfg, str(tmp_path / "full"))
 
 
 def test_token_classification_imports_with_its_label_names(files, tmp_path):

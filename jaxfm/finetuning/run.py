@@ -151,6 +151,8 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
       frozen = plan.frozen(initial)
       initial = jax.device_get(plan.trainable(initial, jax.random.key(cfg.train.seed)))
       _record_base(cfg, frozen)
+      if cfg.peft.init_adapter:
+        initial = _continue_adapter(cfg, initial, label_names)
       _log_trainable(initial, frozen)
   workdir_lib.prepare_workdir(workdir, cfg, allow_config_change)
   workdir_lib.write_resolved_config(workdir, cfg)
@@ -226,6 +228,57 @@ def _record_base(cfg: ml_collections.ConfigDict, frozen: Any) -> None:
         f"peft.base_sha256={cfg.peft.base_sha256}")
   with cfg.unlocked():
     cfg.peft.base_sha256 = digest
+
+
+# The `peft` fields that decide an adapter's shapes and what it computes.
+_ADAPTER_FIELDS = ("method", "rank", "alpha", "rslora", "targets", "num_virtual_tokens",
+                   "prefix_projection", "reduction_factor")
+
+
+def _continue_adapter(cfg: ml_collections.ConfigDict, fresh: dict[str, Any],
+                      label_names: list[str] | None) -> dict[str, Any]:
+  """The fresh trainable tree with the adapter of the PEFT workdir `peft.init_adapter` (its best,
+  else latest, checkpoint) and its head when the task and labels agree (else the new head).
+
+  Raises:
+    ConfigError: that run's adapter differs in a shaping field or was trained on another base.
+  """
+  source = cfg.peft.init_adapter
+  saved_run = workdir_lib.load_run(source)
+  if not is_peft_run(saved_run.cfg):
+    config_lib.fail("peft.init_adapter", source, "is not a parameter-efficient run")
+  ours, theirs = peft.Settings.of(cfg.peft), peft.Settings.of(saved_run.cfg.peft)
+  for field in _ADAPTER_FIELDS:
+    if getattr(ours, field) != getattr(theirs, field):
+      name = "target_modules" if field == "targets" else field
+      raise config_lib.ConfigError(
+          f"peft.{name}={getattr(cfg.peft, name)!r} differs from the adapter at "
+          f"peft.init_adapter={source} (peft.{name}={getattr(saved_run.cfg.peft, name)!r})")
+  if saved_run.cfg.peft.base_sha256 != cfg.peft.base_sha256:
+    raise config_lib.ConfigError(
+        f"peft.init_adapter={source} was trained on a base with sha256 "
+        f"{saved_run.cfg.peft.base_sha256}; init_from={cfg.init_from} has "
+        f"{cfg.peft.base_sha256}")
+  loaded = weights.workdir_params(source)
+  same_head = (saved_run.cfg.task, saved_run.label_names) == (cfg.task, label_names)
+  parts = ("adapter", "head") if same_head else ("adapter",)
+  started = {part: _same_entries(fresh[part], loaded.params[part], f"{source} {part}")
+             for part in parts}
+  logging.info("peft.init_adapter %s: the %s from its %s", source, " and ".join(parts),
+               loaded.describe())
+  return {**fresh, **started}
+
+
+def _same_entries(fresh: Any, saved: Any, source: str) -> Any:
+  """`saved` in `fresh`'s dtypes, checked to hold the same names and shapes."""
+  want, have = flatten(fresh), flatten(saved)
+  for name, value in want.items():
+    if name not in have or np.shape(have[name]) != np.shape(value):
+      got = np.shape(have[name]) if name in have else "nothing"
+      raise config_lib.ConfigError(
+          f"{source}: {name} has {got}, this run needs {np.shape(value)} (model.scan_layers "
+          f"and the architecture must match the run that trained it)")
+  return unflatten({name: np.asarray(have[name], value.dtype) for name, value in want.items()})
 
 
 def _size(tree: Any) -> int:

@@ -186,12 +186,14 @@ def import_workdir(adapter_dir: str, base_dir: str, out: str,
     raise InteropError(f"--out={out} is not empty")
   cfg = config_lib.finetune_defaults()
   cfg.task, cfg.init_from = adapter.task, f"hf:{os.path.abspath(base_dir)}"
-  cfg.data.length_buckets = str(cfg.data.max_seq_length)  # no training set to choose them from
   s = adapter.settings
   cfg.peft.update(method=s.method, rank=s.rank, alpha=s.alpha, dropout=s.dropout,
                   rslora=s.rslora, target_modules=s.target_modules)
   source = weights.read_pretrained(cfg.init_from, "auto")
   config_lib.take_architecture(cfg, source.config)
+  # Rows as long as the base's position table allows; one length (no training set to plan from).
+  cfg.data.max_seq_length = min(cfg.data.max_seq_length, cfg.model.max_position_embeddings)
+  cfg.data.length_buckets = str(cfg.data.max_seq_length)
   if not source.tokenizer_dir:
     raise InteropError(f"{base_dir} has no tokenizer files (vocab.txt) for the workdir")
   tokenizer = load_tokenizer(source.tokenizer_dir, lowercase=cfg.data.lowercase)

@@ -163,6 +163,8 @@ RULES = [
     Rule(F, "peft.num_virtual_tokens", 500, "peft.num_virtual_tokens=500 plus "
          "data.max_seq_length=128 exceeds the model's max_position_embeddings=512", PREFIX),
     Rule(F, "peft.reduction_factor", 0, "peft.reduction_factor=0 must be > 0", HOULSBY),
+    Rule(F, "peft.init_adapter", "runs/lora", "needs peft.method: the method of its adapter"),
+    Rule(F, "peft.init_adapter", "runs/ada", "cannot continue AdaLoRA", ADALORA),
     Rule(F, "data.packing", True, "data.packing=True cannot put a soft prompt", PROMPT),
     Rule(F, "quantize.qat", "int4", "quantize.qat='int4' must be '' (off) or one of "
          "weight_only, w8a8"),
