@@ -10,6 +10,11 @@ adapter folded into its base) and with --to_peft as a huggingface/peft adapter f
 --from_peft reads a peft LoRA folder for the BERT at --base into such a workdir (evaluate it with
 --input, predict, or export it).
 
+An int8 folder (`jaxfm.quantize`) or a quantization-aware workdir (`quantize.qat`) exports
+with --to_hf as the weights its int8 model computes with (int8 x scale), in float32:
+transformers then computes what jaxfm's weight_only int8 model does. w8a8 also rounds each
+matmul's activations, which a Hugging Face folder cannot hold; the report says so.
+
 Prints the accounting report; on error prints one line and exits with status 1.
 """
 
@@ -17,11 +22,13 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import jax
+import ml_collections
 from absl import app, flags
 
-from jaxfm import weights, workdir
+from jaxfm import compress, weights, workdir
 from jaxfm.finetuning import run
 from jaxfm.interop import checkpoint_dir, hf, peft_format, peft_import
 
@@ -52,13 +59,27 @@ def _from_hf(hf_dir: str, out: str) -> str:
   return f"{result.summary()}\nwrote jaxfm model dir {os.path.abspath(out)}"
 
 
-def _is_peft_workdir(source: str) -> bool:
-  return (os.path.isfile(os.path.join(source, workdir.CONFIG_FILE))
-          and run.is_peft_run(workdir.read_config(source)))
+def _run_config(source: str) -> ml_collections.ConfigDict | None:
+  """The resolved config of the workdir (or int8 folder) `source`; None for a model dir."""
+  if not os.path.isfile(os.path.join(source, workdir.CONFIG_FILE)):
+    return None
+  return workdir.read_config(source)
+
+
+def _int8_grid(source: str) -> tuple[Any, str]:
+  """The float32 params the int8 model of `source` computes with, and what they are."""
+  model = compress.int8_model(source)
+  origin = f"{model.describe()}, dequantized (int8 x scale)"
+  if model.mode == "w8a8":
+    origin += ("\nnote: w8a8 also rounds each matmul's activations to int8 per token, which a "
+               "Hugging Face folder cannot hold: transformers computes with these weights on "
+               "float activations, as jaxfm.quantize --mode=weight_only runs them")
+  return model.dequantized(), origin
 
 
 def _to_hf(source: str, out: str) -> str:
-  if _is_peft_workdir(source):
+  cfg = _run_config(source)
+  if cfg is not None and run.is_peft_run(cfg):
     parts = run.adapted(source)
     if not parts.plan.method.folds:
       raise ValueError(f"peft.method={parts.plan.method.name!r} adds to the model rather than "
@@ -66,6 +87,9 @@ def _to_hf(source: str, out: str) -> str:
     params = jax.device_get(jax.jit(parts.plan.merge)(parts.trainable, parts.frozen))
     config = workdir.read_model_config(source)
     tokenizer_dir, origin = str(workdir.tokenizer_dir(source)), f"{parts.source} merged"
+  elif cfg is not None and compress.runs_int8(source, cfg):
+    params, origin = _int8_grid(source)
+    config, tokenizer_dir = workdir.read_model_config(source), str(workdir.tokenizer_dir(source))
   else:
     config, params, tokenizer_dir, origin = weights.load_jaxfm(source)
   report = hf.export_hf(params, config, out, tokenizer_dir, workdir.label_names(source)).summary()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
   import jax
   import ml_collections
   from jaxfm.compress.inference import Int8Inference
+  from jaxfm.compress.int8_dir import Int8Model
   from jaxfm.train.loop import Task
 
 MODES = ("weight_only", "w8a8")
@@ -27,6 +28,30 @@ INFO_FILE = "quantization.json"  # marks an int8 folder
 def is_int8_dir(path: str) -> bool:
   """Whether `path` is an int8 folder (`jaxfm.quantize` wrote it), not a training workdir."""
   return os.path.isfile(os.path.join(path, INFO_FILE))
+
+
+def qat_mode(cfg: ml_collections.ConfigDict) -> str:
+  """The mode a run trained for under `quantize.qat`: '' for a float run (and for configs
+  saved before the option)."""
+  return cfg.get("quantize", {}).get("qat", "")
+
+
+def runs_int8(path: str, cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the workdir `path` (its resolved config `cfg`) computes through int8 rounding:
+  an int8 folder, or a quantization-aware run (`int8_model` reads what it computes with)."""
+  return is_int8_dir(path) or bool(qat_mode(cfg))
+
+
+def int8_model(path: str) -> Int8Model:
+  """`int8_dir.load`: the int8 model an int8 folder or quantization-aware workdir runs."""
+  from jaxfm.compress import int8_dir  # pylint: disable=g-import-not-at-top  (needs qwix)
+  return int8_dir.load(path)
+
+
+def int8_task(task: Task, kind: str, mode: str) -> Task:
+  """`inference.int8_task`: `task` computing in `mode` with int8-grid float params."""
+  from jaxfm.compress import inference  # pylint: disable=g-import-not-at-top  (needs qwix)
+  return inference.int8_task(task, kind, mode)
 
 
 def qat_task(task: Task, kind: str, mode: str) -> Task:

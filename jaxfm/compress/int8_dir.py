@@ -29,7 +29,7 @@ from etils import epath
 
 from jaxfm import weights
 from jaxfm import workdir as workdir_lib
-from jaxfm.compress import INFO_FILE, quantize
+from jaxfm.compress import INFO_FILE, is_int8_dir, qat_mode, quantize
 from jaxfm.interop.checkpoint_dir import atomic_directory, read_safetensors
 from jaxfm.models import stack_layers, unstack_layers
 from jaxfm.trees import flatten, unflatten
@@ -40,8 +40,9 @@ _COPIED = (workdir_lib.CONFIG_FILE, workdir_lib.TASK_FILE)
 
 @dataclasses.dataclass(frozen=True)
 class Int8Model:
-  """An int8 folder read back: host params (QArrays and float32 arrays) in the layout the
-  folder's config asks for, and how they are to be run."""
+  """An int8 folder read back (or a quantization-aware workdir's int8 model, `load`): host
+  params (QArrays and float32 arrays) in the layout its config asks for, and how they are to
+  be run."""
 
   params: Any
   mode: str
@@ -49,6 +50,10 @@ class Int8Model:
 
   def describe(self) -> str:
     return f"int8 {self.mode} params of the {self.origin}"
+
+  def dequantized(self) -> Any:
+    """The float32 params the model computes with (int8 x scale: the int8 grid), on the host."""
+    return jax.device_get(jax.jit(quantize.dequantize_params)(self.params))
 
 
 def write(workdir: str, out: str, mode: str = "") -> dict[str, Any]:
@@ -64,23 +69,32 @@ def write(workdir: str, out: str, mode: str = "") -> dict[str, Any]:
     quantize.check_mode(mode)
   workdir_lib.load_run(workdir)  # a fine-tuning workdir: config, labels and tokenizer
   cfg = workdir_lib.read_config(workdir)
-  mode = mode or cfg.get("quantize", {}).get("qat") or "w8a8"
+  mode = mode or qat_mode(cfg) or "w8a8"
   if cfg.get("peft") and cfg.peft.method:
     raise ValueError(f"{workdir} trained a {cfg.peft.method} adapter; int8 quantization takes "
                      "fully fine-tuned workdirs only")
   with atomic_directory(out) as tmp:  # refuses a non-empty `out` before any work
     loaded = weights.workdir_params(workdir)
-    params = unstack_layers(loaded.params)
-    quantized = jax.device_get(quantize.quantize_params(params))
-    info = {"mode": mode, "origin": f"{loaded.describe()} of {workdir_lib.absolute(workdir)}",
+    quantized = _quantized(loaded.params)
+    info = {"mode": mode, "origin": _origin(loaded, workdir),
             "library": f"qwix {metadata.version('qwix')}",
-            "float32_bytes": quantize.nbytes(params), "int8_bytes": quantize.nbytes(quantized)}
+            "float32_bytes": quantize.nbytes(loaded.params),
+            "int8_bytes": quantize.nbytes(quantized)}
     _copy_run_files(workdir, tmp)
     safetensors.numpy.save_file(_flat(quantized), os.path.join(tmp, PARAMS_FILE),
                                 metadata={"format": "jaxfm-int8"})
     with open(os.path.join(tmp, INFO_FILE), "w") as f:
       json.dump(info, f, indent=2)
   return {**info, "file_bytes": os.path.getsize(os.path.join(out, PARAMS_FILE))}
+
+
+def _quantized(params: Any) -> Any:
+  """Float params (either layout) quantized as `write` stores them: unscanned, on the host."""
+  return jax.device_get(quantize.quantize_params(unstack_layers(params)))
+
+
+def _origin(loaded: weights.WorkdirParams, workdir: str) -> str:
+  return f"{loaded.describe()} of {workdir_lib.absolute(workdir)}"
 
 
 def _copy_run_files(workdir: str, out: str) -> None:
@@ -107,10 +121,36 @@ def read(path: str) -> Int8Model:
     mode = quantize.check_mode(info["mode"])
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{info_path}: not a valid quantization record ({e})") from None
-  tree = unflatten(read_safetensors(os.path.join(path, PARAMS_FILE)))
+  return _model(read_safetensors(os.path.join(path, PARAMS_FILE)), path, mode,
+                info.get("origin", "unknown checkpoint"))
+
+
+def load(path: str) -> Int8Model:
+  """The int8 model that `path` computes with: an int8 folder's (`read`), or a
+  quantization-aware workdir's (`quantize.qat`): its best (else latest) params quantized as
+  `write` stores them, in the mode it trained for (its evals ran that model).
+
+  Raises:
+    FileNotFoundError: a file of the folder is missing, or the workdir holds no checkpoint.
+    ValueError: an unreadable int8 folder, or a workdir that did not train for int8.
+  """
+  if is_int8_dir(path):
+    return read(path)
+  mode = qat_mode(workdir_lib.read_config(path))
+  if not mode:
+    raise ValueError(f"{path} is neither an int8 folder nor a quantization-aware run "
+                     "(its quantize.qat is unset)")
+  loaded = weights.workdir_params(path)
+  return _model(_flat(_quantized(loaded.params)), path, mode, _origin(loaded, path))
+
+
+def _model(flat: dict[str, np.ndarray], path: str, mode: str, origin: str) -> Int8Model:
+  """The model of `int8.safetensors` entries (`_flat`), in the layer layout of the config.json
+  at `path`."""
+  tree = unflatten(flat)
   if workdir_lib.read_model_config(path).scan_layers:
     tree = stack_layers(tree)
-  return Int8Model(_with_qarrays(tree), mode, info.get("origin", "unknown checkpoint"))
+  return Int8Model(_with_qarrays(tree), mode, origin)
 
 
 def _flat(params: Any) -> dict[str, np.ndarray]:

@@ -8,8 +8,9 @@ teacher's k largest logits per target with their class indices (every logit, in 
 when the head has no more than k), which `losses.top_k_kl` reads.
 
 `cache.json`, written before any part, records what the cache was made from: the teacher's
-params (sha256) and dtype, the training features (their count and crc32), the task and k. A
-cache made otherwise is refused, naming the field that differs.
+params (sha256), int8 mode ('' for float: the same int8 values compute otherwise in w8a8) and
+dtype, the training features (their count and crc32), the task and k. A cache made otherwise
+is refused, naming the field that differs.
 """
 
 from __future__ import annotations
@@ -51,16 +52,21 @@ def _made_from(cfg: ml_collections.ConfigDict, teacher: Teacher,
                features: dict[str, np.ndarray]) -> dict[str, Any]:
   """What a cache for this run must have been made from (the manifest's fields)."""
   inputs = b"".join(np.ascontiguousarray(features[name]).tobytes() for name in INPUTS)
-  return {"teacher_sha256": teacher.sha256, "teacher_dtype": cfg.distill.teacher_dtype,
-          "task": cfg.task, "top_k": cfg.distill.teacher_top_k,
+  return {"teacher_sha256": teacher.sha256, "teacher_int8": teacher.int8_mode,
+          "teacher_dtype": cfg.distill.teacher_dtype, "task": cfg.task, "top_k": cfg.distill.teacher_top_k,
           "num_examples": int(len(features["input_ids"])),
           "examples_crc32": zlib.crc32(inputs), "chunk": CHUNK}
 
 
 # The config field that names what each manifest entry depends on.
-_FIELDS = {"teacher_sha256": "teacher", "teacher_dtype": "distill.teacher_dtype",
+_FIELDS = {"teacher_sha256": "teacher", "teacher_int8": "teacher",
+           "teacher_dtype": "distill.teacher_dtype",
            "task": "task", "top_k": "distill.teacher_top_k",
            "num_examples": "data.train_file", "examples_crc32": "data.train_file"}
+
+
+# What a manifest written before a field existed means by its absence: a float teacher.
+_BEFORE = {"teacher_int8": ""}
 
 
 def _check(cfg: ml_collections.ConfigDict, directory: epath.Path,
@@ -73,7 +79,7 @@ def _check(cfg: ml_collections.ConfigDict, directory: epath.Path,
     if jax.process_index() == 0:
       path.write_text(json.dumps(expected, indent=1))
     return expected
-  found = json.loads(path.read_text())
+  found = {**_BEFORE, **json.loads(path.read_text())}
   for key, field in _FIELDS.items():
     if found.get(key) != expected[key]:
       config_lib.fail(field, _value(cfg, field), f"differs from what distill.teacher_cache="

@@ -24,7 +24,7 @@ import optax
 from absl import logging
 
 from jaxfm import config as config_lib
-from jaxfm import runtime, sharding, weights
+from jaxfm import compress, runtime, sharding, weights
 from jaxfm import workdir as workdir_lib
 from jaxfm.data import loader
 from jaxfm.distillation import cache, capture, losses, student
@@ -234,6 +234,8 @@ def _tasks(cfg: ml_collections.ConfigDict, teacher: Teacher, dev: Any, settings:
                            dev, data)
   teacher_task = make_task(kind, teacher.config.replace(cpu_paths=config_lib.use_cpu_paths(
       cfg, platform)), teacher.label_names, None, data)
+  if teacher.int8_mode:  # as it trained and is scored: its int8 model
+    teacher_task = compress.int8_task(teacher_task, kind, teacher.int8_mode)
   projections = _projections(settings.hidden_pairs, cfg.model.hidden_size,
                              teacher.config.hidden_size)
 

@@ -1,6 +1,11 @@
 """The teacher: a jaxfm fine-tuning workdir's task model and params, frozen (or, for
 task-agnostic distillation, an MLM checkpoint).
 
+A teacher that computes through int8 rounding, an int8 folder (`jaxfm.quantize`) or a
+quantization-aware run (`quantize.qat`), runs as `evaluate` scores it: its params are the int8
+model's values (int8 x scale, which an every-k student starts from too) and its task computes
+in that model's mode (`Teacher.int8_mode`; w8a8 also rounds each matmul's activations).
+
 The distilled run's config names the teacher by path (`teacher`) and records the sha256 of its
 params (`distill.teacher_sha256`); a resumed run whose teacher changed is refused.
 """
@@ -14,7 +19,7 @@ import jax
 import ml_collections
 
 from jaxfm import config as config_lib
-from jaxfm import interop, peft, weights
+from jaxfm import compress, interop, peft, weights
 from jaxfm import workdir as workdir_lib
 from jaxfm.finetuning import run as finetuning
 from jaxfm.models import BertConfig
@@ -32,15 +37,20 @@ class Teacher:
   tokenizer: Any
   sha256: str
   source: str  # which checkpoint the params came from
+  int8_mode: str = ""  # '' float; else the int8 mode its task computes in (`compress.MODES`)
 
 
-def _params(path: str, run_cfg: ml_collections.ConfigDict) -> tuple[Any, str]:
-  """The workdir's best (else latest) params; a PEFT run's with its adapter merged."""
+def _params(path: str, run_cfg: ml_collections.ConfigDict) -> tuple[Any, str, str]:
+  """The workdir's best (else latest) params, where they came from and the int8 mode they run
+  in: a PEFT run's with its adapter merged; an int8 model's dequantized (`compress.runs_int8`)."""
   if finetuning.is_peft_run(run_cfg):
     adapted = finetuning.adapted(path)
-    return adapted.merged(), adapted.source
+    return adapted.merged(), adapted.source, ""
+  if compress.runs_int8(path, run_cfg):
+    model = compress.int8_model(path)
+    return model.dequantized(), model.describe(), model.mode
   loaded = weights.workdir_params(path)
-  return loaded.params, loaded.describe()
+  return loaded.params, loaded.describe(), ""
 
 
 def load_teacher(cfg: ml_collections.ConfigDict) -> Teacher:
@@ -55,12 +65,12 @@ def load_teacher(cfg: ml_collections.ConfigDict) -> Teacher:
     config_lib.fail("teacher", path, "is a Hugging Face folder: fine-tune it with jaxfm.finetune "
                     "(init_from=hf:...) and name that workdir")
   run = finetuning.load_finetuned("teacher", path, cfg.task)
-  params, source = _params(path, run.cfg)
+  params, source, int8_mode = _params(path, run.cfg)
   config = config_lib.bert_config(run.cfg, jax.devices()[0].platform).replace(
       scan_layers=False, remat_policy="none", dtype=cfg.distill.teacher_dtype)
   params = weights.in_layout(params, config)
   return Teacher(path, config, params, run.label_names, run.tokenizer, _checked(cfg, params),
-                 source)
+                 source, int8_mode)
 
 
 def load_mlm_teacher(cfg: ml_collections.ConfigDict) -> tuple[Teacher, str | None]:
