@@ -53,7 +53,8 @@ def _made_from(cfg: ml_collections.ConfigDict, teacher: Teacher,
   """What a cache for this run must have been made from (the manifest's fields)."""
   inputs = b"".join(np.ascontiguousarray(features[name]).tobytes() for name in INPUTS)
   return {"teacher_sha256": teacher.sha256, "teacher_int8": teacher.int8_mode,
-          "teacher_dtype": cfg.distill.teacher_dtype, "task": cfg.task, "top_k": cfg.distill.teacher_top_k,
+          "teacher_dtype": cfg.distill.teacher_dtype, "task": cfg.task,
+          "top_k": cfg.distill.teacher_top_k,
           "num_examples": int(len(features["input_ids"])),
           "examples_crc32": zlib.crc32(inputs), "chunk": CHUNK}
 
