@@ -365,6 +365,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> None:
   one_of(cfg, "model.remat_policy", REMAT_POLICIES)
   one_of(cfg, "model.cpu_paths", ("auto", "on", "off"))
   validate_peft_positions(cfg)
+  validate_peft_architecture(cfg)
 
 
 def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
@@ -564,6 +565,7 @@ def validate_peft(cfg: ml_collections.ConfigDict) -> None:
     fail("data.packing", True, "cannot put a soft prompt (prompt tuning) before packed "
          "rows: one row holds several examples")
   validate_peft_positions(cfg)
+  validate_peft_architecture(cfg)
 
 
 def validate_adalora(cfg: ml_collections.ConfigDict) -> None:
@@ -603,6 +605,20 @@ def validate_peft_positions(cfg: ml_collections.ConfigDict) -> None:
     fail("peft.num_virtual_tokens", p.num_virtual_tokens,
          f"plus data.max_seq_length={cfg.data.max_seq_length} exceeds the model's "
          f"max_position_embeddings={cfg.model.max_position_embeddings}")
+
+
+def validate_peft_architecture(cfg: ml_collections.ConfigDict) -> None:
+  """Prefix tuning's prefix holds keys and values for every head of every layer (as peft's
+  does), so it cannot adapt a head-pruned model (`jaxfm.prune`); checked for the config's
+  model and again for the architecture `init_from` brings."""
+  p = cfg.get("peft")
+  pruned = cfg.model.get("pruned_heads", ())
+  if p and p.method == "prefix" and any(pruned):
+    fail("peft.method", p.method, f"cannot adapt a head-pruned model (model.pruned_heads="
+         f"{[list(heads) for heads in pruned]}, from init_from): its prefix holds keys and "
+         f"values for every head of every layer. Use another method "
+         f"({', '.join(m for m in peft.METHODS if m != 'prefix')}), or prefix-tune the "
+         "unpruned model")
 
 
 # ---------------------------------------------------------------- distillation

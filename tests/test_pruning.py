@@ -1,8 +1,9 @@
 """Structured pruning (`jaxfm.compress.pruning`, `jaxfm.prune`) on a tiny fine-tuned classifier:
 smaller shapes and parameter counts, share 0 changes nothing, a pruned head or neuron computes
 what the unpruned model computes with it masked, gradient importance is the gate's derivative,
-the pruned workdir is read by evaluate, predict, finetune and convert (transformers loads the
-export with matching logits; it imports back), and bad input is a clear error."""
+the pruned workdir is read by evaluate, predict, finetune (LoRA too; prefix tuning is refused)
+and convert (transformers loads the export with matching logits; it imports back), and bad
+input is a clear error."""
 
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ import safetensors.numpy
 
 from tests import finetune_fixtures as ff
 from jaxfm import config as config_lib
-from jaxfm import distillation, interop, weights
+from jaxfm import distillation, interop, sharding, weights
 from jaxfm import workdir as workdir_lib
 from jaxfm.compress import prune_run, pruning
 from jaxfm.finetuning import run
 from jaxfm.interop import hf_names
 from jaxfm.models import BertConfig, preset
 from jaxfm.tasks import load_split, make_task
-from jaxfm.train import flops
+from jaxfm.train import flops, loop
 from jaxfm.trees import flatten, unflatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,6 +277,56 @@ def test_finetune_recovers_from_a_pruned_workdir(pruned_workdir, finetuned, tmp_
   assert best_step is not None and "accuracy" in result.eval
   saved = workdir_lib.read_model_config(str(tmp_path / "recovered"))
   assert saved.pruned_heads == workdir_lib.read_model_config(out).pruned_heads
+
+
+def _evaluate_logits(workdir: str, split) -> np.ndarray:
+  """[examples, 2]: what `evaluate` and `predict` compute for `workdir` on `split`."""
+  job = run.inference(workdir, workdir_lib.load_run(workdir), split)
+  with sharding.activation_sharding(job.mesh):
+    return loop.predict(job.steps, job.params, job.batches(), job.mesh)["logits"]
+
+
+def test_lora_adapts_a_pruned_workdir_and_exports_merged_to_transformers(pruned_workdir,
+                                                                         finetuned, tmp_path):
+  # LoRA over the pruned model as its frozen base: each layer's adapter takes that layer's
+  # heads, and the merged export (pruned heads padded, as transformers holds them) computes
+  # what `evaluate` computes for the run.
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  out, info = pruned_workdir
+  _, (train, dev), split, *_ = finetuned
+  cfg = ff.config("classification", out, train, dev, epochs=1.0)
+  cfg.peft.method = "lora"
+  workdir = str(tmp_path / "lora")
+  run.finetune(cfg, workdir)
+  adapter = flatten(run.adapted(workdir).trainable["adapter"])
+  assert [adapter[f"encoder/layer_{i}/query/lora_b"].shape[1] for i in range(2)] == info["heads"]
+  proc = subprocess.run([sys.executable, "-m", "jaxfm.convert", "--to_hf", f"--from={workdir}",
+                         f"--out={tmp_path / 'hf'}"], capture_output=True, text=True, cwd=ROOT,
+                        timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path / "hf")).eval()
+  features = split.device_arrays()
+  with torch.no_grad():
+    theirs = model(**{name: torch.tensor(features[name], dtype=torch.long)
+                      for name in ("input_ids", "token_type_ids", "attention_mask")}).logits
+  ours = _evaluate_logits(workdir, split)
+  np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-5)
+  assert np.abs(_evaluate_logits(out, split) - ours).max() > 1e-3  # the adapter trained
+
+
+def test_prefix_tuning_a_head_pruned_workdir_is_refused_by_name(pruned_workdir, finetuned,
+                                                                tmp_path):
+  # A prefix holds keys and values for every head of every layer: refused before any work.
+  _, (train, dev), *_ = finetuned
+  cfg = ff.config("classification", pruned_workdir[0], train, dev)
+  cfg.peft.update(method="prefix", num_virtual_tokens=4)
+  cfg.data.max_seq_length = 24
+  with pytest.raises(config_lib.ConfigError, match=r"^peft.method='prefix' cannot adapt a "
+                     r"head-pruned model \(model.pruned_heads=\[\["):
+    run.finetune(cfg, str(tmp_path / "prefix"))
+  assert not os.path.exists(tmp_path / "prefix")
 
 
 def test_cli_bad_share_is_one_line(tmp_path):

@@ -166,6 +166,9 @@ RULES = [
     Rule(F, "peft.init_adapter", "runs/lora", "needs peft.method: the method of its adapter"),
     Rule(F, "peft.init_adapter", "runs/ada", "cannot continue AdaLoRA", ADALORA),
     Rule(F, "data.packing", True, "data.packing=True cannot put a soft prompt", PROMPT),
+    Rule(F, "peft.method", "prefix", "peft.method='prefix' cannot adapt a head-pruned model "
+         "(model.pruned_heads=[[0], []]", {"init_from": "hf:base",
+                                            "model.pruned_heads": ((0,), ())}),
     Rule(F, "quantize.qat", "int4", "quantize.qat='int4' must be '' (off) or one of "
          "weight_only, w8a8"),
     Rule(F, "quantize.qat", "w8a8", "quantize.qat='w8a8' trains the whole model for its int8 "
