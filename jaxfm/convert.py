@@ -98,9 +98,15 @@ def _to_hf(source: str, out: str) -> str:
 
 def _to_peft(source: str, out: str) -> str:
   parts = run.adapted(source)
+  config = workdir.read_model_config(source)
+  if config.pruned_heads and parts.plan.method.name != "prompt":
+    raise ValueError(f"{source} adapts a head-pruned model (model.pruned_heads="
+                     f"{[list(heads) for heads in config.pruned_heads]}): transformers holds "
+                     f"its pruned heads as zeros at full width, which peft's "
+                     f"{parts.plan.method.name} tensors would have to match, so the adapter has "
+                     "no peft form; export the merged model with --to_hf")
   init_from = parts.run.cfg.init_from
-  report = peft_format.export_peft(parts.plan, parts.trainable, parts.frozen,
-                                   workdir.read_model_config(source), out,
+  report = peft_format.export_peft(parts.plan, parts.trainable, parts.frozen, config, out,
                                    init_from[3:] if init_from.startswith("hf:") else "",
                                    parts.run.label_names, parts.run.cfg.train.steps)
   return f"{report}\nparams: {parts.source}"

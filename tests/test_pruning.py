@@ -279,6 +279,12 @@ def test_finetune_recovers_from_a_pruned_workdir(pruned_workdir, finetuned, tmp_
   assert saved.pruned_heads == workdir_lib.read_model_config(out).pruned_heads
 
 
+def _convert(*args: str) -> subprocess.CompletedProcess:
+  """`jaxfm.convert` on one device (as after a run on a slice)."""
+  return subprocess.run([sys.executable, "-m", "jaxfm.convert", *args], capture_output=True,
+                        text=True, cwd=ROOT, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+
+
 def _evaluate_logits(workdir: str, split) -> np.ndarray:
   """[examples, 2]: what `evaluate` and `predict` compute for `workdir` on `split`."""
   job = run.inference(workdir, workdir_lib.load_run(workdir), split)
@@ -290,7 +296,7 @@ def test_lora_adapts_a_pruned_workdir_and_exports_merged_to_transformers(pruned_
                                                                          finetuned, tmp_path):
   # LoRA over the pruned model as its frozen base: each layer's adapter takes that layer's
   # heads, and the merged export (pruned heads padded, as transformers holds them) computes
-  # what `evaluate` computes for the run.
+  # what `evaluate` computes for the run; the peft export is refused by name.
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
   out, info = pruned_workdir
@@ -301,9 +307,7 @@ def test_lora_adapts_a_pruned_workdir_and_exports_merged_to_transformers(pruned_
   run.finetune(cfg, workdir)
   adapter = flatten(run.adapted(workdir).trainable["adapter"])
   assert [adapter[f"encoder/layer_{i}/query/lora_b"].shape[1] for i in range(2)] == info["heads"]
-  proc = subprocess.run([sys.executable, "-m", "jaxfm.convert", "--to_hf", f"--from={workdir}",
-                         f"--out={tmp_path / 'hf'}"], capture_output=True, text=True, cwd=ROOT,
-                        timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+  proc = _convert("--to_hf", f"--from={workdir}", f"--out={tmp_path / 'hf'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   model = transformers.AutoModelForSequenceClassification.from_pretrained(
       str(tmp_path / "hf")).eval()
@@ -314,6 +318,10 @@ def test_lora_adapts_a_pruned_workdir_and_exports_merged_to_transformers(pruned_
   ours = _evaluate_logits(workdir, split)
   np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-5)
   assert np.abs(_evaluate_logits(out, split) - ours).max() > 1e-3  # the adapter trained
+  # peft's LoRA tensors would have to match transformers' zero-padded heads: refused by name.
+  proc = _convert("--to_peft", f"--from={workdir}", f"--out={tmp_path / 'adapter'}")
+  assert proc.returncode == 1 and "adapts a head-pruned model" in proc.stderr
+  assert "export the merged model with --to_hf" in proc.stderr
 
 
 def test_prefix_tuning_a_head_pruned_workdir_is_refused_by_name(pruned_workdir, finetuned,
