@@ -337,6 +337,18 @@ def test_prefix_tuning_a_head_pruned_workdir_is_refused_by_name(pruned_workdir, 
   assert not os.path.exists(tmp_path / "prefix")
 
 
+def test_an_int8_folder_is_refused_by_name(finetuned, tmp_path):
+  pytest.importorskip("qwix")  # the `quant` extra
+  from jaxfm.compress import int8_dir  # pylint: disable=import-outside-toplevel  (needs qwix)
+  int8_dir.write(finetuned[0], str(tmp_path / "int8"), "weight_only")
+  cfg = _prune_config(finetuned)
+  cfg.init_from = str(tmp_path / "int8")
+  with pytest.raises(config_lib.ConfigError, match=r"^init_from=.* is an int8 folder "
+                     r"\(jaxfm.quantize\): prune the fine-tuning workdir it was quantized from"):
+    prune_run.prune(cfg, str(tmp_path / "pruned"))
+  assert not os.path.exists(tmp_path / "pruned")
+
+
 def test_cli_bad_share_is_one_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "jaxfm.prune", f"--config={ROOT}/configs/prune/sst2_minilm.py",

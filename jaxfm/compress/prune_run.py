@@ -4,6 +4,10 @@ workdir: config.json (its `model` section the smaller architecture), task.json, 
 best/ (the pruned params at step 0, scored on the dev split) and pruning.json (what was
 removed, the parameter counts, the dev metrics). `evaluate`, `predict` and `convert` read it
 as any workdir; `jaxfm.finetune --config.init_from=<it>` fine-tunes it further (recovery).
+
+A quantization-aware workdir (`quantize.qat`) is pruned from its float params and scored in
+float (a warning says so: recover it with the same `quantize.qat`); an int8 folder is refused
+(prune the workdir it was quantized from).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from etils import epath
 from jaxfm import config as config_lib
 from jaxfm import runtime, sharding, weights
 from jaxfm import workdir as workdir_lib
-from jaxfm.compress import pruning
+from jaxfm.compress import is_int8_dir, pruning, qat_mode
 from jaxfm.finetuning import run as finetuning
 from jaxfm.models import BertConfig, unstack_layers
 from jaxfm.tasks import TASKS, load_split, make_task, validate_finetune
@@ -38,6 +42,13 @@ def _source(cfg: ml_collections.ConfigDict) -> tuple[workdir_lib.SavedRun, BertC
   if finetuning.is_peft_run(run.cfg):
     config_lib.fail("init_from", path, f"trained a {run.cfg.peft.method} adapter: export it "
                     "merged (jaxfm.convert --to_hf), fine-tune that, and prune the result")
+  if is_int8_dir(path):
+    config_lib.fail("init_from", path, "is an int8 folder (jaxfm.quantize): prune the "
+                    "fine-tuning workdir it was quantized from, then quantize the pruned one")
+  if mode := qat_mode(run.cfg):
+    logging.warning("init_from=%s trained for int8 (quantize.qat=%s): its float params are "
+                    "ranked, pruned and scored in float; recover the pruned workdir with "
+                    "quantize.qat=%s", path, mode, mode)
   config = config_lib.bert_config(run.cfg, jax.devices()[0].platform).replace(
       scan_layers=False, remat_policy="none")
   loaded = weights.workdir_params(path)
