@@ -16,11 +16,13 @@ beside the same model from random init.
    needs), then character masking (`char`, BERT's default) with that same vocabulary, so the two
    differ only in masking. Then `wwm_from_char`: the char model continued with whole-word masking
    for `--continue_steps` (a fresh warmup and decay; what Chinese-BERT-wwm did from
-   bert-base-chinese). Held-out MLM loss/accuracy is measured on each run's own masking (the same
-   held-out examples; wwm_from_char's step 0 is the char model on whole-word masks), so char's
-   accuracy is not comparable 1:1 with the others'; `--cross_eval` also scores each model on the
-   other masking's held-out batches (a 1-step run from it that evaluates at step 0: the same
-   held-out examples and masks as that masking's evaluations).
+   bert-base-chinese); `--continue_from=wwm` adds `wwm_from_wwm`, the same steps from the wwm
+   model, to tell the character-masking start from the extra steps. Held-out MLM loss/accuracy
+   is measured on each run's own masking (the same held-out examples; wwm_from_char's step 0 is
+   the char model on whole-word masks), so char's accuracy is not comparable 1:1 with the
+   others'; `--cross_eval` also scores each model on the other masking's held-out batches (a
+   1-step run from it that evaluates at step 0: the same held-out examples and masks as that
+   masking's evaluations).
 3. Fine-tuning (configs/finetune/{waimai,msra_ner}.py with `--*_epochs` and `--*_lr`, the same
    for every init) from random init (the same architecture and vocabulary) and from each
    pretrained model (`--inits`), for each seed (`train.seed` and `data.seed`). Dev: the best
@@ -68,8 +70,10 @@ _MIN_LINE_CHARS = flags.DEFINE_integer(
 _CROSS_EVAL = flags.DEFINE_bool("cross_eval", True, "Also score each model on the other masking.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tuning seeds.")
 _CONTINUE_STEPS = flags.DEFINE_integer(
-    "continue_steps", 5000, "Whole-word-masking steps continuing the character-masking model "
-    "(the wwm_from_char model; 0 = none).")
+    "continue_steps", 5000, "Whole-word-masking steps continuing each --continue_from model.")
+_CONTINUE_FROM = flags.DEFINE_multi_enum(
+    "continue_from", ["char"], ["char", "wwm"], "The models continued with whole-word masking, "
+    "each the arm wwm_from_<model> (wwm: the same steps' control for wwm_from_char).")
 _INITS = flags.DEFINE_list("inits", ["random", "char", "wwm", "wwm_from_char"],
                            "Fine-tuning starting points.")
 _TASKS = flags.DEFINE_list("tasks", ["waimai", "msra_ner"], "Fine-tuning tasks.")
@@ -118,7 +122,8 @@ def _arms() -> list[Arm]:
   """wwm first: it trains the vocabulary every other arm uses."""
   arms = [Arm("wwm", "wwm", _PRETRAIN_STEPS.value), Arm("char", "char", _PRETRAIN_STEPS.value)]
   if _CONTINUE_STEPS.value:
-    arms.append(Arm("wwm_from_char", "wwm", _CONTINUE_STEPS.value, init="char"))
+    arms += [Arm(f"wwm_from_{init}", "wwm", _CONTINUE_STEPS.value, init=init)
+             for init in _CONTINUE_FROM.value]
   return arms
 
 
@@ -375,7 +380,7 @@ def main(argv):
   unknown = set(_INITS.value) - pretrained - {"random"}
   if unknown:
     raise app.UsageError(f"--inits: {sorted(unknown)} not among random, {sorted(pretrained)} "
-                         "(wwm_from_char needs --continue_steps > 0)")
+                         "(wwm_from_X needs --continue_from=X and --continue_steps > 0)")
   study = Study(out)
   tasks = _tasks()
   start = time.time()

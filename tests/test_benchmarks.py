@@ -214,6 +214,15 @@ def test_chinese_stratified_sample_keeps_label_shares_of_a_sorted_file(tmp_path)
     chinese.stratified_sample(src, tmp_path / "d.tsv", 101, seed=0)
 
 
+def test_chinese_study_refuses_an_init_no_arm_pretrains(tmp_path):
+  command = [sys.executable, "-m", "benchmarks.chinese", f"--data={tmp_path}",
+             f"--out={tmp_path / 'out'}", "--inits=random,wwm_from_wwm"]
+  proc = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert proc.returncode != 0 and "--inits: ['wwm_from_wwm'] not among" in proc.stderr
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # three pretraining runs, three cross evaluations, eight fine-tunings: minutes
 def test_chinese_study_runs_end_to_end_and_resumes(tmp_path):
   pytest.importorskip("jieba")
