@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 from absl import app, flags
+from etils import epath
 
 from jaxfm import compress, weights, workdir
 from jaxfm.finetuning import run
@@ -61,7 +62,7 @@ def _from_hf(hf_dir: str, out: str) -> str:
 
 def _run_config(source: str) -> ml_collections.ConfigDict | None:
   """The resolved config of the workdir (or int8 folder) `source`; None for a model dir."""
-  if not os.path.isfile(os.path.join(source, workdir.CONFIG_FILE)):
+  if not (epath.Path(source) / workdir.CONFIG_FILE).exists():  # local or gs://
     return None
   return workdir.read_config(source)
 
