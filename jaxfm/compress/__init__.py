@@ -3,6 +3,10 @@ folder `jaxfm.quantize` writes (`int8_dir`) and the eval step that runs it (`inf
 quantization-aware fine-tuning (`qat`, the `quantize.qat` option of `jaxfm.finetune`);
 structured pruning of attention heads and FFN neurons (`pruning`, run by `prune_run`).
 
+An int8 folder or a quantization-aware workdir computes through int8 rounding wherever it goes
+(`runs_int8`): `evaluate` and `predict` score its int8 model, a distillation teacher runs it,
+and `convert --to_hf` exports the int8 values it computes with (`int8_model`).
+
 Quantization needs qwix (`pip install 'jaxfm[quant]'`); what `evaluate` and `predict` call to
 recognise an int8 folder does not, so qwix is imported only when one is run (or a
 quantization-aware run trains or is scored). Pruning needs nothing beyond jaxfm: its output
