@@ -118,8 +118,10 @@ def test_int8_teacher_cache_holds_the_logits_evaluate_gives(runs, name, mode, tm
 
 def test_w8a8_teacher_in_the_step_gives_the_kl_to_evaluates_logits(runs):
   # A random student on the dev split as one batch: the step's kl against its teacher is the
-  # kl against the logits `evaluate` gives for the QAT workdir.
-  cfg = _distill_config(runs, "w8a8", student_init="random", losses="kl=1.0")
+  # kl against the logits `evaluate` gives for the QAT workdir; the losses that read inside
+  # the encoders read the int8 teacher's states as the float one's.
+  cfg = _distill_config(runs, "w8a8", student_init="random",
+                        losses="kl=1.0,hidden=1.0,attention=1.0")
   cfg.model.update(hidden_size=64, num_heads=2, intermediate_size=128)
   teacher, _ = _teacher(cfg)
   task, init_trainable, _ = distill_run._tasks(cfg, teacher, None,
@@ -135,6 +137,8 @@ def test_w8a8_teacher_in_the_step_gives_the_kl_to_evaluates_logits(runs):
                                   batch["weights"], cfg.distill.temperature)
   assert float(sums["kl_sum"]) == pytest.approx(float(want), rel=1e-5)
   assert float(floated) != pytest.approx(float(want), rel=1e-4)  # the float params' kl
+  assert all(np.isfinite(float(sums[n])) and float(sums[n]) > 0
+             for n in ("hidden_sum", "attention_sum"))
 
 
 def test_a_cache_of_the_same_int8_values_in_another_mode_is_refused(runs, tmp_path):
