@@ -1,7 +1,8 @@
 """Knowledge distillation of fine-tuned encoders (`python -m jaxfm.distill`).
 
 `losses` (soft targets, hidden-state MSE, MiniLM relations), `capture` (logits, hidden states
-and attention inputs read from outside the model), `teacher` (a fine-tuning workdir, frozen),
+and attention inputs read from outside the model), `teacher` (a fine-tuning workdir, frozen;
+an int8 folder or quantization-aware workdir runs as its int8 model),
 `cache` (the teacher's top-k logits on disk), `student` (architecture and starting params)
 `run` (the runner over the shared loop) and `mlm` (task-agnostic distillation on a corpus).
 """
