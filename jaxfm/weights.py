@@ -12,7 +12,7 @@ from absl import logging
 from etils import epath
 
 from jaxfm import config as config_lib
-from jaxfm import interop, peft
+from jaxfm import compress, interop, peft
 from jaxfm import workdir as workdir_lib
 from jaxfm.interop.checkpoint_dir import CONFIG_FILE as MODEL_CONFIG_FILE
 from jaxfm.models import BertConfig, stack_layers, unstack_layers
@@ -76,14 +76,19 @@ def load_jaxfm(path: str) -> Weights:
                               "there (gsutil -m cp -r), or name a gs:// training workdir")
     return Weights(*interop.load_model_dir(path))
   config = workdir_lib.read_model_config(path)
-  _refuse_adapter_only(path)
+  _refuse_not_a_model(path)
   loaded = workdir_params(path)
   return Weights(config, loaded.params, workdir_lib.existing_tokenizer_dir(path),
                  loaded.describe() if loaded.best else "")
 
 
-def _refuse_adapter_only(workdir: str) -> None:
-  """A PEFT workdir's checkpoints hold an adapter and a head, not a model: says what to do."""
+def _refuse_not_a_model(workdir: str) -> None:
+  """An int8 folder holds no float checkpoint, a PEFT workdir's checkpoints only an adapter and
+  a head: says what to start from instead."""
+  if compress.is_int8_dir(workdir):
+    raise config_lib.ConfigError(
+        f"init_from={workdir} is an int8 folder (jaxfm.quantize): start from the workdir it was "
+        f"quantized from (with quantize.qat to keep training for int8)")
   run_cfg = workdir_lib.read_config(workdir)
   method = run_cfg.get("peft", {}).get("method", "")
   if not method:

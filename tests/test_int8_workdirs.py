@@ -213,3 +213,10 @@ def test_w8a8_workdir_and_its_int8_folder_export_the_int8_weights_and_say_what_i
   weight_only = _evaluate_logits(runs["w8a8-weight_only"], dev_file)
   np.testing.assert_allclose(theirs, weight_only, rtol=0, atol=1e-5)
   assert np.abs(theirs - _evaluate_logits(runs["w8a8"], dev_file)).max() > 1e-4
+
+
+def test_fine_tuning_from_an_int8_folder_is_refused_by_name(runs):
+  cfg = ff.config("classification", runs["w8a8-int8"], *ff.write_sentiment(runs["root"]))
+  with pytest.raises(config_lib.ConfigError, match=r"is an int8 folder \(jaxfm.quantize\): "
+                     r"start from the workdir it was quantized from"):
+    run.finetune(cfg, str(runs["root"] / "from_int8"))

@@ -177,7 +177,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str,
 def quantization_aware(cfg: ml_collections.ConfigDict, task: loop.Task) -> loop.Task:
   """`task` as the run trains and scores it: computing as its int8 export does under
   `quantize.qat` (`compress.qat_task`); else (and in configs saved before the option) as is."""
-  mode = cfg.get("quantize", {}).get("qat", "")
+  mode = compress.qat_mode(cfg)
   return compress.qat_task(task, cfg.task, mode) if mode else task
 
 
