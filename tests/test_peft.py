@@ -143,6 +143,20 @@ def test_only_the_adapter_and_the_head_train_and_are_saved(lora_run, files):
     assert "word_embeddings" not in saved and "qkv_kernel" not in saved
 
 
+def test_an_adapter_over_a_fine_tuned_head_exports_merged_not_as_peft(files, tmp_path):
+  # The head came frozen with a fine-tuned init_from: peft's format has nowhere to put it.
+  full = str(tmp_path / "full")
+  run.finetune(ff.config("classification", f"hf:{files / 'hf_base'}",
+                         *ff.write_sentiment(files), epochs=1.0), full)
+  cfg = _config(files, "classification", ff.write_sentiment, "lora", epochs=1.0)
+  cfg.init_from = full
+  run.finetune(cfg, str(tmp_path / "lora"))
+  done = _cli("jaxfm.convert", "--to_peft", f"--from={tmp_path / 'lora'}",
+              f"--out={tmp_path / 'adapter'}")
+  assert done.returncode == 1 and "the run trained no task head" in done.stderr
+  assert "export the run merged with --to_hf" in done.stderr
+
+
 def test_evaluate_and_predict_rebuild_base_and_adapter(lora_run, files):
   workdir, result = lora_run
   metrics = run.evaluate(workdir, "dev")

@@ -74,6 +74,10 @@ _PROMPT_TABLES = {"prompt": lambda adapter: adapter["prompt"], "prefix": prefix.
 def _head_modules(head: Mapping[str, np.ndarray], pooler: bool) -> tuple[str, dict[str, str]]:
   """The HF architecture and {jaxfm linear path: HF module} of the trained non-adapter params."""
   found = task_head(head, pooler)
+  if found is None and not head:
+    raise InteropError("the run trained no task head (its init_from brought one, frozen with "
+                       "the base): peft's format carries the head in modules_to_save; export "
+                       "the run merged with --to_hf (lora, adalora, ia3)")
   if found is None:
     raise InteropError(f"no task head among the trained params {sorted(head)}")
   modules = {found.path: found.module, "encoder/pooler": _ENCODER + "pooler.dense"}
