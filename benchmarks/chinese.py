@@ -14,15 +14,14 @@ beside the same model from random init.
 2. Pretraining (configs/pretrain/bert_tiny_zh_cpu.py), same steps and seeds: whole-word masking
    by jieba first (`wwm`; it trains the vocabulary, with the CJK '##' pieces whole-word masking
    needs), then character masking (`char`, BERT's default) with that same vocabulary, so the two
-   differ only in masking. Then `wwm_from_char`: the char model continued with whole-word masking
-   for `--continue_steps` (a fresh warmup and decay; what Chinese-BERT-wwm did from
-   bert-base-chinese); `--continue_from=wwm` adds `wwm_from_wwm`, the same steps from the wwm
-   model, to tell the character-masking start from the extra steps. Held-out MLM loss/accuracy
-   is measured on each run's own masking (the same held-out examples; wwm_from_char's step 0 is
-   the char model on whole-word masks), so char's accuracy is not comparable 1:1 with the
-   others'; `--cross_eval` also scores each model on the other masking's held-out batches (a
-   1-step run from it that evaluates at step 0: the same held-out examples and masks as that
-   masking's evaluations).
+   differ only in masking. Then each `--continued` arm MASKING_from_MODEL: MODEL's run continued
+   with MASKING for `--continue_steps` (a fresh warmup and decay). `wwm_from_char` is what
+   Chinese-BERT-wwm did from bert-base-chinese; `char_from_char` is its control, the same extra
+   steps with character masking. Held-out MLM loss/accuracy is measured on each run's own masking
+   (the same held-out examples; a continued run's step 0 is MODEL on MASKING), so accuracies
+   under the two maskings are not comparable 1:1; `--cross_eval` also scores each model on the
+   other masking's held-out batches (a 1-step run from it that evaluates at step 0: the same
+   held-out examples and masks as that masking's evaluations).
 3. Fine-tuning (configs/finetune/{waimai,msra_ner}.py with `--*_epochs` and `--*_lr`, the same
    for every init) from random init (the same architecture and vocabulary) and from each
    pretrained model (`--inits`), for each seed (`train.seed` and `data.seed`). Dev: the best
@@ -69,11 +68,11 @@ _MIN_LINE_CHARS = flags.DEFINE_integer(
     "(0: one paragraph a line).")
 _CROSS_EVAL = flags.DEFINE_bool("cross_eval", True, "Also score each model on the other masking.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tuning seeds.")
-_CONTINUE_STEPS = flags.DEFINE_integer(
-    "continue_steps", 5000, "Whole-word-masking steps continuing each --continue_from model.")
-_CONTINUE_FROM = flags.DEFINE_multi_enum(
-    "continue_from", ["char"], ["char", "wwm"], "The models continued with whole-word masking, "
-    "each the arm wwm_from_<model> (wwm: the same steps' control for wwm_from_char).")
+_CONTINUE_STEPS = flags.DEFINE_integer("continue_steps", 5000, "Steps of each --continued arm.",
+                                       lower_bound=1)
+_CONTINUED = flags.DEFINE_list(
+    "continued", ["wwm_from_char"], "Arms MASKING_from_MODEL (wwm|char): MODEL's pretraining "
+    "continued with MASKING (char_from_char: the same steps' control for wwm_from_char).")
 _INITS = flags.DEFINE_list("inits", ["random", "char", "wwm", "wwm_from_char"],
                            "Fine-tuning starting points.")
 _TASKS = flags.DEFINE_list("tasks", ["waimai", "msra_ner"], "Fine-tuning tasks.")
@@ -121,9 +120,11 @@ class Arm:
 def _arms() -> list[Arm]:
   """wwm first: it trains the vocabulary every other arm uses."""
   arms = [Arm("wwm", "wwm", _PRETRAIN_STEPS.value), Arm("char", "char", _PRETRAIN_STEPS.value)]
-  if _CONTINUE_STEPS.value:
-    arms += [Arm(f"wwm_from_{init}", "wwm", _CONTINUE_STEPS.value, init=init)
-             for init in _CONTINUE_FROM.value]
+  for name in _CONTINUED.value:
+    match = re.fullmatch(r"(wwm|char)_from_(wwm|char)", name)
+    if not match:
+      raise app.UsageError(f"--continued: {name!r} is not MASKING_from_MODEL (wwm|char)")
+    arms.append(Arm(name, match[1], _CONTINUE_STEPS.value, init=match[2]))
   return arms
 
 
@@ -380,7 +381,7 @@ def main(argv):
   unknown = set(_INITS.value) - pretrained - {"random"}
   if unknown:
     raise app.UsageError(f"--inits: {sorted(unknown)} not among random, {sorted(pretrained)} "
-                         "(wwm_from_X needs --continue_from=X and --continue_steps > 0)")
+                         "(a continued arm needs --continued)")
   study = Study(out)
   tasks = _tasks()
   start = time.time()

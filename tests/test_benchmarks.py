@@ -214,12 +214,15 @@ def test_chinese_stratified_sample_keeps_label_shares_of_a_sorted_file(tmp_path)
     chinese.stratified_sample(src, tmp_path / "d.tsv", 101, seed=0)
 
 
-def test_chinese_study_refuses_an_init_no_arm_pretrains(tmp_path):
+@pytest.mark.parametrize("flag,error", [
+    ("--inits=random,char_from_char", "--inits: ['char_from_char'] not among"),
+    ("--continued=wwm_from_bert", "--continued: 'wwm_from_bert' is not MASKING_from_MODEL")])
+def test_chinese_study_refuses_unknown_arms(tmp_path, flag, error):
   command = [sys.executable, "-m", "benchmarks.chinese", f"--data={tmp_path}",
-             f"--out={tmp_path / 'out'}", "--inits=random,wwm_from_wwm"]
+             f"--out={tmp_path / 'out'}", flag]
   proc = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True, timeout=120,
                         check=False)
-  assert proc.returncode != 0 and "--inits: ['wwm_from_wwm'] not among" in proc.stderr
+  assert proc.returncode != 0 and error in proc.stderr, proc.stderr[-2000:]
   assert not (tmp_path / "out").exists()
 
 
