@@ -782,21 +782,30 @@ def validate_distill(cfg: ml_collections.ConfigDict) -> None:
 # ---------------------------------------------------------------- structured pruning
 
 PRUNE_IMPORTANCE = ("gradient", "magnitude")
+PRUNE_RECOVERIES = ("finetune", "distill")
 
 
 def prune_defaults() -> ml_collections.ConfigDict:
   """Every structured-pruning field: fine-tuning's (the task, the data whose training batches
   rank the heads and neurons and whose dev split scores the result, the eval batch size),
-  `init_from` (the fine-tuned workdir to prune) and the `prune` section. The architecture is
-  the workdir's, made smaller; `model` keeps its compute fields (dtype, scan, remat)."""
+  `init_from` (the fine-tuned workdir to prune), the `prune` section and, for a recovery by
+  distillation, the `distill` section (its teacher is `init_from`, its student the pruned
+  model: `student_init` is set to init_from). The architecture is the workdir's, made smaller;
+  `model` keeps its compute fields (dtype, scan, remat). A recovery trains as fine-tuning (or
+  distillation) does with the `optim` and `train` fields, for `prune.recovery_epochs` epochs."""
   cfg = finetune_defaults()
-  cfg.train.epochs = 0.0  # a pruning run trains nothing: recover with jaxfm.finetune
+  cfg.train.epochs = 0.0  # pruning trains nothing; a recovery's length is prune.recovery_epochs
   p = ml_collections.ConfigDict()
   p.heads_share = 0.0  # of all attention heads, removed (never a layer's last head)
   p.ffn_share = 0.0  # of each layer's FFN neurons, removed (the same count per layer)
   p.importance = "gradient"  # gradient (Michel et al. 2019: |dL/d gate|) | magnitude
   p.batches = 8  # training batches of train.batch_size the gradient importance sums over
+  # Epochs of training from the pruned model in the same command (0: none, the workdir holds
+  # the pruned model; else the recovered one, the pruned one in WORKDIR/pruned).
+  p.recovery_epochs = 0.0
+  p.recovery = "finetune"  # finetune | distill (the unpruned init_from as the teacher)
   cfg.prune = p
+  cfg.distill = _distill_section()
   return cfg
 
 
@@ -810,12 +819,21 @@ def validate_prune(cfg: ml_collections.ConfigDict) -> None:
       fail(field, _get(cfg, field), "must be in [0, 1) (the share of units removed)")
   one_of(cfg, "prune.importance", PRUNE_IMPORTANCE)
   positive(cfg, "prune.batches")
+  if p.recovery_epochs < 0:
+    fail("prune.recovery_epochs", p.recovery_epochs, "must be >= 0 (0: no recovery)")
+  one_of(cfg, "prune.recovery", PRUNE_RECOVERIES)
+  if cfg.train.epochs != 0:
+    raise ConfigError(f"train.epochs={cfg.train.epochs!r} is not read by pruning: a recovery's "
+                      "length is prune.recovery_epochs")
   if cfg.peft.method:
     fail("peft.method", cfg.peft.method, "is not supported by pruning: prune a fully "
          "fine-tuned (or merged) workdir")
-  if cfg.quantize.qat:
-    fail("quantize.qat", cfg.quantize.qat, "is not for pruning, which trains nothing: give it to "
-         "the fine-tuning run that recovers the pruned workdir")
+  if cfg.quantize.qat and not p.recovery_epochs:
+    raise ConfigError(f"quantize.qat={cfg.quantize.qat!r} is not for pruning, which trains "
+                      "nothing: it is the recovery's (prune.recovery_epochs > 0)")
+  if p.recovery_epochs and not (cfg.data.train_file or cfg.data.tfds_name):
+    raise ConfigError("data.train_file is required: the recovery trains on it "
+                      "(prune.recovery_epochs > 0)")
   if not (cfg.data.dev_file or cfg.data.tfds_name):
     raise ConfigError("data.dev_file is required: the pruned model is scored on it and kept in "
                       "WORKDIR/best, which evaluate, predict and convert read")

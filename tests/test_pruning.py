@@ -2,8 +2,9 @@
 smaller shapes and parameter counts, share 0 changes nothing, a pruned head or neuron computes
 what the unpruned model computes with it masked, gradient importance is the gate's derivative,
 the pruned workdir is read by evaluate, predict, finetune (LoRA too; prefix tuning is refused)
-and convert (transformers loads the export with matching logits; it imports back), and bad
-input is a clear error."""
+and convert (transformers loads the export with matching logits; it imports back), a recovery
+in the same command (fine-tuning or distillation) is what evaluate scores, keeps the pruned
+model's scores and resumes after a SIGTERM, and bad input is a clear error."""
 
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ def _prune_config(finetuned) -> ml_collections.ConfigDict:
 @pytest.fixture(scope="module")
 def pruned_workdir(finetuned, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("pruned") / "sst-pruned")
-  return out, prune_run.prune(_prune_config(finetuned), out)
+  return out, prune_run.prune(_prune_config(finetuned), out).info
 
 
 def test_prune_run_writes_a_workdir_evaluate_and_predict_read(pruned_workdir, finetuned,
@@ -205,8 +206,17 @@ def test_prune_run_writes_a_workdir_evaluate_and_predict_read(pruned_workdir, fi
   (tmp_path / "in.jsonl").write_text('{"sentence": "a good film"}\n{"sentence": "awful"}\n')
   rows = run.predict(out, str(tmp_path / "in.jsonl"))
   assert len(rows) == 2 and all("label" in r for r in rows)
+  # The same command again finds the pruning finished; another one is refused.
+  assert prune_run.prune(_prune_config(finetuned), out) == prune_run.Outcome(info)
+  changed = _prune_config(finetuned)
+  changed.prune.ffn_share = 0.25
+  with pytest.raises(workdir_lib.WorkdirError, match=r"holds a pruning run with a different "
+                     r"config; pass --allow_config_change .*\n  prune.ffn_share: 0.5 -> 0.25"):
+    prune_run.prune(changed, out)
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "file").write_text("x")
   with pytest.raises(workdir_lib.WorkdirError, match="is not empty"):
-    prune_run.prune(_prune_config(finetuned), out)
+    prune_run.prune(_prune_config(finetuned), str(tmp_path / "other"))
 
 
 def test_a_pruned_teacher_distils_into_an_every_k_student(pruned_workdir, finetuned, tmp_path):
@@ -235,7 +245,7 @@ def test_token_and_span_heads_prune_to_a_workdir_evaluate_reads(tmp_path, task, 
   cfg.task, cfg.init_from = task, workdir
   cfg.data.update(workdir_lib.load_run(workdir).cfg.data.to_dict())
   cfg.prune.heads_share, cfg.prune.ffn_share, cfg.prune.batches = 0.25, 0.5, 2
-  info = prune_run.prune(cfg, out)
+  info = prune_run.prune(cfg, out).info
   assert sorted(info["heads"]) == [1, 2] and info["intermediate_size"] == [512, 256]
   assert run.evaluate(out, "dev") == pytest.approx(info["dev"])
 
@@ -277,6 +287,109 @@ def test_finetune_recovers_from_a_pruned_workdir(pruned_workdir, finetuned, tmp_
   assert best_step is not None and "accuracy" in result.eval
   saved = workdir_lib.read_model_config(str(tmp_path / "recovered"))
   assert saved.pruned_heads == workdir_lib.read_model_config(out).pruned_heads
+
+
+def _recovery_config(finetuned, **prune) -> ml_collections.ConfigDict:
+  """`_prune_config` with a recovery of one epoch (10 steps) at fine-tuning's fixture rate."""
+  cfg = _prune_config(finetuned)
+  cfg.prune.update(recovery_epochs=1.0, **prune)
+  cfg.optim.peak_learning_rate = 2e-3
+  cfg.model.update(hidden_dropout=0.0, attention_dropout=0.0)
+  cfg.train.update(log_every=5, progress_bar=False)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def recovered(finetuned, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("recovered") / "sst-recovered")
+  return out, prune_run.prune(_recovery_config(finetuned), out)
+
+
+def test_recovery_is_what_evaluate_scores_and_the_pruned_scores_are_kept(recovered, finetuned,
+                                                                          pruned_workdir):
+  out, outcome = recovered
+  info, pruned = outcome.info, prune_run.pruned_dir(out)
+  assert outcome.recovery.step == 10 and not outcome.recovery.preempted
+  # The pruned model before the recovery: the pruning run without one, kept and scored.
+  assert info["pruned_workdir"] == pruned and info["heads"] == pruned_workdir[1]["heads"]
+  assert info["dev"] == pytest.approx(pruned_workdir[1]["dev"])
+  assert run.evaluate(pruned, "dev") == pytest.approx(info["dev"])
+  # The workdir holds the recovered model of the pruned architecture, trained from it.
+  recovery = info["recovery"]
+  assert recovery["method"] == "finetune" and recovery["epochs"] == 1.0
+  assert recovery["best_step"] in range(1, 11)
+  assert run.evaluate(out, "dev") == pytest.approx(recovery["dev"])
+  assert workdir_lib.read_model_config(out).pruned_heads == (
+      workdir_lib.read_model_config(pruned).pruned_heads)
+  assert workdir_lib.read_config(out).init_from == pruned
+  assert recovery["dev"]["loss"] < info["dev"]["loss"] - 0.01  # the recovery trained
+  saved = json.loads((pathlib.Path(out) / prune_run.INFO_FILE).read_text())
+  assert saved["recovery"] == recovery and saved["dev"] == info["dev"]
+  assert saved["config"]["prune"]["recovery_epochs"] == 1.0
+
+
+def test_a_finished_recovery_is_not_redone_and_another_command_is_refused(recovered, finetuned,
+                                                                          monkeypatch):
+  out, outcome = recovered
+  monkeypatch.setattr(prune_run, "_prune_into", _fail_if_called)
+  again = prune_run.prune(_recovery_config(finetuned), out)
+  assert again.info == outcome.info and again.recovery.step == 10
+  for field, value in (("prune.heads_share", 0.5), ("optim.peak_learning_rate", 1e-3)):
+    cfg = _recovery_config(finetuned)
+    cfg[field.split(".")[0]][field.split(".")[1]] = value
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"different config;.*\n  {field}: "):
+      prune_run.prune(cfg, out)
+
+
+def _fail_if_called(*args):
+  raise AssertionError("pruned again")
+
+
+def test_a_sigterm_during_the_recovery_resumes_to_the_uninterrupted_model(recovered, finetuned,
+                                                                          tmp_path, monkeypatch):
+  # An interrupted pruning (WORKDIR/pruned without pruning.json) is pruned anew; a SIGTERM at
+  # the recovery's step 4 saves, and the same command resumes the recovery, not the pruning.
+  out = str(tmp_path / "w")
+  os.makedirs(os.path.join(out, prune_run.PRUNED_DIR))
+  pathlib.Path(out, prune_run.PRUNED_DIR, "config.json").write_text("{}")
+  iterator = run.loader.feature_train_iterator
+  monkeypatch.setattr(run.loader, "feature_train_iterator",
+                      lambda *a, **k: ff.SigtermAtBatch(iterator(*a, **k), 4))
+  first = prune_run.prune(_recovery_config(finetuned), out)
+  assert first.recovery.preempted and first.recovery.step == 4 and "recovery" not in first.info
+  assert not os.path.exists(os.path.join(out, prune_run.INFO_FILE))
+  counted = []
+  monkeypatch.setattr(run.loader, "feature_train_iterator",
+                      lambda *a, **k: counted.append(ff.SigtermAtBatch(iterator(*a, **k), None))
+                      or counted[-1])
+  monkeypatch.setattr(prune_run, "_prune_into", _fail_if_called)
+  resumed = prune_run.prune(_recovery_config(finetuned), out)
+  straight = recovered[1].info["recovery"]
+  assert resumed.recovery.step == 10 and resumed.info["recovery"]["step"] == 10
+  assert len(counted[0].lengths) == 6  # steps 5 to 10: resumed from the step-4 checkpoint
+  assert resumed.info["recovery"]["dev"] == pytest.approx(straight["dev"], rel=1e-4)
+  assert resumed.info["dev"] == pytest.approx(recovered[1].info["dev"])
+
+
+def test_cli_recovers_by_distillation_from_the_unpruned_teacher(finetuned, tmp_path):
+  source, (train, dev), *_ = finetuned
+  out = tmp_path / "distilled"
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxfm.prune", f"--config={ROOT}/configs/prune/sst2_minilm.py",
+       f"--workdir={out}", f"--config.init_from={source}", f"--config.data.train_file={train}",
+       f"--config.data.dev_file={dev}", f"--config.data.max_seq_length={ff.SEQ}",
+       "--config.train.batch_size=16", "--config.train.progress_bar=False",
+       "--config.prune.batches=2", "--config.prune.recovery_epochs=1",
+       "--config.prune.recovery=distill", "--config.optim.peak_learning_rate=2e-3"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert info["recovery"]["method"] == "distill" and info["recovery"]["step"] == 10
+  assert (out / "DONE").exists()
+  saved = workdir_lib.read_config(str(out))
+  assert saved.teacher == source and saved.distill.student_init == "init_from"
+  assert run.evaluate(str(out), "dev") == pytest.approx(info["recovery"]["dev"])
+  assert run.evaluate(prune_run.pruned_dir(str(out)), "dev") == pytest.approx(info["dev"])
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:

@@ -213,6 +213,11 @@ RULES = [
     Rule(PR, "quantize.qat", "w8a8", "quantize.qat='w8a8' is not for pruning"),
     Rule(PR, "data.dev_file", "", "data.dev_file is required"),
     Rule(PR, "data.train_file", "", "data.train_file is required: its batches rank"),
+    Rule(PR, "prune.recovery_epochs", -1.0, "prune.recovery_epochs=-1.0 must be >= 0"),
+    Rule(PR, "prune.recovery", "kd", "prune.recovery='kd' must be one of finetune, distill"),
+    Rule(PR, "train.epochs", 1.0, "train.epochs=1.0 is not read by pruning"),
+    Rule(PR, "data.train_file", "", "data.train_file is required: the recovery trains on it",
+         {"prune.recovery_epochs": 1.0}),
     *(Rule(K, f, 0, f"{f}=0 must be > 0", QA) for f in (
         "data.doc_stride", "data.max_query_length", "data.max_answer_length", "data.n_best_size")),
     Rule(K, "data.max_query_length", 126, "data.max_query_length=126 leaves no room", QA),
