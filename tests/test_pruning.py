@@ -292,7 +292,7 @@ def test_finetune_recovers_from_a_pruned_workdir(pruned_workdir, finetuned, tmp_
 def _recovery_config(finetuned, **prune) -> ml_collections.ConfigDict:
   """`_prune_config` with a recovery of one epoch (10 steps) at fine-tuning's fixture rate."""
   cfg = _prune_config(finetuned)
-  cfg.prune.update(recovery_epochs=1.0, **prune)
+  cfg.prune.update({"recovery_epochs": 1.0, **prune})
   cfg.optim.peak_learning_rate = 2e-3
   cfg.model.update(hidden_dropout=0.0, attention_dropout=0.0)
   cfg.train.update(log_every=5, progress_bar=False)
@@ -369,6 +369,22 @@ def test_a_sigterm_during_the_recovery_resumes_to_the_uninterrupted_model(recove
   assert len(counted[0].lengths) == 6  # steps 5 to 10: resumed from the step-4 checkpoint
   assert resumed.info["recovery"]["dev"] == pytest.approx(straight["dev"], rel=1e-4)
   assert resumed.info["dev"] == pytest.approx(recovered[1].info["dev"])
+
+
+def test_a_quantization_aware_recovery_scores_the_pruned_model_in_float(finetuned, tmp_path):
+  pytest.importorskip("qwix")  # the `quant` extra
+  cfg = _recovery_config(finetuned, recovery_epochs=0.2)  # 2 steps
+  cfg.quantize.qat = "weight_only"
+  out = str(tmp_path / "qat")
+  info = prune_run.prune(cfg, out).info
+  assert workdir_lib.read_config(prune_run.pruned_dir(out)).quantize.qat == ""
+  assert workdir_lib.read_config(out).quantize.qat == "weight_only"
+  assert run.evaluate(out, "dev") == pytest.approx(info["recovery"]["dev"])
+  cfg.prune.recovery = "distill"  # refused before anything is pruned
+  with pytest.raises(config_lib.ConfigError, match=r"quantize.qat='weight_only' is not "
+                     r"supported by distillation"):
+    prune_run.prune(cfg, str(tmp_path / "distil"))
+  assert not os.path.exists(tmp_path / "distil")
 
 
 def test_cli_recovers_by_distillation_from_the_unpruned_teacher(finetuned, tmp_path):

@@ -7,6 +7,15 @@ activation (Michel et al. 2019) on 16 training batches.
       --config.data.train_file=SST-2/train.tsv --config.data.dev_file=SST-2/dev.tsv
   python -m jaxfm.evaluate --workdir=runs/sst2_pruned --split=dev
   python -m jaxfm.convert --to_hf --from=runs/sst2_pruned --out=runs/sst2_pruned_hf
+
+With a recovery in the same command (`prune.recovery_epochs`, at `optim.peak_learning_rate` as
+fine-tuning trains; `prune.recovery=distill` distils from the unpruned model instead), the
+workdir holds the recovered model and runs/sst2_recovered/pruned the pruned one;
+pruning.json has both dev scores, and the same command relaunched resumes:
+
+  python -m jaxfm.prune --config=configs/prune/sst2_minilm.py --workdir=runs/sst2_recovered \
+      --config.init_from=runs/sst2_teacher --config.prune.recovery_epochs=1 \
+      --config.data.train_file=SST-2/train.tsv --config.data.dev_file=SST-2/dev.tsv
 """
 
 from jaxfm.config import prune_defaults
@@ -19,6 +28,7 @@ def get_config():
   cfg.data.label_field = "label"
   cfg.data.max_seq_length = 128
   cfg.train.batch_size = 32
+  cfg.optim.peak_learning_rate = 2e-5  # the recovery's (configs/finetune/sst2.py's)
   cfg.prune.heads_share = 0.25
   cfg.prune.ffn_share = 0.25
   cfg.prune.importance = "gradient"

@@ -13,8 +13,8 @@ the recovery resumes from its last checkpoint; a changed config is refused (as a
 resume refuses it).
 
 A quantization-aware workdir (`quantize.qat`) is pruned from its float params and scored in
-float (a warning says so: recover it with the same `quantize.qat`); an int8 folder is refused
-(prune the workdir it was quantized from).
+float (a warning says so: recover it with the same `quantize.qat`, which a recovery by
+fine-tuning trains with); an int8 folder is refused (prune the workdir it was quantized from).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def _source(cfg: ml_collections.ConfigDict) -> tuple[workdir_lib.SavedRun, BertC
                     "fine-tuning workdir it was quantized from, then quantize the pruned one")
   if mode := qat_mode(run.cfg):
     logging.warning("init_from=%s trained for int8 (quantize.qat=%s): its float params are "
-                    "ranked, pruned and scored in float; recover the pruned workdir with "
-                    "quantize.qat=%s", path, mode, mode)
+                    "ranked, pruned and scored in float; recover them with quantize.qat=%s "
+                    "(and prune.recovery_epochs)", path, mode, mode)
   config = config_lib.bert_config(run.cfg, jax.devices()[0].platform).replace(
       scan_layers=False, remat_policy="none")
   loaded = weights.workdir_params(path)
@@ -100,10 +100,11 @@ def _make_room(workdir: str, recovering: bool) -> None:
                                    "workdir")
 
 
-def _finished(target: str, given: dict[str, Any],
+def _finished(workdir: str, target: str, given: dict[str, Any],
               allow_config_change: bool) -> dict[str, Any] | None:
-  """The record (pruning.json, less the config) of a pruning finished into `target`, checked
-  to come from the config `given`; None when there is none.
+  """The record (pruning.json, less the config) of the command's pruning finished into
+  `target` (`workdir` or its pruned/), checked to come from the config `given`; None when
+  there is none.
 
   Raises:
     WorkdirError: it was pruned with another config, and not `allow_config_change`.
@@ -115,7 +116,7 @@ def _finished(target: str, given: dict[str, Any],
   changes = workdir_lib.config_changes(info.pop(_CONFIG_KEY, {}), given)
   if changes and not allow_config_change:
     raise workdir_lib.WorkdirError(
-        f"{target} holds a pruning run with a different config; pass --allow_config_change to go "
+        f"{workdir} holds a pruning run with a different config; pass --allow_config_change to go "
         "on with its pruned model anyway, or use a new workdir:\n  " + "\n  ".join(changes))
   logging.info("%s was pruned already (%s): not pruned again", target, INFO_FILE)
   return info
@@ -175,7 +176,7 @@ def prune(cfg: ml_collections.ConfigDict, workdir: str,
   recovery = recovery_config(cfg, target) if recovering else None
   if recovery is not None and cfg.prune.recovery == "distill":
     config_lib.validate_distill(recovery)  # before the pruning, which it would follow
-  info = _finished(target, given, allow_config_change)
+  info = _finished(workdir, target, given, allow_config_change)
   if info is None:
     _make_room(workdir, recovering)
     info = _prune_into(copy.deepcopy(cfg), target)
