@@ -101,7 +101,10 @@ def test_cli_exports_the_best_checkpoint_as_a_transformers_classifier(sentiment_
   hf_model = transformers.BertForSequenceClassification.from_pretrained(str(out)).eval()
   assert hf_model.config.id2label == dict(enumerate(workdir_lib.load_run(workdir).label_names))
   config = workdir_lib.read_model_config(workdir)
-  params = jax.device_get(best.restore_best(workdir)[1])
+  step, params, metrics = best.restore_best(workdir)
+  params = jax.device_get(params)
+  assert step == best_step  # with the whole evaluation that made it the best
+  assert metrics == pytest.approx(run.evaluate(workdir, "dev"), rel=1e-5)
   ids = np.random.default_rng(0).integers(1, config.vocab_size, (2, 12)).astype(np.int32)
   ours = BertForSequenceClassification(config, 2).apply({"params": params}, ids,
                                                         np.zeros_like(ids), np.ones_like(ids))

@@ -52,9 +52,10 @@ class BestCheckpoint:
         self.best_value is not None and self.sign * value <= self.sign * self.best_value):
       return
     self.best_value = value
-    self.manager.save(step, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(params), METRICS: ocp.args.JsonSave(metrics)}),
-        metrics={self.metric: value}, force=True)
+    # Orbax writes `metrics` as the step's METRICS item (and ranks by it): all of them, so
+    # `restore_best` gives the whole evaluation.
+    self.manager.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params)}),
+                      metrics={name: float(v) for name, v in metrics.items()}, force=True)
 
   def best_step(self) -> int | None:
     return self.manager.best_step()
