@@ -1,9 +1,10 @@
 """The teacher's top-k logits on the training set, on disk (`distill.teacher_cache`).
 
 For a teacher too expensive to run in every step: one pass of the frozen teacher over the
-training features, in feature order, writes `part-<start>-<end>.npz` files of `chunk`
-features each, every one renamed into place once complete, so a pass cut short resumes at the
-first missing part and a complete cache is read, never recomputed. Each feature keeps the
+training features (each part's rows sorted by length into length-bucketed batches) writes
+`part-<start>-<end>.npz` files of `chunk` features each, every one renamed into place once
+complete, so a pass cut short resumes at the first missing part and a complete cache is read,
+never recomputed. Each feature keeps the
 teacher's k largest logits per target with their class indices (every logit, in class order,
 when the head has no more than k), which `losses.top_k_kl` reads.
 
@@ -29,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxfm import config as config_lib
 from jaxfm import runtime, sharding
+from jaxfm.data import loader
 from jaxfm.distillation import capture
 from jaxfm.distillation.teacher import Teacher
 from jaxfm.tasks.base import INPUTS
@@ -122,19 +124,43 @@ def _teacher_pass(cfg: ml_collections.ConfigDict, teacher: Teacher, teacher_task
   run = jax.jit(step, out_shardings=(replicated, replicated))
   size, per_host = cfg.train.batch_size, runtime.per_host_batch_size(cfg)
   mine = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+  buckets = ((cfg.data.max_seq_length,) if cfg.data.length_buckets == "auto"  # not yet chosen
+             else config_lib.length_buckets(cfg.data))
 
   def chunk(features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    n = len(features["input_ids"])
+    # A pass has no order to keep: rows sorted by length fill batches that are cut to the
+    # shortest length bucket holding them (one compile per bucket), then go back in place.
+    n, full = features["input_ids"].shape
+    lengths = features["attention_mask"].sum(axis=1)  # [n]
+    order = np.argsort(lengths, kind="stable")
     out = []
     with sharding.activation_sharding(mesh):
       for start in range(0, n, size):
-        rows = np.minimum(np.arange(start, start + size), n - 1)  # the last batch repeats a row
-        local = {name: features[name][rows[mine]] for name in (*INPUTS, "feature_index",
-                                                               "weights")}
-        out.append(jax.device_get(run(params, sharding.global_batch(local, mesh))))
-    values, indices = (np.concatenate(parts)[:n] for parts in zip(*out))
-    return values, indices
+        rows = order[np.minimum(np.arange(start, start + size), n - 1)]  # the last repeats one
+        batch = loader.cut_to_bucket(
+            {name: features[name][rows] for name in (*INPUTS, "feature_index", "weights")},
+            int(lengths[rows].max()), buckets)
+        local = {name: value[mine] for name, value in batch.items()}
+        values, indices = jax.device_get(run(params, sharding.global_batch(local, mesh)))
+        out.append(_to_full_length(values, indices, batch["input_ids"].shape[1], full))
+    in_order = []
+    for part in zip(*out):
+      sorted_rows = np.concatenate(part)[:n]
+      placed = np.empty_like(sorted_rows)
+      placed[order] = sorted_rows
+      in_order.append(placed)
+    return in_order[0], in_order[1]
   return chunk
+
+
+def _to_full_length(values: np.ndarray, indices: np.ndarray, length: int, full: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """A cut batch's per-token outputs ([b, length, k]) padded with zeros to `full` tokens, as
+  the training batches hold them (zero-weight positions); per-row outputs ([b, 1, k]) as are."""
+  if values.shape[1] != length or length == full:
+    return values, indices
+  pad = ((0, 0), (0, full - length), (0, 0))
+  return np.pad(values, pad), np.pad(indices, pad)
 
 
 def teacher_outputs(cfg: ml_collections.ConfigDict, teacher: Teacher, teacher_task: loop.Task,
