@@ -441,18 +441,24 @@ def test_cached_teacher_gives_the_in_step_losses_and_is_not_recomputed(teacher_r
   assert "kl_loss" not in resumed.eval and "accuracy" in resumed.eval  # dev: no teacher
 
 
-def test_teacher_cache_pass_over_length_sorted_batches_keeps_feature_order(teacher_run,
-                                                                           tmp_path):
-  # Rows sorted by length and cut to the buckets give the teacher's logits row for row.
-  cfg = _config(teacher_run, teacher_cache=str(tmp_path / "cache"), teacher_top_k=2)
-  cfg.data.length_buckets = "8,16"
+def _cache_inputs(cfg):
+  """What `cache.teacher_outputs` takes besides `cfg`: the teacher, its task and the training
+  features (`cfg` takes the student's architecture)."""
   teacher = load_teacher(cfg)
   student.take_architecture(cfg, teacher)
   teacher_task = distill_run._tasks(cfg, teacher, None, distill_run.loss_settings(
       cfg, teacher))[2]
   train, _ = distill_run.load_split("classification", cfg.data, cfg.data.train_file,
                                     teacher.tokenizer.backend, teacher.label_names)
-  features = train.device_arrays()
+  return teacher, teacher_task, train.device_arrays()
+
+
+def test_teacher_cache_pass_over_length_sorted_batches_keeps_feature_order(teacher_run,
+                                                                           tmp_path):
+  # Rows sorted by length and cut to the buckets give the teacher's logits row for row.
+  cfg = _config(teacher_run, teacher_cache=str(tmp_path / "cache"), teacher_top_k=2)
+  cfg.data.length_buckets = "8,16"
+  teacher, teacher_task, features = _cache_inputs(cfg)
   assert len(set(features["attention_mask"].sum(axis=1))) > 1  # rows of several lengths
   cached = distill_run.cache.teacher_outputs(cfg, teacher, teacher_task, features)
   logits = jax.jit(teacher_task.predict_fn)(teacher.params, features)["logits"]  # full length
@@ -465,13 +471,7 @@ def test_teacher_cache_pass_over_length_sorted_batches_keeps_feature_order(teach
 def test_teacher_cache_resumes_a_cut_pass_and_refuses_another_teacher_or_data(
     teacher_run, tmp_path, monkeypatch):
   cfg = _config(teacher_run, teacher_cache=str(tmp_path / "cache"), teacher_top_k=1)
-  teacher = load_teacher(cfg)
-  student.take_architecture(cfg, teacher)
-  teacher_task = distill_run._tasks(cfg, teacher, None, distill_run.loss_settings(
-      cfg, teacher))[2]
-  train, _ = distill_run.load_split("classification", cfg.data, cfg.data.train_file,
-                                    teacher.tokenizer.backend, teacher.label_names)
-  features = train.device_arrays()
+  teacher, teacher_task, features = _cache_inputs(cfg)
   monkeypatch.setattr(distill_run.cache, "CHUNK", 64)
   whole = distill_run.cache.teacher_outputs(cfg, teacher, teacher_task, features)
   values, indices = whole[distill_run.cache.VALUES], whole[distill_run.cache.INDICES]
