@@ -17,7 +17,12 @@ beside the same model from random init.
    differ only in masking. Then each `--continued` arm MASKING_from_MODEL: MODEL's run continued
    with MASKING for `--continue_steps` (a fresh warmup and decay). `wwm_from_char` is what
    Chinese-BERT-wwm did from bert-base-chinese; `char_from_char` is its control, the same extra
-   steps with character masking. Held-out MLM loss/accuracy is measured on each run's own masking
+   steps with character masking. `--continue_corpus` (with `--continue_corpus_name=NAME`)
+   continues them on another text instead, e.g. in-domain reviews (a .tsv's first column, its
+   header skipped, or a plain file's lines; one document a line, OUT/continue_NAME.txt, its
+   held-out documents chosen by the same fraction and seed): the arms are then
+   MASKING_from_MODEL@NAME, and their evaluations, cross evaluation included, are on that text.
+   Held-out MLM loss/accuracy is measured on each run's own masking
    (the same held-out examples; a continued run's step 0 is MODEL on MASKING), so accuracies
    under the two maskings are not comparable 1:1; `--cross_eval` also scores each model on the
    other masking's held-out batches (a 1-step run from it that evaluates at step 0: the same
@@ -73,6 +78,12 @@ _CONTINUE_STEPS = flags.DEFINE_integer("continue_steps", 5000, "Steps of each --
 _CONTINUED = flags.DEFINE_list(
     "continued", ["wwm_from_char"], "Arms MASKING_from_MODEL (wwm|char): MODEL's pretraining "
     "continued with MASKING (char_from_char: the same steps' control for wwm_from_char).")
+_CONTINUE_CORPUS = flags.DEFINE_string(
+    "continue_corpus", None, "Text the --continued arms train on instead of the pretraining "
+    "corpus: a .tsv's first column (header skipped) or a plain file's lines.")
+_CONTINUE_CORPUS_NAME = flags.DEFINE_string(
+    "continue_corpus_name", None, "Name of --continue_corpus ([A-Za-z0-9_]+): the arms are "
+    "MASKING_from_MODEL@NAME.")
 _INITS = flags.DEFINE_list("inits", ["random", "char", "wwm", "wwm_from_char"],
                            "Fine-tuning starting points.")
 _TASKS = flags.DEFINE_list("tasks", ["waimai", "msra_ner"], "Fine-tuning tasks.")
@@ -110,22 +121,38 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-  """A pretraining run: its masking, and the arm whose model it continues (None: scratch)."""
+  """A pretraining run: its masking, the arm whose model it continues (None: scratch), and the
+  name of the text it trains on (None: the pretraining corpus)."""
   name: str
   masking: str  # wwm | char
   steps: int
   init: str | None = None
+  corpus: str | None = None
 
 
 def _arms() -> list[Arm]:
   """wwm first: it trains the vocabulary every other arm uses."""
   arms = [Arm("wwm", "wwm", _PRETRAIN_STEPS.value), Arm("char", "char", _PRETRAIN_STEPS.value)]
+  corpus = _continue_corpus_name()
   for name in _CONTINUED.value:
     match = re.fullmatch(r"(wwm|char)_from_(wwm|char)", name)
     if not match:
       raise app.UsageError(f"--continued: {name!r} is not MASKING_from_MODEL (wwm|char)")
-    arms.append(Arm(name, match[1], _CONTINUE_STEPS.value, init=match[2]))
+    arms.append(Arm(f"{name}@{corpus}" if corpus else name, match[1], _CONTINUE_STEPS.value,
+                    init=match[2], corpus=corpus))
   return arms
+
+
+def _continue_corpus_name() -> str | None:
+  """--continue_corpus_name, checked against --continue_corpus (both or neither)."""
+  name = _CONTINUE_CORPUS_NAME.value
+  if (name is None) != (_CONTINUE_CORPUS.value is None):
+    raise app.UsageError("--continue_corpus and --continue_corpus_name go together")
+  if name is not None and not re.fullmatch(r"[A-Za-z0-9_]+", name):
+    raise app.UsageError(f"--continue_corpus_name: {name!r} is not [A-Za-z0-9_]+")
+  if name is not None and not os.path.isfile(_CONTINUE_CORPUS.value):
+    raise app.UsageError(f"--continue_corpus: no file {_CONTINUE_CORPUS.value}")
+  return name
 
 
 def _tasks() -> dict[str, Task]:
@@ -140,6 +167,13 @@ def _tasks() -> dict[str, Task]:
 def unsegment(line: str) -> str:
   """A space-segmented line as raw text: spaces go, except between two ASCII letters/digits."""
   return re.sub(rf"(?<!{_ASCII_WORD}) | (?!{_ASCII_WORD})", "", line.strip())
+
+
+def _write_lines(path: pathlib.Path, lines: list[str]) -> None:
+  """Writes the lines whole or not at all (a resumed study never reads a half-written file)."""
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  tmp.replace(path)
 
 
 def build_corpus(data: pathlib.Path, path: pathlib.Path, min_line_chars: int) -> dict[str, int]:
@@ -157,11 +191,23 @@ def build_corpus(data: pathlib.Path, path: pathlib.Path, min_line_chars: int) ->
         pending = ""
   if pending:
     lines.append(pending)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-  tmp.replace(path)
+  _write_lines(path, lines)
   return {"lines": len(lines), "thucnews_lines": articles,
           "peoples_daily_lines": len(lines) - articles, "chars": sum(map(len, lines))}
+
+
+def build_text_corpus(src: pathlib.Path, path: pathlib.Path) -> dict[str, int]:
+  """Writes a text's non-empty documents one a line: a .tsv's first column (its header row
+  skipped: no other column, e.g. a label, is read), else each line; returns line/char counts."""
+  rows = src.read_text(encoding="utf-8").splitlines()
+  if src.suffix == ".tsv":
+    rows = [row.split("\t", 1)[0] for row in rows[1:]]
+  # A BOM can start any row (online_shopping_7cats has one on its first review).
+  lines = [text for text in (row.replace("\ufeff", "").strip() for row in rows) if text]
+  if not lines:
+    raise ValueError(f"--continue_corpus: {src} has no text")
+  _write_lines(path, lines)
+  return {"lines": len(lines), "chars": sum(map(len, lines))}
 
 
 def stratified_sample(src: pathlib.Path, dst: pathlib.Path, n: int, seed: int,
@@ -251,11 +297,14 @@ def _evals(workdir: str) -> list[dict[str, Any]]:
   return [r for r in workdir_lib.read_metrics(workdir) if r["split"] == "eval"]
 
 
-def pretrain(study: Study, corpus: pathlib.Path) -> dict[str, dict[str, Any]]:
-  """Every pretraining arm in order, then each model on the other masking (`--cross_eval`)."""
+def pretrain(study: Study, corpora: dict[str | None, pathlib.Path]) -> dict[str, dict[str, Any]]:
+  """Every pretraining arm in order, each on its corpus (`corpora[arm.corpus]`), then each model
+  on the other masking (`--cross_eval`) of its own corpus."""
   seed = _PRETRAIN_SEED.value
-  common = [sys.executable, "-m", "jaxfm.pretrain", f"--config={_PRETRAIN_CONFIG}",
-            f"--config.data.train_files={corpus}", f"--config.data.eval_fraction="
+
+  def common(arm: Arm) -> list[str]:
+    return [sys.executable, "-m", "jaxfm.pretrain", f"--config={_PRETRAIN_CONFIG}",
+            f"--config.data.train_files={corpora[arm.corpus]}", f"--config.data.eval_fraction="
             f"{_EVAL_FRACTION.value}", f"--config.train.seed={seed}",
             f"--config.data.seed={seed}", "--config.train.eval_batches=100000",
             "--config.train.progress_bar=False"]
@@ -271,11 +320,11 @@ def pretrain(study: Study, corpus: pathlib.Path) -> dict[str, dict[str, Any]]:
                 f"--config.train.checkpoint_every={arm.steps}"]
     init = [f"--config.init_from={study.workdir(f'pretrain_{arm.init}')}"] if arm.init else []
     result = study.run(f"pretrain_{arm.name}", [
-        *common, f"--workdir={workdir}", *schedule, *masking[arm.masking],
+        *common(arm), f"--workdir={workdir}", *schedule, *masking[arm.masking],
         *([] if arm is arms[0] else vocab), *init])
     evals = _evals(workdir)
-    rows[arm.name] = {"masking": arm.masking, "init": arm.init, "steps": arm.steps,
-                      "wall_s": result["wall_s"], "command": result["command"],
+    rows[arm.name] = {"masking": arm.masking, "init": arm.init, "corpus": arm.corpus,
+                      "steps": arm.steps, "wall_s": result["wall_s"], "command": result["command"],
                       "evals": [{k: r[k] for k in ("step", "loss", "accuracy")} for r in evals],
                       "own": {"loss": evals[-1]["loss"], "accuracy": evals[-1]["accuracy"]}}
   if _CROSS_EVAL.value:
@@ -283,7 +332,7 @@ def pretrain(study: Study, corpus: pathlib.Path) -> dict[str, dict[str, Any]]:
       other = "char" if arm.masking == "wwm" else "wwm"
       name = f"eval_{arm.name}_on_{other}_masking"
       workdir = study.workdir(name)
-      result = study.run(name, [*common, f"--workdir={workdir}",
+      result = study.run(name, [*common(arm), f"--workdir={workdir}",
                                 f"--config.init_from={study.workdir(f'pretrain_{arm.name}')}",
                                 "--config.train.steps=1", "--config.optim.warmup_steps=0",
                                 "--config.train.eval_every=1", "--config.train.checkpoint_every=1",
@@ -388,7 +437,15 @@ def main(argv):
   corpus = out / "corpus.txt"
   results: dict[str, Any] = {"corpus": build_corpus(data, corpus, _MIN_LINE_CHARS.value)}
   print(f"corpus {corpus}: {results['corpus']}", flush=True)
-  results["pretraining"] = pretrain(study, corpus)
+  corpora: dict[str | None, pathlib.Path] = {None: corpus}
+  name = _continue_corpus_name()
+  if name:
+    corpora[name] = out / f"continue_{name}.txt"
+    results["continue_corpus"] = {"name": name, "source": _CONTINUE_CORPUS.value,
+                                  **build_text_corpus(pathlib.Path(_CONTINUE_CORPUS.value),
+                                                      corpora[name])}
+    print(f"continue corpus {corpora[name]}: {results['continue_corpus']}", flush=True)
+  results["pretraining"] = pretrain(study, corpora)
   results["finetuning"] = []
   for task in _TASKS.value:
     train = training_set(tasks[task], data, out)

@@ -214,12 +214,34 @@ def test_chinese_stratified_sample_keeps_label_shares_of_a_sorted_file(tmp_path)
     chinese.stratified_sample(src, tmp_path / "d.tsv", 101, seed=0)
 
 
+def test_chinese_text_corpus_reads_only_the_text_column(tmp_path):
+  from benchmarks import chinese  # pylint: disable=import-outside-toplevel
+  src = tmp_path / "reviews.tsv"
+  src.write_text("sentence\tlabel\tcat\n\ufeff很好的平板\t1\t平板\n \t0\t书籍\n质量 一般\t0\t书籍\n",
+                 encoding="utf-8")
+  assert chinese.build_text_corpus(src, tmp_path / "a.txt") == {"lines": 2, "chars": 10}
+  assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "很好的平板\n质量 一般\n"
+  plain = tmp_path / "reviews.txt"  # not a .tsv: every non-empty line is text, tabs and all
+  plain.write_text("sentence\tlabel\n很好\n\n", encoding="utf-8")
+  assert chinese.build_text_corpus(plain, tmp_path / "b.txt") == {"lines": 2, "chars": 16}
+  header_only = tmp_path / "empty.tsv"
+  header_only.write_text("sentence\n", encoding="utf-8")
+  with pytest.raises(ValueError, match="has no text"):
+    chinese.build_text_corpus(header_only, tmp_path / "c.txt")
+
+
 @pytest.mark.parametrize("flag,error", [
     ("--inits=random,char_from_char", "--inits: ['char_from_char'] not among"),
-    ("--continued=wwm_from_bert", "--continued: 'wwm_from_bert' is not MASKING_from_MODEL")])
+    ("--continued=wwm_from_bert", "--continued: 'wwm_from_bert' is not MASKING_from_MODEL"),
+    ("--continue_corpus_name=reviews", "--continue_corpus and --continue_corpus_name go together"),
+    ("--continue_corpus=DIR/no.tsv --continue_corpus_name=reviews", "--continue_corpus: no file"),
+    ("--continue_corpus=DIR/r.tsv --continue_corpus_name=re-views", "'re-views' is not"),
+    ("--continue_corpus=DIR/r.tsv --continue_corpus_name=reviews --continued=char_from_char "
+     "--inits=char_from_char", "--inits: ['char_from_char'] not among")])
 def test_chinese_study_refuses_unknown_arms(tmp_path, flag, error):
+  (tmp_path / "r.tsv").write_text("sentence\n很好\n", encoding="utf-8")
   command = [sys.executable, "-m", "benchmarks.chinese", f"--data={tmp_path}",
-             f"--out={tmp_path / 'out'}", flag]
+             f"--out={tmp_path / 'out'}", *flag.replace("DIR", str(tmp_path)).split()]
   proc = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True, timeout=120,
                         check=False)
   assert proc.returncode != 0 and error in proc.stderr, proc.stderr[-2000:]
@@ -267,6 +289,43 @@ def test_chinese_study_runs_end_to_end_and_resumes(tmp_path):
   table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
   assert len(table) == 5 + 10 and table == [
       line for line in again.stdout.splitlines() if line.startswith("|")]
+
+
+def test_chinese_study_continues_on_another_corpus(tmp_path):
+  pytest.importorskip("jieba")
+  _zh_data(tmp_path / "data")
+  texts = [line.replace(" ", "") for line in _zh_lines()[60:]][::-1]
+  reviews = tmp_path / "reviews.tsv"
+  reviews.write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)),
+                     encoding="utf-8")
+  out = tmp_path / "out"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  command = [sys.executable, "-m", "benchmarks.chinese", f"--data={tmp_path / 'data'}",
+             f"--out={out}", "--pretrain_steps=2", "--pretrain_evals=1", "--eval_fraction=0.3",
+             "--min_line_chars=0", "--seeds=0", "--tasks=waimai", "--waimai_epochs=1",
+             "--waimai_train_examples=40", "--cross_eval=False", "--continued=char_from_char",
+             "--continue_steps=2", f"--continue_corpus={reviews}", "--continue_corpus_name=reviews",
+             "--inits=char_from_char@reviews", "--test=False"]
+  proc = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  assert (out / "continue_reviews.txt").read_text(encoding="utf-8").splitlines() == texts
+  assert results["continue_corpus"] == {"name": "reviews", "source": str(reviews),
+                                        "lines": len(texts), "chars": sum(map(len, texts))}
+  assert sorted(results["pretraining"]) == ["char", "char_from_char@reviews", "wwm"]
+  arm, char = results["pretraining"]["char_from_char@reviews"], results["pretraining"]["char"]
+  assert (arm["corpus"], arm["init"], arm["masking"]) == ("reviews", "char", "char")
+  assert f"--config.data.train_files={out / 'continue_reviews.txt'}" in arm["command"]
+  assert f"--config.data.train_files={out / 'corpus.txt'}" in char["command"]
+  assert f"--config.init_from={out / 'runs' / 'pretrain_char'}" in arm["command"]
+  # Step 0 is the char model on the reviews' held-out text, not on the news corpus's.
+  assert [e["step"] for e in arm["evals"]] == [0, 2]
+  assert arm["evals"][0]["loss"] != char["own"]["loss"]
+  [row] = results["finetuning"]
+  assert row["init"] == "char_from_char@reviews" and 0 <= row["dev"] <= 1
+  assert f"--config.init_from={out / 'runs' / 'pretrain_char_from_char@reviews'}" in row["command"]
+  assert "| waimai | char_from_char@reviews |" in proc.stdout
 
 
 def test_pairs_from_squad_labels_the_answer_sentence_and_counts_a_crossing_answer(tmp_path):
