@@ -1,9 +1,15 @@
 """Converts between Hugging Face BERT checkpoints and jaxfm models.
 
   python -m jaxfm.convert --from_hf=HF_DIR --out=JAXFM_DIR [--task=auto] [--init_missing_head]
+  python -m jaxfm.convert --from_hf=HF_DIR --out=WORKDIR --task=classification|ner|qa
   python -m jaxfm.convert --to_hf --from=JAXFM_DIR_OR_WORKDIR --out=HF_DIR
   python -m jaxfm.convert --to_peft --from=WORKDIR --out=ADAPTER_DIR
   python -m jaxfm.convert --from_peft=ADAPTER_DIR --base=HF_DIR --out=WORKDIR [--labels=a,b]
+
+--task=classification (BertForSequenceClassification; regression for one output), ner
+(BertForTokenClassification) or qa (BertForQuestionAnswering) imports a fine-tuned task model as
+a jaxfm fine-tuning workdir, its best checkpoint at step 0: evaluate (with --input), predict,
+quantize, prune, distill (as --config.teacher) and --to_hf take it as a run.
 
 A parameter-efficient workdir (`peft.method`) exports with --to_hf as the merged model (the
 adapter folded into its base) and with --to_peft as a huggingface/peft adapter folder;
@@ -31,7 +37,7 @@ from etils import epath
 
 from jaxfm import compress, weights, workdir
 from jaxfm.finetuning import run
-from jaxfm.interop import checkpoint_dir, hf, peft_format, peft_import
+from jaxfm.interop import checkpoint_dir, hf, hf_task_import, peft_format, peft_import
 
 flags.DEFINE_string("from_hf", None, "Hugging Face model dir to import.")
 flags.DEFINE_bool("to_hf", False, "Export --from to a Hugging Face model dir.")
@@ -45,15 +51,23 @@ flags.DEFINE_list("labels", None,
 flags.DEFINE_string("from", None,
                     "jaxfm model dir or training workdir to export (with --to_hf or --to_peft).")
 flags.DEFINE_string("out", None, "Destination dir; must not exist or be empty.")
-flags.DEFINE_enum("task", "auto", hf.TASKS,
+flags.DEFINE_enum("task", "auto", hf.TASKS + tuple(hf.TASK_HEADS),
                   "Import as BertForMaskedLM ('mlm'), BertModel ('base'), or 'mlm' exactly "
-                  "when the checkpoint has an MLM head ('auto').")
+                  "when the checkpoint has an MLM head ('auto'), into a model dir; or a "
+                  "fine-tuned BertForSequenceClassification ('classification'), "
+                  "BertForTokenClassification ('ner') or BertForQuestionAnswering ('qa') into "
+                  "a fine-tuning workdir.")
 flags.DEFINE_bool("init_missing_head", False,
                   "Initialise a head the checkpoint lacks instead of failing.")
 FLAGS = flags.FLAGS
 
 
 def _from_hf(hf_dir: str, out: str) -> str:
+  if FLAGS.task in hf.TASK_HEADS:
+    if FLAGS.init_missing_head:
+      raise ValueError(f"--init_missing_head goes with --task={'|'.join(hf.TASKS)}: a "
+                       f"--task={FLAGS.task} checkpoint brings its fine-tuned head")
+    return hf_task_import.import_workdir(hf_dir, out, FLAGS.task)
   result = hf.import_hf(hf_dir, task=FLAGS.task, init_missing_head=FLAGS.init_missing_head)
   checkpoint_dir.save_model_dir(out, result.config, result.params,
                                 checkpoint_dir.tokenizer_files(hf_dir))

@@ -62,8 +62,10 @@ def load_teacher(cfg: ml_collections.ConfigDict) -> Teacher:
   """
   path = cfg.teacher
   if path.startswith("hf:"):
-    config_lib.fail("teacher", path, "is a Hugging Face folder: fine-tune it with jaxfm.finetune "
-                    "(init_from=hf:...) and name that workdir")
+    task = "classification" if cfg.task == "regression" else cfg.task
+    config_lib.fail("teacher", path, f"is a Hugging Face folder: import its fine-tuned model as "
+                    f"a workdir with python -m jaxfm.convert --from_hf={path[3:]} --out=WORKDIR "
+                    f"--task={task}, and name that WORKDIR")
   run = finetuning.load_finetuned("teacher", path, cfg.task)
   params, source, int8_mode = _params(path, run.cfg)
   config = config_lib.bert_config(run.cfg, jax.devices()[0].platform).replace(

@@ -23,10 +23,10 @@ import numpy as np
 import safetensors.numpy
 
 from jaxfm.interop import torch_pickle
-from jaxfm.interop.hf_names import (BERT, ELECTRA, Dialect, InteropError, Rule, TaskHead,
-                                    check_head_activation, config_from_hf, config_to_hf,
-                                    dialect_of, heads_padded, labels_to_hf, linear,
-                                    param_rules, task_head)
+from jaxfm.interop.hf_names import (BERT, ELECTRA, SEQUENCE_HEAD, SPAN_HEAD, TOKEN_HEAD, Dialect,
+                                    InteropError, Rule, TaskHead, check_head_activation,
+                                    config_from_hf, config_to_hf, dialect_of, heads_padded,
+                                    labels_from_hf, labels_to_hf, linear, param_rules, task_head)
 from jaxfm.interop.checkpoint_dir import (Params, atomic_directory, copy_tokenizer_files,
                                           numpy_params, read_safetensors, tokenizer_files)
 from jaxfm.trees import flatten, unflatten
@@ -35,6 +35,8 @@ from jaxfm.models.heads import MlmHead
 from jaxfm.sharding import unbox
 
 TASKS = ("auto", "mlm", "base")
+# `import_hf_task`'s tasks: the HF task model each reads, by jaxfm task kind.
+TASK_HEADS = {"classification": SEQUENCE_HEAD, "ner": TOKEN_HEAD, "qa": SPAN_HEAD}
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "pytorch_model.bin"
@@ -118,7 +120,7 @@ def _canonical(tensors: Mapping[str, np.ndarray], dialect: Dialect,
 
 
 def _ignore_reason(name: str, tensors: Mapping[str, np.ndarray], origin: Mapping[str, str],
-                   dialect: Dialect, mlm: bool, source: str) -> str | None:
+                   dialect: Dialect, target: _Target, source: str) -> str | None:
   """Why an unused tensor may be left out, or None when leaving it out would lose weights."""
   if name in _BUFFERS:
     return "buffer, recomputed by the model"
@@ -131,11 +133,24 @@ def _ignore_reason(name: str, tensors: Mapping[str, np.ndarray], origin: Mapping
   for prefix, reason in dialect.unsupported:
     if name.startswith(prefix):
       return reason
-  if mlm and name.startswith("pooler."):
-    return "pooler, not part of BertForMaskedLM (task 'mlm')"
-  if not mlm and name.startswith(dialect.mlm_modules):
-    return "MLM head, not part of BertModel (task 'base')"
+  if not target.pooler and name.startswith("pooler."):
+    return f"pooler, not part of {target}"
+  if not target.mlm and name.startswith(dialect.mlm_modules):
+    return f"MLM head, not part of {target}"
   return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """The jaxfm model an import fills: which of the optional modules it has."""
+
+  model: str
+  task: str
+  pooler: bool
+  mlm: bool
+
+  def __str__(self) -> str:
+    return f"{self.model} (task {self.task!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +160,14 @@ class ImportResult:
   Attributes:
     config: the architecture read from config.json.
     params: float32 numpy parameters, in the layout `config.scan_layers` asks for.
-    task: "mlm" (`BertForMaskedLM` params) or "base" (`BertModel` params).
+    task: "mlm" (`BertForMaskedLM` params), "base" (`BertModel` params), or a fine-tuning
+      task kind (`import_hf_task`: classification, regression, ner, qa).
+    model: the jaxfm model class the params are for.
     source: the weights file read.
     used: source tensors that became parameters.
     ignored: source tensors left out, each with the reason.
     initialised: parameters absent from the source, freshly initialised.
+    label_names: a classification or token classification head's labels (None otherwise).
   """
 
   config: BertConfig
@@ -159,10 +177,11 @@ class ImportResult:
   used: list[str]
   ignored: dict[str, str]
   initialised: list[str]
+  model: str
+  label_names: list[str] | None = None  # a classifier's, from id2label in id order
 
   def summary(self) -> str:
-    model = "BertForMaskedLM" if self.task == "mlm" else "BertModel"
-    lines = [f"imported {self.source} as jaxfm {model}: {len(self.used)} tensors used, "
+    lines = [f"imported {self.source} as jaxfm {self.model}: {len(self.used)} tensors used, "
              f"{len(self.ignored)} ignored, {len(self.initialised)} params initialised"]
     lines += [f"  ignored {name}: {reason}" for name, reason in self.ignored.items()]
     lines += [f"  initialised {path}" for path in self.initialised]
@@ -187,7 +206,7 @@ def import_hf(hf_dir: str, *, task: str = "mlm", init_missing_head: bool = False
   """
   if task not in TASKS:
     raise InteropError(f"task {task!r} is not one of {TASKS}")
-  config, dialect, padded = _read_config(hf_dir)
+  config, dialect, padded, _ = _read_config(hf_dir)
   source, raw = _read_checkpoint(hf_dir)
   tensors, origin = _canonical(raw, dialect, source)
   if task == "auto":
@@ -197,7 +216,8 @@ def import_hf(hf_dir: str, *, task: str = "mlm", init_missing_head: bool = False
   flat, used, missing = _convert(param_rules(config, dialect, pooler=not mlm, mlm=mlm,
                                              padded=padded),
                                  _param_shapes(config, mlm), tensors, origin, source)
-  ignored, unexpected = _unused(tensors, origin, set(used), dialect, mlm, source)
+  target = _Target("BertForMaskedLM" if mlm else "BertModel", task, not mlm, mlm)
+  ignored, unexpected = _unused(tensors, origin, set(used), dialect, target, source)
   head = "mlm_head/" if mlm else "encoder/pooler/"
   initialised = [p for p in missing if p.startswith(head)] if init_missing_head else []
   _check_complete(missing, initialised, unexpected, head, source)
@@ -208,12 +228,61 @@ def import_hf(hf_dir: str, *, task: str = "mlm", init_missing_head: bool = False
   if scan_layers:
     params = stack_layers(params)
   return ImportResult(config.replace(scan_layers=scan_layers), params, task, source, used,
-                      ignored, initialised)
+                      ignored, initialised, target.model)
 
 
-def _read_config(hf_dir: str) -> tuple[BertConfig, Dialect, bool]:
-  """The architecture and naming dialect of an HF model dir's config.json, and whether a
-  pruned model's tensors hold its pruned heads as zeros (`hf_names.heads_padded`)."""
+def import_hf_task(hf_dir: str, task: str) -> ImportResult:
+  """Reads a fine-tuned Hugging Face BERT task model (encoder and task head) into the
+  unscanned params of jaxfm's task model for `task` (a key of `TASK_HEADS`).
+
+  A sequence classifier with one output or `problem_type` "regression" becomes task
+  "regression"; a classifier's labels are config.json's `id2label` in id order.
+
+  Raises:
+    InteropError: another architecture than `task` reads, labels that do not fit the head,
+      unreadable or misshapen tensors, tensors missing or left unused.
+  """
+  if task not in TASK_HEADS:
+    raise InteropError(f"task {task!r} is not one of {tuple(TASK_HEADS)}")
+  head = TASK_HEADS[task]
+  config, dialect, padded, hf_config = _read_config(hf_dir)
+  config_path = os.path.join(hf_dir, CONFIG_FILE)
+  found = hf_config.get("architectures") or []
+  if found != [head.architecture]:
+    raise InteropError(f"{config_path}: --task={task} imports {head.architecture}, but the "
+                       f"checkpoint's architectures are {found}")
+  source, raw = _read_checkpoint(hf_dir)
+  tensors, origin = _canonical(raw, dialect, source)
+  weight = f"{head.module}.weight"
+  if weight not in tensors:
+    raise InteropError(f"{source}: missing tensor {weight}, the {head.architecture} head")
+  outputs = tensors[weight].shape[0]  # torch Linear weight [outputs, hidden]
+  problem = hf_config.get("problem_type")
+  if problem not in (None, "single_label_classification", "regression"):
+    raise InteropError(f"{config_path}: problem_type {problem!r} has no jaxfm task "
+                       "(single_label_classification or regression)")
+  regression = head is SEQUENCE_HEAD and (problem == "regression" or outputs == 1)
+  labels = (labels_from_hf(hf_config, outputs, config_path)
+            if head.path == "classifier" and not regression else None)
+  shapes = {p: s for p, s in _param_shapes(config, False).items()
+            if head.pooler or not p.startswith("encoder/pooler/")}
+  shapes.update({f"{head.path}/kernel": (config.hidden_size, outputs),
+                 f"{head.path}/bias": (outputs,)})
+  rules = param_rules(config, dialect, pooler=head.pooler, mlm=False, padded=padded)
+  flat, used, missing = _convert(rules + linear(head.path, head.module), shapes, tensors,
+                                 origin, source)
+  kind = "regression" if regression else task
+  target = _Target(head.architecture, kind, head.pooler, False)
+  ignored, unexpected = _unused(tensors, origin, set(used), dialect, target, source)
+  _check_complete(missing, [], unexpected, None, source)
+  return ImportResult(config, unflatten(flat), kind, source, used, ignored, [],
+                      head.architecture, labels)
+
+
+def _read_config(hf_dir: str) -> tuple[BertConfig, Dialect, bool, dict]:
+  """The architecture and naming dialect of an HF model dir's config.json, whether a
+  pruned model's tensors hold its pruned heads as zeros (`hf_names.heads_padded`), and the
+  config.json itself."""
   config_path = os.path.join(hf_dir, CONFIG_FILE)
   try:
     with open(config_path) as f:
@@ -221,7 +290,8 @@ def _read_config(hf_dir: str) -> tuple[BertConfig, Dialect, bool]:
   except json.JSONDecodeError as e:
     raise InteropError(f"{config_path}: not valid JSON ({e})") from None
   dialect = dialect_of(hf_config, config_path)
-  return config_from_hf(hf_config, dialect, config_path), dialect, heads_padded(hf_config)
+  return (config_from_hf(hf_config, dialect, config_path), dialect, heads_padded(hf_config),
+          hf_config)
 
 
 def _convert(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]],
@@ -246,13 +316,13 @@ def _convert(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]],
 
 
 def _unused(tensors: Mapping[str, np.ndarray], origin: Mapping[str, str], used: set[str],
-            dialect: Dialect, mlm: bool, source: str) -> tuple[dict[str, str], list[str]]:
+            dialect: Dialect, target: _Target, source: str) -> tuple[dict[str, str], list[str]]:
   """The source tensors no parameter used: ({ignored: why}, [unexpected])."""
   ignored, unexpected = {}, []
   for name in tensors:
     if origin[name] in used:
       continue
-    reason = _ignore_reason(name, tensors, origin, dialect, mlm, source)
+    reason = _ignore_reason(name, tensors, origin, dialect, target, source)
     if reason is None:
       unexpected.append(origin[name])
     else:
@@ -261,14 +331,15 @@ def _unused(tensors: Mapping[str, np.ndarray], origin: Mapping[str, str], used: 
 
 
 def _check_complete(missing: Mapping[str, list[str]], initialised: Sequence[str],
-                    unexpected: Sequence[str], head: str, source: str) -> None:
-  """Raises naming the tensors a parameter lacks (unless initialised) or no parameter takes."""
+                    unexpected: Sequence[str], head: str | None, source: str) -> None:
+  """Raises naming the tensors a parameter lacks (unless initialised) or no parameter takes;
+  `head`: the params' prefix that `init_missing_head` could fill (None: nothing could)."""
   unfilled = [p for p in missing if p not in initialised]
   problems = []
   if unfilled:
     names = list(dict.fromkeys(s for p in unfilled for s in missing[p]))
     hint = (" (the checkpoint has no such head; pass init_missing_head to initialise it)"
-            if all(p.startswith(head) for p in unfilled) else "")
+            if head and all(p.startswith(head) for p in unfilled) else "")
     problems.append(f"missing tensor(s) {_names(names)}{hint}")
   if unexpected:
     problems.append(f"unexpected tensor(s) {_names(unexpected)}")

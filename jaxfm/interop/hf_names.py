@@ -217,15 +217,20 @@ class TaskHead:
   path: str  # jaxfm: {path}/kernel [hidden, outputs], {path}/bias [outputs]
   module: str  # HF Linear of the task model
   architecture: str
+  pooler: bool  # whether the task model reads the pooled [CLS] vector
+
+
+SEQUENCE_HEAD = TaskHead("classifier", "classifier", "BertForSequenceClassification", True)
+TOKEN_HEAD = TaskHead("classifier", "classifier", "BertForTokenClassification", False)
+SPAN_HEAD = TaskHead("span", "qa_outputs", "BertForQuestionAnswering", False)
 
 
 def task_head(flat: Mapping[str, np.ndarray], pooler: bool) -> TaskHead | None:
   """The fine-tuning head among `flat`'s params (the pooler tells sequence from token heads)."""
   if "span/kernel" in flat:
-    return TaskHead("span", "qa_outputs", "BertForQuestionAnswering")
+    return SPAN_HEAD
   if "classifier/kernel" in flat:
-    return TaskHead("classifier", "classifier", "BertForSequenceClassification" if pooler
-                     else "BertForTokenClassification")
+    return SEQUENCE_HEAD if pooler else TOKEN_HEAD
   return None
 
 
@@ -235,6 +240,20 @@ def labels_to_hf(outputs: int, label_names: Sequence[str] | None) -> dict[str, A
   if len(names) != outputs:
     raise InteropError(f"{len(names)} label names for a head with {outputs} outputs")
   return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def labels_from_hf(hf_config: Mapping[str, Any], outputs: int, source: str) -> list[str]:
+  """The label names of config.json's `id2label` in id order, one per head output."""
+  id2label = hf_config.get("id2label") or {}
+  try:
+    by_id = {int(i): str(name) for i, name in id2label.items()}
+  except (AttributeError, TypeError, ValueError):
+    raise InteropError(f"{source}: id2label must map label ids to names, not "
+                       f"{id2label!r}") from None
+  if sorted(by_id) != list(range(outputs)):
+    raise InteropError(f"{source}: id2label names {len(by_id)} labels (ids {sorted(by_id)}), "
+                       f"but the classifier has {outputs} outputs (ids 0 ... {outputs - 1})")
+  return [by_id[i] for i in range(outputs)]
 
 
 def dialect_of(hf_config: Mapping[str, Any], source: str) -> Dialect:

@@ -25,13 +25,11 @@ import safetensors.numpy
 
 from jaxfm import config as config_lib
 from jaxfm import peft, sharding, weights
-from jaxfm import workdir as workdir_lib
-from jaxfm.data.tokenizer import load_tokenizer
+from jaxfm.interop import imported_workdir
 from jaxfm.interop.hf_names import InteropError
 from jaxfm.interop.peft_format import CONFIG_FILE, TASK_KINDS, WEIGHTS_FILE
 from jaxfm.models import unstack_layers
 from jaxfm.tasks import make_task
-from jaxfm.train import best
 from jaxfm.trees import flatten, unflatten
 
 _LORA_KEY = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(.+)\.lora_([AB])\.weight$")
@@ -169,9 +167,6 @@ def head_outputs(adapter: LoraAdapter) -> int:
 
 
 
-IMPORTED = "imported"  # the best checkpoint's only metric: it was imported, not scored
-
-
 def import_workdir(adapter_dir: str, base_dir: str, out: str,
                    label_names: Sequence[str] | None = None) -> str:
   """Writes the jaxfm LoRA workdir `out` for the peft adapter at `adapter_dir` over the
@@ -182,21 +177,14 @@ def import_workdir(adapter_dir: str, base_dir: str, out: str,
       non-empty `out`.
   """
   adapter = read_lora(adapter_dir)
-  if os.path.isdir(out) and os.listdir(out):
-    raise InteropError(f"--out={out} is not empty")
-  cfg = config_lib.finetune_defaults()
-  cfg.task, cfg.init_from = adapter.task, f"hf:{os.path.abspath(base_dir)}"
+  imported_workdir.require_empty(out)
+  init_from = f"hf:{os.path.abspath(base_dir)}"
+  source = weights.read_pretrained(init_from, "auto")
+  cfg = imported_workdir.run_config(adapter.task, init_from, source.config)
   s = adapter.settings
   cfg.peft.update(method=s.method, rank=s.rank, alpha=s.alpha, dropout=s.dropout,
                   rslora=s.rslora, target_modules=s.target_modules)
-  source = weights.read_pretrained(cfg.init_from, "auto")
-  config_lib.take_architecture(cfg, source.config)
-  # Rows as long as the base's position table allows; one length (no training set to plan from).
-  cfg.data.max_seq_length = min(cfg.data.max_seq_length, cfg.model.max_position_embeddings)
-  cfg.data.length_buckets = str(cfg.data.max_seq_length)
-  if not source.tokenizer_dir:
-    raise InteropError(f"{base_dir} has no tokenizer files (vocab.txt) for the workdir")
-  tokenizer = load_tokenizer(source.tokenizer_dir, lowercase=cfg.data.lowercase)
+  tokenizer = imported_workdir.hf_tokenizer(base_dir, cfg)
   labels = None
   if cfg.task != "qa":
     outputs = head_outputs(adapter)
@@ -212,12 +200,7 @@ def import_workdir(adapter_dir: str, base_dir: str, out: str,
   plan = peft.Plan(peft.Settings.of(cfg.peft), frozenset(flatten(frozen)))
   trainable = trainable_tree(adapter, plan, frozen,
                              jax.eval_shape(plan.trainable, shapes, jax.random.key(0)))
-  workdir_lib.prepare_workdir(out, cfg, allow_config_change=False)
-  workdir_lib.write_resolved_config(out, cfg)
-  workdir_lib.save_run_files(out, cfg.task, labels, tokenizer)
-  keeper = best.BestCheckpoint(out, IMPORTED, "max", 0, 1)
-  keeper.update(0, trainable, {IMPORTED: 1.0})
-  keeper.close()
+  imported_workdir.write(out, cfg, labels, tokenizer, trainable)
   return (f"imported a LORA adapter (r={s.rank}, alpha={s.alpha:g}, {s.target_modules}, "
           f"{len(adapter.lora)} modules, labels {labels}) as the {cfg.task} workdir "
           f"{os.path.abspath(out)} over {cfg.init_from}")
