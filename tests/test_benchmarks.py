@@ -291,6 +291,7 @@ def test_chinese_study_runs_end_to_end_and_resumes(tmp_path):
       line for line in again.stdout.splitlines() if line.startswith("|")]
 
 
+@pytest.mark.slow  # three pretraining runs and a fine-tuning: over a minute on 2 cores
 def test_chinese_study_continues_on_another_corpus(tmp_path):
   pytest.importorskip("jieba")
   _zh_data(tmp_path / "data")

@@ -119,6 +119,19 @@ def _canonical(tensors: Mapping[str, np.ndarray], dialect: Dialect,
   return out, origin
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """The jaxfm model an import fills: which of the optional modules it has."""
+
+  model: str
+  task: str
+  pooler: bool
+  mlm: bool
+
+  def __str__(self) -> str:
+    return f"{self.model} (task {self.task!r})"
+
+
 def _ignore_reason(name: str, tensors: Mapping[str, np.ndarray], origin: Mapping[str, str],
                    dialect: Dialect, target: _Target, source: str) -> str | None:
   """Why an unused tensor may be left out, or None when leaving it out would lose weights."""
@@ -141,19 +154,6 @@ def _ignore_reason(name: str, tensors: Mapping[str, np.ndarray], origin: Mapping
 
 
 @dataclasses.dataclass(frozen=True)
-class _Target:
-  """The jaxfm model an import fills: which of the optional modules it has."""
-
-  model: str
-  task: str
-  pooler: bool
-  mlm: bool
-
-  def __str__(self) -> str:
-    return f"{self.model} (task {self.task!r})"
-
-
-@dataclasses.dataclass(frozen=True)
 class ImportResult:
   """An imported model and the accounting of every tensor and parameter.
 
@@ -162,11 +162,11 @@ class ImportResult:
     params: float32 numpy parameters, in the layout `config.scan_layers` asks for.
     task: "mlm" (`BertForMaskedLM` params), "base" (`BertModel` params), or a fine-tuning
       task kind (`import_hf_task`: classification, regression, ner, qa).
-    model: the jaxfm model class the params are for.
     source: the weights file read.
     used: source tensors that became parameters.
     ignored: source tensors left out, each with the reason.
     initialised: parameters absent from the source, freshly initialised.
+    model: the jaxfm model class the params are for.
     label_names: a classification or token classification head's labels (None otherwise).
   """
 
@@ -262,6 +262,9 @@ def import_hf_task(hf_dir: str, task: str) -> ImportResult:
     raise InteropError(f"{config_path}: problem_type {problem!r} has no jaxfm task "
                        "(single_label_classification or regression)")
   regression = head is SEQUENCE_HEAD and (problem == "regression" or outputs == 1)
+  if regression and outputs != 1:
+    raise InteropError(f"{source}: a regression head with {outputs} outputs ({weight}); "
+                       "jaxfm's regression predicts one score")
   labels = (labels_from_hf(hf_config, outputs, config_path)
             if head.path == "classifier" and not regression else None)
   shapes = {p: s for p, s in _param_shapes(config, False).items()
