@@ -221,3 +221,23 @@ def test_a_tensor_the_task_model_lacks_is_refused_by_name(classifier, tmp_path):
   safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"))
   with pytest.raises(InteropError, match=r"unexpected tensor\(s\) dropout_probe.weight"):
     import_workdir(str(folder), str(tmp_path / "out"), "classification")
+
+
+def test_a_token_classifiers_stray_pooler_is_ignored_by_name(root, tmp_path):
+  folder, model = _hf_folder(root, "hf_ner_pooler", "BertForTokenClassification", TAGS)
+  tensors = safetensors.numpy.load_file(str(folder / "model.safetensors"))
+  tensors["bert.pooler.dense.weight"] = np.ones((32, 32), np.float32)
+  tensors["bert.pooler.dense.bias"] = np.ones(32, np.float32)
+  safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"))
+  report = import_workdir(str(folder), str(tmp_path / "out"), "ner")
+  assert ("ignored bert.pooler.dense.weight: pooler, not part of BertForTokenClassification "
+          "(task 'ner')") in report
+  inputs = _inputs(len((root / "vocab.txt").read_text().splitlines()))
+  _assert_same(_jaxfm_outputs(str(tmp_path / "out"), inputs), _torch_outputs(model, inputs))
+
+
+def test_a_multi_output_regression_head_is_refused(root, tmp_path):
+  folder, _ = _hf_folder(root, "hf_reg3", "BertForSequenceClassification", SENTIMENTS,
+                         problem_type="regression")
+  with pytest.raises(InteropError, match=r"a regression head with 3 outputs"):
+    import_workdir(str(folder), str(tmp_path / "out"), "classification")
