@@ -239,6 +239,9 @@ def _peft_defaults() -> ml_collections.ConfigDict:
   # Comma-separated: query, key, value, attention.output, intermediate, output; or all-linear.
   # '' = the method's default (lora: query,value; ia3: key,value,output), as in peft.
   p.target_modules = ""
+  # Comma-separated base modules that train in full beside the adapter, as peft's
+  # modules_to_save: '' or pooler (what a sequence classifier reads; full fine-tuning trains it).
+  p.modules_to_save = ""
   p.num_virtual_tokens = 20  # prompt, prefix: virtual tokens before the row / in every layer
   p.prompt_init_text = ""  # prompt: start from these words' embeddings ('' = sampled tokens)
   p.prefix_projection = False  # prefix: reparameterise the prefix through peft's MLP
@@ -555,6 +558,12 @@ def validate_peft(cfg: ml_collections.ConfigDict) -> None:
     peft.parse_targets(p.target_modules, ())
   except ValueError as e:
     fail("peft.target_modules", p.target_modules, str(e))
+  try:
+    saved = peft.parse_saved(p.get("modules_to_save", ""))
+  except ValueError as e:
+    fail("peft.modules_to_save", p.modules_to_save, str(e))
+  if peft.SAVABLE["pooler"] in saved and cfg.task not in ("classification", "regression"):
+    fail("peft.modules_to_save", p.modules_to_save, f"the {cfg.task} head reads no pooler")
   if p.method in ("prompt", "prefix"):
     positive(cfg, "peft.num_virtual_tokens")
   if p.method in ("houlsby", "pfeiffer"):

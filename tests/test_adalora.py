@@ -215,7 +215,7 @@ def test_resume_continues_identically(adalora_run, files):
 
 def test_peft_format_gives_jaxfm_logits_in_pytorch(adalora_run, files, tmp_path):
   workdir, _ = adalora_run
-  model = _peft_model(files, workdir, tmp_path / "adapter")
+  model = _peft_model(workdir, tmp_path / "adapter")
   saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
   assert saved["peft_type"] == "ADALORA" and saved["total_step"] == 80
   pattern = saved["rank_pattern"]

@@ -3,6 +3,7 @@ checkpoint holds only them and names its base by content hash, and the adapter e
 huggingface/peft's format gives jaxfm's logits in PyTorch (peft and transformers as references).
 """
 
+import json
 import math
 import os
 import pathlib
@@ -107,7 +108,7 @@ def _torch_logits(model, inputs):
     return model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.numpy()
 
 
-def _peft_model(files, workdir, out):
+def _peft_model(workdir, out):
   peft_lib = pytest.importorskip("peft")
   transformers = pytest.importorskip("transformers")
   done = _cli("jaxfm.convert", "--to_peft", f"--from={workdir}", f"--out={out}")
@@ -117,7 +118,7 @@ def _peft_model(files, workdir, out):
   architecture = (transformers.BertForSequenceClassification if cfg.task == "classification"
                   else transformers.BertForTokenClassification)
   labels = len(workdir_lib.label_names(workdir))
-  base = architecture.from_pretrained(str(files / "hf_base"), num_labels=labels)
+  base = architecture.from_pretrained(cfg.init_from.removeprefix("hf:"), num_labels=labels)
   return peft_lib.PeftModel.from_pretrained(base, str(out)).eval()
 
 
@@ -183,7 +184,7 @@ def test_a_changed_base_is_refused_by_name(files):
 @pytest.mark.parametrize("which", ["lora_run", "lora_dropout_run", "ia3_run", "ner_run"])
 def test_peft_format_gives_jaxfm_logits_in_pytorch(which, files, request, tmp_path):
   workdir, _ = request.getfixturevalue(which)
-  model = _peft_model(files, workdir, tmp_path / "adapter")
+  model = _peft_model(workdir, tmp_path / "adapter")
   inputs = _inputs(workdir_lib.read_model_config(workdir).vocab_size)
   ours = _jaxfm_logits(workdir, inputs)
   np.testing.assert_allclose(_torch_logits(model, inputs), ours, atol=1e-4)
@@ -191,6 +192,46 @@ def test_peft_format_gives_jaxfm_logits_in_pytorch(which, files, request, tmp_pa
   trained = flatten(run.adapted(workdir).trainable["adapter"])
   assert any(np.abs(np.asarray(v) - (1.0 if k.endswith("scale") else 0.0)).max() > 1e-3
              for k, v in trained.items() if not k.endswith("lora_a"))
+
+
+def test_modules_to_save_trains_the_base_pooler_and_peft_loads_it(files, tmp_path):
+  # A base with a pooler of its own and no MLM head (as all-MiniLM-L6-v2): frozen unless named.
+  base = tmp_path / "hf_pooled"
+  shutil.copytree(files / "hf_base", base)
+  tensors = {k: v for k, v in safetensors.numpy.load_file(str(base / "model.safetensors")).items()
+             if not k.startswith("cls.")}
+  hidden = json.loads((base / "config.json").read_text())["hidden_size"]
+  rng = np.random.default_rng(0)
+  tensors["bert.pooler.dense.weight"] = rng.normal(0, 0.05, (hidden, hidden)).astype(np.float32)
+  tensors["bert.pooler.dense.bias"] = np.zeros(hidden, np.float32)
+  safetensors.numpy.save_file(tensors, str(base / "model.safetensors"))
+  heads = {}
+  for saved in ("", "pooler"):
+    cfg = _config(files, "classification", ff.write_sentiment, "lora", epochs=2.0,
+                  modules_to_save=saved)
+    cfg.init_from = f"hf:{base}"
+    workdir = str(tmp_path / f"lora_{saved}")
+    result, _ = run.finetune(cfg, workdir)
+    parts = run.adapted(workdir)  # the base's hash checked again without the pooler
+    heads[saved] = flatten(parts.trainable["head"])
+    assert ("encoder/pooler/kernel" in flatten(parts.frozen)) == (not saved)
+  assert sorted(heads[""]) == ["classifier/bias", "classifier/kernel"]
+  assert sorted(heads["pooler"]) == sorted(heads[""]) + ["encoder/pooler/bias",
+                                                         "encoder/pooler/kernel"]
+  assert np.abs(heads["pooler"]["encoder/pooler/kernel"]
+                - tensors["bert.pooler.dense.weight"].T).max() > 1e-3  # it trained
+  assert run.evaluate(workdir, "dev")["accuracy"] == pytest.approx(result.eval["accuracy"])
+  # peft puts the trained pooler over the base's, and jaxfm imports it back the same way.
+  model = _peft_model(workdir, tmp_path / "adapter")
+  inputs = _inputs(workdir_lib.read_model_config(workdir).vocab_size)
+  np.testing.assert_allclose(_torch_logits(model, inputs), _jaxfm_logits(workdir, inputs),
+                             atol=1e-4)
+  done = _cli("jaxfm.convert", f"--from_peft={tmp_path / 'adapter'}", f"--base={base}",
+              f"--out={tmp_path / 'imported'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert workdir_lib.read_config(str(tmp_path / "imported")).peft.modules_to_save == "pooler"
+  np.testing.assert_allclose(_jaxfm_logits(str(tmp_path / "imported"), inputs),
+                             _jaxfm_logits(workdir, inputs), atol=1e-5)
 
 
 @pytest.mark.parametrize("which", ["lora_run", "lora_dropout_run", "ia3_run"])
@@ -202,7 +243,7 @@ def test_merged_export_equals_base_plus_adapter(which, files, request, tmp_path)
   assert "merged" in done.stdout
   merged = transformers.BertForSequenceClassification.from_pretrained(
       str(tmp_path / "merged")).eval()
-  unmerged = _peft_model(files, workdir, tmp_path / "adapter")
+  unmerged = _peft_model(workdir, tmp_path / "adapter")
   inputs = _inputs(merged.config.vocab_size)
   np.testing.assert_allclose(_torch_logits(merged, inputs), _torch_logits(unmerged, inputs),
                              atol=1e-5)

@@ -231,8 +231,8 @@ def _record_base(cfg: ml_collections.ConfigDict, frozen: Any) -> None:
 
 
 # The `peft` fields that decide an adapter's shapes and what it computes.
-_ADAPTER_FIELDS = ("method", "rank", "alpha", "rslora", "targets", "num_virtual_tokens",
-                   "prefix_projection", "reduction_factor")
+_ADAPTER_FIELDS = ("method", "rank", "alpha", "rslora", "targets", "modules_to_save",
+                   "num_virtual_tokens", "prefix_projection", "reduction_factor")
 
 
 def _continue_adapter(cfg: ml_collections.ConfigDict, fresh: dict[str, Any],
@@ -252,8 +252,8 @@ def _continue_adapter(cfg: ml_collections.ConfigDict, fresh: dict[str, Any],
     if getattr(ours, field) != getattr(theirs, field):
       name = "target_modules" if field == "targets" else field
       raise config_lib.ConfigError(
-          f"peft.{name}={getattr(cfg.peft, name)!r} differs from the adapter at "
-          f"peft.init_adapter={source} (peft.{name}={getattr(saved_run.cfg.peft, name)!r})")
+          f"peft.{name}={cfg.peft.get(name)!r} differs from the adapter at "
+          f"peft.init_adapter={source} (peft.{name}={saved_run.cfg.peft.get(name, '')!r})")
   if saved_run.cfg.peft.base_sha256 != cfg.peft.base_sha256:
     raise config_lib.ConfigError(
         f"peft.init_adapter={source} was trained on a base with sha256 "
@@ -326,12 +326,14 @@ def peft_base(cfg: ml_collections.ConfigDict, task: loop.Task) -> tuple[peft.Pla
   base = weights.provided_params(
       source.params, model_config,
       sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0))))
-  digest = peft.base_sha256(unstack_layers(unflatten(base)))
+  plan = peft.Plan(peft.Settings.of(cfg.peft), frozenset(base))
+  frozen = plan.frozen(unflatten(base))
+  digest = peft.base_sha256(unstack_layers(frozen))
   if digest != cfg.peft.base_sha256:
     raise config_lib.ConfigError(
         f"init_from={cfg.init_from} changed: its params have sha256 {digest}, the adapter was "
         f"trained on peft.base_sha256={cfg.peft.base_sha256}")
-  return peft.Plan(peft.Settings.of(cfg.peft), frozenset(base)), unflatten(base)
+  return plan, frozen
 
 
 @dataclasses.dataclass(frozen=True)

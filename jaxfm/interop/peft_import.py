@@ -166,7 +166,6 @@ def head_outputs(adapter: LoraAdapter) -> int:
   raise InteropError("the adapter's modules_to_save has no task head (classifier or qa_outputs)")
 
 
-
 def import_workdir(adapter_dir: str, base_dir: str, out: str,
                    label_names: Sequence[str] | None = None) -> str:
   """Writes the jaxfm LoRA workdir `out` for the peft adapter at `adapter_dir` over the
@@ -194,10 +193,14 @@ def import_workdir(adapter_dir: str, base_dir: str, out: str,
   model_config = config_lib.bert_config(cfg, "cpu")
   task = make_task(cfg.task, model_config, labels, None, cfg.data)
   shapes = sharding.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
-  # The frozen base as a run rebuilds it (`jaxfm.finetuning.run.peft_base`).
-  frozen = unflatten(weights.provided_params(source.params, model_config, shapes))
+  # The frozen base as a run rebuilds it (`jaxfm.finetuning.run.peft_base`); a pooler the base
+  # has and the adapter saves trains in full.
+  provided = weights.provided_params(source.params, model_config, shapes)
+  if "bert.pooler.dense.weight" in adapter.head and "encoder/pooler/kernel" in provided:
+    cfg.peft.modules_to_save = "pooler"
+  plan = peft.Plan(peft.Settings.of(cfg.peft), frozenset(provided))
+  frozen = plan.frozen(unflatten(provided))
   cfg.peft.base_sha256 = peft.base_sha256(unstack_layers(frozen))
-  plan = peft.Plan(peft.Settings.of(cfg.peft), frozenset(flatten(frozen)))
   trainable = trainable_tree(adapter, plan, frozen,
                              jax.eval_shape(plan.trainable, shapes, jax.random.key(0)))
   imported_workdir.write(out, cfg, labels, tokenizer, trainable)

@@ -7,8 +7,8 @@ site's adapter params, on the kernel's logical axes, so they shard like the base
 text_ids)` and `hooks(adapter, settings, dims)`: the model inputs that `Plan.combine` puts
 under `encoder/peft`, where `jaxfm.models.encoder.BertEncoder` reads them. `Plan` splits a task
 model's params into the frozen base (what `init_from` provided) and the trainable tree
-`{'adapter': ..., 'head': ...}` (the adapter and everything the base lacked: the task head),
-and `Plan.combine` rebuilds the model's params from the two. A method may also add a term to
+`{'adapter': ..., 'head': ...}` (the adapter, everything the base lacked: the task head, and the
+base modules named in `peft.modules_to_save`, which train in full), and `Plan.combine` rebuilds the model's params from the two. A method may also add a term to
 the training loss (`Plan.penalty`) and wrap the run's optimiser (`Plan.optimizer`): AdaLoRA's
 orthogonality regulariser and rank allocator. The train state holds only the
 trainable tree; the base goes to the jitted steps as an argument with its own shardings, never
@@ -31,12 +31,13 @@ import optax
 
 from jaxfm.models.encoder import PEFT
 from jaxfm.peft import adalora, adapters, ia3, lora, prefix, prompt
-from jaxfm.peft.sites import (ALL_LINEAR, TARGETS, EncoderDims, Site, Target, num_scanned,
-                              parse_targets, sites)
+from jaxfm.peft.sites import (ALL_LINEAR, SAVABLE, TARGETS, EncoderDims, Site, Target,
+                              num_scanned, parse_saved, parse_targets, sites)
 from jaxfm.trees import flatten, unflatten
 
-__all__ = ["ALL_LINEAR", "METHODS", "TARGETS", "EncoderDims", "Method", "Plan", "Settings", "Site",
-           "Target", "base_sha256", "num_scanned", "parse_targets", "sites"]
+__all__ = ["ALL_LINEAR", "METHODS", "SAVABLE", "TARGETS", "EncoderDims", "Method", "Plan",
+           "Settings", "Site", "Target", "base_sha256", "num_scanned", "parse_saved",
+           "parse_targets", "sites"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Settings:
   dropout: float = 0.0
   rslora: bool = False
   target_modules: str = ""
+  modules_to_save: str = ""  # base modules that train in full (`SAVABLE`)
   num_virtual_tokens: int = 20  # prompt, prefix
   prompt_init_text: str = ""  # prompt: start from these words' embeddings ('' = sampled)
   prefix_projection: bool = False  # prefix: reparameterise through peft's MLP
@@ -96,13 +98,17 @@ class Settings:
   def targets(self) -> tuple[Target, ...]:
     return parse_targets(self.target_modules, METHODS[self.method].default_targets)
 
+  @property
+  def saved_scopes(self) -> tuple[str, ...]:
+    return parse_saved(self.modules_to_save)
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Which params of a task model train and how the adapter changes the frozen rest."""
 
   settings: Settings
-  base_names: frozenset[str]  # flattened names of the frozen params (what the base provides)
+  base_names: frozenset[str]  # flattened names of the params the base provides
   # The run's tokenizer (`encode_batch`), for `prompt_init_text`; without one (rebuilding a
   # saved run, whose trained prompt replaces the init) the prompt starts from sampled tokens.
   tokenizer: Any = dataclasses.field(default=None, compare=False)
@@ -114,14 +120,22 @@ class Plan:
   def sites(self, params: Any) -> list[Site]:
     return sites(flatten(params), self.settings.targets)
 
+  @property
+  def frozen_names(self) -> frozenset[str]:
+    """The base's params less those of `modules_to_save`."""
+    scopes = tuple(f"{scope}/" for scope in self.settings.saved_scopes)
+    return frozenset(n for n in self.base_names if not n.startswith(scopes))
+
   def frozen(self, params: Any) -> Any:
     """The frozen part of a full param tree (boxed or not)."""
-    return unflatten({k: v for k, v in flatten(params).items() if k in self.base_names})
+    names = self.frozen_names
+    return unflatten({k: v for k, v in flatten(params).items() if k in names})
 
   def trainable(self, params: Any, rng: jax.Array) -> dict[str, Any]:
-    """{'adapter': fresh adapter params, 'head': `params` the base lacks (boxed or not)}."""
-    flat = flatten(params)
-    head = {k: v for k, v in flat.items() if k not in self.base_names}
+    """{'adapter': fresh adapter params, 'head': `params` that do not stay frozen (boxed or
+    not)}."""
+    flat, names = flatten(params), self.frozen_names
+    head = {k: v for k, v in flat.items() if k not in names}
     if not self.method.folds:
       return {"adapter": self.method.module.init(flat, rng, self.settings, self._text_ids()),
               "head": unflatten(head)}

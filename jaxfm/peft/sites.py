@@ -37,6 +37,10 @@ TARGETS = {t.name: t for t in (
     Target("output", "output.dense", "output/kernel", "output/bias", None, 1),
 )}
 ALL_LINEAR = "all-linear"  # every projection of every layer (peft's name for it)
+# Base modules that may train in full beside an adapter (peft's `modules_to_save`): the config's
+# name -> the scope of its params. The pooler is the one a BERT classifier reads and the base
+# brings untrained for the task (a sentence-embedding model's pooler never trained at all).
+SAVABLE = {"pooler": "encoder/pooler"}
 
 _SCOPE = re.compile(r"^encoder/(layer_(\d+)|layers)$")
 
@@ -55,6 +59,19 @@ def parse_targets(names: str, default: tuple[str, ...]) -> tuple[Target, ...]:
     raise ValueError(f"unknown target modules {unknown}: choose from "
                      f"{', '.join(TARGETS)} or {ALL_LINEAR}")
   return tuple(t for t in TARGETS.values() if t.name in wanted)
+
+
+def parse_saved(names: str) -> tuple[str, ...]:
+  """'pooler' / '' -> the scopes of the base params that train in full.
+
+  Raises:
+    ValueError: an unknown name.
+  """
+  wanted = [n.strip() for n in names.split(",") if n.strip()]
+  unknown = [n for n in wanted if n not in SAVABLE]
+  if unknown:
+    raise ValueError(f"unknown modules {unknown}: choose from {', '.join(SAVABLE)}")
+  return tuple(SAVABLE[n] for n in wanted)
 
 
 @dataclasses.dataclass(frozen=True)

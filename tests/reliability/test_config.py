@@ -159,6 +159,9 @@ RULES = [
     Rule(F, "peft.dropout", 0.1, "peft.dropout=0.1 is LoRA's (dropout on its input): "
          "peft.method='adalora' has none", ADALORA),
     Rule(F, "peft.target_modules", "query,qkv", "unknown target modules ['qkv']", LORA),
+    Rule(F, "peft.modules_to_save", "pooler,dense", "unknown modules ['dense']", LORA),
+    Rule(F, "peft.modules_to_save", "pooler", "peft.modules_to_save='pooler' the ner head reads "
+         "no pooler", {**LORA, **NER}),
     Rule(F, "peft.num_virtual_tokens", 0, "peft.num_virtual_tokens=0 must be > 0", PREFIX),
     Rule(F, "peft.num_virtual_tokens", 500, "peft.num_virtual_tokens=500 plus "
          "data.max_seq_length=128 exceeds the model's max_position_embeddings=512", PREFIX),
