@@ -740,8 +740,6 @@ def validate_distill(cfg: ml_collections.ConfigDict) -> None:
   d = cfg.distill
   if not cfg.teacher:
     raise ConfigError("teacher is required: a jaxfm fine-tuning workdir")
-  if cfg.task == "qa":
-    fail("task", cfg.task, "is not distilled yet: classification, regression, ner or mlm")
   one_of(cfg, "distill.student_init", STUDENT_INITS)
   if (d.student_init == "init_from") != bool(cfg.init_from):
     fail("distill.student_init", d.student_init,

@@ -615,11 +615,12 @@ def ner_teacher(teacher_run):
   return train, dev, str(root / "ner_teacher"), teacher
 
 
-def _ner_config(ner_teacher, **distill):
-  train, dev, workdir, _ = ner_teacher
+def _task_config(task, task_teacher, **distill):
+  """A distillation config of a 1-layer student of `task_teacher` (`ner_teacher`...)."""
+  train, dev, workdir, _ = task_teacher
   cfg = config_lib.distill_defaults()
-  cfg.task = "ner"
-  base = ff.config("ner", "", train, dev)
+  cfg.task = task
+  base = ff.config(task, "", train, dev)
   for section in ("data", "train", "optim", "model"):
     cfg[section].update(base[section].to_dict())
   cfg.teacher, cfg.model.num_layers = workdir, 1
@@ -632,7 +633,8 @@ def test_ner_student_of_a_bfloat16_teacher(teacher_run, ner_teacher, monkeypatch
   # Per-token soft targets (the labelled first sub-words) and hidden states at every position,
   # from a teacher whose params and compute are bfloat16 in the step.
   root = teacher_run[0]
-  cfg = _ner_config(ner_teacher, losses="kl=0.5,task=0.5,hidden=1.0", teacher_dtype="bfloat16")
+  cfg = _task_config("ner", ner_teacher, losses="kl=0.5,task=0.5,hidden=1.0",
+                     teacher_dtype="bfloat16")
   train_loop, frozen_dtypes = distill_run.loop.train, set()
 
   def recording(*args, **kwargs):
@@ -651,7 +653,7 @@ def test_ner_student_of_a_cached_top_2_teacher(teacher_run, ner_teacher):
   # Per-token top-2 logits of a 4-label head, cut to the length buckets with the tokens: the
   # student learns from the renormalised top-2 distribution without the teacher in the step.
   root = teacher_run[0]
-  cfg = _ner_config(ner_teacher, losses="kl=0.5,task=0.5", teacher_top_k=2,
+  cfg = _task_config("ner", ner_teacher, losses="kl=0.5,task=0.5", teacher_top_k=2,
                     teacher_cache=str(root / "ner_cache"))
   result, _ = distill_run.distill(cfg, str(root / "ner_cached_student"))
   assert len(config_lib.length_buckets(cfg.data)) > 1  # batches are cut to shorter lengths
@@ -661,3 +663,61 @@ def test_ner_student_of_a_cached_top_2_teacher(teacher_run, ner_teacher):
   train = _train_metrics(str(root / "ner_cached_student"))
   assert train[-1]["kl_loss"] < train[0]["kl_loss"]
   assert result.eval["f1"] >= ner_teacher[3].eval["f1"] - 0.1
+
+
+@pytest.fixture(scope="module")
+def qa_teacher(teacher_run):
+  """A QA teacher fine-tuned on the SQuAD fixtures: (train, dev, its workdir, its result)."""
+  root = teacher_run[0]
+  train, dev = ff.write_squad(root)
+  cfg = ff.config("qa", str(root / "pretrained"), train, dev)
+  teacher, _ = finetuning.finetune(cfg, str(root / "qa_teacher"))
+  return train, dev, str(root / "qa_teacher"), teacher
+
+
+def test_qa_span_targets_cached_are_the_in_step_ones(teacher_run, qa_teacher, monkeypatch):
+  # The soft targets are the start and end distributions over the window's positions. With
+  # k = the window length the cache keeps every position (padding as [CLS] with a logit no
+  # softmax picks), so on batches cut to length buckets its kl is the in-step one, step by step.
+  root = teacher_run[0]
+
+  def short(**distill):
+    cfg = _short(_task_config("qa", qa_teacher, losses="kl=0.7,task=0.3", **distill))
+    cfg.data.update(length_buckets="24,32", group_by_length=True)
+    return cfg
+  iterators, make = [], distill_run.loader.feature_train_iterator
+  monkeypatch.setattr(distill_run.loader, "feature_train_iterator", lambda *a, **k: (
+      iterators.append(ff.SigtermAtBatch(make(*a, **k), None)) or iterators[-1]))
+  in_step, _ = distill_run.distill(short(), str(root / "qa_in_step"))
+  cached, _ = distill_run.distill(short(teacher_top_k=ff.SEQ, teacher_cache=str(root / "qa_cache")),
+                                  str(root / "qa_cached"))
+  assert iterators[0].lengths == iterators[1].lengths and 24 in iterators[1].lengths
+  (part,) = (root / "qa_cache").glob("part-*.npz")
+  with np.load(part) as arrays:
+    values, indices = arrays["values"], arrays["indices"]
+  assert values.shape[1:] == (2, ff.SEQ)
+  padding = values <= distill_run.losses.MASKED
+  assert padding.any() and not padding.all(axis=-1).any() and np.all(indices[padding] == 0)
+  want, got = _train_metrics(str(root / "qa_in_step")), _train_metrics(str(root / "qa_cached"))
+  assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+  assert min(r["kl_loss"] for r in want) > 1e-4
+  for a, b in zip(want, got):
+    for name in ("loss", "kl_loss", "task_loss"):
+      assert b[name] == pytest.approx(a[name], abs=1e-5, rel=1e-5), (a["step"], name)
+  assert cached.step == in_step.step and "f1" in cached.eval
+
+
+@pytest.mark.slow
+def test_qa_student_of_a_cached_top_4_teacher_learns(teacher_run, qa_teacher):
+  # Four positions per span end: the renormalised top-4 start and end distributions teach a
+  # 1-layer student (every_k) close to its teacher without the teacher in the step.
+  root = teacher_run[0]
+  cfg = _task_config("qa", qa_teacher, losses="kl=0.5,task=0.5", teacher_top_k=4,
+                     teacher_cache=str(root / "qa_top4"))
+  result, _ = distill_run.distill(cfg, str(root / "qa_student"))
+  train = _train_metrics(str(root / "qa_student"))
+  assert np.isfinite([r["kl_loss"] for r in train]).all()
+  assert train[-1]["kl_loss"] < train[0]["kl_loss"]
+  teacher = qa_teacher[3]
+  assert teacher.eval["f1"] > 50.0
+  assert result.eval["f1"] >= teacher.eval["f1"] - 10.0, (result.eval, teacher.eval)

@@ -6,7 +6,10 @@ training features (each part's rows sorted by length into length-bucketed batche
 complete, so a pass cut short resumes at the first missing part and a complete cache is read,
 never recomputed. Each feature keeps the
 teacher's k largest logits per target with their class indices (every logit, in class order,
-when the head has no more than k), which `losses.top_k_kl` reads.
+when the head has no more than k), which `losses.top_k_kl` reads. A QA head's targets are its
+start and end distributions over the positions: k positions each, a padding position among them
+(a window shorter than k) kept as [CLS] with a logit no softmax picks, so that every index lies
+inside the window whatever length bucket a training batch is cut to.
 
 `cache.json`, written before any part, records what the cache was made from: the teacher's
 params (sha256), int8 mode ('' for float: the same int8 values compute otherwise in w8a8) and
@@ -31,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxfm import config as config_lib
 from jaxfm import runtime, sharding
 from jaxfm.data import loader
-from jaxfm.distillation import capture
+from jaxfm.distillation import capture, losses
 from jaxfm.distillation.teacher import Teacher
 from jaxfm.tasks.base import INPUTS
 from jaxfm.train import loop
@@ -104,7 +107,7 @@ def _part(directory: epath.Path, start: int, end: int) -> epath.Path:
 
 def _teacher_pass(cfg: ml_collections.ConfigDict, teacher: Teacher, teacher_task: loop.Task
                   ) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
-  """features (one chunk, host arrays) -> (values, indices) [n, 1 or t, k], the teacher's
+  """features (one chunk, host arrays) -> (values, indices) [n, 1 / t / 2 (QA), k], the teacher's
   params sharded on the run's mesh by their logical axes, `train.batch_size` rows a step."""
   mesh = loop.make_mesh(cfg)
   abstract = jax.eval_shape(teacher_task.init_params, jax.random.key(0))
@@ -117,7 +120,9 @@ def _teacher_pass(cfg: ml_collections.ConfigDict, teacher: Teacher, teacher_task
   def step(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     with capture.capturing() as found:
       teacher_task.predict_fn(params, batch)
-    logits = found.output.astype(jnp.float32)  # [b, classes] or [b, t, classes]
+    logits = losses.head_logits(found.output, batch["attention_mask"]).astype(jnp.float32)
+    if isinstance(found.output, tuple):  # QA: [b, 2, t] over the positions
+      return _span_top_k(logits, cfg.data.max_seq_length, k)
     values, indices = top_k(logits if logits.ndim == 3 else logits[:, None], k)
     return values, indices  # [b, 1 or t, k]
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -153,6 +158,16 @@ def _teacher_pass(cfg: ml_collections.ConfigDict, teacher: Teacher, teacher_task
   return chunk
 
 
+def _span_top_k(logits: jax.Array, full: int, k: int) -> tuple[jax.Array, jax.Array]:
+  """A QA batch's [b, 2, length] masked position logits -> the k largest of each span end over
+  `full` positions, [b, 2, min(k, full)], padding positions as [CLS] with the masked logit."""
+  padded = jnp.pad(logits, ((0, 0), (0, 0), (0, full - logits.shape[-1])),
+                   constant_values=losses.MASKED)
+  values, indices = top_k(padded, k)
+  padding = values <= losses.MASKED
+  return values, jnp.where(padding, 0, indices)
+
+
 def _to_full_length(values: np.ndarray, indices: np.ndarray, length: int, full: int
                     ) -> tuple[np.ndarray, np.ndarray]:
   """A cut batch's per-token outputs ([b, length, k]) padded with zeros to `full` tokens, as
@@ -165,7 +180,7 @@ def _to_full_length(values: np.ndarray, indices: np.ndarray, length: int, full: 
 
 def teacher_outputs(cfg: ml_collections.ConfigDict, teacher: Teacher, teacher_task: loop.Task,
                     features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """{VALUES: [n, 1 or t, k] float32, INDICES: int32} of the training `features`, read from
+  """{VALUES: [n, 1 / t / 2 (QA), k] float32, INDICES: int32} of the training `features`, read from
   `distill.teacher_cache`, computing and writing the parts it lacks.
 
   Raises:

@@ -10,7 +10,8 @@ follows MiniLM (Wang et al., 2020): the KL between the teacher's and the student
 self-attention distributions, softmax(Q K^T / sqrt(d)), and value relations,
 softmax(V V^T / sqrt(d)); MiniLMv2 (Wang et al., 2021) adds query and key relations, over
 relation heads that need not be the models' own. A cached teacher's top-k logits
-(`teacher_cache`) give the soft targets over their support, renormalised.
+(`teacher_cache`) give the soft targets over their support, renormalised. A QA head's soft
+targets are its start and end distributions over the positions (DistilBERT's SQuAD recipe).
 """
 
 from __future__ import annotations
@@ -19,6 +20,32 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+# The logit of a position no softmax may pick (padding of a QA window): exp() of it is 0 and,
+# unlike -inf, it keeps differences of logits finite.
+MASKED = -1e9
+
+
+def head_logits(output: Any, attention_mask: jax.Array) -> jax.Array:
+  """A task head's output as logits [..., classes]: [b, classes] or [b, t, classes] as they
+  are; a QA head's (start, end) [b, t] each as [b, 2, t], distributions over the positions
+  with the padding masked out."""
+  if isinstance(output, tuple):
+    span = jnp.stack(output, axis=1).astype(jnp.float32)  # [b, 2, t]
+    return jnp.where(attention_mask[:, None, :] > 0, span, MASKED)
+  return output
+
+
+def target_weights(output: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  """The weight of each soft target of `head_logits(output)`, as the task loss weighs it: per
+  example [b]; per labelled token [b, t] (NER: each word's first sub-word); per span end
+  [b, 2] (QA: start and end half an example each)."""
+  if isinstance(output, tuple):
+    return jnp.broadcast_to(0.5 * batch["weights"][:, None], (batch["weights"].shape[0], 2))
+  if output.ndim == 3:
+    return (batch["labels"] >= 0) * batch["weights"][:, None]
+  return batch["weights"]
 
 
 def soft_target_kl(student_logits: jax.Array, teacher_logits: jax.Array, weights: jax.Array,

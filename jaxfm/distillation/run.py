@@ -76,14 +76,6 @@ class DistillTask(loop.Task):
     return self.init_fn(rng)
 
 
-def _target_weights(batch: Batch, logits: jax.Array) -> jax.Array:
-  """The weight of each soft target: per example [b], or per labelled token [b, t] for
-  per-token heads (NER: the first sub-word of each word, as its task loss)."""
-  if logits.ndim == 3:
-    return (batch["labels"] >= 0) * batch["weights"][:, None]
-  return batch["weights"]
-
-
 def _hidden_sum(found_s: capture.Captured, found_t: capture.Captured, batch: Batch,
                 projection: dict[str, Any], pairs: Pairs) -> jax.Array:
   """Sum over the mapped pairs of the hidden-state MSE. The last layer of a classifier runs at
@@ -163,15 +155,17 @@ def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
   def loss_fn(params: Any, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, Sums]:
     with capture.capturing() as found_s:
       task_sum, sums = student_task.loss_fn(params["student"], batch, rng)
-    student_out = found_s.output  # [b, classes] or [b, t, classes]
-    targets = _target_weights(batch, student_out)
+    mask = batch["attention_mask"]
+    student_out = losses.head_logits(found_s.output, mask)  # [b, (t or 2,) classes]
+    targets = losses.target_weights(found_s.output, batch)
     parts = {"task": task_sum}
     if cache.VALUES in batch:  # a cached teacher's training batch
       parts["kl"] = _cached_soft_targets(student_out, batch, targets, settings)
     elif "teacher" in params:  # else a cached teacher's dev batch: the labels alone
       with capture.capturing() as found_t:
         teacher_task.predict_fn(params["teacher"], batch)
-      teacher_out = jax.lax.stop_gradient(found_t.output).astype(jnp.float32)
+      teacher_out = losses.head_logits(jax.lax.stop_gradient(found_t.output),
+                                       mask).astype(jnp.float32)
       parts["kl"] = (
           losses.soft_target_mse(student_out, teacher_out, targets) if settings.regression else
           losses.soft_target_kl(student_out, teacher_out, targets, settings.temperature))
@@ -187,7 +181,7 @@ def distill_loss(student_task: loop.Task, teacher_task: loop.Task,
 
 def _cached_soft_targets(student_out: jax.Array, batch: Batch, targets: jax.Array,
                          settings: LossSettings) -> jax.Array:
-  """The kl loss against `cache.teacher_outputs` in the batch ([b, 1 or t, k] each)."""
+  """The kl loss against `cache.teacher_outputs` in the batch ([b, 1 / t / 2 (QA), k] each)."""
   values, indices = batch[cache.VALUES], batch[cache.INDICES]
   if student_out.ndim == 2:  # a per-example head: the cache's position axis has length 1
     values, indices = values[:, 0], indices[:, 0]

@@ -186,7 +186,6 @@ RULES = [
     Rule(PS, "peft.tfinal", 1, "peft.tfinal=1 with peft.tinit=0 leaves no budgeting phase in "
          "train.steps=1", ADALORA),
     Rule(DI, "teacher", "", "teacher is required"),
-    Rule(DI, "task", "qa", "task='qa' is not distilled yet"),
     Rule(DI, "distill.student_init", "copy", "distill.student_init='copy' must be one of"),
     Rule(DI, "distill.student_init", "init_from", "must be 'init_from' exactly when init_from"),
     Rule(DI, "distill.losses", "kl=1,attn=1", "unknown loss 'attn'"),
