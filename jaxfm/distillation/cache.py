@@ -107,8 +107,9 @@ def _part(directory: epath.Path, start: int, end: int) -> epath.Path:
 
 def _teacher_pass(cfg: ml_collections.ConfigDict, teacher: Teacher, teacher_task: loop.Task
                   ) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
-  """features (one chunk, host arrays) -> (values, indices) [n, 1 / t / 2 (QA), k], the teacher's
-  params sharded on the run's mesh by their logical axes, `train.batch_size` rows a step."""
+  """features (one chunk, host arrays) -> (values, indices) [n, 1 / t / 2 (QA), k], the
+  teacher's params sharded on the run's mesh by their logical axes, `train.batch_size` rows a
+  step."""
   mesh = loop.make_mesh(cfg)
   abstract = jax.eval_shape(teacher_task.init_params, jax.random.key(0))
   shardings = sharding.unbox(sharding.logical_shardings(abstract, mesh))

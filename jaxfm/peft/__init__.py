@@ -8,9 +8,10 @@ text_ids)` and `hooks(adapter, settings, dims)`: the model inputs that `Plan.com
 under `encoder/peft`, where `jaxfm.models.encoder.BertEncoder` reads them. `Plan` splits a task
 model's params into the frozen base (what `init_from` provided) and the trainable tree
 `{'adapter': ..., 'head': ...}` (the adapter, everything the base lacked: the task head, and the
-base modules named in `peft.modules_to_save`, which train in full), and `Plan.combine` rebuilds the model's params from the two. A method may also add a term to
-the training loss (`Plan.penalty`) and wrap the run's optimiser (`Plan.optimizer`): AdaLoRA's
-orthogonality regulariser and rank allocator. The train state holds only the
+base modules named in `peft.modules_to_save`, which train in full), and `Plan.combine` rebuilds
+the model's params from the two. A method may also add a term to the training loss
+(`Plan.penalty`) and wrap the run's optimiser (`Plan.optimizer`): AdaLoRA's orthogonality
+regulariser and rank allocator. The train state holds only the
 trainable tree; the base goes to the jitted steps as an argument with its own shardings, never
 as a constant inside the executable.
 
