@@ -585,9 +585,9 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("config", ["sst2_minilm", "sst2_bert_mini"])
+@pytest.mark.parametrize("config", ["sst2_minilm", "sst2_bert_mini", "squad_minilm"])
 def test_bad_teacher_is_one_error_line(tmp_path, config):
-  """Each SST-2 config passes validation and stops at the unreadable teacher."""
+  """Each task config passes validation and stops at the unreadable teacher."""
   out = _cli(f"--config=configs/distill/{config}.py", f"--workdir={tmp_path / 'w'}",
              f"--config.teacher={tmp_path / 'nope'}", "--config.data.train_file=x.tsv",
              "--config.data.dev_file=y.tsv")
