@@ -605,14 +605,19 @@ def test_bad_mlm_teacher_is_one_error_line(tmp_path):
   assert len(errors) == 1 and f"teacher='{tmp_path / 'nope'}' is not readable" in errors[0]
 
 
+def _task_teacher(teacher_run, task, write):
+  """A `task` teacher fine-tuned on the fixtures `write` makes: (train, dev, its workdir, its
+  result)."""
+  root = teacher_run[0]
+  train, dev = write(root)
+  cfg = ff.config(task, str(root / "pretrained"), train, dev)
+  teacher, _ = finetuning.finetune(cfg, str(root / f"{task}_teacher"))
+  return train, dev, str(root / f"{task}_teacher"), teacher
+
+
 @pytest.fixture(scope="module")
 def ner_teacher(teacher_run):
-  """An NER teacher fine-tuned on the CoNLL fixtures: (train, dev, its workdir, its result)."""
-  root = teacher_run[0]
-  train, dev = ff.write_conll(root)
-  cfg = ff.config("ner", str(root / "pretrained"), train, dev)
-  teacher, _ = finetuning.finetune(cfg, str(root / "ner_teacher"))
-  return train, dev, str(root / "ner_teacher"), teacher
+  return _task_teacher(teacher_run, "ner", ff.write_conll)
 
 
 def _task_config(task, task_teacher, **distill):
@@ -667,12 +672,7 @@ def test_ner_student_of_a_cached_top_2_teacher(teacher_run, ner_teacher):
 
 @pytest.fixture(scope="module")
 def qa_teacher(teacher_run):
-  """A QA teacher fine-tuned on the SQuAD fixtures: (train, dev, its workdir, its result)."""
-  root = teacher_run[0]
-  train, dev = ff.write_squad(root)
-  cfg = ff.config("qa", str(root / "pretrained"), train, dev)
-  teacher, _ = finetuning.finetune(cfg, str(root / "qa_teacher"))
-  return train, dev, str(root / "qa_teacher"), teacher
+  return _task_teacher(teacher_run, "qa", ff.write_squad)
 
 
 def test_qa_span_targets_cached_are_the_in_step_ones(teacher_run, qa_teacher, monkeypatch):
