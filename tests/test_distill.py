@@ -402,6 +402,16 @@ def _train_metrics(workdir):
     return [r for r in map(json.loads, f) if r["split"] == "train"]
 
 
+def _assert_same_losses(in_step, cached):
+  """The two 6-step runs logged the same (non-zero) kl and the same losses at every step."""
+  want, got = _train_metrics(str(in_step)), _train_metrics(str(cached))
+  assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+  assert min(r["kl_loss"] for r in want) > 1e-4
+  for a, b in zip(want, got):
+    for name in ("loss", "kl_loss", "task_loss"):
+      assert b[name] == pytest.approx(a[name], abs=1e-5, rel=1e-5), (a["step"], name)
+
+
 def _short(cfg, steps=6):
   cfg.train.update(epochs=0.0, steps=steps, log_every=1, eval_every=steps)
   return cfg
@@ -432,12 +442,7 @@ def test_cached_teacher_gives_the_in_step_losses_and_is_not_recomputed(teacher_r
   monkeypatch.setattr(distill_run.cache, "_teacher_pass", no_teacher)
   resumed, _ = distill_run.distill(cached(), str(root / "cached"))
   assert resumed.step == in_step.step == 6
-  want, got = _train_metrics(str(root / "in_step")), _train_metrics(str(root / "cached"))
-  assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
-  assert min(r["kl_loss"] for r in want) > 1e-4
-  for a, b in zip(want, got):
-    for name in ("loss", "kl_loss", "task_loss"):
-      assert b[name] == pytest.approx(a[name], abs=1e-5, rel=1e-5), (a["step"], name)
+  _assert_same_losses(root / "in_step", root / "cached")
   assert "kl_loss" not in resumed.eval and "accuracy" in resumed.eval  # dev: no teacher
 
 
@@ -698,12 +703,7 @@ def test_qa_span_targets_cached_are_the_in_step_ones(teacher_run, qa_teacher, mo
   assert values.shape[1:] == (2, ff.SEQ)
   padding = values <= distill_run.losses.MASKED
   assert padding.any() and not padding.all(axis=-1).any() and np.all(indices[padding] == 0)
-  want, got = _train_metrics(str(root / "qa_in_step")), _train_metrics(str(root / "qa_cached"))
-  assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
-  assert min(r["kl_loss"] for r in want) > 1e-4
-  for a, b in zip(want, got):
-    for name in ("loss", "kl_loss", "task_loss"):
-      assert b[name] == pytest.approx(a[name], abs=1e-5, rel=1e-5), (a["step"], name)
+  _assert_same_losses(root / "qa_in_step", root / "qa_cached")
   assert cached.step == in_step.step and "f1" in cached.eval
 
 
