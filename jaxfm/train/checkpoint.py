@@ -268,15 +268,31 @@ def _damaged_array(step_dir: epath.Path, error: BaseException) -> str:
   return f"{step_dir / STATE} (array {arrays[-1]})" if arrays else str(step_dir)
 
 
-def _quarantine(step_dir: epath.Path, file: str, problem: str) -> epath.Path:
-  """Renames a damaged step out of Orbax's sight and logs the one ERROR line about it."""
-  target = step_dir.parent / f"{step_dir.name}{QUARANTINE}"
-  suffix = 0
+def _free_name(step_dir: epath.Path) -> epath.Path:
+  """`<step>.corrupt`, or `<step>.corrupt<n>` with the first n no folder has."""
+  target, suffix = step_dir.parent / f"{step_dir.name}{QUARANTINE}", 0
   while target.exists():
     suffix += 1
     target = step_dir.parent / f"{step_dir.name}{QUARANTINE}{suffix}"
-  if jax.process_index() == 0 and step_dir.exists():
-    step_dir.rename(target)
+  return target
+
+
+def _quarantine(step_dir: epath.Path, file: str, problem: str) -> epath.Path:
+  """Renames a damaged step out of Orbax's sight and logs the one ERROR line about it.
+
+  gcsfs moves a gs:// folder object by object, and a move it retries after a lost answer finds
+  its object already moved (FileNotFoundError) with the rest still in place: those then move to
+  the next free name, so the step still leaves Orbax's sight whole."""
+  target = _free_name(step_dir)
+  if jax.process_index() == 0:
+    for attempt in range(3):
+      try:
+        if step_dir.exists():
+          step_dir.rename(_free_name(step_dir) if attempt else target)
+        break
+      except FileNotFoundError:
+        if attempt == 2:
+          raise
   logging.error("checkpoint step %s is damaged: %s: %s; quarantined it as %s (not deleted, "
                 "will not be retried) and falling back to the previous step",
                 step_dir.name, file, problem, target)
